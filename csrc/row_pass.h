@@ -1,0 +1,57 @@
+// The fused per-row pass of chunked_token_stats, shared by the CPU and CUDA
+// implementations. Plain C++ with raw pointers only, so that the CUDA sources
+// compile with nvcc alone (no torch headers) on machines without a GPU.
+//
+// For one chunk of `rows` tokens, `logits` holds z = W h  [rows, vocab] in the
+// accumulation type T (float, or double for tests). Per row the pass computes
+//   logp     = z[y] - logsumexp(z)
+//   kl       = KL(q || p) against the reference distribution q (ref_kind >= 2)
+//   ref_logp = log q[y]                                        (ref_kind == 3)
+// and, when write_grad is set, overwrites the row of `logits` with
+//   g = a (onehot(y) - p) + b dKL/dz
+// so that the caller's single GEMM g W gives d(a logp + b kl)/dh.
+#pragma once
+
+#include <cstdint>
+
+namespace sparsepo_lite {
+
+// Where the reference distribution comes from. Values are part of the op's
+// schema (the `ref_kind` int argument): keep them in sync with
+// sparsepo_lite/token_stats.py.
+enum RefKind : int {
+  kRefNone = 0,   // no reference: logp only
+  kRefLabel = 1,  // reference label log-probs only: no KL
+  kRefTopK = 2,   // cached top-k log-probs + one tail bucket
+  kRefExact = 3,  // reference logits from reference hidden states
+};
+
+template <typename T>
+struct RowPassParams {
+  T* logits;             // [rows, vocab] policy logits in, g out (if write_grad)
+  T* ref_logits;         // [rows, vocab] reference logits (exact) or nullptr;
+                         // overwritten with scratch values
+  int64_t rows;
+  int64_t vocab;
+  const int64_t* labels;       // [rows] in [0, vocab)
+  const T* logp_weight;        // [rows] a_t
+  const T* kl_weight;          // [rows] b_t
+  int ref_kind;
+  const int64_t* topk_ids;     // [rows, k] distinct ids in [0, vocab) (top-k)
+  const T* topk_logp;          // [rows, k] reference log-probs of those ids
+  int64_t k;
+  T* topk_scratch;             // [rows, k] workspace (top-k), policy probs
+  T* logp;                     // [rows] out
+  T* ref_logp;                 // [rows] out (exact only)
+  T* kl;                       // [rows] out (top-k and exact)
+  bool write_grad;
+};
+
+void row_pass_cpu(const RowPassParams<float>& p);
+void row_pass_cpu(const RowPassParams<double>& p);
+
+// Defined in cuda/row_pass.cu; `stream` is a cudaStream_t.
+void row_pass_cuda(const RowPassParams<float>& p, void* stream);
+void row_pass_cuda(const RowPassParams<double>& p, void* stream);
+
+}  // namespace sparsepo_lite

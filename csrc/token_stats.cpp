@@ -1,0 +1,216 @@
+// sparsepo_lite::token_stats: chunked lm_head + log-softmax + label log-prob +
+// KL to a reference, with the gradient factor G = g W formed in the forward.
+//
+// The chunk loop is device-generic ATen (GEMMs through at::mm); only the row
+// pass between the GEMMs is per device (cpu/row_pass_cpu.cpp, cuda/row_pass.cu).
+// Memory: two [chunk, V] buffers at most, plus the [N, H] gradient factor.
+// GEMMs: 1 per chunk (+1 with an exact reference), +1 when a gradient is needed.
+// Python wrappers (sparsepo_lite/token_stats.py) add the autograd formula and
+// the fake implementation.
+
+#include <c10/core/DeviceGuard.h>
+#include <torch/extension.h>
+
+#include "row_pass.h"
+
+namespace sparsepo_lite {
+
+#ifdef WITH_CUDA
+// cuda/row_pass_cuda.cpp: launches on the current CUDA stream.
+void row_pass_cuda_current_stream(const RowPassParams<float>& p);
+void row_pass_cuda_current_stream(const RowPassParams<double>& p);
+#endif
+
+namespace {
+
+using at::Tensor;
+
+std::pair<int64_t, int64_t> value_range(const Tensor& t) {
+  auto mm = at::aminmax(t);
+  auto both = at::stack({std::get<0>(mm), std::get<1>(mm)}).to(at::kLong).cpu();
+  return {both[0].item<int64_t>(), both[1].item<int64_t>()};
+}
+
+void check_range(const Tensor& t, int64_t hi, const char* name, const char* bound) {
+  if (t.numel() == 0) return;
+  auto [lo, top] = value_range(t);
+  TORCH_CHECK_VALUE(lo >= 0 && top < hi, name, " must lie in [0, ", bound, ") with ",
+                    bound, " = ", hi, "; got values in [", lo, ", ", top, "]");
+}
+
+void check_topk(const Tensor& ids, const Tensor& logp, int64_t V) {
+  check_range(ids, V, "topk ids", "V");
+  if (ids.numel() == 0) return;
+  const int64_t K = ids.size(1);
+  TORCH_CHECK_VALUE(K <= V, "top-k reference has k = ", K, " ids per token but V = ", V);
+  if (K > 1) {
+    auto sorted = std::get<0>(ids.sort(1));
+    auto dup = (sorted.narrow(1, 1, K - 1) == sorted.narrow(1, 0, K - 1)).any(1);
+    if (dup.any().item<bool>()) {
+      const int64_t row = dup.nonzero()[0][0].item<int64_t>();
+      TORCH_CHECK_VALUE(false, "topk ids must be distinct within each token; token ", row,
+                        " repeats an id");
+    }
+  }
+  TORCH_CHECK_VALUE(!logp.isnan().any().item<bool>(), "topk log-probs contain NaN");
+  // 16-bit storage rounds log-probs near 0 but never above it by much.
+  const double top = logp.max().item<double>();
+  TORCH_CHECK_VALUE(top <= 1e-2, "topk log-probs must be log-probabilities (<= 0); found ", top);
+}
+
+// out[n, V] (acc dtype) = h[n, H] @ W[V, H]^T; the GEMM runs in h's dtype.
+void project(Tensor& out, const Tensor& h, const Tensor& W) {
+  if (h.scalar_type() == out.scalar_type()) {
+    at::mm_out(out, h, W.t());
+  } else {
+    out.copy_(at::mm(h, W.t()));
+  }
+}
+
+template <typename T>
+void run_row_pass(const RowPassParams<T>& p, const Tensor& like) {
+  if (like.is_cuda()) {
+#ifdef WITH_CUDA
+    row_pass_cuda_current_stream(p);
+#else
+    TORCH_CHECK(false, "sparsepo_lite._C was built without CUDA");
+#endif
+  } else {
+    row_pass_cpu(p);
+  }
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> token_stats(
+    const Tensor& hidden, const Tensor& weight, const Tensor& labels, const Tensor& seq_ids,
+    int64_t num_seqs, const Tensor& logp_weight, const Tensor& kl_weight, int64_t ref_kind,
+    const std::optional<Tensor>& ref_hidden, const std::optional<Tensor>& ref_weight,
+    const std::optional<Tensor>& topk_ids, const std::optional<Tensor>& topk_logp,
+    const std::optional<Tensor>& ref_label_logp, int64_t chunk_size, bool need_grad) {
+  const c10::OptionalDeviceGuard device_guard(hidden.device());
+  TORCH_CHECK_VALUE(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+                    "hidden [N, H] and weight [V, H] disagree: ", hidden.sizes(), " vs ",
+                    weight.sizes());
+  TORCH_CHECK_TYPE(hidden.scalar_type() == weight.scalar_type(), "hidden and weight dtypes differ");
+  TORCH_CHECK_VALUE(ref_kind >= kRefNone && ref_kind <= kRefExact, "unknown ref_kind ", ref_kind);
+  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  TORCH_CHECK_VALUE(labels.numel() == N && seq_ids.numel() == N && logp_weight.numel() == N &&
+                        kl_weight.numel() == N,
+                    "labels, seq_ids, logp_weight and kl_weight need N = ", N, " entries");
+  check_range(labels, V, "labels", "V");
+  check_range(seq_ids, num_seqs, "seq_ids", "num_seqs");
+  const bool exact = ref_kind == kRefExact, topk = ref_kind == kRefTopK;
+  if (exact) {
+    TORCH_CHECK_VALUE(ref_hidden && ref_weight, "exact reference needs ref_hidden and ref_weight");
+    TORCH_CHECK_VALUE(ref_hidden->dim() == 2 && ref_hidden->size(0) == N &&
+                          ref_weight->dim() == 2 && ref_weight->size(0) == V &&
+                          ref_weight->size(1) == ref_hidden->size(1),
+                      "exact reference shapes: hidden ", ref_hidden->sizes(), ", weight ",
+                      ref_weight->sizes(), " (need [N, H'] and [V, H'])");
+  }
+  if (topk) {
+    TORCH_CHECK_VALUE(topk_ids && topk_logp, "top-k reference needs ids and log-probs");
+    TORCH_CHECK_VALUE(topk_ids->dim() == 2 && topk_ids->size(0) == N &&
+                          topk_logp->sizes() == topk_ids->sizes(),
+                      "top-k ids ", topk_ids->sizes(), " and log-probs ", topk_logp->sizes(),
+                      " must both be [N, k]");
+    check_topk(*topk_ids, *topk_logp, V);
+  }
+  if (ref_kind == kRefLabel || topk) {
+    TORCH_CHECK_VALUE(ref_label_logp && ref_label_logp->numel() == N,
+                      "reference label log-probs need N = ", N, " entries");
+  }
+
+  const auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto fopts = hidden.options().dtype(acc);
+  const Tensor lab = labels.to(at::kLong).contiguous();
+  const Tensor a = logp_weight.to(acc).contiguous();
+  const Tensor b = kl_weight.to(acc).contiguous();
+  Tensor logp = at::empty({N}, fopts);
+  Tensor ref_logp = exact ? at::empty({N}, fopts)
+                    : (ref_kind == kRefNone)
+                        ? at::empty({0}, fopts)
+                        : ref_label_logp->to(acc, false, /*copy=*/true).contiguous();
+  Tensor kl = at::empty({(exact || topk) ? N : 0}, fopts);
+  Tensor grad_factor = at::empty({need_grad ? N : 0, H}, hidden.options());
+
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(chunk_size, N));
+  Tensor buf = at::empty({chunk, V}, fopts);
+  Tensor rbuf = exact ? at::empty({chunk, V}, fopts) : Tensor();
+  Tensor tids, tlp, scratch;
+  int64_t K = 0;
+  if (topk) {
+    tids = topk_ids->to(at::kLong).contiguous();
+    tlp = topk_logp->to(acc).contiguous();
+    K = tids.size(1);
+    scratch = at::empty({chunk, K}, fopts);
+  }
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "token_stats", [&] {
+    for (int64_t start = 0; start < N; start += chunk) {
+      const int64_t n = std::min(chunk, N - start);
+      Tensor z = buf.narrow(0, 0, n);
+      project(z, hidden.narrow(0, start, n), weight);
+      Tensor zr;
+      if (exact) {
+        zr = rbuf.narrow(0, 0, n);
+        project(zr, ref_hidden->narrow(0, start, n), *ref_weight);
+      }
+      RowPassParams<scalar_t> p{};
+      p.logits = z.data_ptr<scalar_t>();
+      p.ref_logits = exact ? zr.data_ptr<scalar_t>() : nullptr;
+      p.rows = n;
+      p.vocab = V;
+      p.labels = lab.data_ptr<int64_t>() + start;
+      p.logp_weight = a.data_ptr<scalar_t>() + start;
+      p.kl_weight = b.data_ptr<scalar_t>() + start;
+      p.ref_kind = static_cast<int>(ref_kind);
+      p.topk_ids = topk ? tids.data_ptr<int64_t>() + start * K : nullptr;
+      p.topk_logp = topk ? tlp.data_ptr<scalar_t>() + start * K : nullptr;
+      p.k = K;
+      p.topk_scratch = topk ? scratch.data_ptr<scalar_t>() : nullptr;
+      p.logp = logp.data_ptr<scalar_t>() + start;
+      p.ref_logp = exact ? ref_logp.data_ptr<scalar_t>() + start : nullptr;
+      p.kl = (exact || topk) ? kl.data_ptr<scalar_t>() + start : nullptr;
+      p.write_grad = need_grad;
+      run_row_pass(p, z);
+      if (need_grad) {
+        Tensor gc = grad_factor.narrow(0, start, n);
+        at::mm_out(gc, z.scalar_type() == weight.scalar_type() ? z : z.to(weight.scalar_type()),
+                   weight);
+      }
+    }
+  });
+
+  Tensor contrib = a * logp;
+  if (exact || topk) contrib.add_(b * kl);
+  Tensor seq_sums = at::zeros({num_seqs}, fopts).index_add_(0, seq_ids.to(at::kLong), contrib);
+  return {seq_sums, logp, ref_logp, kl, grad_factor};
+}
+
+TORCH_LIBRARY(sparsepo_lite, m) {
+  m.def(
+      "token_stats(Tensor hidden, Tensor weight, Tensor labels, Tensor seq_ids, int num_seqs, "
+      "Tensor logp_weight, Tensor kl_weight, int ref_kind, Tensor? ref_hidden, "
+      "Tensor? ref_weight, Tensor? topk_ids, Tensor? topk_logp, Tensor? ref_label_logp, "
+      "int chunk_size, bool need_grad) -> "
+      "(Tensor seq_sums, Tensor logp, Tensor ref_logp, Tensor kl, Tensor grad_factor)");
+}
+
+TORCH_LIBRARY_IMPL(sparsepo_lite, CPU, m) { m.impl("token_stats", &token_stats); }
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(sparsepo_lite, CUDA, m) { m.impl("token_stats", &token_stats); }
+#endif
+
+}  // namespace sparsepo_lite
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "sparsepo_lite compiled ops (registered as torch.ops.sparsepo_lite.*)";
+#ifdef WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}
