@@ -1,0 +1,106 @@
+"""Shared test helpers: fresh random seeds and random token-statistics problems."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import sparsepo_lite as sp
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture
+def seed(request):
+    """A fresh seed per test (reported on failure), or SPARSEPO_TEST_SEED to replay one."""
+    s = int(os.environ.get("SPARSEPO_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    torch.manual_seed(s)
+    request.node.user_properties.append(("seed", s))
+    return s
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed:
+        seeds = [v for k, v in item.user_properties if k == "seed"]
+        if seeds:
+            rep.sections.append(("seed", f"replay with SPARSEPO_TEST_SEED={seeds[0]}"))
+
+
+@dataclass
+class Problem:
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    labels: torch.Tensor
+    seq_ids: torch.Tensor
+    num_seqs: int
+    logp_weight: torch.Tensor
+    kl_weight: torch.Tensor | None
+    ref: object
+
+    def args(self):
+        return (self.hidden, self.weight, self.labels, self.seq_ids, self.num_seqs)
+
+    def kwargs(self):
+        return dict(logp_weight=self.logp_weight, kl_weight=self.kl_weight, ref=self.ref)
+
+
+def make_problem(n, h, v, ref_kind, *, dtype=torch.float32, device="cpu", k=8, num_seqs=None,
+                 ref_noise=0.5, logit_scale=2.0):
+    """Random tokens in unequal sequences (one of length 1, one empty), labels hitting 0 and V-1,
+    some zero weights (masked tokens), and a reference near the policy."""
+    num_seqs = num_seqs or max(2, n // 5)
+    hidden = torch.randn(n, h, dtype=torch.float64) * logit_scale
+    weight = torch.randn(v, h, dtype=torch.float64) / h**0.5
+    ref_hidden = hidden + ref_noise * torch.randn(n, h, dtype=torch.float64)
+    labels = torch.randint(0, v, (n,))
+    labels[0], labels[-1] = 0, v - 1
+    # sequence 0 has exactly one token, the others unequal lengths (the last empty if num_seqs > 2)
+    seq_ids = torch.cat([torch.zeros(1, dtype=torch.long),
+                         torch.randint(1, max(2, num_seqs - 1), (n - 1,)).sort().values]) if n else \
+        torch.zeros(0, dtype=torch.long)
+    logp_weight = torch.randn(n, dtype=torch.float64)
+    logp_weight[torch.rand(n) < 0.2] = 0.0
+    kl_weight = torch.rand(n, dtype=torch.float64) if ref_kind in ("exact", "topk") else None
+
+    cast = lambda t: t.to(dtype).to(device)
+    hidden, weight, ref_hidden = cast(hidden), cast(weight), cast(ref_hidden)
+    lq = torch.log_softmax(ref_hidden.double() @ weight.double().T, dim=-1)
+    label_logp = lq.gather(1, labels.to(device)[:, None]).squeeze(1)
+    label_logp = label_logp if dtype == torch.float64 else label_logp.float()
+    if ref_kind == "exact":
+        ref = sp.ExactReference(ref_hidden, weight)
+    elif ref_kind == "topk":
+        vals, ids = lq.topk(min(k, v), dim=-1)
+        ref = sp.TopKReference(ids, vals if dtype == torch.float64 else vals.float(), label_logp)
+    elif ref_kind == "label":
+        ref = sp.LabelReference(label_logp)
+    else:
+        ref = None
+    wdt = torch.float64 if dtype == torch.float64 else torch.float32  # token weights: fp32 or fp64
+    return Problem(hidden.requires_grad_(True), weight, labels.to(device), seq_ids.to(device), num_seqs,
+                   logp_weight.to(wdt).to(device).requires_grad_(True),
+                   None if kl_weight is None else kl_weight.to(wdt).to(device).requires_grad_(True), ref)
+
+
+def as_float64(p: Problem) -> Problem:
+    """The same problem upcast to float64, as fresh leaves (for the oracle)."""
+    d = lambda t: None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+    ref = p.ref
+    if isinstance(ref, sp.ExactReference):
+        ref = sp.ExactReference(ref.hidden.double(), ref.weight.double())
+    elif isinstance(ref, sp.TopKReference):
+        ref = sp.TopKReference(ref.ids, ref.logprobs.double(), ref.label_logp.double())
+    elif isinstance(ref, sp.LabelReference):
+        ref = sp.LabelReference(ref.label_logp.double())
+    return Problem(d(p.hidden), p.weight.double(), p.labels, p.seq_ids, p.num_seqs, d(p.logp_weight),
+                   d(p.kl_weight), ref)
+
+
+def leaves(p: Problem):
+    return [t for t in (p.hidden, p.logp_weight, p.kl_weight) if t is not None]
