@@ -136,8 +136,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> token_stats(
   Tensor grad_factor = at::empty({need_grad ? N : 0, H}, hidden.options());
 
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(chunk_size, N));
-  Tensor buf = at::empty({chunk, V}, fopts);
-  Tensor rbuf = exact ? at::empty({chunk, V}, fopts) : Tensor();
+  // Exact reference: policy rows then reference rows of one [2n, V] buffer. When the reference
+  // shares the policy's head (QLoRA: same base, adapter off) one GEMM over the stacked hidden
+  // states streams the [V, H] head once per chunk instead of twice, at twice the rows.
+  Tensor buf = at::empty({exact ? 2 * chunk : chunk, V}, fopts);
+  const bool shared_head = exact && ref_weight->is_same(weight);
   Tensor tids, tlp, scratch;
   int64_t K = 0;
   if (topk) {
@@ -151,11 +154,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> token_stats(
     for (int64_t start = 0; start < N; start += chunk) {
       const int64_t n = std::min(chunk, N - start);
       Tensor z = buf.narrow(0, 0, n);
-      project(z, hidden.narrow(0, start, n), weight);
       Tensor zr;
-      if (exact) {
-        zr = rbuf.narrow(0, 0, n);
-        project(zr, ref_hidden->narrow(0, start, n), *ref_weight);
+      if (shared_head) {
+        Tensor both = buf.narrow(0, 0, 2 * n);
+        project(both, at::cat({hidden.narrow(0, start, n), ref_hidden->narrow(0, start, n)}), weight);
+        zr = buf.narrow(0, n, n);
+      } else {
+        project(z, hidden.narrow(0, start, n), weight);
+        if (exact) {
+          zr = buf.narrow(0, n, n);
+          project(zr, ref_hidden->narrow(0, start, n), *ref_weight);
+        }
       }
       RowPassParams<scalar_t> p{};
       p.logits = z.data_ptr<scalar_t>();

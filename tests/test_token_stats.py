@@ -104,6 +104,17 @@ def test_gradcheck_float64(ref_kind, seed):
     assert torch.autograd.gradcheck(f, tuple(leaves(p)), eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
+@pytest.mark.parametrize("ref_hidden_size", [12, 7])
+def test_exact_reference_with_its_own_head(ref_hidden_size, seed):
+    # A separate reference model (own head, possibly another hidden size) takes the two-GEMM path
+    # instead of the stacked shared-head GEMM.
+    p = make_problem(33, 12, 80, "exact")
+    ref_hidden = torch.randn(33, ref_hidden_size)
+    ref_weight = torch.randn(80, ref_hidden_size) / ref_hidden_size**0.5
+    p.ref = sp.ExactReference(ref_hidden, ref_weight)
+    _compare(p, 10, torch.float32, seed)
+
+
 def test_results_are_detached_except_seq_sums(seed):
     p = make_problem(10, 8, 30, "exact")
     out = sp.chunked_token_stats(*p.args(), **p.kwargs())
@@ -124,10 +135,13 @@ def test_no_grad_mode_skips_the_gradient_gemm(seed):
 
 
 def test_default_chunk_size_respects_budget():
-    assert sp.default_chunk_size(10_000, 128_256, torch.float32, exact=True) == 256
-    assert sp.default_chunk_size(10_000, 128_256, torch.float32, exact=False) == 512
-    assert sp.default_chunk_size(10_000, 128_256, torch.bfloat16, exact=True) * 128_256 * 10 <= sp.DEFAULT_CHUNK_BYTES
-    assert sp.default_chunk_size(3, 128_256, torch.float32, exact=True) == 3
+    V, budget = 128_256, sp.DEFAULT_CHUNK_BYTES
+    for dtype, exact, per_row in [(torch.float32, True, 8 * V), (torch.float32, False, 4 * V),
+                                  (torch.bfloat16, True, 10 * V), (torch.float64, True, 16 * V)]:
+        rows = sp.default_chunk_size(10_000, V, dtype, exact=exact)
+        assert rows % 16 == 0 and rows * per_row <= budget < (rows + 16) * per_row, (dtype, exact, rows)
+    assert sp.default_chunk_size(10_000, V, torch.float32, exact=True) == 384  # documented in README
+    assert sp.default_chunk_size(3, V, torch.float32, exact=True) == 3
     assert sp.default_chunk_size(0, 10, torch.float32, exact=True) == 1
 
 

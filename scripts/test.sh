@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The project's test command (README, .ci/run): install what is missing, build the
+# extension against the installed torch, run the suite. Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+# Keep a torch that is already there (a GPU machine's CUDA build); otherwise take the
+# local CPU wheel. Never let pip resolve an unpinned torch.
+"$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
+"$PY" -m pip install -q setuptools wheel ninja
+"$PY" -m pip install -q --no-build-isolation -e ".[dev]"
+"$PY" -m pytest -q tests "$@"
