@@ -4,6 +4,9 @@ The core op is :func:`chunked_token_stats`; see README.md.
 """
 
 from ._ops import EXTENSION_ERROR, EXTENSION_HAS_CUDA, HAVE_EXTENSION
+from .losses import LOSS_TYPES
+from .masks import SparsePOMaskNet, SparsePOMasks
+from .objective import LossConfig, compute_loss
 from .token_stats import (
     DEFAULT_CHUNK_BYTES,
     ExactReference,
@@ -22,9 +25,14 @@ __all__ = [
     "EXTENSION_HAS_CUDA",
     "ExactReference",
     "HAVE_EXTENSION",
+    "LOSS_TYPES",
     "LabelReference",
+    "LossConfig",
+    "SparsePOMaskNet",
+    "SparsePOMasks",
     "TokenStats",
     "TopKReference",
     "chunked_token_stats",
+    "compute_loss",
     "default_chunk_size",
 ]

@@ -1,0 +1,117 @@
+"""Pair losses of the family (spec-losses.md sections 2-5), written once over per-sequence sums.
+
+Every method is
+
+    z_i = [U(y_w) + D(y_w)] - [U(y_l) + D(y_l)]  (+ detached terms),   loss_i = -log sigmoid(beta z_i)
+
+with U(y) = sum_t u_t (logp_t - ref_logp_t) and D(y) = sum_t d_t KL_t over response tokens, and
+per-token weights (u_t, d_t) that say which method it is:
+
+| method   | u_t (reward weight)       | d_t (KL weight)                      | extra                     |
+|----------|---------------------------|--------------------------------------|---------------------------|
+| dpo      | 1                         | 0                                    | label smoothing           |
+| tdpo1    | 1                         | 1                                    |                           |
+| tdpo2    | 1                         | 0 on chosen, alpha on rejected       | + alpha * sg[KL(y_w)]     |
+| sparsepo | reward mask m^u (or 1)    | KL mask m^d (or 1)                   | + L1 on the masks         |
+| mapo     | fixed activation mask m   | m                                    |                           |
+
+(TDPO2: z = S_w - S_l - alpha (KL_l - sg[KL_w]); the rejected row's KL carries the gradient.)
+Data-supplied ``token_weights`` multiply u and d as a further fixed mask (cDPO-style weighting).
+
+Rows: 2B sequences, the B chosen rows first, then the B rejected rows in the same pair order.
+All math in fp32 (float64 for float64 inputs); sums over tokens, mean over pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .token_stats import Reference, chunked_token_stats
+
+LOSS_TYPES = ("dpo", "tdpo1", "tdpo2", "sparsepo", "mapo")
+
+
+@dataclass
+class PairStats:
+    """Per-sequence quantities of one batch of 2B rows (chosen first). All [2B].
+
+    ``total`` = U(y) + D(y), differentiable (w.r.t. the policy and the masks); the others are
+    detached, for metrics: ``reward`` = U(y) (masked log-ratio sum), ``masked_kl`` = D(y),
+    ``logps`` = sum logp, ``kl`` = unmasked sum of the per-token KL (None without a reference
+    distribution).
+    """
+
+    total: torch.Tensor
+    reward: torch.Tensor
+    masked_kl: torch.Tensor
+    logps: torch.Tensor
+    kl: Optional[torch.Tensor]
+
+
+def token_weights_for(loss_type: str, num_pairs: int, seq_ids: torch.Tensor, *, alpha: float = 0.5,
+                      reward_mask: Optional[torch.Tensor] = None, kl_mask: Optional[torch.Tensor] = None,
+                      fixed_mask: Optional[torch.Tensor] = None, dtype=torch.float32):
+    """Per-token (u, d) weights [N] of ``loss_type`` for tokens of sequences ``seq_ids`` [N].
+
+    reward_mask / kl_mask: [N] learned SparsePO masks (None: weight 1); fixed_mask: [N] MaPO mask
+    or data token weights, multiplied into both.
+    """
+    n = seq_ids.shape[0]
+    ones = torch.ones(n, dtype=dtype, device=seq_ids.device)
+    rejected = seq_ids >= num_pairs
+    if loss_type == "dpo":
+        u, d = ones, None
+    elif loss_type in ("tdpo1", "mapo"):
+        u, d = ones, ones
+    elif loss_type == "tdpo2":
+        u, d = ones, rejected.to(dtype) * alpha
+    elif loss_type == "sparsepo":
+        u = ones if reward_mask is None else reward_mask.to(dtype)
+        d = ones if kl_mask is None else kl_mask.to(dtype)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    if fixed_mask is not None:
+        fixed_mask = fixed_mask.detach().to(dtype)
+        u = u * fixed_mask
+        d = None if d is None else d * fixed_mask
+    return u, d
+
+
+def pair_stats(hidden, weight, labels, seq_ids, num_pairs, ref: Reference, u, d, chunk_size=None) -> PairStats:
+    """Run the chunked op and form the per-sequence sums of :class:`PairStats`.
+
+    hidden [N, H] policy states at response positions, weight [V, H] frozen head, labels [N],
+    seq_ids [N] in [0, 2B), u/d [N] token weights (d None: no KL term).
+    """
+    stats = chunked_token_stats(hidden, weight, labels, seq_ids, 2 * num_pairs, logp_weight=u, kl_weight=d,
+                                ref=ref, chunk_size=chunk_size)
+    acc = stats.seq_sums.dtype
+    sums = lambda x: torch.zeros(2 * num_pairs, dtype=acc, device=hidden.device).index_add(0, seq_ids, x)
+    # seq_sums = sum u logp + sum d KL. U + D needs - sum u ref_logp: a constant of the policy
+    # but not of u (learned masks get d/du = logp - ref_logp through the two terms).
+    total = stats.seq_sums - sums(u.to(acc) * stats.ref_logp)
+    masked_kl = sums(d.detach().to(acc) * stats.kl) if d is not None else torch.zeros_like(total).detach()
+    return PairStats(
+        total=total,
+        reward=total.detach() - masked_kl,
+        masked_kl=masked_kl,
+        logps=sums(stats.logp),
+        kl=None if stats.kl is None else sums(stats.kl),
+    )
+
+
+def preference_loss(ps: PairStats, loss_type: str, beta: float, *, alpha: float = 0.5,
+                    label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair loss [B] from :class:`PairStats` (rows: B chosen, then B rejected)."""
+    b = ps.total.shape[0] // 2
+    z = ps.total[:b] - ps.total[b:]
+    if loss_type == "tdpo2":
+        z = z + alpha * ps.kl[:b]  # + alpha sg[KL_w]; the chosen rows carry d = 0
+    logits = beta * z
+    if label_smoothing:
+        return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return -F.logsigmoid(logits)

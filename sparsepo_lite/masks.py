@@ -1,0 +1,207 @@
+"""Token masks: SparsePO's learned mask network and MaPO's activation masks (spec sections 4-5).
+
+Masks are computed at response positions only: ``[N]`` vectors aligned with the gathered
+response tokens (row-major over the 2B rows), so prompt and padding never get a weight.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MAPO_HOOK_TYPES = ("mlp", "attn", "resid", "logits")
+
+
+def _layer_norm_eps(config) -> float:
+    for name in ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "norm_eps"):
+        eps = getattr(config, name, None)
+        if eps is not None:
+            return float(eps)
+    return 1e-5
+
+
+class SparsePOMaskNet(nn.Module):
+    """SparsePO ``simple_all`` mask (spec 4.2) for one mask (reward or KL).
+
+    m = ReLU( sum_l v_l * ReLU( w_l . LayerNorm(H_l) + b_l ) ), one LayerNorm shared by all
+    layers, per-layer Linear(d, 1) with bias (``layer_weight[l]``, ``layer_bias[l]``), mixer
+    Linear(L, 1) without bias (``mixer``). Init as the host model's ``_init_weights`` would:
+    weights ~ N(0, 0.02^2), biases 0, LayerNorm (1, 0). Kept in fp32.
+    """
+
+    def __init__(self, num_layers: int, hidden_size: int, eps: float = 1e-5, init_std: float = 0.02):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.layer_weight = nn.Parameter(torch.empty(num_layers, hidden_size))
+        self.layer_bias = nn.Parameter(torch.zeros(num_layers))
+        self.mixer = nn.Parameter(torch.empty(num_layers))
+        self.init_std = init_std
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.layer_weight, std=self.init_std)
+        nn.init.normal_(self.mixer, std=self.init_std)
+        nn.init.zeros_(self.layer_bias)
+        self.norm.reset_parameters()
+
+    def forward(self, layer_states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """layer_states: L tensors [N, d] (reference states of layers 1..L) -> mask [N] fp32 >= 0."""
+        if len(layer_states) != self.layer_weight.shape[0]:
+            raise ValueError(f"mask net expects {self.layer_weight.shape[0]} layer states, got {len(layer_states)}")
+        out = None
+        # One layer at a time: never stacks [L, N, d].
+        for l, h in enumerate(layer_states):
+            s = F.relu(self.norm(h.to(self.layer_weight.dtype)) @ self.layer_weight[l] + self.layer_bias[l])
+            out = self.mixer[l] * s if out is None else out + self.mixer[l] * s
+        return F.relu(out)
+
+
+class SparsePOMasks(nn.Module):
+    """The reward mask m^u and the KL mask m^d: one common net (default) or two independent nets.
+
+    Lives outside the (peft) policy and is trained and saved beside the adapter: a peft model
+    would otherwise freeze it (spec section 10, item 7).
+    """
+
+    def __init__(self, num_layers: int, hidden_size: int, *, independent: bool = False, eps: float = 1e-5,
+                 init_std: float = 0.02):
+        super().__init__()
+        self.independent = independent
+        make = lambda: SparsePOMaskNet(num_layers, hidden_size, eps=eps, init_std=init_std)
+        if independent:
+            self.reward_net, self.kl_net = make(), make()
+        else:
+            self.common_net = make()
+
+    @classmethod
+    def for_model(cls, model, *, independent: bool = False, init_std: float = 0.02) -> "SparsePOMasks":
+        """Masks sized for a transformers causal LM (or a peft model wrapping one)."""
+        config = _unwrap(model).config
+        layers = getattr(config, "num_hidden_layers", None)
+        hidden = getattr(config, "hidden_size", None)
+        if not layers or not hidden:
+            raise ValueError(f"cannot read num_hidden_layers/hidden_size from {type(config).__name__}")
+        return cls(layers, hidden, independent=independent, eps=_layer_norm_eps(config), init_std=init_std)
+
+    def forward(self, layer_states: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """layer_states: L tensors [N, d] -> (reward mask [N], KL mask [N])."""
+        if self.independent:
+            return self.reward_net(layer_states), self.kl_net(layer_states)
+        m = self.common_net(layer_states)
+        return m, m
+
+
+def _unwrap(model):
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+# --- MaPO -------------------------------------------------------------------------------------
+
+def minmax_over_response(values: torch.Tensor, response: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-row min-max rescaling over response positions (MaPO ``zn_rescale``).
+
+    values, response: [R, T]. Returns [R, T] fp32 in [0, 1], 0 outside the response. z-scoring
+    first (as the official code does) changes nothing after min-max. Rows whose response values
+    span less than ``eps`` (one-token responses, constant features) carry no ranking: they get 1
+    (uniform weight) instead of the official code's NaN.
+    """
+    v = values.float()
+    r = response.bool()
+    lo = torch.where(r, v, torch.full_like(v, float("inf"))).amin(dim=1, keepdim=True)
+    hi = torch.where(r, v, torch.full_like(v, float("-inf"))).amax(dim=1, keepdim=True)
+    span = hi - lo
+    flat = ~(span > eps)  # also catches rows without response tokens (inf - inf = nan)
+    scaled = (v - lo) / torch.where(flat, torch.ones_like(span), span)
+    scaled = torch.where(flat, torch.ones_like(scaled), scaled)
+    return torch.where(r, scaled, torch.zeros_like(scaled))
+
+
+_LLAMA_POINTS = {
+    # (module path inside a decoder layer, "in" = the module's input, "out" = its output)
+    "mlp": [("mlp.down_proj", "in")],  # the MLP hidden state after the non-linearity
+    "attn": [("self_attn.q_proj", "out"), ("self_attn.k_proj", "out"), ("self_attn.v_proj", "out"),
+             ("self_attn.o_proj", "in")],  # o_proj input = attention output before the projection
+    "resid": [("input_layernorm", "out"), ("post_attention_layernorm", "out"), ("mlp", "out"), ("", "out")],
+}
+
+
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+@contextmanager
+def record_activation_means(model, hook_types: Sequence[str] = MAPO_HOOK_TYPES):
+    """Record, per hook point, the feature mean of the activation: {type: [tensors [R, T]]}.
+
+    For Llama-family models (Llama, Mistral, Qwen2, SmolLM2, ...): the points of spec 5.1 on
+    every decoder layer, plus the embedding and final-norm outputs (resid). ``logits`` is
+    derived afterwards from the final hidden state (see :func:`mapo_masks`), never from [T, V].
+    """
+    lm = _unwrap(model)
+    backbone = getattr(lm, "model", None)
+    layers = getattr(backbone, "layers", None)
+    if layers is None or not hasattr(layers[0], "mlp") or not hasattr(layers[0].mlp, "down_proj") \
+            or not hasattr(layers[0], "self_attn"):
+        raise ValueError(f"MaPO activation masks support Llama-family models (decoder layers with self_attn "
+                         f"q/k/v/o_proj and mlp.down_proj); got {type(lm).__name__}")
+    unknown = set(hook_types) - set(MAPO_HOOK_TYPES)
+    if unknown:
+        raise ValueError(f"unknown MaPO hook types {sorted(unknown)}; choose from {MAPO_HOOK_TYPES}")
+    store: Dict[str, List[torch.Tensor]] = {t: [] for t in hook_types}
+    handles = []
+
+    def add(module, kind, where):
+        def rec(x):
+            store[kind].append(_first(x).detach().float().mean(dim=-1))
+
+        if where == "in":  # Llama calls o_proj and down_proj with one positional input
+            handles.append(module.register_forward_pre_hook(lambda m, args: rec(args[0])))
+        else:
+            handles.append(module.register_forward_hook(lambda m, args, out: rec(out)))
+
+    try:
+        for kind in hook_types:
+            for layer in layers:
+                for path, where in _LLAMA_POINTS.get(kind, []):
+                    add(layer.get_submodule(path) if path else layer, kind, where)
+        if "resid" in hook_types:
+            add(backbone.embed_tokens, "resid", "out")
+            add(backbone.norm, "resid", "out")
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def mapo_masks(store: Dict[str, List[torch.Tensor]], response: torch.Tensor,
+               logit_means: Optional[torch.Tensor] = None, mapping: str = "zn_rescale") -> torch.Tensor:
+    """MaPO mask [R, T-1] from recorded activation means (spec 5.2-5.3), detached.
+
+    store: {type: [R, T] feature means}; response: [R, T-1] response indicator of the shifted
+    positions (position t predicts token t+1); logit_means: [R, T] mean logit per position (the
+    ``logits`` type). Each hook is min-max rescaled over its row's response tokens, averaged
+    within its type, then over the types present, and multiplied by the response indicator.
+    ``mapping="uniform"`` gives the response indicator itself (MaPO-uniform = TDPO1).
+    """
+    r = response.bool()
+    if mapping == "uniform":
+        return r.float()
+    if mapping != "zn_rescale":
+        raise ValueError(f"unknown MaPO mapping {mapping!r}; expected 'zn_rescale' or 'uniform'")
+    t1 = r.shape[1]
+    per_type = []
+    groups = {k: list(v) for k, v in store.items()}
+    if logit_means is not None:
+        groups["logits"] = [logit_means]
+    for kind, maps in groups.items():
+        if maps:
+            per_type.append(torch.stack([minmax_over_response(a[:, :t1], r) for a in maps]).mean(0))
+    if not per_type:
+        raise ValueError("no MaPO activations were recorded")
+    return (torch.stack(per_type).mean(0) * r).detach()

@@ -1,0 +1,227 @@
+"""``compute_loss``: a training loss from a causal LM and a collated batch, usable outside a trainer.
+
+The reference is the same model with its peft adapter disabled (or ``config.ref_model``). Both
+backbones run without their lm_head; hidden states are gathered at response positions and the
+head, log-softmax, KL and gradient run through :func:`chunked_token_stats`, so no
+[tokens x vocab] tensor is ever built.
+
+Batch format (2B rows, the B chosen responses first, then the B rejected ones in the same pair
+order; right or left padding):
+    input_ids       [2B, T] int   prompt + response (+ padding)
+    attention_mask  [2B, T] int   1 on real tokens
+    labels          [2B, T] int   input_ids with prompt and padding positions set to -100
+    token_weights   [2B, T] float optional per-token weights aligned with ``labels`` (a fixed
+                                  mask multiplying the method's weights: cDPO-style weighting)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .losses import LOSS_TYPES, pair_stats, preference_loss, token_weights_for
+from .masks import MAPO_HOOK_TYPES, SparsePOMasks, _unwrap, mapo_masks, record_activation_means
+from .token_stats import ExactReference
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossConfig:
+    """What ``compute_loss`` computes. Defaults follow the official code (spec-losses.md)."""
+
+    loss_type: str = "sparsepo"  # dpo | tdpo1 | tdpo2 | sparsepo | mapo
+    beta: float = 0.1
+    alpha: float = 0.5  # TDPO2
+    label_smoothing: float = 0.0  # DPO
+    # SparsePO
+    masks: Optional[SparsePOMasks] = None  # required for sparsepo: SparsePOMasks.for_model(model)
+    mask_on_reward: bool = True
+    mask_on_kl: bool = True
+    l1_reward: float = 0.0  # lambda_u
+    l1_kl: float = 0.0  # lambda_d (both halved with a common net and both masks on)
+    # MaPO
+    mapo_mapping: str = "zn_rescale"  # or "uniform" (= TDPO1)
+    mapo_hooks: Tuple[str, ...] = MAPO_HOOK_TYPES
+    # plumbing
+    ref_model: Optional[nn.Module] = None  # None: the policy with its peft adapter disabled
+    chunk_size: Optional[int] = None
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.loss_type == "sparsepo" and self.masks is None:
+            raise ValueError("loss_type='sparsepo' needs masks=SparsePOMasks.for_model(model)")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.mapo_mapping not in ("zn_rescale", "uniform"):
+            raise ValueError(f"mapo_mapping must be 'zn_rescale' or 'uniform', got {self.mapo_mapping!r}")
+
+
+def _check_batch(batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    for key in ("input_ids", "attention_mask", "labels"):
+        if key not in batch:
+            raise KeyError(f"batch is missing {key!r} (needs input_ids, attention_mask, labels)")
+    ids, att, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    if ids.dim() != 2 or ids.shape != att.shape or ids.shape != labels.shape:
+        raise ValueError(f"input_ids {list(ids.shape)}, attention_mask {list(att.shape)} and labels "
+                         f"{list(labels.shape)} must all be [2B, T]")
+    if ids.shape[0] == 0 or ids.shape[0] % 2:
+        raise ValueError(f"batch needs an even, non-zero number of rows (B chosen then B rejected), got {ids.shape[0]}")
+    return ids, att, labels
+
+
+def _head(lm) -> torch.Tensor:
+    head = lm.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        raise ValueError(f"{type(lm).__name__}: need an lm_head without bias")
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(lm.config, attr, None) not in (None, 1, 1.0):
+            raise ValueError(f"{type(lm).__name__} transforms its logits ({attr}); not supported")
+    w = head.weight
+    if w.requires_grad:
+        raise ValueError("the lm_head weight requires grad, but sparsepo-lite never trains the head "
+                         "(freeze it: model.get_output_embeddings().weight.requires_grad_(False))")
+    return w
+
+
+def _backbone(lm):
+    base = getattr(lm, "base_model", None)
+    if base is None or base is lm:
+        raise ValueError(f"{type(lm).__name__} has no separate backbone (base_model); need a causal LM")
+    return base
+
+
+@contextlib.contextmanager
+def _reference(model, config: LossConfig):
+    if config.ref_model is not None:
+        yield config.ref_model
+    elif hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+    else:
+        raise ValueError("no reference model: pass a peft model (the reference is the base with its adapter "
+                         "disabled) or set LossConfig.ref_model")
+
+
+def compute_loss(model, batch: Dict[str, torch.Tensor], config: LossConfig, *,
+                 return_details: bool = False):
+    """Loss of ``config.loss_type`` on one batch, and metrics (floats).
+
+    Returns ``(loss, metrics)``, or ``(loss, metrics, details)`` with ``return_details`` where
+    details holds the per-token tensors (``seq_ids``, ``positions``, ``reward_mask``,
+    ``kl_mask``, ``logp``...) for inspection and tests.
+    """
+    ids, att, labels = _check_batch(batch)
+    rows = ids.shape[0]
+    num_pairs = rows // 2
+    target = labels[:, 1:]
+    response = target != IGNORE_INDEX  # [2B, T-1]: position t predicts token t+1
+    empty = (~response.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"batch rows {empty} have no response tokens (labels all -100 after the shift)")
+    seq_ids, pos = response.nonzero(as_tuple=True)  # row-major: tokens grouped by sequence
+    y = target[seq_ids, pos]
+
+    lm = _unwrap(model)
+    weight = _head(lm)
+    need_layers = config.loss_type == "sparsepo"
+    use_mapo = config.loss_type == "mapo" and config.mapo_mapping != "uniform"
+    with torch.no_grad(), _reference(model, config) as ref:
+        ref_lm = _unwrap(ref)
+        ref_weight = weight if ref_lm is lm else _head(ref_lm)
+        hooks = record_activation_means(ref, config.mapo_hooks) if use_mapo else contextlib.nullcontext({})
+        with hooks as store:
+            ref_out = _backbone(ref_lm)(input_ids=ids, attention_mask=att, output_hidden_states=need_layers,
+                                        use_cache=False)
+        ref_last = ref_out.last_hidden_state
+        ref_hidden = ref_last[seq_ids, pos]
+        layer_states = [h[seq_ids, pos] for h in ref_out.hidden_states[1:]] if need_layers else None
+        fixed = None
+        if config.loss_type == "mapo":
+            logit_means = None
+            if use_mapo and "logits" in config.mapo_hooks:
+                # mean_v (W h)_v = h . mean_v W_v: the logits' feature mean without [T, V]
+                logit_means = (ref_last.float() @ ref_weight.float().mean(0))
+            fixed = mapo_masks(store, response, logit_means, config.mapo_mapping)[seq_ids, pos]
+        del ref_out, ref_last
+
+    out = _backbone(lm)(input_ids=ids, attention_mask=att, use_cache=False)
+    hidden = out.last_hidden_state[seq_ids, pos]
+    if hidden.dtype != ref_hidden.dtype:
+        raise TypeError(f"policy hidden states are {hidden.dtype} but the reference's are {ref_hidden.dtype}; "
+                        "load both in one dtype")
+
+    reward_mask = kl_mask = None
+    if need_layers:
+        m_u, m_d = config.masks(layer_states)
+        reward_mask = m_u if config.mask_on_reward else None
+        kl_mask = m_d if config.mask_on_kl else None
+    if "token_weights" in batch and batch["token_weights"] is not None:
+        tw = batch["token_weights"][:, 1:][seq_ids, pos]
+        fixed = tw if fixed is None else fixed * tw
+
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    u, d = token_weights_for(config.loss_type, num_pairs, seq_ids, alpha=config.alpha, reward_mask=reward_mask,
+                             kl_mask=kl_mask, fixed_mask=fixed, dtype=acc)
+    ps = pair_stats(hidden, weight, y, seq_ids, num_pairs, ExactReference(ref_hidden, ref_weight), u, d,
+                    chunk_size=config.chunk_size)
+    losses = preference_loss(ps, config.loss_type, config.beta, alpha=config.alpha,
+                             label_smoothing=config.label_smoothing)
+    l1 = _l1_penalty(config, seq_ids, rows, reward_mask, kl_mask, acc)
+    if l1 is not None:
+        losses = losses + l1
+    loss = losses.mean()
+
+    metrics = _metrics(ps, config, num_pairs, seq_ids, reward_mask, kl_mask, fixed)
+    metrics["loss"] = float(loss.detach())
+    if not return_details:
+        return loss, metrics
+    details = dict(seq_ids=seq_ids, positions=pos, labels=y, u=u.detach(), d=None if d is None else d.detach(),
+                   reward_mask=None if reward_mask is None else reward_mask.detach(),
+                   kl_mask=None if kl_mask is None else kl_mask.detach(),
+                   fixed_mask=fixed, pair_losses=losses.detach())
+    return loss, metrics, details
+
+
+def _l1_penalty(config, seq_ids, rows, reward_mask, kl_mask, acc):
+    """Per-pair L1 of the SparsePO masks over both responses (spec 4.4, halving rule)."""
+    if config.loss_type != "sparsepo":
+        return None
+    common = not config.masks.independent
+    half = 0.5 if (common and config.mask_on_reward and config.mask_on_kl) else 1.0
+    total = None
+    for mask, lam in ((reward_mask, config.l1_reward), (kl_mask, config.l1_kl)):
+        if mask is None or lam == 0:
+            continue
+        per_seq = torch.zeros(rows, dtype=acc, device=mask.device).index_add(0, seq_ids, mask.to(acc).abs())
+        term = half * lam * (per_seq[: rows // 2] + per_seq[rows // 2:])
+        total = term if total is None else total + term
+    return total
+
+
+def _metrics(ps, config, b, seq_ids, reward_mask, kl_mask, fixed) -> Dict[str, float]:
+    beta = config.beta
+    rc, rr = beta * ps.reward[:b], beta * ps.reward[b:]
+    m = {
+        "rewards/chosen": rc.mean().item(),
+        "rewards/rejected": rr.mean().item(),
+        "rewards/accuracies": (rc > rr).float().mean().item(),
+        "rewards/margins": (rc - rr).mean().item(),
+        "logps/chosen": ps.logps[:b].mean().item(),
+        "logps/rejected": ps.logps[b:].mean().item(),
+    }
+    if ps.kl is not None:
+        m["kl/chosen"] = ps.kl[:b].mean().item()
+        m["kl/rejected"] = ps.kl[b:].mean().item()
+    mask = reward_mask if reward_mask is not None else kl_mask if kl_mask is not None else fixed
+    if mask is not None and config.loss_type in ("sparsepo", "mapo"):
+        m["mask/sparsity"] = (mask == 0).float().mean().item()
+        m["mask/mean"] = mask.float().mean().item()
+    return m
