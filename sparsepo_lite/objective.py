@@ -224,4 +224,8 @@ def _metrics(ps, config, b, seq_ids, reward_mask, kl_mask, fixed) -> Dict[str, f
     if mask is not None and config.loss_type in ("sparsepo", "mapo"):
         m["mask/sparsity"] = (mask == 0).float().mean().item()
         m["mask/mean"] = mask.float().mean().item()
+    if config.loss_type == "sparsepo" and config.masks.independent and reward_mask is not None \
+            and kl_mask is not None:
+        m["mask/kl_sparsity"] = (kl_mask == 0).float().mean().item()
+        m["mask/kl_mean"] = kl_mask.float().mean().item()
     return m

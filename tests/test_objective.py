@@ -132,23 +132,34 @@ def _grads(loss, params):
     return torch.autograd.grad(loss, params, allow_unused=True)
 
 
+def check_against_oracle(model, batch, cfg, rtol=1e-6, grad_rtol=1e-5):
+    """compute_loss vs the oracle: loss, then the gradients of LoRA (and mask) parameters."""
+    loss, metrics, det = compute_loss(model, batch, cfg, return_details=True)
+    mapo_mask = None
+    if cfg.loss_type == "mapo":  # checked independently in test_mapo_mask_matches_hand_recorded_activations
+        mapo_mask = torch.zeros(batch["labels"][:, 1:].shape, dtype=torch.float64)
+        mapo_mask[det["seq_ids"], det["positions"]] = det["fixed_mask"].double()
+    want = oracle(model, batch, cfg, mapo_mask)
+    torch.testing.assert_close(loss, want, rtol=rtol, atol=1e-10)
+    params = _params(model, cfg)
+    grads, wants = _grads(loss, params), _grads(want, params)
+    # Absolute slack relative to the largest gradient (the issue's bar: gradients to 1e-5). Seen:
+    # <= 3e-14 of the scale everywhere, except up to 6e-8 for independent SparsePO nets on
+    # SmolLM2 in some LoRA inits (not understood yet; far inside the bar).
+    scale = max(w.abs().max().item() for w in wants)
+    for g, w in zip(grads, wants):
+        assert g is not None and torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, rtol=grad_rtol, atol=1e-6 * scale)
+    return metrics
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_loss_and_gradients_match_full_logits_float64(method):
     model = tiny_llama()
     batch = random_batch(b=3)
     cfg = config_for(method, model, l1_reward=0.01, l1_kl=0.02) if method.startswith("sparsepo") else \
         config_for(method, model)
-    loss, metrics, det = compute_loss(model, batch, cfg, return_details=True)
-    mapo_mask = None
-    if method == "mapo":
-        mapo_mask = torch.zeros(batch["labels"][:, 1:].shape, dtype=torch.float64)
-        mapo_mask[det["seq_ids"], det["positions"]] = det["fixed_mask"].double()
-    want = oracle(model, batch, cfg, mapo_mask)
-    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-9)
-    params = _params(model, cfg)
-    for g, w, p in zip(_grads(loss, params), _grads(want, params), params):
-        assert g is not None and torch.isfinite(g).all()
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-9)
+    metrics = check_against_oracle(model, batch, cfg)
     assert math.isfinite(metrics["loss"]) and 0 <= metrics["rewards/accuracies"] <= 1
 
 
@@ -295,3 +306,35 @@ def test_mapo_mask_matches_hand_recorded_activations():
     want = torch.stack(per_type).mean(0)[det["seq_ids"], det["positions"]]
     assert len(acts["resid"]) == 4 * 2 + 2 and len(acts["attn"]) == 4 * 2
     torch.testing.assert_close(det["fixed_mask"].double(), want.double(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["tdpo1", "sparsepo_indp"])
+def test_metrics_follow_their_formulas(method):
+    model = tiny_llama()
+    batch = random_batch(b=3, seed=3)
+    cfg = config_for(method, model)
+    _, metrics, det = compute_loss(model, batch, cfg, return_details=True)
+    ids, att, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits[:, :-1], -1)
+        with model.disable_adapter():
+            lq = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits[:, :-1], -1)
+    tgt = labels[:, 1:]
+    r = tgt != -100
+    y = tgt.clamp_min(0)[..., None]
+    logp = (lp.gather(-1, y).squeeze(-1) * r).sum(-1)
+    delta = (lp - lq).gather(-1, y).squeeze(-1)
+    kl = ((lq.exp() * (lq - lp)).sum(-1) * r).sum(-1)
+    u = torch.zeros_like(delta)
+    u[det["seq_ids"], det["positions"]] = det["u"]
+    rew = 0.1 * (u * delta * r).sum(-1)
+    b = 3
+    assert metrics["rewards/chosen"] == pytest.approx(rew[:b].mean().item(), rel=1e-9)
+    assert metrics["rewards/rejected"] == pytest.approx(rew[b:].mean().item(), rel=1e-9)
+    assert metrics["rewards/margins"] == pytest.approx((rew[:b] - rew[b:]).mean().item(), rel=1e-9, abs=1e-12)
+    assert metrics["rewards/accuracies"] == pytest.approx((rew[:b] > rew[b:]).double().mean().item())
+    assert metrics["logps/chosen"] == pytest.approx(logp[:b].mean().item(), rel=1e-9)
+    assert metrics["kl/rejected"] == pytest.approx(kl[b:].mean().item(), rel=1e-9)
+    if method == "sparsepo_indp":
+        assert metrics["mask/sparsity"] == pytest.approx((det["reward_mask"] == 0).double().mean().item())
+        assert metrics["mask/kl_mean"] == pytest.approx(det["kl_mask"].mean().item())

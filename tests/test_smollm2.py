@@ -8,10 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sparsepo_lite import LossConfig, compute_loss
 from sparsepo_lite.smollm2 import smollm2_path
 
-from test_objective import METHODS, _grads, _params, config_for, make_batch, oracle
+from test_objective import METHODS, check_against_oracle, config_for, make_batch
 
 PAIRS = [
     ("Write one sentence about a film you liked.", "The acting was wonderful and the story moved me.",
@@ -47,14 +46,5 @@ def test_all_methods_match_the_full_logits_oracle_on_smollm2(smollm2, method):
     cfg = config_for(method, model)
     if cfg.masks is not None:
         cfg.masks.double()
-    loss, metrics, det = compute_loss(model, batch, cfg, return_details=True)
-    mapo_mask = None
-    if method == "mapo":
-        mapo_mask = torch.zeros(batch["labels"][:, 1:].shape, dtype=torch.float64)
-        mapo_mask[det["seq_ids"], det["positions"]] = det["fixed_mask"].double()
-    want = oracle(model, batch, cfg, mapo_mask)
-    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-10)
-    params = _params(model, cfg)
-    for g, w in zip(_grads(loss, params), _grads(want, params)):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-10)
+    metrics = check_against_oracle(model, batch, cfg)
     assert metrics["kl/chosen"] > 0 and metrics["logps/chosen"] < 0
