@@ -338,3 +338,44 @@ def test_metrics_follow_their_formulas(method):
     if method == "sparsepo_indp":
         assert metrics["mask/sparsity"] == pytest.approx((det["reward_mask"] == 0).double().mean().item())
         assert metrics["mask/kl_mean"] == pytest.approx(det["kl_mask"].mean().item())
+
+
+def _tiny(family):
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, max_position_embeddings=64)
+    if family == "gpt2":
+        # dropout off, as the official trainers do (disable_dropout)
+        cfg = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=64,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        targets = ["c_attn", "c_proj", "c_fc"]
+    elif family == "gpt_neox":
+        cfg = transformers.GPTNeoXConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, **common)
+        targets = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    else:
+        cls = {"qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}[family]
+        cfg = cls(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, tie_word_embeddings=False, **common)
+        targets = ["q_proj", "v_proj", "up_proj"]
+    cfg._attn_implementation = "eager"
+    model = transformers.AutoModelForCausalLM.from_config(cfg).double()
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
+                                                       fan_in_fan_out=family == "gpt2"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gpt2", "gpt_neox"])
+def test_other_model_families(family):
+    model = _tiny(family)
+    batch = random_batch(b=2)
+    for method in ("tdpo2", "sparsepo"):
+        check_against_oracle(model, batch, config_for(method, model))
+    if family in ("gpt2", "gpt_neox"):
+        with pytest.raises(ValueError, match="MaPO activation masks support Llama-family"):
+            compute_loss(model, batch, LossConfig(loss_type="mapo"))
+    else:
+        check_against_oracle(model, batch, LossConfig(loss_type="mapo"))
