@@ -1,0 +1,265 @@
+"""Preference data: TRL's formats in, tokenised pairs and padded batches out.
+
+Rows (TRL's preference formats):
+  standard, explicit prompt:        {"prompt": str, "chosen": str, "rejected": str}
+  standard, implicit prompt:        {"chosen": str, "rejected": str}   (prompt = shared prefix)
+  conversational, explicit prompt:  {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
+  conversational, implicit prompt:  {"chosen": [messages], "rejected": [messages]} (prompt = shared
+                                    leading messages)
+  optional: "chosen_token_weights" / "rejected_token_weights": one float per response token (as
+  tokenised, EOS included), used as a fixed per-token mask by the losses.
+Conversational rows go through the tokenizer's chat template (prompt with the generation prompt;
+responses are the assistant turns' text). A BOS is added to plain-text prompts by the tokenizer's
+own special-token rule; an EOS ends every response. Truncation follows the official code: if the
+prompt plus the longer response exceeds ``max_length``, keep the last ``max_prompt_length``
+prompt tokens, then cut both responses to ``max_length - len(prompt)``.
+
+Bad rows are counted and reported by index and reason, and skipped (or raise, ``strict=True``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PreferenceExample:
+    """One tokenised pair: prompt ids, and the chosen/rejected response ids (EOS included)."""
+
+    index: int
+    prompt_ids: List[int]
+    chosen_ids: List[int]
+    rejected_ids: List[int]
+    chosen_weights: Optional[List[float]] = None
+    rejected_weights: Optional[List[float]] = None
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows: kept count and (row index, reason) for every dropped row."""
+
+    total: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: List[Tuple[int, str]] = field(default_factory=list)
+
+    def summary(self, limit: int = 10) -> str:
+        lines = [f"{self.kept}/{self.total} rows kept, {len(self.dropped)} dropped, {self.truncated} truncated"]
+        lines += [f"  row {i}: {why}" for i, why in self.dropped[:limit]]
+        if len(self.dropped) > limit:
+            lines.append(f"  ... and {len(self.dropped) - limit} more")
+        return "\n".join(lines)
+
+
+class BadRow(ValueError):
+    """A row that cannot be used; the message names the row and the field."""
+
+
+def read_rows(source) -> List[Dict[str, Any]]:
+    """Rows from a .jsonl/.json/.parquet file, a ``datasets`` dataset or any iterable of dicts."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"preference data file not found: {path}")
+        if path.endswith(".jsonl"):
+            rows = []
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as exc:
+                            raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+            return rows
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            if not isinstance(data, list):
+                raise ValueError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+            return data
+        if path.endswith(".parquet"):
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise ImportError("reading .parquet needs pyarrow: pip install pyarrow") from None
+            return pq.read_table(path).to_pylist()
+        raise ValueError(f"{path}: unsupported file type (use .jsonl, .json or .parquet)")
+    return [dict(r) for r in source]
+
+
+def _is_messages(x) -> bool:
+    return isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
+
+
+def _shared_prefix(a: Sequence, b: Sequence) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def split_row(row: Dict[str, Any]) -> Tuple[Any, Any, Any, bool]:
+    """(prompt, chosen, rejected, conversational) of one row, with an implicit prompt extracted.
+
+    Raises BadRow naming the field for missing or mistyped fields.
+    """
+    if not isinstance(row, dict):
+        raise BadRow(f"row is a {type(row).__name__}, not an object")
+    for key in ("chosen", "rejected"):
+        if key not in row or row[key] is None:
+            raise BadRow(f"missing field {key!r}")
+    chosen, rejected = row["chosen"], row["rejected"]
+    conversational = _is_messages(chosen)
+    if conversational != _is_messages(rejected):
+        raise BadRow("'chosen' and 'rejected' must both be strings or both be message lists")
+    if not conversational and not (isinstance(chosen, str) and isinstance(rejected, str)):
+        raise BadRow(f"'chosen'/'rejected' must be strings or message lists, got {type(chosen).__name__}/"
+                     f"{type(rejected).__name__}")
+    prompt = row.get("prompt")
+    if prompt is None:  # implicit prompt: the shared beginning
+        n = _shared_prefix(chosen, rejected)
+        if conversational:
+            while n > 0 and chosen[n - 1]["role"] == "assistant":  # the prompt ends before an answer
+                n -= 1
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        if not prompt:
+            raise BadRow("no 'prompt' field and chosen/rejected share no prompt")
+    elif conversational and not _is_messages(prompt):
+        raise BadRow("'prompt' must be a message list when the responses are")
+    elif not conversational and not isinstance(prompt, str):
+        raise BadRow(f"'prompt' must be a string, got {type(prompt).__name__}")
+    return prompt, chosen, rejected, conversational
+
+
+def _response_text(resp, conversational: bool, field_name: str) -> str:
+    if not conversational:
+        return resp
+    if not resp or any(m["role"] != "assistant" for m in resp):
+        raise BadRow(f"{field_name!r} must be assistant message(s) after the prompt")
+    parts = [m["content"] for m in resp]
+    if not all(isinstance(p, str) for p in parts):
+        raise BadRow(f"{field_name!r} message content must be a string")
+    return "".join(parts)
+
+
+class PreferenceTokenizer:
+    """Turns rows into :class:`PreferenceExample` with the spec's BOS/EOS and truncation rules."""
+
+    def __init__(self, tokenizer, max_length: int = 512, max_prompt_length: int = 256):
+        if max_prompt_length >= max_length:
+            raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token; responses must end with one")
+        self.tok = tokenizer
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+
+    def prompt_ids(self, prompt, conversational: bool) -> List[int]:
+        if conversational:
+            if getattr(self.tok, "chat_template", None) is None:
+                raise BadRow("conversational row but the tokenizer has no chat template")
+            text = self.tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            return self.tok(text, add_special_tokens=False).input_ids
+        return self.tok(prompt).input_ids  # the tokenizer's own BOS rule
+
+    def response_ids(self, text: str) -> List[int]:
+        ids = self.tok(text, add_special_tokens=False).input_ids
+        if not ids or ids[-1] != self.tok.eos_token_id:
+            ids = ids + [self.tok.eos_token_id]
+        return ids
+
+    def __call__(self, index: int, row: Dict[str, Any]) -> Tuple[PreferenceExample, bool]:
+        prompt, chosen, rejected, conv = split_row(row)
+        texts = {}
+        for name, resp in (("chosen", chosen), ("rejected", rejected)):
+            text = _response_text(resp, conv, name)
+            if not text.strip():
+                raise BadRow(f"empty {name!r} response")
+            texts[name] = text
+        if texts["chosen"] == texts["rejected"]:
+            raise BadRow("'chosen' and 'rejected' are identical")
+        p = self.prompt_ids(prompt, conv)
+        c, r = self.response_ids(texts["chosen"]), self.response_ids(texts["rejected"])
+        weights = {}
+        for name, ids in (("chosen", c), ("rejected", r)):
+            w = row.get(f"{name}_token_weights")
+            if w is not None:
+                if not isinstance(w, list) or not all(isinstance(x, (int, float)) for x in w):
+                    raise BadRow(f"'{name}_token_weights' must be a list of numbers")
+                if len(w) != len(ids):
+                    raise BadRow(f"'{name}_token_weights' has {len(w)} entries but the response has "
+                                 f"{len(ids)} tokens (EOS included)")
+            weights[name] = None if w is None else [float(x) for x in w]
+        truncated = False
+        if len(p) + max(len(c), len(r)) > self.max_length:
+            truncated = True
+            p = p[-self.max_prompt_length:]
+            keep = self.max_length - len(p)
+            if keep <= 0:
+                raise BadRow("nothing of the responses is left after truncation")
+            c, r = c[:keep], r[:keep]
+            weights = {k: None if v is None else v[:keep] for k, v in weights.items()}
+        return PreferenceExample(index, p, c, r, weights["chosen"], weights["rejected"]), truncated
+
+
+def tokenize_dataset(source, tokenizer, *, max_length: int = 512, max_prompt_length: int = 256,
+                     strict: bool = False) -> Tuple[List[PreferenceExample], DataReport]:
+    """Read and tokenise every row; bad rows are reported (and skipped, or raise with ``strict``)."""
+    rows = read_rows(source)
+    make = PreferenceTokenizer(tokenizer, max_length, max_prompt_length)
+    report = DataReport(total=len(rows))
+    examples = []
+    for i, row in enumerate(rows):
+        try:
+            ex, truncated = make(i, row)
+        except BadRow as exc:
+            if strict:
+                raise BadRow(f"row {i}: {exc}") from None
+            report.dropped.append((i, str(exc)))
+            continue
+        report.truncated += truncated
+        examples.append(ex)
+    report.kept = len(examples)
+    if not examples:
+        raise ValueError("no usable preference rows:\n" + report.summary())
+    return examples, report
+
+
+class PreferenceCollator:
+    """Pads a list of :class:`PreferenceExample` into the batch ``compute_loss`` takes.
+
+    Rows: the B chosen sequences, then the B rejected ones; right padding with ``pad_token_id``;
+    labels -100 on prompt and padding; ``token_weights`` (1 where not given) if any example has
+    weights.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    def __call__(self, examples: Sequence[PreferenceExample]) -> Dict[str, torch.Tensor]:
+        seqs = [(e.prompt_ids, e.chosen_ids, e.chosen_weights) for e in examples] + \
+               [(e.prompt_ids, e.rejected_ids, e.rejected_weights) for e in examples]
+        t = max(len(p) + len(a) for p, a, _ in seqs)
+        ids = torch.full((len(seqs), t), self.pad, dtype=torch.long)
+        att = torch.zeros_like(ids)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        any_w = any(w is not None for _, _, w in seqs)
+        weights = torch.zeros(len(seqs), t) if any_w else None
+        for i, (p, a, w) in enumerate(seqs):
+            n = len(p) + len(a)
+            ids[i, :n] = torch.tensor(p + a)
+            att[i, :n] = 1
+            labels[i, len(p):n] = torch.tensor(a)
+            if any_w:
+                weights[i, len(p):n] = torch.tensor(w) if w is not None else 1.0
+        batch = {"input_ids": ids, "attention_mask": att, "labels": labels}
+        if any_w:
+            batch["token_weights"] = weights
+        return batch

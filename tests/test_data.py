@@ -1,0 +1,134 @@
+"""Preference data: TRL formats, chat templates, truncation, bad rows, collation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from sparsepo_lite.data import (BadRow, PreferenceCollator, PreferenceTokenizer, read_rows, split_row,
+                                tokenize_dataset)
+from sparsepo_lite.smollm2 import smollm2_path
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(smollm2_path())
+
+
+def test_standard_and_conversational_formats(tok):
+    std = {"prompt": "The film was", "chosen": " wonderful.", "rejected": " dull."}
+    conv = {"prompt": [{"role": "user", "content": "Rate the film."}],
+            "chosen": [{"role": "assistant", "content": "Wonderful."}],
+            "rejected": [{"role": "assistant", "content": "Dull."}]}
+    implicit_conv = {"chosen": conv["prompt"] + conv["chosen"], "rejected": conv["prompt"] + conv["rejected"]}
+    make = PreferenceTokenizer(tok, max_length=64, max_prompt_length=32)
+    ex, _ = make(0, std)
+    assert ex.prompt_ids == tok("The film was").input_ids
+    assert ex.chosen_ids == tok(" wonderful.", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    ex_c, _ = make(1, conv)
+    templ = tok.apply_chat_template(conv["prompt"], add_generation_prompt=True, tokenize=False)
+    assert ex_c.prompt_ids == tok(templ, add_special_tokens=False).input_ids
+    assert ex_c.chosen_ids[-1] == tok.eos_token_id and ex_c.rejected_ids[-1] == tok.eos_token_id
+    ex_i, _ = make(2, implicit_conv)
+    assert (ex_i.prompt_ids, ex_i.chosen_ids, ex_i.rejected_ids) == (ex_c.prompt_ids, ex_c.chosen_ids, ex_c.rejected_ids)
+
+
+def test_implicit_standard_prompt_is_the_shared_prefix():
+    p, c, r, conv = split_row({"chosen": "Q: hi? A: hello there", "rejected": "Q: hi? A: go away"})
+    assert (p, c, r, conv) == ("Q: hi? A: ", "hello there", "go away", False)
+
+
+def test_truncation_keeps_the_prompt_end_then_cuts_responses(tok):
+    prompt = " ".join(f"w{i}" for i in range(60))
+    row = {"prompt": prompt, "chosen": " yes " * 30, "rejected": " no"}
+    make = PreferenceTokenizer(tok, max_length=40, max_prompt_length=16)
+    full_p = tok(prompt).input_ids
+    ex, truncated = make(0, row)
+    assert truncated
+    assert ex.prompt_ids == full_p[-16:]
+    assert len(ex.prompt_ids) + len(ex.chosen_ids) == 40
+    assert ex.rejected_ids[-1] == tok.eos_token_id  # short response kept whole
+
+
+BAD_ROWS = [
+    ({"prompt": "p", "rejected": "r"}, "missing field 'chosen'"),
+    ({"prompt": "p", "chosen": 3, "rejected": "r"}, "must be strings or message lists"),
+    ({"prompt": "p", "chosen": "  ", "rejected": "r"}, "empty 'chosen' response"),
+    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "identical"),
+    ({"prompt": 7, "chosen": "a", "rejected": "b"}, "'prompt' must be a string"),
+    ({"chosen": "abc", "rejected": "xyz"}, "share no prompt"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "chosen_token_weights": [1.0]}, "has 1 entries"),
+    ("just a string", "not an object"),
+]
+
+
+def test_bad_rows_are_reported_by_index_and_reason(tok, tmp_path):
+    good = {"prompt": "The film was", "chosen": " great", "rejected": " bad"}
+    rows = [good] + [r for r, _ in BAD_ROWS] + [good]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    examples, report = tokenize_dataset(str(path), tok, max_length=64, max_prompt_length=32)
+    assert [e.index for e in examples] == [0, len(rows) - 1]
+    assert report.total == len(rows) and report.kept == 2
+    for (i, why), (_, want) in zip(report.dropped, BAD_ROWS):
+        assert want in why, (i, why)
+    assert [i for i, _ in report.dropped] == list(range(1, len(BAD_ROWS) + 1))
+    assert "row 1: missing field 'chosen'" in report.summary()
+    with pytest.raises(BadRow, match=r"row 1: missing field 'chosen'"):
+        tokenize_dataset(str(path), tok, strict=True)
+
+
+def test_file_errors_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{not json\n')
+    with pytest.raises(ValueError, match=r"broken.jsonl:2: not valid JSON"):
+        read_rows(str(bad))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_rows(str(tmp_path / "missing.jsonl"))
+    as_json = tmp_path / "pairs.json"
+    as_json.write_text(json.dumps([{"prompt": "a", "chosen": "b", "rejected": "c"}]))
+    assert read_rows(str(as_json))[0]["chosen"] == "b"
+
+
+def test_collator_pads_and_marks_responses(tok):
+    make = PreferenceTokenizer(tok, max_length=64, max_prompt_length=32)
+    exs = [make(0, {"prompt": "A film", "chosen": " good", "rejected": " very very bad",
+                    "rejected_token_weights": None})[0],
+           make(1, {"prompt": "Another longer film prompt", "chosen": " fine", "rejected": " poor",
+                    "chosen_token_weights": [0.5, 2.0]})[0]]
+    batch = PreferenceCollator(tok.pad_token_id)(exs)
+    ids, att, labels, w = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["token_weights"]
+    assert ids.shape[0] == 4
+    rows = [(exs[0], exs[0].chosen_ids), (exs[1], exs[1].chosen_ids), (exs[0], exs[0].rejected_ids),
+            (exs[1], exs[1].rejected_ids)]
+    for i, (ex, resp) in enumerate(rows):
+        n_p, n = len(ex.prompt_ids), len(ex.prompt_ids) + len(resp)
+        assert ids[i, :n].tolist() == ex.prompt_ids + resp and att[i, :n].all() and not att[i, n:].any()
+        assert (labels[i, :n_p] == -100).all() and labels[i, n_p:n].tolist() == resp and (labels[i, n:] == -100).all()
+    assert w[1, len(exs[1].prompt_ids):len(exs[1].prompt_ids) + 2].tolist() == [0.5, 2.0]
+    assert (w[0][labels[0] != -100] == 1).all() and (w[labels == -100] == 0).all()
+
+
+def test_collated_batch_runs_through_compute_loss(tok):
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from sparsepo_lite import LossConfig, SparsePOMasks, compute_loss
+
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32),
+                                peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    rows = [{"prompt": [{"role": "user", "content": "Describe the film."}],
+             "chosen": [{"role": "assistant", "content": "A moving, beautiful story."}],
+             "rejected": [{"role": "assistant", "content": "Boring."}],
+             "rejected_token_weights": [1.0] * len(tok("Boring.", add_special_tokens=False).input_ids + [0])},
+            {"prompt": "The acting was", "chosen": " superb.", "rejected": " awful."}]
+    examples, report = tokenize_dataset(rows, tok, max_length=64, max_prompt_length=32)
+    assert report.kept == 2
+    batch = PreferenceCollator(tok.pad_token_id)(examples)
+    loss, metrics = compute_loss(model, batch, LossConfig(loss_type="sparsepo", masks=SparsePOMasks.for_model(model)))
+    loss.backward()
+    assert abs(loss.item() - 0.6931471805599453) < 1e-6  # LoRA B = 0 at init: policy == reference
+    assert metrics["kl/chosen"] < 1e-6
