@@ -1,0 +1,137 @@
+"""Policies: a causal LM in 4-bit NF4 (bitsandbytes, double quantisation) or bf16/fp32, with a peft
+LoRA adapter. The reference is the same base with the adapter disabled: one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class ModelConfig:
+    """How to load the policy.
+
+    quantization: "4bit" (NF4 + double quantisation, QLoRA) or "none".
+    dtype: compute dtype; "auto" = bfloat16 on CUDA, float32 on the CPU (CPU bf16 matmuls are slow).
+    lora_target_modules: "all-linear" (every linear projection but the head) or a list of names.
+    attn_implementation: None = "sdpa" ("flash_attention_2" on CUDA when flash-attn is installed).
+    use_liger: None = on CUDA when liger-kernel is installed (RMSNorm, RoPE, SwiGLU kernels).
+    """
+
+    model_name_or_path: str
+    quantization: str = "4bit"
+    dtype: str = "auto"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: Union[str, Tuple[str, ...]] = "all-linear"
+    gradient_checkpointing: bool = True
+    attn_implementation: Optional[str] = None
+    use_liger: Optional[bool] = None
+    device: Optional[str] = None
+
+    def __post_init__(self):
+        if self.quantization not in ("4bit", "none"):
+            raise ValueError(f"quantization must be '4bit' or 'none', got {self.quantization!r}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.lora_r < 1:
+            raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+
+
+def _installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def disable_avx512_bf16_repacking(model: nn.Module) -> int:
+    """Stop bitsandbytes (0.50) from repacking 4-bit weights on AVX512-BF16 CPUs.
+
+    On such CPUs an eval-mode no-grad forward of a ``Linear4bit`` repacks its weight for a bf16
+    kernel, after which LoRA parameters silently get no gradient (DESIGN.md section 5). The
+    reference pass is exactly such a forward, so every 4-bit layer opts out. Returns the number
+    of layers changed.
+    """
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+_DROPOUT_ATTRS = ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop")
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Turn off every dropout, as the official trainers do (disable_dropout=True).
+
+    Besides nn.Dropout modules, attention layers (Llama, Qwen2, Mistral...) keep their dropout
+    as a float attribute handed to the attention kernel in train mode; zero those and the
+    config's dropout fields too.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for attr in _DROPOUT_ATTRS:
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+    config = getattr(model, "config", None)
+    for attr in _DROPOUT_ATTRS:
+        if isinstance(getattr(config, attr, None), float):
+            setattr(config, attr, 0.0)
+
+
+def load_policy(cfg: ModelConfig):
+    """Load ``(peft_model, tokenizer)``: base (4-bit or not) + a fresh LoRA adapter, head frozen."""
+    import peft
+    import transformers
+
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, cfg.dtype)
+    attn = cfg.attn_implementation or (
+        "flash_attention_2" if device.type == "cuda" and _installed("flash_attn") else "sdpa")
+    kwargs = dict(dtype=dtype, attn_implementation=attn)
+    if cfg.quantization == "4bit":
+        if not _installed("bitsandbytes"):
+            raise ImportError("4-bit policies need bitsandbytes: pip install bitsandbytes")
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else
+                                device.type}
+    model = transformers.AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kwargs)
+    if cfg.quantization != "4bit":
+        model.to(device)
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"{cfg.model_name_or_path}: encoder-decoder models are not supported (need a causal LM)")
+    use_liger = cfg.use_liger if cfg.use_liger is not None else (device.type == "cuda" and _installed("liger_kernel"))
+    if use_liger:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model, rms_norm=True, rope=True, swiglu=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
+    disable_dropout(model)
+    if cfg.quantization == "4bit":
+        disable_avx512_bf16_repacking(model)
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets = cfg.lora_target_modules if isinstance(cfg.lora_target_modules, str) else list(cfg.lora_target_modules)
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+        task_type="CAUSAL_LM"))
+    model.get_output_embeddings().weight.requires_grad_(False)
+    tok = transformers.AutoTokenizer.from_pretrained(cfg.model_name_or_path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
