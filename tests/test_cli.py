@@ -1,0 +1,72 @@
+"""sparsepo-lite train: YAML round trip on a tiny 4-bit model, clear errors for bad configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+import yaml
+
+from sparsepo_lite.cli import main, parse_train_config
+from sparsepo_lite.smollm2 import smollm2_path
+from sparsepo_lite.trainer import load_masks
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_path())
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    rows = [{"prompt": f"Review {i}:", "chosen": " great.", "rejected": " awful."} for i in range(8)]
+    rows.append({"prompt": "bad row", "chosen": "same", "rejected": "same"})
+    (d / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    config = {"model_name_or_path": str(d / "model"), "train_file": str(d / "train.jsonl"),
+              "eval_file": str(d / "train.jsonl"), "output_dir": str(d / "out"), "loss_type": "sparsepo",
+              "lora_r": 4, "max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-3,
+              "max_length": 32, "max_prompt_length": 16, "report_to": "none", "use_cpu": True,
+              "save_strategy": "no", "gradient_checkpointing": False}
+    (d / "cfg.yaml").write_text(yaml.safe_dump(config))
+    return d
+
+
+def test_train_round_trip(setup):
+    main(["train", str(setup / "cfg.yaml"), "--beta", "0.2"])
+    out = setup / "out"
+    files = set(os.listdir(out))
+    assert {"adapter_model.safetensors", "adapter_config.json", "mask_net.safetensors", "mask_net.json",
+            "sparsepo_config.yaml", "metrics.json", "data_report_train.json"} <= files
+    saved = yaml.safe_load((out / "sparsepo_config.yaml").read_text())
+    assert saved["loss_type"] == "sparsepo" and saved["lora_r"] == 4
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "eval_loss" in metrics["final"] and "eval_rewards/accuracies" in metrics["final"]
+    report = json.loads((out / "data_report_train.json").read_text())
+    assert report["kept"] == 8 and report["dropped"][0][0] == 8
+    load_masks(str(out))
+    _, _, args, _ = parse_train_config(str(setup / "cfg.yaml"), ["--beta", "0.2"])
+    assert args.beta == 0.2
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"lerning_rate": 1e-4}, "unknown config key(s) ['lerning_rate']"),
+    ({"loss_type": "orpo"}, "loss_type must be one of"),
+    ({"beta": "high"}, "argument --beta: invalid float value: 'high'"),
+    ({"train_file": ""}, "train_file is required"),
+])
+def test_bad_configs_give_clear_errors(setup, tmp_path, edit, message):
+    cfg = yaml.safe_load((setup / "cfg.yaml").read_text())
+    cfg.update(edit)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = subprocess.run([sys.executable, "-m", "sparsepo_lite.cli", "train", str(path)], capture_output=True,
+                         text=True)
+    assert res.returncode != 0
+    assert message in res.stderr, res.stderr[-2000:]
