@@ -109,6 +109,9 @@ def train(config_path: str, overrides: List[str]) -> str:
     from .trainer import SparsePOTrainer
 
     model_args, data_args, args, resolved = parse_train_config(config_path, overrides)
+    from transformers import set_seed
+
+    set_seed(args.seed)  # the LoRA init draws from the global RNG
     # gradient_checkpointing is the TrainingArguments field; load_policy sets it up (non-reentrant).
     model, tok = load_policy(model_args.to_model_config(args.gradient_checkpointing))
     trainer = SparsePOTrainer(model=model, args=args, train_dataset=data_args.train_file,

@@ -89,6 +89,20 @@ def load_masks(path: str) -> SparsePOMasks:
     return masks
 
 
+class _ZeroMaskGrads(transformers.TrainerCallback):
+    """The Trainer zeroes gradients with ``model.zero_grad()``, which cannot see the mask nets
+    (they live outside the peft model); without this their gradients would pile up across steps."""
+
+    def __init__(self, masks: SparsePOMasks):
+        self.masks = masks
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.masks.zero_grad(set_to_none=True)
+
+    def on_step_end(self, args, state, control, **kwargs):  # after optimizer.step()
+        self.masks.zero_grad(set_to_none=True)
+
+
 class SparsePOTrainer(transformers.Trainer):
     """Trains a (peft) causal LM with a loss of the family; the reference is the adapter-off base.
 
@@ -105,6 +119,7 @@ class SparsePOTrainer(transformers.Trainer):
         train_dataset = self._tokenized(train_dataset, processing_class, args, "train")
         eval_dataset = self._tokenized(eval_dataset, processing_class, args, "eval")
         if args.loss_type == "sparsepo" and masks is None:
+            transformers.set_seed(args.seed)  # the mask init is part of the run: same seed, same run
             masks = SparsePOMasks.for_model(model, independent=args.independent_masks, init_std=args.mask_init_std)
         self.masks = masks
         self.loss_config = LossConfig(
@@ -118,6 +133,7 @@ class SparsePOTrainer(transformers.Trainer):
                          processing_class=processing_class, **kwargs)
         if self.masks is not None:
             self.masks.to(self.args.device)
+            self.add_callback(_ZeroMaskGrads(self.masks))
         self.model_accepts_loss_kwargs = False  # our loss is a mean over pairs: let GA divide it
         self._stored: Dict[str, Dict[str, List[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.skipped_steps = 0
