@@ -164,6 +164,11 @@ def compute_loss(model, batch: Dict[str, torch.Tensor], config: LossConfig, *,
         reward_mask = m_u if config.mask_on_reward else None
         kl_mask = m_d if config.mask_on_kl else None
     if "token_weights" in batch and batch["token_weights"] is not None:
+        if config.loss_type == "tdpo2":
+            # TDPO2's chosen KL enters as a detached per-sequence sum; weighting it per token is
+            # not implemented, and weighting only the rejected side would be inconsistent.
+            raise ValueError("token_weights are not supported with loss_type='tdpo2' (use tdpo1, dpo, "
+                             "sparsepo or mapo)")
         tw = batch["token_weights"][:, 1:][seq_ids, pos]
         fixed = tw if fixed is None else fixed * tw
 

@@ -221,6 +221,8 @@ def test_data_token_weights_act_as_a_fixed_mask():
     cfg = LossConfig(loss_type="dpo")
     loss, _ = compute_loss(model, batch, cfg)
     torch.testing.assert_close(loss, oracle(model, batch, cfg), rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="token_weights are not supported with loss_type='tdpo2'"):
+        compute_loss(model, batch, LossConfig(loss_type="tdpo2"))
     batch["token_weights"] = torch.ones_like(batch["token_weights"])
     unweighted = {k: v for k, v in batch.items() if k != "token_weights"}
     torch.testing.assert_close(compute_loss(model, batch, cfg)[0], compute_loss(model, unweighted, cfg)[0])
