@@ -2,10 +2,11 @@
 
     sparsepo-lite train CONFIG.yaml [--field value ...]
 
-The YAML keys are the fields of ModelConfig (model_name_or_path, quantization, dtype, lora_r,
-lora_alpha, lora_dropout, lora_target_modules, attn_implementation),
-DataConfig (train_file, eval_file) and SparsePOConfig (loss_type, beta, learning_rate,
-output_dir, ... every transformers.TrainingArguments field). ``--field value`` overrides a key.
+The YAML keys are the fields of DataConfig (train_file, eval_file) and SparsePOConfig (the model:
+model_name_or_path, quantization, dtype, lora_*; the loss: loss_type, beta, ...; and every
+transformers.TrainingArguments field: learning_rate, output_dir, ...). ``--field value`` overrides
+a key. Several processes: ``accelerate launch --multi_gpu --num_processes N -m sparsepo_lite.cli train ...``
+(on the CPU with ``use_cpu: true``).
 """
 
 from __future__ import annotations
@@ -27,37 +28,15 @@ class DataConfig:
     eval_file: Optional[str] = None
 
 
-def _model_args_dataclass():
-    # ModelConfig's lora_target_modules is a str-or-tuple; the parser needs one type per field.
-    from .modeling import ModelConfig
-
-    @dataclass
-    class ModelArgs:
-        model_name_or_path: str = ""
-        quantization: str = "4bit"
-        dtype: str = "auto"
-        lora_r: int = 16
-        lora_alpha: int = 32
-        lora_dropout: float = 0.0
-        lora_target_modules: List[str] = dataclasses.field(default_factory=lambda: ["all-linear"])
-        attn_implementation: Optional[str] = None
-
-        def to_model_config(self, gradient_checkpointing: bool) -> ModelConfig:
-            targets = self.lora_target_modules
-            targets = targets[0] if targets == ["all-linear"] else tuple(targets)
-            return ModelConfig(self.model_name_or_path, quantization=self.quantization, dtype=self.dtype,
-                               lora_r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                               lora_target_modules=targets, gradient_checkpointing=gradient_checkpointing,
-                               attn_implementation=self.attn_implementation)
-
-    return ModelArgs
-
-
 def _to_argv(values: dict) -> List[str]:
     argv = []
     for key, value in values.items():
         if value is None:
             continue
+        if isinstance(value, (list, tuple)) and not value:
+            if key != "report_to":  # argparse cannot take an empty list; report_to has a word for it
+                raise SystemExit(f"config key {key!r}: an empty list is not a valid value")
+            value = "none"
         argv.append(f"--{key}")
         if isinstance(value, (list, tuple)):
             argv.extend(str(v) for v in value)
@@ -67,7 +46,7 @@ def _to_argv(values: dict) -> List[str]:
 
 
 def parse_train_config(config_path: str, overrides: List[str]):
-    """(ModelArgs, DataConfig, SparsePOConfig, resolved dict) from a YAML file plus overrides."""
+    """(DataConfig, SparsePOConfig, resolved dict) from a YAML file plus overrides."""
     import yaml
     from transformers import HfArgumentParser
 
@@ -82,47 +61,44 @@ def parse_train_config(config_path: str, overrides: List[str]):
             raise SystemExit(f"{config_path}: not valid YAML: {exc}") from None
     if not isinstance(values, dict):
         raise SystemExit(f"{config_path}: expected a mapping of config keys, got {type(values).__name__}")
-    ModelArgs = _model_args_dataclass()
-    parser = HfArgumentParser((ModelArgs, DataConfig, SparsePOConfig))
-    known = {f.name for dc in (ModelArgs, DataConfig, SparsePOConfig) for f in dataclasses.fields(dc)}
+    parser = HfArgumentParser((DataConfig, SparsePOConfig))
+    known = {f.name for dc in (DataConfig, SparsePOConfig) for f in dataclasses.fields(dc)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise SystemExit(f"{config_path}: unknown config key(s) {unknown}; see `sparsepo-lite train --help`")
     try:
-        model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=_to_argv(values) + overrides)
+        data_args, train_args = parser.parse_args_into_dataclasses(args=_to_argv(values) + overrides)
     except ValueError as exc:
         raise SystemExit(f"{config_path}: {exc}") from None
-    if not model_args.model_name_or_path:
+    if not train_args.model_name_or_path:
         raise SystemExit(f"{config_path}: model_name_or_path is required")
     if not data_args.train_file:
         raise SystemExit(f"{config_path}: train_file is required")
-    resolved = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args),
+    resolved = {**dataclasses.asdict(data_args),
                 **{k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(SparsePOConfig)}}}
-    return model_args, data_args, train_args, resolved
+    return data_args, train_args, resolved
 
 
 def train(config_path: str, overrides: List[str]) -> str:
     """Run training from a YAML config; returns the output directory."""
     import yaml
 
-    from .modeling import load_policy
     from .trainer import SparsePOTrainer
 
-    model_args, data_args, args, resolved = parse_train_config(config_path, overrides)
-    from transformers import set_seed
-
-    set_seed(args.seed)  # the LoRA init draws from the global RNG
-    # gradient_checkpointing is the TrainingArguments field; load_policy sets it up (non-reentrant).
-    model, tok = load_policy(model_args.to_model_config(args.gradient_checkpointing))
-    trainer = SparsePOTrainer(model=model, args=args, train_dataset=data_args.train_file,
-                              eval_dataset=data_args.eval_file, processing_class=tok)
+    data_args, args, resolved = parse_train_config(config_path, overrides)
+    trainer = SparsePOTrainer(args=args, train_dataset=data_args.train_file, eval_dataset=data_args.eval_file)
+    tok = trainer.processing_class
+    main_process = trainer.is_world_process_zero()
     for split, report in trainer.data_reports.items():
-        print(f"{split} data: {report.summary()}", flush=True)
+        if main_process:
+            print(f"{split} data: {report.summary()}", flush=True)
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     metrics = dict(result.metrics)
     if data_args.eval_file:
         metrics.update(trainer.evaluate())
-    trainer.save_model(args.output_dir)
+    trainer.save_model(args.output_dir)  # writes on the main process only
+    if not main_process:
+        return args.output_dir
     tok.save_pretrained(args.output_dir)
     with open(os.path.join(args.output_dir, "sparsepo_config.yaml"), "w") as f:
         yaml.safe_dump(resolved, f, sort_keys=False)

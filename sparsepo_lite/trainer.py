@@ -1,8 +1,8 @@
 """``SparsePOConfig`` + ``SparsePOTrainer``: compute_loss inside a transformers Trainer.
 
-Single-process training (one GPU or the CPU). The mask network is trained beside the LoRA
-adapter with its own learning rate and weight decay and saved next to it as
-``mask_net.safetensors`` (+ ``mask_net.json``).
+One process, or several under ``accelerate launch`` / ``torchrun`` (data parallel). The mask
+network is trained beside the LoRA adapter with its own learning rate and weight decay and saved
+next to it as ``mask_net.safetensors`` (+ ``mask_net.json``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import transformers
 from .data import PreferenceCollator, PreferenceExample, tokenize_dataset
 from .losses import LOSS_TYPES
 from .masks import SparsePOMasks
+from .modeling import ModelConfig, load_policy
 from .objective import LossConfig, compute_loss
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,11 @@ MASK_CONFIG = "mask_net.json"
 
 @dataclass
 class SparsePOConfig(transformers.TrainingArguments):
-    """TrainingArguments plus the loss, mask and data options (defaults: the official code)."""
+    """TrainingArguments plus the loss, mask, data and model options (loss defaults: the official code).
+
+    The model fields are what :class:`~sparsepo_lite.modeling.ModelConfig` takes; they are used
+    when ``SparsePOTrainer`` gets ``model`` as a path or name (or None: ``model_name_or_path``).
+    """
 
     loss_type: str = field(default="sparsepo", metadata={"help": f"one of {LOSS_TYPES}"})
     beta: float = 0.1
@@ -51,6 +56,16 @@ class SparsePOConfig(transformers.TrainingArguments):
     chunk_size: Optional[int] = None
     strict_data: bool = False
     remove_unused_columns: bool = False  # our examples are dataclasses, not column dicts
+    # --- the policy (see modeling.ModelConfig) ---
+    model_name_or_path: Optional[str] = None
+    quantization: str = field(default="4bit", metadata={"help": "4bit (NF4 QLoRA) or none"})
+    dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16 or float32"})
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    attn_implementation: Optional[str] = None
+    use_liger: Optional[bool] = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -58,6 +73,17 @@ class SparsePOConfig(transformers.TrainingArguments):
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})")
+        self.model_config(self.model_name_or_path or "")  # validates the model fields now, not at load time
+
+    def model_config(self, model_name_or_path: Optional[str] = None) -> ModelConfig:
+        """The :class:`ModelConfig` these fields describe (gradient checkpointing as configured here)."""
+        targets = self.lora_target_modules
+        targets = "all-linear" if list(targets) == ["all-linear"] else tuple(targets)
+        return ModelConfig(model_name_or_path or self.model_name_or_path, quantization=self.quantization,
+                           dtype=self.dtype, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
+                           lora_dropout=self.lora_dropout, lora_target_modules=targets,
+                           gradient_checkpointing=self.gradient_checkpointing,
+                           attn_implementation=self.attn_implementation, use_liger=self.use_liger)
 
 
 def save_masks(masks: SparsePOMasks, out_dir: str) -> None:
@@ -103,16 +129,65 @@ class _ZeroMaskGrads(transformers.TrainerCallback):
         self.masks.zero_grad(set_to_none=True)
 
 
+class _BroadcastMasks(transformers.TrainerCallback):
+    """DDP broadcasts the wrapped model's weights from rank 0, but the mask nets live outside it."""
+
+    def __init__(self, masks: SparsePOMasks):
+        self.masks = masks
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for p in self.masks.parameters():
+                dist.broadcast(p.data, src=0)
+
+
+def all_reduce_mean_(params: List[torch.nn.Parameter]) -> None:
+    """Average ``p.grad`` over all processes, in place, one collective per dtype.
+
+    Every rank must take part with the same tensors in the same order, so a missing gradient
+    (a parameter that got none on this rank, or a skipped non-finite micro-batch) counts as zeros.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    by_dtype: Dict[torch.dtype, List[torch.nn.Parameter]] = defaultdict(list)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype[p.grad.dtype].append(p)
+    for group in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        offset = 0
+        for p in group:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            offset += n
+
+
 class SparsePOTrainer(transformers.Trainer):
     """Trains a (peft) causal LM with a loss of the family; the reference is the adapter-off base.
 
+    ``model``: a peft model (from :func:`load_policy`), or a path/name (None: the config's
+    ``model_name_or_path``) loaded with the config's model fields; the tokenizer comes with it.
     ``train_dataset``/``eval_dataset``: rows (a file path, a ``datasets`` dataset or a list of
     dicts in TRL's preference formats) or already tokenised :class:`PreferenceExample` lists.
     Bad rows are skipped and reported (``self.data_reports``), or raise with ``strict_data``.
     """
 
-    def __init__(self, model, args: SparsePOConfig, train_dataset=None, eval_dataset=None, processing_class=None,
-                 masks: Optional[SparsePOMasks] = None, ref_model=None, **kwargs):
+    def __init__(self, model=None, args: SparsePOConfig = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, masks: Optional[SparsePOMasks] = None, ref_model=None, **kwargs):
+        if args is None:
+            raise ValueError("SparsePOTrainer needs args=SparsePOConfig(...)")
+        if model is None or isinstance(model, str):
+            if not (model or args.model_name_or_path):
+                raise ValueError("no model: pass model= or set model_name_or_path in the config")
+            transformers.set_seed(args.seed)  # the LoRA init draws from the global RNG
+            model, tok = load_policy(args.model_config(model))
+            processing_class = processing_class or tok
         if processing_class is None:
             raise ValueError("SparsePOTrainer needs the tokenizer as processing_class")
         self.data_reports = {}
@@ -134,6 +209,7 @@ class SparsePOTrainer(transformers.Trainer):
         if self.masks is not None:
             self.masks.to(self.args.device)
             self.add_callback(_ZeroMaskGrads(self.masks))
+            self.add_callback(_BroadcastMasks(self.masks))
         self.model_accepts_loss_kwargs = False  # our loss is a mean over pairs: let GA divide it
         self._stored: Dict[str, Dict[str, List[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.skipped_steps = 0
@@ -169,6 +245,29 @@ class SparsePOTrainer(transformers.Trainer):
         cls, kwargs = transformers.Trainer.get_optimizer_cls_and_kwargs(self.args, model)
         self.optimizer = cls(groups, **kwargs)
         return self.optimizer
+
+    def _trained_parameters(self) -> List[torch.nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _sync_gradients(self) -> None:
+        # compute_loss runs the unwrapped model (it needs the backbone and the head separately),
+        # so DDP's forward, and with it the reducer's gradient hooks, never runs: the gradients
+        # of everything the optimizer updates (LoRA and mask nets) are averaged here instead.
+        if self.accelerator.num_processes > 1:
+            all_reduce_mean_(self._trained_parameters())
+
+    # The Trainer calls exactly one of these two per optimizer step, after the last micro-batch
+    # and before optimizer.step(): the place to sync, and then to clip (or measure) the global
+    # norm over all trained parameters, mask nets included.
+    def _clip_grad_norm(self, model):
+        self._sync_gradients()
+        return self.accelerator.clip_grad_norm_(self._trained_parameters(), self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None:
+            self._sync_gradients()
+            grad_norm = self.accelerator.clip_grad_norm_(self._trained_parameters(), float("inf"))
+        return grad_norm
 
     # --- loss -----------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -214,6 +313,9 @@ class SparsePOTrainer(transformers.Trainer):
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict)
         output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:  # the Trainer may call _save on every rank; files come from one
+            return
+        os.makedirs(output_dir, exist_ok=True)
         if self.masks is not None:
             save_masks(self.masks, output_dir)
         for split, report in self.data_reports.items():

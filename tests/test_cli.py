@@ -51,7 +51,7 @@ def test_train_round_trip(setup):
     report = json.loads((out / "data_report_train.json").read_text())
     assert report["kept"] == 8 and report["dropped"][0][0] == 8
     load_masks(str(out))
-    _, _, args, _ = parse_train_config(str(setup / "cfg.yaml"), ["--beta", "0.2"])
+    _, args, _ = parse_train_config(str(setup / "cfg.yaml"), ["--beta", "0.2"])
     assert args.beta == 0.2
 
 
