@@ -132,3 +132,19 @@ def test_collated_batch_runs_through_compute_loss(tok):
     loss.backward()
     assert abs(loss.item() - 0.6931471805599453) < 1e-6  # LoRA B = 0 at init: policy == reference
     assert metrics["kl/chosen"] < 1e-6
+
+
+def test_parquet_json_and_jsonl_files_give_the_same_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "Q1", "chosen": " yes", "rejected": " no"},
+            {"prompt": "Q2", "chosen": " fine", "rejected": " bad"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for ext in ("parquet", "json", "jsonl"):
+        assert read_rows(str(tmp_path / f"d.{ext}")) == rows, ext
+    with pytest.raises(ValueError, match="unsupported file type"):
+        (tmp_path / "d.csv").write_text("a,b\n")
+        read_rows(str(tmp_path / "d.csv"))
