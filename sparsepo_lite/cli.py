@@ -1,6 +1,8 @@
 """``sparsepo-lite``: the command line.
 
     sparsepo-lite train CONFIG.yaml [--field value ...]
+    sparsepo-lite precompute-ref CONFIG.yaml --out DIR [--top-k K] [--store hidden] [--field value ...]
+    sparsepo-lite verify-ref DIR
 
 The YAML keys are the fields of DataConfig (train_file, eval_file) and SparsePOConfig (the model:
 model_name_or_path, quantization, dtype, lora_*; the loss: loss_type, beta, ...; and every
@@ -108,15 +110,80 @@ def train(config_path: str, overrides: List[str]) -> str:
     return args.output_dir
 
 
+def precompute_ref(config_path: str, out: str, top_k: int, store: Optional[str], topk_dtype: str, batch_size: int,
+                   shard_size: int, overrides: List[str]) -> dict:
+    """Run the reference of a training config over its train (and eval) data into a cache at ``out``."""
+    import torch
+    from transformers import set_seed
+
+    from .data import tokenize_dataset
+    from .modeling import load_policy
+    from .objective import LossConfig
+    from .precompute import precompute_reference
+    from .ref_cache import run_fingerprint
+
+    data_args, args, _ = parse_train_config(config_path, overrides)
+    set_seed(args.seed)
+    model, tok = load_policy(args.model_config())
+    splits = {}
+    for split, path in (("train", data_args.train_file), ("eval", data_args.eval_file)):
+        if path:
+            examples, report = tokenize_dataset(path, tok, max_length=args.max_length,
+                                                max_prompt_length=args.max_prompt_length, strict=args.strict_data)
+            print(f"{split} data: {report.summary()}", flush=True)
+            splits[split] = examples
+    fp = run_fingerprint(model, tok, splits, model_name=args.model_name_or_path, max_length=args.max_length,
+                         max_prompt_length=args.max_prompt_length)
+    # Only MaPO needs more than the reference's distribution: its activation masks.
+    config = LossConfig(loss_type="mapo" if args.loss_type == "mapo" else "dpo", mapo_mapping=args.mapo_mapping)
+    manifest = precompute_reference(model, tok, splits, out, fingerprint=fp, config=config, top_k=top_k,
+                                    topk_dtype=getattr(torch, topk_dtype), store_hidden=store == "hidden",
+                                    batch_size=batch_size, shard_size=shard_size)
+    tokens = sum(s["tokens"] for info in manifest["splits"].values() for s in info["shards"])
+    size = sum(s["bytes"] for info in manifest["splits"].values() for s in info["shards"])
+    print(f"reference cache in {out}: {tokens} response tokens, {size / 2**20:.1f} MiB "
+          f"({size / max(tokens, 1):.1f} bytes/token); train with ref_cache: {out}", flush=True)
+    return manifest
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="sparsepo-lite", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="fine-tune with a YAML config")
     p_train.add_argument("config", help="YAML file whose keys are the config fields")
+    p_pre = sub.add_parser("precompute-ref", help="run the reference once over the config's data into a cache")
+    p_pre.add_argument("config", help="the training YAML (model, data, max lengths)")
+    p_pre.add_argument("--out", required=True, help="cache directory (an existing one is resumed)")
+    p_pre.add_argument("--top-k", type=int, default=32, help="reference top-k per token for the KL (0: labels only)")
+    p_pre.add_argument("--store", choices=["hidden"], default=None, help="also store final hidden states (exact KL)")
+    p_pre.add_argument("--topk-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    p_pre.add_argument("--batch-size", type=int, default=8, help="pairs per reference forward")
+    p_pre.add_argument("--shard-size", type=int, default=256, help="pairs per shard file")
+    p_ver = sub.add_parser("verify-ref", help="check every shard of a reference cache")
+    p_ver.add_argument("dir")
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
         train(args.config, rest)
+    elif args.command == "precompute-ref":
+        from .ref_cache import CacheError
+
+        try:
+            precompute_ref(args.config, args.out, args.top_k, args.store, args.topk_dtype, args.batch_size,
+                           args.shard_size, rest)
+        except (CacheError, ValueError) as exc:
+            raise SystemExit(f"precompute-ref: {exc}") from None
+    elif args.command == "verify-ref":
+        from .ref_cache import CacheError, verify_cache
+
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        try:
+            totals = verify_cache(args.dir)
+        except CacheError as exc:
+            raise SystemExit(f"verify-ref: {exc}") from None
+        print(f"{args.dir}: OK ({totals['shards']} shards, {totals['examples']} pairs, {totals['tokens']} tokens, "
+              f"{totals['bytes']} bytes)")
 
 
 if __name__ == "__main__":

@@ -12,22 +12,26 @@ order; right or left padding):
     labels          [2B, T] int   input_ids with prompt and padding positions set to -100
     token_weights   [2B, T] float optional per-token weights aligned with ``labels`` (a fixed
                                   mask multiplying the method's weights: cDPO-style weighting)
+Cached reference (optional, from ``ref_cache.CachedReferenceCollator``; N response tokens in
+row-major order): ``ref_label_logp`` [N] fp32, ``ref_tokens_per_row`` [2B], and
+``ref_topk_ids``/``ref_topk_logp`` [N, k] or ``ref_hidden`` [N, H], ``ref_mapo_mask`` [N].
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from .losses import LOSS_TYPES, pair_stats, preference_loss, token_weights_for
 from .masks import MAPO_HOOK_TYPES, SparsePOMasks, _unwrap, mapo_masks, record_activation_means
-from .token_stats import ExactReference
+from .token_stats import ExactReference, LabelReference, TopKReference
 
 IGNORE_INDEX = -100
+_CACHED = "ref_label_logp"  # a batch with this key carries a cached reference (ref_cache.py)
 
 
 @dataclass
@@ -110,6 +114,79 @@ def _reference(model, config: LossConfig):
                          "disabled) or set LossConfig.ref_model")
 
 
+class ReferencePass(NamedTuple):
+    """What the loss needs from the reference, at the N response positions (row-major order).
+
+    hidden [N, H] final hidden states; weight [V, H] its head; layer_states: L tensors [N, H]
+    (SparsePO's mask input) or None; mapo_mask [N] fp32 MaPO token weights or None.
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    layer_states: Optional[List[torch.Tensor]]
+    mapo_mask: Optional[torch.Tensor]
+
+
+def reference_pass(model, config: LossConfig, ids, att, response, seq_ids, pos, *, need_layers: bool = False,
+                   need_mapo: Optional[bool] = None) -> ReferencePass:
+    """One no-grad reference forward (the adapter-off base or ``config.ref_model``).
+
+    ``need_mapo`` defaults to "the loss is MaPO with a learned-activation mapping"; the offline
+    precompute asks for it explicitly.
+    """
+    lm = _unwrap(model)
+    if need_mapo is None:
+        need_mapo = config.loss_type == "mapo"
+    use_hooks = need_mapo and config.mapo_mapping != "uniform"
+    with torch.no_grad(), _reference(model, config) as ref:
+        ref_lm = _unwrap(ref)
+        ref_weight = _head(lm) if ref_lm is lm else _head(ref_lm)
+        hooks = record_activation_means(ref, config.mapo_hooks) if use_hooks else contextlib.nullcontext({})
+        with hooks as store:
+            ref_out = _backbone(ref_lm)(input_ids=ids, attention_mask=att, output_hidden_states=need_layers,
+                                        use_cache=False)
+        ref_last = ref_out.last_hidden_state
+        layer_states = [h[seq_ids, pos] for h in ref_out.hidden_states[1:]] if need_layers else None
+        mapo = None
+        if need_mapo:
+            logit_means = None
+            if use_hooks and "logits" in config.mapo_hooks:
+                # mean_v (W h)_v = h . mean_v W_v: the logits' feature mean without [T, V]
+                logit_means = (ref_last.float() @ ref_weight.float().mean(0))
+            mapo = mapo_masks(store, response, logit_means, config.mapo_mapping)[seq_ids, pos]
+        return ReferencePass(ref_last[seq_ids, pos], ref_weight, layer_states, mapo)
+
+
+def _cached_reference(batch, config: LossConfig, response, weight, dtype):
+    """The op's reference from a batch that carries cached reference tensors (see ref_cache.py)."""
+    counts = batch["ref_tokens_per_row"].to(response.device)
+    have = response.sum(dim=1)
+    if not torch.equal(counts, have):
+        bad = (counts != have).nonzero().flatten().tolist()
+        raise ValueError(f"reference cache does not match the batch: rows {bad} have {have[bad].tolist()} "
+                         f"response tokens but the cache holds {counts[bad].tolist()}")
+    label = batch[_CACHED]
+    fixed = None
+    if config.loss_type == "mapo" and config.mapo_mapping != "uniform":
+        if batch.get("ref_mapo_mask") is None:
+            raise ValueError("loss_type='mapo' with a reference cache needs its precomputed MaPO masks; "
+                             "precompute the cache with loss_type: mapo in the config")
+        fixed = batch["ref_mapo_mask"]
+    elif config.loss_type == "mapo":
+        fixed = torch.ones_like(label)
+    if batch.get("ref_hidden") is not None:
+        if batch["ref_hidden"].dtype != dtype:
+            raise TypeError(f"cached reference hidden states are {batch['ref_hidden'].dtype} but the policy's "
+                            f"are {dtype}; precompute in the training dtype")
+        return ExactReference(batch["ref_hidden"], weight), fixed
+    if batch.get("ref_topk_ids") is not None:
+        return TopKReference(batch["ref_topk_ids"], batch["ref_topk_logp"], label), fixed
+    if config.loss_type != "dpo":
+        raise ValueError(f"loss_type={config.loss_type!r} needs the reference distribution, but the cache holds "
+                         "label log-probs only; precompute with --top-k K or --store hidden")
+    return LabelReference(label), fixed
+
+
 def compute_loss(model, batch: Dict[str, torch.Tensor], config: LossConfig, *,
                  return_details: bool = False):
     """Loss of ``config.loss_type`` on one batch, and metrics (floats).
@@ -132,31 +209,23 @@ def compute_loss(model, batch: Dict[str, torch.Tensor], config: LossConfig, *,
     lm = _unwrap(model)
     weight = _head(lm)
     need_layers = config.loss_type == "sparsepo"
-    use_mapo = config.loss_type == "mapo" and config.mapo_mapping != "uniform"
-    with torch.no_grad(), _reference(model, config) as ref:
-        ref_lm = _unwrap(ref)
-        ref_weight = weight if ref_lm is lm else _head(ref_lm)
-        hooks = record_activation_means(ref, config.mapo_hooks) if use_mapo else contextlib.nullcontext({})
-        with hooks as store:
-            ref_out = _backbone(ref_lm)(input_ids=ids, attention_mask=att, output_hidden_states=need_layers,
-                                        use_cache=False)
-        ref_last = ref_out.last_hidden_state
-        ref_hidden = ref_last[seq_ids, pos]
-        layer_states = [h[seq_ids, pos] for h in ref_out.hidden_states[1:]] if need_layers else None
-        fixed = None
-        if config.loss_type == "mapo":
-            logit_means = None
-            if use_mapo and "logits" in config.mapo_hooks:
-                # mean_v (W h)_v = h . mean_v W_v: the logits' feature mean without [T, V]
-                logit_means = (ref_last.float() @ ref_weight.float().mean(0))
-            fixed = mapo_masks(store, response, logit_means, config.mapo_mapping)[seq_ids, pos]
-        del ref_out, ref_last
-
-    out = _backbone(lm)(input_ids=ids, attention_mask=att, use_cache=False)
-    hidden = out.last_hidden_state[seq_ids, pos]
-    if hidden.dtype != ref_hidden.dtype:
-        raise TypeError(f"policy hidden states are {hidden.dtype} but the reference's are {ref_hidden.dtype}; "
-                        "load both in one dtype")
+    if _CACHED in batch:
+        # Offline reference (ref_cache.py): no reference forward. The mask net reads the policy's
+        # own hidden states, detached: the reference's layers are too large to cache.
+        out = _backbone(lm)(input_ids=ids, attention_mask=att, output_hidden_states=need_layers, use_cache=False)
+        hidden = out.last_hidden_state[seq_ids, pos]
+        layer_states = [h[seq_ids, pos].detach() for h in out.hidden_states[1:]] if need_layers else None
+        ref, fixed = _cached_reference(batch, config, response, weight, hidden.dtype)
+    else:
+        ref_pass = reference_pass(model, config, ids, att, response, seq_ids, pos, need_layers=need_layers)
+        layer_states, fixed = ref_pass.layer_states, ref_pass.mapo_mask
+        out = _backbone(lm)(input_ids=ids, attention_mask=att, use_cache=False)
+        hidden = out.last_hidden_state[seq_ids, pos]
+        if hidden.dtype != ref_pass.hidden.dtype:
+            raise TypeError(f"policy hidden states are {hidden.dtype} but the reference's are "
+                            f"{ref_pass.hidden.dtype}; load both in one dtype")
+        ref = ExactReference(ref_pass.hidden, ref_pass.weight)
+    del out
 
     reward_mask = kl_mask = None
     if need_layers:
@@ -175,8 +244,9 @@ def compute_loss(model, batch: Dict[str, torch.Tensor], config: LossConfig, *,
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     u, d = token_weights_for(config.loss_type, num_pairs, seq_ids, alpha=config.alpha, reward_mask=reward_mask,
                              kl_mask=kl_mask, fixed_mask=fixed, dtype=acc)
-    ps = pair_stats(hidden, weight, y, seq_ids, num_pairs, ExactReference(ref_hidden, ref_weight), u, d,
-                    chunk_size=config.chunk_size)
+    if d is None and not isinstance(ref, LabelReference) and _CACHED in batch:
+        ref = LabelReference(batch[_CACHED])  # no KL term: skip the top-k / hidden work
+    ps = pair_stats(hidden, weight, y, seq_ids, num_pairs, ref, u, d, chunk_size=config.chunk_size)
     losses = preference_loss(ps, config.loss_type, config.beta, alpha=config.alpha,
                              label_smoothing=config.label_smoothing)
     l1 = _l1_penalty(config, seq_ids, rows, reward_mask, kl_mask, acc)

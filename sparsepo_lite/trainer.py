@@ -23,6 +23,7 @@ from .losses import LOSS_TYPES
 from .masks import SparsePOMasks
 from .modeling import ModelConfig, load_policy
 from .objective import LossConfig, compute_loss
+from .ref_cache import CachedExample, CachedReferenceCollator, RefCache, run_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class SparsePOConfig(transformers.TrainingArguments):
     max_prompt_length: int = 256
     chunk_size: Optional[int] = None
     strict_data: bool = False
+    ref_cache: Optional[str] = field(default=None, metadata={
+        "help": "a `sparsepo-lite precompute-ref` directory: use it and run no reference forward"})
     remove_unused_columns: bool = False  # our examples are dataclasses, not column dicts
     # --- the policy (see modeling.ModelConfig) ---
     model_name_or_path: Optional[str] = None
@@ -203,6 +206,18 @@ class SparsePOTrainer(transformers.Trainer):
             l1_reward=args.l1_reward, l1_kl=args.l1_kl, mapo_mapping=args.mapo_mapping, ref_model=ref_model,
             chunk_size=args.chunk_size)
         pad = processing_class.pad_token_id if processing_class.pad_token_id is not None else processing_class.eos_token_id
+        self.ref_cache = None
+        if args.ref_cache:
+            if ref_model is not None:
+                raise ValueError("pass either ref_model or args.ref_cache, not both")
+            self.ref_cache = RefCache(args.ref_cache)
+            splits = {name: data for name, data in (("train", train_dataset), ("eval", eval_dataset)) if data}
+            self.ref_cache.check_run(run_fingerprint(model, processing_class, splits, model_name=args.model_name_or_path,
+                                                     max_length=args.max_length,
+                                                     max_prompt_length=args.max_prompt_length))
+            train_dataset = [CachedExample(e, "train") for e in train_dataset] if train_dataset else train_dataset
+            eval_dataset = [CachedExample(e, "eval") for e in eval_dataset] if eval_dataset else eval_dataset
+            kwargs.setdefault("data_collator", CachedReferenceCollator(pad, self.ref_cache))
         kwargs.setdefault("data_collator", PreferenceCollator(pad))
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)

@@ -104,3 +104,31 @@ def as_float64(p: Problem) -> Problem:
 
 def leaves(p: Problem):
     return [t for t in (p.hidden, p.logp_weight, p.kl_weight) if t is not None]
+
+
+def save_tiny_llama(path, seed: int = 0) -> str:
+    """A 2-layer Llama (hidden 32) with SmolLM2's tokenizer, saved under ``path``; returns it."""
+    import transformers
+
+    from sparsepo_lite.smollm2 import smollm2_path
+
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_path())
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def review_rows(n, offset=0):
+    """Toy preference rows: a film review prompt, a positive chosen and a negative rejected word."""
+    good = [" great", " wonderful", " superb", " lovely"]
+    bad = [" awful", " terrible", " boring", " dreadful"]
+    return [{"prompt": f"Review {i + offset}: the film was", "chosen": good[i % 4] + ".", "rejected": bad[(i + 1) % 4] + "."}
+            for i in range(n)]

@@ -1,4 +1,4 @@
-"""Worker for test_trainer's 2-process run: ``accelerate launch --cpu --num_processes 2 ddp_worker.py TINY OUT``.
+"""Worker for test_trainer's 2-process run: ``accelerate launch --multi_gpu --num_processes 2 ddp_worker.py TINY OUT``.
 
 Each rank trains the same tiny 4-bit QLoRA SparsePO run on its shard of the data and writes its
 final LoRA and mask weights to ``OUT/rank{r}.safetensors``; rank 0 also writes the log history.

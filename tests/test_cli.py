@@ -16,16 +16,13 @@ from sparsepo_lite.cli import main, parse_train_config
 from sparsepo_lite.smollm2 import smollm2_path
 from sparsepo_lite.trainer import load_masks
 
+from conftest import save_tiny_llama
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    tok = transformers.AutoTokenizer.from_pretrained(smollm2_path())
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
+    save_tiny_llama(d / "model")
     rows = [{"prompt": f"Review {i}:", "chosen": " great.", "rejected": " awful."} for i in range(8)]
     rows.append({"prompt": "bad row", "chosen": "same", "rejected": "same"})
     (d / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")

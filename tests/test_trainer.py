@@ -10,27 +10,12 @@ import torch
 import transformers
 
 from sparsepo_lite.modeling import ModelConfig, load_policy
-from sparsepo_lite.smollm2 import smollm2_path
 from sparsepo_lite.trainer import SparsePOConfig, SparsePOTrainer, load_masks
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    tok = transformers.AutoTokenizer.from_pretrained(smollm2_path())
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
-    d = tmp_path_factory.mktemp("tiny_trainer")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+from conftest import review_rows
 
 
-def rows(n, offset=0):
-    good = [" great", " wonderful", " superb", " lovely"]
-    bad = [" awful", " terrible", " boring", " dreadful"]
-    return [{"prompt": f"Review {i + offset}: the film was", "chosen": good[i % 4] + ".", "rejected": bad[(i + 1) % 4] + "."}
-            for i in range(n)]
+rows = review_rows
 
 
 def make_trainer(tiny_dir, out, loss_type="sparsepo", steps=30, callbacks=None, **kw):

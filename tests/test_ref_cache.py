@@ -1,0 +1,162 @@
+"""The reference cache format: round trip, fingerprints, corruption and missing files, no pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import pytest
+import torch
+import transformers
+
+from sparsepo_lite.data import tokenize_dataset
+from sparsepo_lite.modeling import ModelConfig, load_policy
+from sparsepo_lite.objective import IGNORE_INDEX, LossConfig, reference_pass
+from sparsepo_lite.data import PreferenceCollator
+from sparsepo_lite.precompute import precompute_reference
+from sparsepo_lite.ref_cache import (CacheError, CachedExample, CachedReferenceCollator, RefCache, run_fingerprint,
+                                     verify_cache)
+
+from conftest import review_rows
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dir):
+    transformers.set_seed(0)
+    model, tok = load_policy(ModelConfig(tiny_dir, lora_r=4, gradient_checkpointing=False))
+    examples, _ = tokenize_dataset(review_rows(11), tok, max_length=32, max_prompt_length=16)
+    fp = run_fingerprint(model, tok, {"train": examples}, model_name="tiny", max_length=32, max_prompt_length=16)
+    return model, tok, examples, fp
+
+
+def build(setup, out, **kw):
+    model, tok, examples, fp = setup
+    opts = dict(fingerprint=fp, top_k=8, batch_size=3, shard_size=4, progress=False)
+    return precompute_reference(model, tok, {"train": examples}, str(out), **{**opts, **kw})
+
+
+def test_round_trip_holds_the_online_reference_per_token(setup, tmp_path):
+    model, tok, examples, fp = setup
+    manifest = build(setup, tmp_path, store_hidden=True)
+    assert [s["examples"] for s in manifest["splits"]["train"]["shards"]] == [4, 4, 3]
+    totals = verify_cache(str(tmp_path))
+    n_tokens = sum(len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+    assert totals["tokens"] == n_tokens and totals["examples"] == 11
+    assert sorted(os.listdir(tmp_path)) == ["manifest.json"] + [f"train-0000{i}.safetensors" for i in range(3)]
+
+    cache = RefCache(str(tmp_path))
+    cache.check_run(fp)
+    part = examples[3:8]  # crosses a shard boundary
+    batch = CachedReferenceCollator(tok.pad_token_id, cache)([CachedExample(e, "train") for e in part])
+    plain = PreferenceCollator(tok.pad_token_id)(part)
+    target = plain["labels"][:, 1:]
+    response = target != IGNORE_INDEX
+    seq_ids, pos = response.nonzero(as_tuple=True)
+    rp = reference_pass(model, LossConfig(loss_type="dpo"), plain["input_ids"], plain["attention_mask"], response,
+                        seq_ids, pos)
+    logq = torch.log_softmax(rp.hidden.double() @ rp.weight.double().T, dim=-1)
+    torch.testing.assert_close(batch["ref_label_logp"].double(), logq.gather(1, target[seq_ids, pos][:, None])[:, 0],
+                               rtol=1e-5, atol=1e-5)
+    top = logq.topk(8, dim=-1)
+    assert torch.equal(batch["ref_topk_ids"].long(), top.indices)
+    torch.testing.assert_close(batch["ref_topk_logp"].double(), top.values, rtol=2e-3, atol=2e-3)  # float16
+    torch.testing.assert_close(batch["ref_hidden"], rp.hidden, rtol=1e-5, atol=1e-6)
+    assert batch["ref_tokens_per_row"].tolist() == response.sum(1).tolist()
+
+
+def test_fingerprint_mismatch_names_the_field(setup, tmp_path):
+    model, tok, examples, fp = setup
+    build(setup, tmp_path)
+    cache = RefCache(str(tmp_path))
+    with pytest.raises(CacheError, match="max_length is 32 in the cache but 64 now"):
+        cache.check_run({**fp, "max_length": 64})
+    other = run_fingerprint(model, tok, {"train": examples[:-1]}, model_name="tiny", max_length=32,
+                            max_prompt_length=16)
+    with pytest.raises(CacheError, match="data_sha256/train"):
+        cache.check_run(other)
+    with pytest.raises(CacheError, match="no 'data_sha256/eval'"):
+        cache.check_run({**fp, "data_sha256/eval": "x"})
+    with pytest.raises(CacheError, match="model is 'tiny' in the cache but 'other' now"):
+        cache.check_run({**fp, "model": "other"})
+    # precompute refuses to mix runs in one directory, too
+    with pytest.raises(CacheError, match="tokenizer_sha256"):
+        build(setup, tmp_path, fingerprint={**fp, "tokenizer_sha256": "0"})
+    with pytest.raises(CacheError, match="other contents"):
+        build(setup, tmp_path, top_k=4)
+
+
+def _corrupt_and_expect(tmp_path, match):
+    with pytest.raises(CacheError, match=match):
+        verify_cache(str(tmp_path))
+    cache = RefCache(str(tmp_path)) if (tmp_path / "manifest.json").exists() else None
+    if cache is not None:  # training reads fail the same way when they reach the shard
+        with pytest.raises(CacheError, match=match):
+            for row in range(11):
+                cache.split("train").lookup(row)
+
+
+def test_truncated_shard_is_named(setup, tmp_path):
+    build(setup, tmp_path)
+    shard = tmp_path / "train-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    _corrupt_and_expect(tmp_path, r"train-00001.safetensors: \d+ bytes, the manifest says")
+
+
+def test_flipped_byte_is_named(setup, tmp_path):
+    build(setup, tmp_path)
+    shard = tmp_path / "train-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x40
+    shard.write_bytes(bytes(data))
+    _corrupt_and_expect(tmp_path, "train-00002.safetensors: checksum mismatch")
+
+
+def test_missing_shard_and_missing_manifest(setup, tmp_path):
+    build(setup, tmp_path)
+    (tmp_path / "train-00000.safetensors").unlink()
+    _corrupt_and_expect(tmp_path, "train-00000.safetensors: shard missing")
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(CacheError, match="manifest.json is missing"):
+        RefCache(str(tmp_path))
+    with pytest.raises(CacheError, match="not a directory"):
+        RefCache(str(tmp_path / "nope"))
+
+
+def test_bad_values_behind_a_valid_checksum_are_caught(setup, tmp_path):
+    """A shard rewritten with a consistent checksum but impossible values (a buggy writer)."""
+    from safetensors.torch import load_file, save_file
+
+    from sparsepo_lite.ref_cache import sha256_file
+
+    build(setup, tmp_path)
+    path = tmp_path / "train-00000.safetensors"
+    tensors = load_file(str(path))
+    tensors["label_logp"][0] = 0.5  # a log-prob above 0
+    save_file(tensors, str(path))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0].update(sha256=sha256_file(str(path)), bytes=path.stat().st_size)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="train-00000.safetensors: label_logp has non-finite or positive"):
+        verify_cache(str(tmp_path))
+
+
+def test_incomplete_cache_is_refused(setup, tmp_path):
+    class Stop(Exception):
+        pass
+
+    def stop(split, i):
+        raise Stop
+
+    with pytest.raises(Stop):
+        build(setup, tmp_path, on_shard=stop)
+    with pytest.raises(CacheError, match=r"incomplete \(1 of 3 shards\)"):
+        RefCache(str(tmp_path)).split("train")
+
+
+def test_no_pickle_in_the_package():
+    root = pathlib.Path(__file__).parent.parent / "sparsepo_lite"
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        for bad in ("torch.load(", "import pickle", "pickle.load", "weights_only=False"):
+            assert bad not in text, f"{path}: {bad}"
