@@ -87,8 +87,13 @@ def train(config_path: str, overrides: List[str]) -> str:
 
     from .trainer import SparsePOTrainer
 
+    from .ref_cache import CacheError
+
     data_args, args, resolved = parse_train_config(config_path, overrides)
-    trainer = SparsePOTrainer(args=args, train_dataset=data_args.train_file, eval_dataset=data_args.eval_file)
+    try:
+        trainer = SparsePOTrainer(args=args, train_dataset=data_args.train_file, eval_dataset=data_args.eval_file)
+    except CacheError as exc:
+        raise SystemExit(f"{config_path}: {exc}") from None
     tok = trainer.processing_class
     main_process = trainer.is_world_process_zero()
     for split, report in trainer.data_reports.items():

@@ -67,3 +67,26 @@ def test_bad_configs_give_clear_errors(setup, tmp_path, edit, message):
                          text=True)
     assert res.returncode != 0
     assert message in res.stderr, res.stderr[-2000:]
+
+
+def test_precompute_verify_and_train_with_the_cache(setup, tmp_path):
+    cache = tmp_path / "ref"
+    cli = [sys.executable, "-m", "sparsepo_lite.cli"]
+    res = subprocess.run(cli + ["precompute-ref", str(setup / "cfg.yaml"), "--out", str(cache), "--top-k", "16",
+                                "--shard-size", "3"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "bytes/token" in res.stdout and "reference train" in res.stderr  # summary and progress bar
+    res = subprocess.run(cli + ["verify-ref", str(cache)], capture_output=True, text=True)
+    assert res.returncode == 0 and "OK (6 shards, 16 pairs" in res.stdout, res.stdout + res.stderr
+    out = tmp_path / "out"
+    main(["train", str(setup / "cfg.yaml"), "--ref_cache", str(cache), "--output_dir", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["final"]["eval_kl/chosen"] >= 0 and "eval_loss" in metrics["final"]
+    # a cache made with other truncation stops the run, naming the field
+    res = subprocess.run(cli + ["train", str(setup / "cfg.yaml"), "--ref_cache", str(cache), "--max_length", "30"],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "max_length is 32 in the cache but 30 now" in res.stderr, res.stderr[-2000:]
+    shard = next(cache.glob("train-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    res = subprocess.run(cli + ["verify-ref", str(cache)], capture_output=True, text=True)
+    assert res.returncode != 0 and shard.name in res.stderr, res.stderr[-2000:]
