@@ -1,0 +1,138 @@
+"""Sentiment control, the paper's first experiment in miniature: VADER reward, sampling, evaluation.
+
+The reward of a continuation is VADER's compound score in [-1, 1] (``vadersentiment``). The
+evaluation samples continuations of held-out prompts from the policy and from the reference (the
+same model with its adapter disabled) and reports the mean reward of each, the policy's win rate
+against the reference (ties count half), and the sequence KL(policy || reference), estimated on
+the policy's own samples as the mean of sum_t [log pi(y_t) - log pi_ref(y_t)].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence
+
+import torch
+
+
+class Sentiment:
+    """VADER compound score of a text, in [-1, 1]."""
+
+    def __init__(self):
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError:
+            raise ImportError("the sentiment reward needs VADER: pip install vadersentiment") from None
+        self.analyzer = SentimentIntensityAnalyzer()
+
+    def __call__(self, text: str) -> float:
+        return float(self.analyzer.polarity_scores(text)["compound"])
+
+    def is_sentiment_word(self, token_text: str) -> bool:
+        """Whether VADER's lexicon rates this (stripped, lower-cased) token."""
+        word = token_text.strip().lower().strip(".,;:!?\"'()")
+        return bool(word) and word in self.analyzer.lexicon
+
+
+@torch.no_grad()
+def sample_continuations(model, tokenizer, prompts: Sequence[str], *, num_samples: int = 1,
+                         max_new_tokens: int = 24, temperature: float = 1.0, top_p: float = 0.95) -> List[List[str]]:
+    """``num_samples`` sampled continuations (text, special tokens dropped) per prompt."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the right end
+    try:
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(model.device)
+    finally:
+        tokenizer.padding_side = side
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                             max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                             else tokenizer.eos_token_id)
+    finally:
+        model.train(was_training)
+    new = out[:, enc["input_ids"].shape[1]:]
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+
+
+@dataclass
+class SentimentEval:
+    """Held-out evaluation of a policy against its reference (see the module docstring)."""
+
+    reward_policy: float
+    reward_reference: float
+    win_rate: float
+    kl: float
+    samples: List[Dict[str, object]] = field(default_factory=list)
+
+    def summary(self) -> Dict[str, float]:
+        return {"reward_policy": self.reward_policy, "reward_reference": self.reward_reference,
+                "win_rate": self.win_rate, "kl": self.kl}
+
+
+@torch.no_grad()
+def sequence_logratio(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str]) -> List[float]:
+    """sum_t [log pi(y_t) - log pi_ref(y_t)] per (prompt, continuation); the reference is the
+    adapter-off base. Uses the chunked op, so no [tokens x vocab] tensor is formed."""
+    from .data import PreferenceCollator, PreferenceExample
+    from .objective import IGNORE_INDEX, LossConfig, _backbone, reference_pass
+    from .masks import _unwrap
+    from .token_stats import ExactReference, chunked_token_stats
+
+    examples = []
+    for i, (p, c) in enumerate(zip(prompts, continuations)):
+        p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        c_ids = tokenizer(c, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+        examples.append(PreferenceExample(i, p_ids, c_ids, c_ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = PreferenceCollator(pad)(examples)
+    n = len(examples)
+    ids, att = batch["input_ids"][:n].to(model.device), batch["attention_mask"][:n].to(model.device)
+    target = batch["labels"][:n, 1:].to(model.device)
+    response = target != IGNORE_INDEX
+    seq_ids, pos = response.nonzero(as_tuple=True)
+    was_training = model.training
+    model.eval()
+    try:
+        ref = reference_pass(model, LossConfig(loss_type="dpo"), ids, att, response, seq_ids, pos)
+        lm = _unwrap(model)
+        hidden = _backbone(lm)(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state[seq_ids, pos]
+        stats = chunked_token_stats(hidden, ref.weight, target[seq_ids, pos], seq_ids, n,
+                                    ref=ExactReference(ref.hidden, ref.weight))
+    finally:
+        model.train(was_training)
+    diff = torch.zeros(n, dtype=torch.float64).index_add(0, seq_ids.cpu(), (stats.logp - stats.ref_logp).double().cpu())
+    return diff.tolist()
+
+
+def evaluate_sentiment(model, tokenizer, prompts: Sequence[str], *, score: Sentiment = None, samples_per_prompt: int = 2,
+                       max_new_tokens: int = 24, batch_size: int = 16, seed: int = 0) -> SentimentEval:
+    """Sample from the policy and from its reference on ``prompts``; reward, win rate and KL."""
+    score = score or Sentiment()
+    rows = []
+    with torch.random.fork_rng(devices=[]):  # sampling draws from the CPU generator
+        torch.manual_seed(seed)
+        for i in range(0, len(prompts), batch_size):
+            part = list(prompts[i:i + batch_size])
+            pol = sample_continuations(model, tokenizer, part, num_samples=samples_per_prompt,
+                                       max_new_tokens=max_new_tokens)
+            with model.disable_adapter():
+                ref = sample_continuations(model, tokenizer, part, num_samples=samples_per_prompt,
+                                           max_new_tokens=max_new_tokens)
+            flat_p = [p for p, cs in zip(part, pol) for _ in cs]
+            flat_c = [c for cs in pol for c in cs]
+            kls = sequence_logratio(model, tokenizer, flat_p, flat_c)
+            for j, p in enumerate(part):
+                for s in range(samples_per_prompt):
+                    rows.append({"prompt": p, "policy": pol[j][s], "reference": ref[j][s],
+                                 "reward_policy": score(pol[j][s]), "reward_reference": score(ref[j][s]),
+                                 "kl": kls[j * samples_per_prompt + s]})
+    m = len(rows)
+    wins = sum(1.0 if r["reward_policy"] > r["reward_reference"] else 0.5 if r["reward_policy"] == r["reward_reference"]
+               else 0.0 for r in rows)
+    return SentimentEval(reward_policy=sum(r["reward_policy"] for r in rows) / m,
+                         reward_reference=sum(r["reward_reference"] for r in rows) / m,
+                         win_rate=wins / m, kl=sum(r["kl"] for r in rows) / m, samples=rows)
