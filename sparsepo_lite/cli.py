@@ -3,6 +3,8 @@
     sparsepo-lite train CONFIG.yaml [--field value ...]
     sparsepo-lite precompute-ref CONFIG.yaml --out DIR [--top-k K] [--store hidden] [--field value ...]
     sparsepo-lite verify-ref DIR
+    sparsepo-lite eval-sentiment RUN_DIR --data EVAL.jsonl       (sentiment quickstart report)
+    sparsepo-lite inspect-masks RUN_DIR --data FILE [--out masks.html]
 
 The YAML keys are the fields of DataConfig (train_file, eval_file) and SparsePOConfig (the model:
 model_name_or_path, quantization, dtype, lora_*; the loss: loss_type, beta, ...; and every
@@ -151,6 +153,67 @@ def precompute_ref(config_path: str, out: str, top_k: int, store: Optional[str],
     return manifest
 
 
+def eval_sentiment(run_dir: str, data: str, prompts: int, samples: int, max_new_tokens: int, seed: int) -> dict:
+    """Sample held-out prompts from the run's policy and its reference; VADER reward, win rate, KL."""
+    from .data import read_rows
+    from .report import sentiment_report_html
+    from .runs import load_run
+    from .sentiment import evaluate_sentiment
+
+    model, tok, _, cfg = load_run(run_dir)
+    rows = read_rows(data)
+    texts = [r["prompt"] for r in rows if isinstance(r, dict) and isinstance(r.get("prompt"), str)][:prompts]
+    if not texts:
+        raise SystemExit(f"{data}: no rows with a string 'prompt'")
+    print(f"evaluating {len(texts)} held-out prompts x {samples} samples (policy and reference)", flush=True)
+    ev = evaluate_sentiment(model, tok, texts, samples_per_prompt=samples, max_new_tokens=max_new_tokens, seed=seed)
+    summary = ev.summary()
+    meta = {"run": run_dir, "data": data, "prompts": len(texts), "samples per prompt": samples,
+            "max new tokens": max_new_tokens, "loss_type": cfg.get("loss_type"), "beta": cfg.get("beta")}
+    with open(os.path.join(run_dir, "sentiment_eval.json"), "w") as f:
+        json.dump({"summary": summary, "meta": meta, "samples": ev.samples}, f, indent=1)
+    page = os.path.join(run_dir, "sentiment_report.html")
+    with open(page, "w") as f:
+        f.write(sentiment_report_html(summary, ev.samples, meta))
+    print(f"{'':<12}{'reference':>12}{'policy':>12}")
+    print(f"{'VADER':<12}{summary['reward_reference']:>12.3f}{summary['reward_policy']:>12.3f}")
+    print(f"win rate {summary['win_rate']:.3f}, KL(policy || reference) {summary['kl']:.3f} nats per continuation")
+    print(f"report: {page}", flush=True)
+    return summary
+
+
+def inspect_masks(run_dir: str, data: str, pairs: int, out: Optional[str]) -> str:
+    """Write the HTML mask viewer of a SparsePO run over the first ``pairs`` rows of ``data``."""
+    from .data import tokenize_dataset
+    from .report import mask_lift, mask_pairs, mask_viewer_html
+    from .runs import load_run
+    from .sentiment import Sentiment
+
+    model, tok, masks, cfg = load_run(run_dir)
+    if masks is None:
+        raise SystemExit(f"{run_dir}: no mask network (mask_net.safetensors); inspect-masks needs a SparsePO run")
+    examples, report = tokenize_dataset(data, tok, max_length=int(cfg.get("max_length", 512)),
+                                        max_prompt_length=int(cfg.get("max_prompt_length", 256)))
+    try:
+        sentiment = Sentiment()
+    except ImportError:
+        sentiment = None
+    items = mask_pairs(model, tok, masks, examples[:pairs], beta=float(cfg.get("beta", 0.1)), sentiment=sentiment)
+    lift = mask_lift(items) if sentiment else {}
+    meta = {"run": run_dir, "data": data, "pairs": len(items), **{k: round(v, 4) if isinstance(v, float) else v
+                                                                  for k, v in lift.items()}}
+    out = out or os.path.join(run_dir, "masks.html")
+    with open(out, "w") as f:
+        f.write(mask_viewer_html(items, meta))
+    if lift:
+        with open(os.path.join(os.path.dirname(os.path.abspath(out)), "mask_lift.json"), "w") as f:
+            json.dump(lift, f, indent=1)
+        print(f"reward mask on VADER words {lift['mask_mean_sentiment']:.4f} vs other tokens "
+              f"{lift['mask_mean_other']:.4f} (lift {lift['lift']:.2f}x)", flush=True)
+    print(f"mask viewer: {out} ({len(items)} pairs)", flush=True)
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="sparsepo-lite", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,7 +230,25 @@ def main(argv: Optional[List[str]] = None) -> None:
     p_pre.add_argument("--shard-size", type=int, default=256, help="pairs per shard file")
     p_ver = sub.add_parser("verify-ref", help="check every shard of a reference cache")
     p_ver.add_argument("dir")
+    p_ev = sub.add_parser("eval-sentiment", help="VADER reward, win rate and KL of a run on held-out prompts")
+    p_ev.add_argument("run_dir")
+    p_ev.add_argument("--data", required=True, help="rows with a 'prompt' field (e.g. the eval split)")
+    p_ev.add_argument("--prompts", type=int, default=64)
+    p_ev.add_argument("--samples", type=int, default=2, help="continuations per prompt and model")
+    p_ev.add_argument("--max-new-tokens", type=int, default=24)
+    p_ev.add_argument("--seed", type=int, default=0)
+    p_in = sub.add_parser("inspect-masks", help="HTML page of a SparsePO run's token masks")
+    p_in.add_argument("run_dir")
+    p_in.add_argument("--data", required=True, help="preference rows (TRL format)")
+    p_in.add_argument("--pairs", type=int, default=20)
+    p_in.add_argument("--out", default=None, help="default: RUN_DIR/masks.html")
     args, rest = parser.parse_known_args(argv)
+    if args.command in ("eval-sentiment", "inspect-masks") and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "eval-sentiment":
+        eval_sentiment(args.run_dir, args.data, args.prompts, args.samples, args.max_new_tokens, args.seed)
+    elif args.command == "inspect-masks":
+        inspect_masks(args.run_dir, args.data, args.pairs, args.out)
     if args.command == "train":
         train(args.config, rest)
     elif args.command == "precompute-ref":

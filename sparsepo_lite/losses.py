@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .token_stats import Reference, chunked_token_stats
+from .token_stats import Reference, TokenStats, chunked_token_stats
 
 LOSS_TYPES = ("dpo", "tdpo1", "tdpo2", "sparsepo", "mapo")
 
@@ -42,7 +42,7 @@ class PairStats:
     ``total`` = U(y) + D(y), differentiable (w.r.t. the policy and the masks); the others are
     detached, for metrics: ``reward`` = U(y) (masked log-ratio sum), ``masked_kl`` = D(y),
     ``logps`` = sum logp, ``kl`` = unmasked sum of the per-token KL (None without a reference
-    distribution).
+    distribution). ``tokens``: the op's per-token result (logp, ref_logp, kl; [N], detached).
     """
 
     total: torch.Tensor
@@ -50,6 +50,7 @@ class PairStats:
     masked_kl: torch.Tensor
     logps: torch.Tensor
     kl: Optional[torch.Tensor]
+    tokens: Optional[TokenStats] = None
 
 
 def token_weights_for(loss_type: str, num_pairs: int, seq_ids: torch.Tensor, *, alpha: float = 0.5,
@@ -101,6 +102,7 @@ def pair_stats(hidden, weight, labels, seq_ids, num_pairs, ref: Reference, u, d,
         masked_kl=masked_kl,
         logps=sums(stats.logp),
         kl=None if stats.kl is None else sums(stats.kl),
+        tokens=stats,
     )
 
 

@@ -261,7 +261,8 @@ def compute_loss(model, batch: Dict[str, torch.Tensor], config: LossConfig, *,
     details = dict(seq_ids=seq_ids, positions=pos, labels=y, u=u.detach(), d=None if d is None else d.detach(),
                    reward_mask=None if reward_mask is None else reward_mask.detach(),
                    kl_mask=None if kl_mask is None else kl_mask.detach(),
-                   fixed_mask=fixed, pair_losses=losses.detach())
+                   fixed_mask=fixed, pair_losses=losses.detach(), logp=ps.tokens.logp, ref_logp=ps.tokens.ref_logp,
+                   kl=ps.tokens.kl)
     return loss, metrics, details
 
 

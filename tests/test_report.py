@@ -1,0 +1,101 @@
+"""HTML reports: the mask viewer and the sentiment report of a real (tiny) SparsePO run, rendered
+in headless Chromium; the mask values shown are the ones compute_loss produces."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+import yaml
+
+from sparsepo_lite.cli import main
+from sparsepo_lite.data import tokenize_dataset
+from sparsepo_lite.objective import LossConfig, compute_loss
+from sparsepo_lite.data import PreferenceCollator
+from sparsepo_lite.report import mask_lift, mask_pairs
+from sparsepo_lite.runs import load_run
+from sparsepo_lite.sentiment import Sentiment
+
+from conftest import review_rows
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def render(path) -> str:
+    """The DOM after Chromium has run the page's script (no network is needed: the page is self-contained)."""
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is required in CI (scripts/test.sh installs Debian's chromium)")
+        pytest.skip("no Chromium here (apt-get install chromium)")
+    res = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                          f"file://{os.path.abspath(path)}"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("report_run")
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in review_rows(12)))
+    cfg = {"model_name_or_path": tiny_dir, "train_file": str(d / "train.jsonl"), "output_dir": str(d / "run"),
+           "loss_type": "sparsepo", "lora_r": 4, "max_steps": 3, "per_device_train_batch_size": 4,
+           "learning_rate": 1e-2, "mask_init_std": 0.3, "max_length": 32, "max_prompt_length": 16,
+           "report_to": "none", "use_cpu": True, "save_strategy": "no"}
+    (d / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    main(["train", str(d / "cfg.yaml")])
+    return d
+
+
+def test_load_run_restores_the_trained_adapter_and_masks(run_dir):
+    from safetensors.torch import load_file
+
+    model, tok, masks, cfg = load_run(str(run_dir / "run"))
+    saved = load_file(str(run_dir / "run" / "adapter_model.safetensors"))
+    named = dict(model.named_parameters())
+    assert saved and any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
+    for k, v in saved.items():
+        live = next(p for n, p in named.items() if n.replace(".default", "") == k)
+        assert torch.equal(live.detach().cpu(), v), k
+    assert masks is not None and cfg["loss_type"] == "sparsepo"
+    with pytest.raises(FileNotFoundError, match="not a sparsepo-lite run directory"):
+        load_run(str(run_dir))
+
+
+def test_mask_pairs_show_the_masks_compute_loss_uses(run_dir):
+    model, tok, masks, _ = load_run(str(run_dir / "run"))
+    examples, _ = tokenize_dataset(review_rows(3), tok, max_length=32, max_prompt_length=16)
+    items = mask_pairs(model, tok, masks, examples, sentiment=Sentiment(), batch_pairs=2)
+    batch = PreferenceCollator(tok.pad_token_id)(examples)
+    with torch.no_grad():
+        _, _, det = compute_loss(model, batch, LossConfig(loss_type="sparsepo", masks=masks), return_details=True)
+    shown = [t["reward_mask"] for p in items for t in p["chosen"]]
+    want = det["reward_mask"][det["seq_ids"] < 3].tolist()
+    assert shown == pytest.approx(want, rel=1e-5, abs=1e-7)
+    assert [t["text"] for t in items[0]["chosen"]][0] == " great"
+    assert items[0]["chosen"][0]["sentiment"]  # "great" is in VADER's lexicon
+    lift = mask_lift(items)
+    assert lift["sentiment_tokens"] > 0 and lift["other_tokens"] > 0
+
+
+def test_inspect_masks_page_renders(run_dir):
+    (run_dir / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in review_rows(5)))
+    main(["inspect-masks", str(run_dir / "run"), "--data", str(run_dir / "pairs.jsonl"), "--pairs", "4"])
+    page = run_dir / "run" / "masks.html"
+    text = page.read_text()
+    assert "http://" not in text and "https://" not in text  # self-contained
+    dom = render(page)
+    assert "rendered 4 pairs" in dom and "reward mask" in dom
+
+
+def test_sentiment_report_renders(run_dir):
+    (run_dir / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in review_rows(3, offset=40)))
+    main(["eval-sentiment", str(run_dir / "run"), "--data", str(run_dir / "eval.jsonl"), "--prompts", "3",
+          "--samples", "1", "--max-new-tokens", "4"])
+    result = json.loads((run_dir / "run" / "sentiment_eval.json").read_text())
+    assert set(result["summary"]) == {"reward_policy", "reward_reference", "win_rate", "kl"}
+    assert len(result["samples"]) == 3
+    assert "rendered 3 samples" in render(run_dir / "run" / "sentiment_report.html")
