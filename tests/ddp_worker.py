@@ -8,7 +8,6 @@ import json
 import os
 import sys
 
-import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(__file__))

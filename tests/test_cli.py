@@ -8,12 +8,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
-import transformers
 import yaml
 
 from sparsepo_lite.cli import main, parse_train_config
-from sparsepo_lite.smollm2 import smollm2_path
 from sparsepo_lite.trainer import load_masks
 
 from conftest import save_tiny_llama

@@ -10,10 +10,9 @@ import pytest
 import torch
 import transformers
 
-from sparsepo_lite.data import tokenize_dataset
+from sparsepo_lite.data import PreferenceCollator, tokenize_dataset
 from sparsepo_lite.modeling import ModelConfig, load_policy
 from sparsepo_lite.objective import IGNORE_INDEX, LossConfig, reference_pass
-from sparsepo_lite.data import PreferenceCollator
 from sparsepo_lite.precompute import precompute_reference
 from sparsepo_lite.ref_cache import (CacheError, CachedExample, CachedReferenceCollator, RefCache, run_fingerprint,
                                      verify_cache)

@@ -13,9 +13,8 @@ import torch
 import yaml
 
 from sparsepo_lite.cli import main
-from sparsepo_lite.data import tokenize_dataset
+from sparsepo_lite.data import PreferenceCollator, tokenize_dataset
 from sparsepo_lite.objective import LossConfig, compute_loss
-from sparsepo_lite.data import PreferenceCollator
 from sparsepo_lite.report import mask_lift, mask_pairs
 from sparsepo_lite.runs import load_run
 from sparsepo_lite.sentiment import Sentiment
