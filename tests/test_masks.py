@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sparsepo_lite.masks import SparsePOMaskNet, SparsePOMasks, mapo_masks, minmax_over_response
 
