@@ -174,6 +174,8 @@ def _cached_reference(batch, config: LossConfig, response, weight, dtype):
         fixed = batch["ref_mapo_mask"]
     elif config.loss_type == "mapo":
         fixed = torch.ones_like(label)
+    if config.loss_type == "dpo":  # no KL term: the label log-probs are all it needs
+        return LabelReference(label), fixed
     if batch.get("ref_hidden") is not None:
         if batch["ref_hidden"].dtype != dtype:
             raise TypeError(f"cached reference hidden states are {batch['ref_hidden'].dtype} but the policy's "
@@ -181,10 +183,8 @@ def _cached_reference(batch, config: LossConfig, response, weight, dtype):
         return ExactReference(batch["ref_hidden"], weight), fixed
     if batch.get("ref_topk_ids") is not None:
         return TopKReference(batch["ref_topk_ids"], batch["ref_topk_logp"], label), fixed
-    if config.loss_type != "dpo":
-        raise ValueError(f"loss_type={config.loss_type!r} needs the reference distribution, but the cache holds "
-                         "label log-probs only; precompute with --top-k K or --store hidden")
-    return LabelReference(label), fixed
+    raise ValueError(f"loss_type={config.loss_type!r} needs the reference distribution, but the cache holds "
+                     "label log-probs only; precompute with --top-k K or --store hidden")
 
 
 def compute_loss(model, batch: Dict[str, torch.Tensor], config: LossConfig, *,
@@ -209,18 +209,19 @@ def compute_loss(model, batch: Dict[str, torch.Tensor], config: LossConfig, *,
     lm = _unwrap(model)
     weight = _head(lm)
     need_layers = config.loss_type == "sparsepo"
-    if _CACHED in batch:
-        # Offline reference (ref_cache.py): no reference forward. The mask net reads the policy's
-        # own hidden states, detached: the reference's layers are too large to cache.
-        out = _backbone(lm)(input_ids=ids, attention_mask=att, output_hidden_states=need_layers, use_cache=False)
-        hidden = out.last_hidden_state[seq_ids, pos]
+    cached = _CACHED in batch
+    if not cached:  # the reference first: its activations are freed before the policy's graph grows
+        ref_pass = reference_pass(model, config, ids, att, response, seq_ids, pos, need_layers=need_layers)
+    # With a cache (ref_cache.py) there is no reference forward; the mask net then reads the
+    # policy's own hidden states, detached: the reference's layers are too large to cache.
+    out = _backbone(lm)(input_ids=ids, attention_mask=att, output_hidden_states=cached and need_layers,
+                        use_cache=False)
+    hidden = out.last_hidden_state[seq_ids, pos]
+    if cached:
         layer_states = [h[seq_ids, pos].detach() for h in out.hidden_states[1:]] if need_layers else None
         ref, fixed = _cached_reference(batch, config, response, weight, hidden.dtype)
     else:
-        ref_pass = reference_pass(model, config, ids, att, response, seq_ids, pos, need_layers=need_layers)
         layer_states, fixed = ref_pass.layer_states, ref_pass.mapo_mask
-        out = _backbone(lm)(input_ids=ids, attention_mask=att, use_cache=False)
-        hidden = out.last_hidden_state[seq_ids, pos]
         if hidden.dtype != ref_pass.hidden.dtype:
             raise TypeError(f"policy hidden states are {hidden.dtype} but the reference's are "
                             f"{ref_pass.hidden.dtype}; load both in one dtype")
@@ -244,8 +245,6 @@ def compute_loss(model, batch: Dict[str, torch.Tensor], config: LossConfig, *,
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     u, d = token_weights_for(config.loss_type, num_pairs, seq_ids, alpha=config.alpha, reward_mask=reward_mask,
                              kl_mask=kl_mask, fixed_mask=fixed, dtype=acc)
-    if d is None and not isinstance(ref, LabelReference) and _CACHED in batch:
-        ref = LabelReference(batch[_CACHED])  # no KL term: skip the top-k / hidden work
     ps = pair_stats(hidden, weight, y, seq_ids, num_pairs, ref, u, d, chunk_size=config.chunk_size)
     losses = preference_loss(ps, config.loss_type, config.beta, alpha=config.alpha,
                              label_smoothing=config.label_smoothing)

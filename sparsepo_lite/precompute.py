@@ -65,11 +65,9 @@ def _shard_tensors(model, config: LossConfig, examples: Sequence[PreferenceExamp
             cols["hidden"] = rp.hidden
         if mapo:
             cols["mapo_mask"] = rp.mapo_mask.float()
-        counts = response.sum(dim=1).tolist()
-        starts = [0]
-        for c in counts:
-            starts.append(starts[-1] + c)
-        rows = [{k: v[starts[r]:starts[r + 1]].cpu() for k, v in cols.items()} for r in range(len(counts))]
+        counts = response.sum(dim=1).tolist()  # tokens are row-major: one split per row
+        parts = {k: v.cpu().split(counts) for k, v in cols.items()}
+        rows = [{k: parts[k][r] for k in cols} for r in range(len(counts))]
         b = len(part)
         per_example += list(zip(rows[:b], rows[b:]))
     out = {"row_index": torch.tensor([e.index for e in examples], dtype=torch.int64),

@@ -117,22 +117,11 @@ def load_masks(path: str) -> SparsePOMasks:
     return masks
 
 
-class _ZeroMaskGrads(transformers.TrainerCallback):
-    """The Trainer zeroes gradients with ``model.zero_grad()``, which cannot see the mask nets
-    (they live outside the peft model); without this their gradients would pile up across steps."""
-
-    def __init__(self, masks: SparsePOMasks):
-        self.masks = masks
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.masks.zero_grad(set_to_none=True)
-
-    def on_step_end(self, args, state, control, **kwargs):  # after optimizer.step()
-        self.masks.zero_grad(set_to_none=True)
-
-
-class _BroadcastMasks(transformers.TrainerCallback):
-    """DDP broadcasts the wrapped model's weights from rank 0, but the mask nets live outside it."""
+class _MaskNetSync(transformers.TrainerCallback):
+    """The mask nets live outside the model the Trainer (and DDP) manage, so two of its duties are
+    done here: zeroing their gradients after each step (``model.zero_grad()`` cannot see them; they
+    would pile up across steps) and broadcasting rank 0's weights at the start of a
+    multi-process run."""
 
     def __init__(self, masks: SparsePOMasks):
         self.masks = masks
@@ -140,9 +129,13 @@ class _BroadcastMasks(transformers.TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         import torch.distributed as dist
 
+        self.masks.zero_grad(set_to_none=True)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for p in self.masks.parameters():
                 dist.broadcast(p.data, src=0)
+
+    def on_step_end(self, args, state, control, **kwargs):  # after optimizer.step()
+        self.masks.zero_grad(set_to_none=True)
 
 
 def all_reduce_mean_(params: List[torch.nn.Parameter]) -> None:
@@ -222,8 +215,7 @@ class SparsePOTrainer(transformers.Trainer):
                          processing_class=processing_class, **kwargs)
         if self.masks is not None:
             self.masks.to(self.args.device)
-            self.add_callback(_ZeroMaskGrads(self.masks))
-            self.add_callback(_BroadcastMasks(self.masks))
+            self.add_callback(_MaskNetSync(self.masks))
         self.model_accepts_loss_kwargs = False  # our loss is a mean over pairs: let GA divide it
         self._stored: Dict[str, Dict[str, List[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.skipped_steps = 0
