@@ -5,6 +5,7 @@
     sparsepo-lite verify-ref DIR
     sparsepo-lite eval-sentiment RUN_DIR --data EVAL.jsonl       (sentiment quickstart report)
     sparsepo-lite inspect-masks RUN_DIR --data FILE [--out masks.html]
+    sparsepo-lite plan --model NAME_OR_CONFIG [--seq-len T] [--gpu-mem 24GB] [--loss sparsepo] [--reference online]
 
 The YAML keys are the fields of DataConfig (train_file, eval_file) and SparsePOConfig (the model:
 model_name_or_path, quantization, dtype, lora_*; the loss: loss_type, beta, ...; and every
@@ -214,6 +215,33 @@ def inspect_masks(run_dir: str, data: str, pairs: int, out: Optional[str]) -> st
     return out
 
 
+def plan(args) -> None:
+    """Print the memory plan of one training step and the largest T that fits the budget."""
+    from .memory_plan import GiB, max_seq_len, parse_bytes, plan_memory, load_shape
+
+    try:
+        shape = load_shape(args.model)
+        budget = parse_bytes(args.gpu_mem)
+        kw = dict(loss=args.loss, reference=args.reference, top_k=args.top_k, pairs=args.pairs,
+                  lora_r=args.lora_r, dtype=args.dtype, independent_masks=args.independent_masks)
+        best = max_seq_len(shape, budget, prompt_frac=args.prompt_frac, **kw)
+        t = args.seq_len or best
+        result = plan_memory(shape, t, prompt_len=int(t * args.prompt_frac), **kw) if t else None
+    except ValueError as exc:
+        raise SystemExit(f"plan: {exc}") from None
+    if args.json:
+        print(json.dumps({"plan": result.to_dict() if result else None, "budget": budget, "max_seq_len": best,
+                          "fits": bool(result and result.fits(budget))}, indent=1))
+        return
+    if result is None:
+        print(f"{shape.name}: nothing fits in {budget / GiB:.1f} GiB, not even T = 256")
+        return
+    print(result.table())
+    verdict = "fits" if result.fits(budget) else "does NOT fit"
+    print(f"\nbudget {budget / GiB:.1f} GiB (1.0 GiB kept for the CUDA context and allocator): T = {t} {verdict}; "
+          f"largest T that fits: {best}; chunk_size: {result.chunk_size}")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="sparsepo-lite", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -242,13 +270,32 @@ def main(argv: Optional[List[str]] = None) -> None:
     p_in.add_argument("--data", required=True, help="preference rows (TRL format)")
     p_in.add_argument("--pairs", type=int, default=20)
     p_in.add_argument("--out", default=None, help="default: RUN_DIR/masks.html")
+    p_plan = sub.add_parser("plan", help="memory estimate of a training step; the largest sequence length that fits")
+    p_plan.add_argument("--model", required=True,
+                        help="a shipped config (llama-3-8b, llama-3.1-8b, mistral-7b-v0.3, qwen2.5-7b; hub names "
+                             "like meta-llama/Meta-Llama-3-8B-Instruct map to them), a config.json or a model folder")
+    p_plan.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the largest that fits)")
+    p_plan.add_argument("--gpu-mem", default="24GB", help="memory budget of the card (default 24GB)")
+    p_plan.add_argument("--loss", default="sparsepo", choices=["dpo", "tdpo1", "tdpo2", "sparsepo", "mapo"])
+    p_plan.add_argument("--reference", default="online", choices=["online", "topk", "hidden", "label"],
+                        help="online reference, or a precompute-ref cache (top-k, hidden states, labels only)")
+    p_plan.add_argument("--top-k", type=int, default=32)
+    p_plan.add_argument("--pairs", type=int, default=1, help="pairs per micro-batch")
+    p_plan.add_argument("--prompt-frac", type=float, default=0.0,
+                        help="share of each sequence that is prompt (default 0: all response, the worst case)")
+    p_plan.add_argument("--lora-r", type=int, default=16)
+    p_plan.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p_plan.add_argument("--independent-masks", action="store_true", help="SparsePO with two mask nets")
+    p_plan.add_argument("--json", action="store_true")
     args, rest = parser.parse_known_args(argv)
-    if args.command in ("eval-sentiment", "inspect-masks") and rest:
+    if args.command in ("eval-sentiment", "inspect-masks", "plan") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "eval-sentiment":
         eval_sentiment(args.run_dir, args.data, args.prompts, args.samples, args.max_new_tokens, args.seed)
     elif args.command == "inspect-masks":
         inspect_masks(args.run_dir, args.data, args.pairs, args.out)
+    elif args.command == "plan":
+        plan(args)
     if args.command == "train":
         train(args.config, rest)
     elif args.command == "precompute-ref":

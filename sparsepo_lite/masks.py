@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 MAPO_HOOK_TYPES = ("mlp", "attn", "resid", "logits")
 
@@ -53,11 +54,17 @@ class SparsePOMaskNet(nn.Module):
         if len(layer_states) != self.layer_weight.shape[0]:
             raise ValueError(f"mask net expects {self.layer_weight.shape[0]} layer states, got {len(layer_states)}")
         out = None
-        # One layer at a time: never stacks [L, N, d].
+        # One layer at a time: never stacks [L, N, d]. Under autograd each layer's term is
+        # recomputed in backward, so the fp32 copy its LayerNorm would save (L x N x d x 4 bytes:
+        # 6 GB for Llama-3-8B at 12k response tokens) is never kept; only the states themselves are.
+        lean = torch.is_grad_enabled() and self.layer_weight.requires_grad
         for l, h in enumerate(layer_states):
-            s = F.relu(self.norm(h.to(self.layer_weight.dtype)) @ self.layer_weight[l] + self.layer_bias[l])
+            s = checkpoint(self._layer_score, h, l, use_reentrant=False) if lean else self._layer_score(h, l)
             out = self.mixer[l] * s if out is None else out + self.mixer[l] * s
         return F.relu(out)
+
+    def _layer_score(self, h: torch.Tensor, l: int) -> torch.Tensor:
+        return F.relu(self.norm(h.to(self.layer_weight.dtype)) @ self.layer_weight[l] + self.layer_bias[l])
 
 
 class SparsePOMasks(nn.Module):

