@@ -167,16 +167,6 @@ def _lora_params(shape: ModelShape, r: int, targets: Union[str, Sequence[str]]) 
     return shape.layers * sum(r * (shapes[n][0] + shapes[n][1]) for n in names)
 
 
-def _chunk(num_tokens: int, vocab: int, b: int, exact: bool, budget: int) -> tuple:
-    """(rows per chunk, bytes of the chunk buffers), as ``token_stats.default_chunk_size``."""
-    per_row = vocab * 4 * (2 if exact else 1) + (vocab * b if b < 4 else 0)
-    rows = max(1, budget // per_row)
-    if rows >= 16:
-        rows -= rows % 16
-    rows = int(max(1, min(rows, max(num_tokens, 1))))
-    return rows, rows * per_row
-
-
 def plan_memory(shape: ModelShape, seq_len: int, *, loss: str = "sparsepo", reference: str = "online",
                 top_k: int = 32, pairs: int = 1, prompt_len: int = 0, lora_r: int = 16,
                 lora_targets: Union[str, Sequence[str]] = "all-linear", dtype: str = "bfloat16",
@@ -188,7 +178,9 @@ def plan_memory(shape: ModelShape, seq_len: int, *, loss: str = "sparsepo", refe
     ``precompute-ref``: "topk" (k ids + log-probs), "hidden" (exact) or "label" (DPO only).
     prompt_len: prompt tokens per sequence; the rest are response tokens (the op's rows).
     """
-    from .token_stats import DEFAULT_CHUNK_BYTES
+    import torch
+
+    from .token_stats import DEFAULT_CHUNK_BYTES, chunk_row_bytes, default_chunk_size
 
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -233,7 +225,9 @@ def plan_memory(shape: ModelShape, seq_len: int, *, loss: str = "sparsepo", refe
         ref_phase = persistent + kept + (L * n * h * b if sparsepo else 0) + 2 * s * h * b + 3 * s * i * b + dequant
 
     # Policy forward (checkpointed) and the loss op.
-    chunk_rows, chunk_buf = _chunk(n, shape.vocab, b, exact, chunk_bytes or DEFAULT_CHUNK_BYTES)
+    tdtype = getattr(torch, dtype)
+    chunk_rows = default_chunk_size(n, shape.vocab, tdtype, exact, chunk_bytes or DEFAULT_CHUNK_BYTES)
+    chunk_buf = chunk_rows * chunk_row_bytes(shape.vocab, tdtype, exact)
     checkpoints = L * s * h * b + s * h * (4 + b)  # layer inputs; final norm input (fp32) and output
     ref_tensors = {"online": n * h * b, "hidden": n * h * b, "topk": n * (4 + 6 * top_k), "label": n * 4}[reference]
     op_saved = n * h * b + n * 16  # the gradient factor G [N, H] and per-token fp32 outputs

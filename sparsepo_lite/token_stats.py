@@ -78,14 +78,19 @@ class TokenStats(NamedTuple):
     kl: Optional[torch.Tensor]
 
 
-def default_chunk_size(num_tokens: int, vocab: int, dtype: torch.dtype, exact: bool,
-                       budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Rows per chunk so that the [chunk, V] buffers stay within ``budget_bytes``."""
+def chunk_row_bytes(vocab: int, dtype: torch.dtype, exact: bool) -> int:
+    """Bytes of the op's [chunk, V] buffers per chunk row (policy and, if exact, reference logits)."""
     acc_bytes = 8 if dtype == torch.float64 else 4
     per_row = vocab * acc_bytes * (2 if exact else 1)
     if dtype not in (torch.float32, torch.float64):
         per_row += vocab * torch.finfo(dtype).bits // 8  # low-precision GEMM output / g copy
-    rows = max(1, budget_bytes // per_row)
+    return per_row
+
+
+def default_chunk_size(num_tokens: int, vocab: int, dtype: torch.dtype, exact: bool,
+                       budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per chunk so that the [chunk, V] buffers stay within ``budget_bytes``."""
+    rows = max(1, budget_bytes // chunk_row_bytes(vocab, dtype, exact))
     if rows >= 16:
         rows -= rows % 16
     return int(max(1, min(rows, max(num_tokens, 1))))
