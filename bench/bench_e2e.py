@@ -40,12 +40,11 @@ VARIANTS = ["op_dpo_online", "op_dpo_cached", "op_tdpo2_online", "op_tdpo2_cache
 
 
 def model_config(name):
-    from sparsepo_lite.memory_plan import load_shape, shipped_models
+    from sparsepo_lite.memory_plan import config_path
 
     if name == "small":
         return dict(SMALL)
-    shape = load_shape(name)  # validates the name
-    with open(shipped_models()[shape.name] if shape.name in shipped_models() else name) as f:
+    with open(config_path(name)) as f:
         return json.load(f)
 
 
@@ -136,14 +135,16 @@ def worker(spec):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" and spec["dtype"] == "bfloat16" \
         else contextlib.nullcontext()
 
-    def step():
+    def loss_on(b):
         with autocast:
             if impl == "op":
-                loss = compute_loss(model, batch, cfg)[0]
-            elif impl == "eager":
-                loss = eager_loss(model, batch, loss_type, masks)
-            else:
-                loss = trl_dpo_loss(model, batch)
+                return compute_loss(model, b, cfg)[0]
+            if impl == "eager":
+                return eager_loss(model, b, loss_type, masks)
+            return trl_dpo_loss(model, b)
+
+    def step():
+        loss = loss_on(batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -155,12 +156,9 @@ def worker(spec):
     # the RSS high-water mark, which counts code pages and allocator pools too).
     warm = {k: v.to(device) for k, v in collate([make_example(64, model.config.vocab_size)]).items()} \
         if not variant.endswith("cached") else batch
-    with autocast:
-        loss = compute_loss(model, warm, cfg)[0] if impl == "op" else \
-            (eager_loss(model, warm, loss_type, masks) if impl == "eager" else trl_dpo_loss(model, warm))
-    loss.backward()
+    loss_on(warm).backward()
     opt.zero_grad(set_to_none=True)
-    del warm, loss
+    del warm
     try:
         with PeakMemory(device) as pm:
             step()  # the first step allocates the optimizer states, which the later steps keep

@@ -217,7 +217,7 @@ def inspect_masks(run_dir: str, data: str, pairs: int, out: Optional[str]) -> st
 
 def plan(args) -> None:
     """Print the memory plan of one training step and the largest T that fits the budget."""
-    from .memory_plan import GiB, max_seq_len, parse_bytes, plan_memory, load_shape
+    from .memory_plan import GiB, load_shape, max_seq_len, parse_bytes, plan_memory
 
     try:
         shape = load_shape(args.model)

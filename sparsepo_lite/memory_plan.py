@@ -102,9 +102,9 @@ def _alias(name: str) -> str:
     return s.replace("meta-llama-", "llama-").replace("meta-", "")
 
 
-def load_shape(model: str) -> ModelShape:
-    """A shape from a shipped name (``llama-3-8b``, ``meta-llama/Meta-Llama-3-8B-Instruct``...), a
-    config.json file, or a model folder holding one. Never downloads anything."""
+def config_path(model: str) -> str:
+    """The config.json behind a shipped name (``llama-3-8b``, ``meta-llama/Meta-Llama-3-8B-Instruct``...),
+    a config.json file, or a model folder holding one. Never downloads anything."""
     shipped = shipped_models()
     path = None
     if os.path.isdir(model):
@@ -116,12 +116,18 @@ def load_shape(model: str) -> ModelShape:
     if path is None or not os.path.isfile(path):
         raise ValueError(f"unknown model {model!r}: give a config.json, a model folder, or one of "
                          f"{sorted(shipped)}")
+    return path
+
+
+def load_shape(model: str) -> ModelShape:
+    """The shape of ``model`` (anything ``config_path`` takes)."""
+    path = config_path(model)
     with open(path) as f:
         try:
             d = json.load(f)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON: {exc}") from None
-    return ModelShape.from_config(d, name=_alias(model) if _alias(model) in shipped else model)
+    return ModelShape.from_config(d, name=_alias(model) if _alias(model) in shipped_models() else model)
 
 
 @dataclass
