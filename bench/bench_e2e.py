@@ -1,22 +1,31 @@
 """End to end: training steps of a 4-bit QLoRA model built from a config with random weights.
 
     python bench/bench_e2e.py                                  # CPU: small Llama, T = 256 512 1024
-    python bench/bench_e2e.py --model llama-3-8b --seq-lens 1024 2048 4096 8192   # on a GPU
+    python bench/bench_e2e.py --gpu-mem 24GB --seq-lens 1024 2048        # GPU: Llama-3-8B shape
+    python bench/bench_e2e.py --gpu-mem 24GB --seq-lens 4096 8192 --merge   # more rows, same table
 
 One pair per step (chosen T tokens, rejected T - 16, so the batch is padded as in training; a
 prompt of T/4), LoRA r = 16 on every projection, gradient checkpointing, AdamW on LoRA (and the
-SparsePO mask net). Each variant runs in its own process: tokens/s over ``--steps`` optimizer
+SparsePO mask net). For each variant: tokens/s over ``--steps`` optimizer
 steps after one warm-up step, and the peak memory of the step:
 CUDA ``torch.cuda.max_memory_allocated`` (weights included); CPU the model's tensor bytes plus the
 process's RSS high-water mark above the loaded model. Next to it, the planner's estimate
 (``sparsepo-lite plan``) for the same settings.
+
+On a GPU the model is loaded once and the variants run in turn in this process (``--one-process``,
+the GPU default): the CUDA peak resets exactly between them, and loading an 8B model once instead
+of 36 times is what makes the table fit a 30-minute GPU lease. On the CPU the RSS peak cannot be
+separated that cleanly, so each variant gets its own process there. ``--gpu-mem 24GB`` caps what
+the process may allocate (``torch.cuda.set_per_process_memory_fraction``) so that a larger card
+behaves like a 24 GB one: a step that needs more is an OOM row. A real card also holds the CUDA
+context (about 0.5 GB) outside that cap.
 
   op_<loss>_online   sparsepo_lite.compute_loss, reference = the adapter-off base every step
   op_<loss>_cached   the same from a top-32 reference cache written by precompute_reference
   eager_<loss>       the same loss with full [T, V] logits of policy and reference (TDPO/SparsePO code)
   trl_dpo            sequence-level DPO on full logits, as TRL computes it
 
-Writes bench/results/e2e_<model>_<device>.{json,md}.
+Writes bench/results/e2e_<model>_<device>.{json,md} after every row (a run cut short keeps its rows).
 """
 
 from __future__ import annotations
@@ -94,7 +103,22 @@ def trl_dpo_loss(model, batch, beta=0.1):
     return -F.logsigmoid(beta * z)
 
 
-def worker(spec):
+def load_model(spec):
+    """The 4-bit policy of ``spec`` (its LoRA adapter on every projection, r = 16), in train mode."""
+    from sparsepo_lite.modeling import ModelConfig, load_policy
+
+    model, _ = load_policy(ModelConfig(spec["folder"], dtype=spec["dtype"], lora_r=16, device=spec["device"]),
+                           tokenizer=False)
+    model.train()
+    return model
+
+
+def measure(model, spec):
+    """Time ``spec["steps"]`` training steps of one variant at one T and take their peak memory.
+
+    Leaves nothing on the model (gradients, optimizer, mask net and batch are dropped on return), so
+    one loaded model serves every variant in turn (``--one-process``).
+    """
     import contextlib
 
     import torch
@@ -103,7 +127,6 @@ def worker(spec):
     from bench_compute_loss import eager_loss
     from sparsepo_lite.data import PreferenceCollator
     from sparsepo_lite.masks import SparsePOMasks
-    from sparsepo_lite.modeling import ModelConfig, load_policy
     from sparsepo_lite.objective import LossConfig, compute_loss
     from sparsepo_lite.peak_memory import PeakMemory
 
@@ -111,9 +134,6 @@ def worker(spec):
     impl, loss_type = variant.split("_")[:2]
     loss_type = "dpo" if impl == "trl" else loss_type
     torch.manual_seed(0)
-    model, _ = load_policy(ModelConfig(spec["folder"], dtype=spec["dtype"], lora_r=16, device=device),
-                           tokenizer=False)
-    model.train()
     ex = make_example(T, model.config.vocab_size)
     collate = PreferenceCollator(0)
     masks = SparsePOMasks.for_model(model).to(device) if loss_type == "sparsepo" else None
@@ -148,18 +168,19 @@ def worker(spec):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     model_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     result = {"variant": variant, "T": T}
-    # Load every kernel and library once on a short batch, outside the measurement (the CPU peak is
-    # the RSS high-water mark, which counts code pages and allocator pools too).
-    warm = {k: v.to(device) for k, v in collate([make_example(64, model.config.vocab_size)]).items()} \
-        if not variant.endswith("cached") else batch
-    loss_on(warm).backward()
-    opt.zero_grad(set_to_none=True)
-    del warm
+    oom = False
     try:
+        # Load every kernel and library once on a short batch, outside the measurement (the CPU peak
+        # is the RSS high-water mark, which counts code pages and allocator pools too).
+        warm = {k: v.to(device) for k, v in collate([make_example(64, model.config.vocab_size)]).items()} \
+            if not variant.endswith("cached") else batch
+        loss_on(warm).backward()
+        opt.zero_grad(set_to_none=True)
+        del warm
         with PeakMemory(device) as pm:
             step()  # the first step allocates the optimizer states, which the later steps keep
             if device == "cuda":
@@ -174,8 +195,33 @@ def worker(spec):
         result.update(seconds_per_step=seconds / spec["steps"], tokens_per_s=2 * T * spec["steps"] / seconds,
                       peak_bytes=peak, loss=loss)
     except torch.OutOfMemoryError:
+        oom = True  # handled below, outside the except block, whose traceback holds the step's tensors
+    if oom:
         result.update(oom=True)
-    print("RESULT " + json.dumps(result), flush=True)
+    del opt, params, masks, batch
+    model.zero_grad(set_to_none=True)
+    if device == "cuda":
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+    return result
+
+
+def cap_gpu_memory(gpu_mem):
+    """Let this process allocate at most ``gpu_mem`` (e.g. "24GB") of the GPU, like a smaller card."""
+    import torch
+
+    from sparsepo_lite.memory_plan import parse_bytes
+
+    if gpu_mem and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, parse_bytes(gpu_mem) / total))
+
+
+def worker(spec):
+    cap_gpu_memory(spec.get("gpu_mem"))
+    print("RESULT " + json.dumps(measure(load_model(spec), spec)), flush=True)
 
 
 def plan_for(name, variant, T, dtype):
@@ -189,12 +235,61 @@ def plan_for(name, variant, T, dtype):
     return plan_memory(shape, T, loss=loss, reference=reference, prompt_len=T // 4, dtype=dtype, lora_r=16)
 
 
+def write_results(out, result):
+    """``out``.json and ``out``.md from ``result`` (rewritten after every row, so a run cut short keeps
+    what it measured)."""
+    with open(out + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    gib = 1 << 30
+    cap = f", GPU memory capped at {result['gpu_mem']}" if result.get("gpu_mem") else ""
+    md = [f"# End-to-end training step, {result['model']} (random weights, 4-bit NF4 + LoRA r=16), "
+          f"{result['machine'].get('device', '?')}", "",
+          "Commands: " + ", ".join(f"`{c}`" for c in result["commands"]), "",
+          f"Machine: {result['machine'].get('gpu') or result['machine'].get('cpu', '?')}, torch "
+          f"{result['machine']['torch']}{cap}. One pair per step, {result['steps']} timed steps after a warm-up.",
+          "", "| T | variant | tokens/s | peak GiB | planner GiB | planner / measured |", "|---|---|---|---|---|---|"]
+    for r in sorted(result["rows"], key=lambda r: (r["T"], VARIANTS.index(r["variant"]))):
+        if r.get("peak_bytes"):
+            meas = f"{r['tokens_per_s']:.0f} | {r['peak_bytes'] / gib:.2f}"
+        else:
+            meas = "OOM | -" if r.get("oom") else f"error: {r.get('error', '?')[:60]} | -"
+        plan = f"{r['plan_bytes'] / gib:.2f} ({r['plan_phase']})" if r.get("plan_bytes") else "-"
+        ratio = f"{r['plan_over_measured']:.2f}" if r.get("plan_over_measured") else "-"
+        md.append(f"| {r['T']} | {r['variant']} | {meas} | {plan} | {ratio} |")
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(md) + "\n")
+
+
+def run_in_subprocess(spec):
+    # glibc keeps freed blocks below its (growing) mmap threshold in the heap, so the RSS would
+    # count dead tensors: a fixed 64 KiB threshold returns every tensor's pages when it dies.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+                          cwd=ROOT, capture_output=True, text=True, env=env)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1][len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    row = {"variant": spec["variant"], "T": spec["T"], "error": " | ".join(tail)}
+    if "out of memory" in (proc.stderr or "").lower() or proc.returncode == -9:
+        row["oom"] = True
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="'small' (CPU default) or a shipped name (GPU default llama-3-8b)")
     ap.add_argument("--seq-lens", type=int, nargs="+", default=None)
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--gpu-mem", default=None, help="cap the GPU memory this run may allocate, e.g. 24GB")
+    ap.add_argument("--one-process", action=argparse.BooleanOptionalAction, default=None,
+                    help="load the model once and measure every variant in this process (GPU default: the "
+                         "CUDA peak resets exactly; CPU default is a process per variant)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of an earlier run on the same machine that this run does not redo")
+    ap.add_argument("--out", default=None, help="results path without extension "
+                    "(default bench/results/e2e_<model>_<device>)")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "sparsepo_e2e"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -211,56 +306,43 @@ def main():
     dtype = "bfloat16" if device == "cuda" else "float32"
     seq_lens = a.seq_lens or ([1024, 2048, 4096, 8192] if device == "cuda" else [256, 512, 1024])
     steps = a.steps or (3 if device == "cuda" else 2)
+    one_process = device == "cuda" if a.one_process is None else a.one_process
     folder = prepare_model(name, dtype, os.path.join(a.work, f"{name}_{dtype}"))
     command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
-    # glibc keeps freed blocks below its (growing) mmap threshold in the heap, so the RSS would
-    # count dead tensors: a fixed 64 KiB threshold returns every tensor's pages when it dies.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    rows = []
+    out = a.out or os.path.join(HERE, "results", f"e2e_{name}_{device}")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    machine = dict(machine_info(device), device=device)
+    result = {"commands": [command], "machine": machine, "model": name, "dtype": dtype, "steps": steps,
+              "gpu_mem": a.gpu_mem, "rows": []}
+    if a.merge and os.path.isfile(out + ".json"):
+        with open(out + ".json") as f:
+            old = json.load(f)
+        same = {k: old.get(k) for k in ("model", "dtype", "steps", "gpu_mem")} == \
+            {k: result[k] for k in ("model", "dtype", "steps", "gpu_mem")} \
+            and old["machine"].get("gpu") == machine.get("gpu") and old["machine"].get("cpu") == machine.get("cpu")
+        if not same:
+            sys.exit(f"--merge: {out}.json was measured with other settings or on another machine; "
+                     "move it away or run without --merge")
+        redo = {(v, T) for v in a.variants for T in seq_lens}
+        result["rows"] = [r for r in old["rows"] if (r["variant"], r["T"]) not in redo]
+        result["commands"] = [c for c in old.get("commands", [old.get("command")]) if c] + [command]
+    if one_process:
+        cap_gpu_memory(a.gpu_mem)
+        model = load_model(dict(device=device, dtype=dtype, folder=folder))
     for T in seq_lens:
         for variant in a.variants:
-            spec = dict(variant=variant, T=T, device=device, dtype=dtype, folder=folder, steps=steps)
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                                  cwd=ROOT, capture_output=True, text=True, env=env)
-            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-                row = {"variant": variant, "T": T, "error": " | ".join(tail)}
-                if "out of memory" in (proc.stderr or "").lower() or proc.returncode == -9:
-                    row["oom"] = True
-            else:
-                row = json.loads(lines[-1][len("RESULT "):])
+            spec = dict(variant=variant, T=T, device=device, dtype=dtype, folder=folder, steps=steps,
+                        gpu_mem=a.gpu_mem)
+            row = measure(model, spec) if one_process else run_in_subprocess(spec)
             plan = plan_for(name, variant, T, dtype)
             if plan is not None:
                 row["plan_bytes"] = plan.total
                 row["plan_phase"] = plan.phase
                 if row.get("peak_bytes"):
                     row["plan_over_measured"] = plan.total / row["peak_bytes"]
-            rows.append(row)
+            result["rows"].append(row)
             print(json.dumps(row), flush=True)
-
-    out = os.path.join(HERE, "results", f"e2e_{name}_{device}")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    result = {"command": command, "machine": machine_info(device), "model": name, "dtype": dtype, "steps": steps,
-              "rows": rows}
-    with open(out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    gib = 1 << 30
-    md = [f"# End-to-end training step, {name} (random weights, 4-bit NF4 + LoRA r=16), {device}", "",
-          f"Command: `{command}`", "",
-          f"Machine: {result['machine'].get('gpu') or result['machine'].get('cpu', '?')}, torch "
-          f"{result['machine']['torch']}. One pair per step, {steps} timed steps after a warm-up.", "",
-          "| T | variant | tokens/s | peak GiB | planner GiB | planner / measured |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        if r.get("peak_bytes"):
-            meas = f"{r['tokens_per_s']:.0f} | {r['peak_bytes'] / gib:.2f}"
-        else:
-            meas = "OOM | -" if r.get("oom") else f"error: {r.get('error', '?')[:60]} | -"
-        plan = f"{r['plan_bytes'] / gib:.2f} ({r['plan_phase']})" if r.get("plan_bytes") else "-"
-        ratio = f"{r['plan_over_measured']:.2f}" if r.get("plan_over_measured") else "-"
-        md.append(f"| {r['T']} | {r['variant']} | {meas} | {plan} | {ratio} |")
-    with open(out + ".md", "w") as f:
-        f.write("\n".join(md) + "\n")
+            write_results(out, result)
     print(f"wrote {out}.json, {out}.md")
 
 

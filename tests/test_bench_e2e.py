@@ -1,0 +1,91 @@
+"""bench/bench_e2e.py's one-process mode: one loaded model serves variant after variant, and an
+out-of-memory step is recorded and leaves the model usable (what a capped 24 GB GPU run relies on)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import sparsepo_lite.objective
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bench_e2e():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import bench_e2e
+    finally:
+        sys.path.pop(0)
+    return bench_e2e
+
+
+@pytest.fixture(scope="module")
+def small_model(bench_e2e, tmp_path_factory):
+    folder = bench_e2e.prepare_model("small", "float32", str(tmp_path_factory.mktemp("e2e") / "small_float32"))
+    return folder, bench_e2e.load_model(dict(device="cpu", dtype="float32", folder=folder))
+
+
+def _spec(folder, variant, T=48):
+    return dict(variant=variant, T=T, device="cpu", dtype="float32", folder=folder, steps=1)
+
+
+def _no_grads(model):
+    return all(p.grad is None for p in model.parameters())
+
+
+def test_variants_in_turn_on_one_model(bench_e2e, small_model):
+    folder, model = small_model
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for variant in ("op_sparsepo_cached", "eager_tdpo2", "trl_dpo"):
+        row = bench_e2e.measure(model, _spec(folder, variant))
+        assert row["variant"] == variant and not row.get("oom")
+        assert row["peak_bytes"] > 0 and row["tokens_per_s"] > 0 and torch.isfinite(torch.tensor(row["loss"]))
+        assert _no_grads(model) and model.training
+    # The steps trained the LoRA weights (the measurement is real training, not a dry run).
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_out_of_memory_is_a_row_and_the_model_stays_usable(bench_e2e, small_model, monkeypatch):
+    folder, model = small_model
+    real = sparsepo_lite.objective.compute_loss
+    calls = []
+
+    def runs_out_on_the_long_batch(model_, batch, cfg):
+        calls.append(batch["input_ids"].shape[1])
+        out = real(model_, batch, cfg)
+        if batch["input_ids"].shape[1] > 64:  # the warm-up batch passes, the measured one fails
+            out[0].backward()  # leave gradients behind, as a backward pass cut short would
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return out
+
+    monkeypatch.setattr(sparsepo_lite.objective, "compute_loss", runs_out_on_the_long_batch)
+    row = bench_e2e.measure(model, _spec(folder, "op_tdpo2_online", T=96))
+    assert row == {"variant": "op_tdpo2_online", "T": 96, "oom": True}
+    assert len(calls) == 2 and _no_grads(model)
+    monkeypatch.setattr(sparsepo_lite.objective, "compute_loss", real)
+    row = bench_e2e.measure(model, _spec(folder, "op_tdpo2_online"))
+    assert row["peak_bytes"] > 0 and not row.get("oom")
+
+
+def test_merge_keeps_rows_of_the_same_machine_only(bench_e2e, small_model, tmp_path, monkeypatch):
+    folder, _ = small_model
+    out = str(tmp_path / "e2e")
+    argv = ["bench_e2e.py", "--work", os.path.dirname(folder), "--out", out, "--seq-lens", "48", "--one-process"]
+    monkeypatch.setattr(sys, "argv", argv + ["--steps", "1", "--variants", "op_dpo_cached"])
+    bench_e2e.main()
+    monkeypatch.setattr(sys, "argv", argv + ["--steps", "1", "--variants", "trl_dpo", "--merge"])
+    bench_e2e.main()
+    with open(out + ".json") as f:
+        result = json.load(f)
+    assert [r["variant"] for r in result["rows"]] == ["op_dpo_cached", "trl_dpo"]
+    assert len(result["commands"]) == 2
+    assert "| 48 | op_dpo_cached |" in open(out + ".md").read()
+    monkeypatch.setattr(sys, "argv", argv + ["--steps", "2", "--merge"])
+    with pytest.raises(SystemExit, match="other settings"):
+        bench_e2e.main()
