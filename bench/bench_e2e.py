@@ -172,7 +172,6 @@ def measure(model, spec):
 
     model_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     result = {"variant": variant, "T": T}
-    oom = False
     try:
         # Load every kernel and library once on a short batch, outside the measurement (the CPU peak
         # is the RSS high-water mark, which counts code pages and allocator pools too).
@@ -195,9 +194,8 @@ def measure(model, spec):
         result.update(seconds_per_step=seconds / spec["steps"], tokens_per_s=2 * T * spec["steps"] / seconds,
                       peak_bytes=peak, loss=loss)
     except torch.OutOfMemoryError:
-        oom = True  # handled below, outside the except block, whose traceback holds the step's tensors
-    if oom:
         result.update(oom=True)
+    # After the except block, whose traceback held the failed step's tensors: free for the next variant.
     del opt, params, masks, batch
     model.zero_grad(set_to_none=True)
     if device == "cuda":
