@@ -167,7 +167,8 @@ def eval_sentiment(run_dir: str, data: str, prompts: int, samples: int, max_new_
     if not texts:
         raise SystemExit(f"{data}: no rows with a string 'prompt'")
     print(f"evaluating {len(texts)} held-out prompts x {samples} samples (policy and reference)", flush=True)
-    ev = evaluate_sentiment(model, tok, texts, samples_per_prompt=samples, max_new_tokens=max_new_tokens, seed=seed)
+    ev = evaluate_sentiment(model, tok, texts, samples_per_prompt=samples, max_new_tokens=max_new_tokens, seed=seed,
+                            progress=lambda done, total: print(f"  sampled {done}/{total} prompts", flush=True))
     summary = ev.summary()
     meta = {"run": run_dir, "data": data, "prompts": len(texts), "samples per prompt": samples,
             "max new tokens": max_new_tokens, "loss_type": cfg.get("loss_type"), "beta": cfg.get("beta")}
@@ -178,6 +179,8 @@ def eval_sentiment(run_dir: str, data: str, prompts: int, samples: int, max_new_
         f.write(sentiment_report_html(summary, ev.samples, meta))
     print(f"{'':<12}{'reference':>12}{'policy':>12}")
     print(f"{'VADER':<12}{summary['reward_reference']:>12.3f}{summary['reward_policy']:>12.3f}")
+    print(f"{'(SE)':<12}{summary['reward_reference_se']:>12.3f}{summary['reward_policy_se']:>12.3f}")
+    print(f"reward gain {summary['reward_gain']:+.3f} +- {summary['reward_gain_se']:.3f} (paired SE)")
     print(f"win rate {summary['win_rate']:.3f}, KL(policy || reference) {summary['kl']:.3f} nats per continuation")
     print(f"report: {page}", flush=True)
     return summary

@@ -37,7 +37,9 @@ def sentiment_report_html(summary: Dict[str, float], samples: Sequence[Dict[str,
             f"log-ratio {s['kl']:.2f}</span></td></tr>")
     body = (f"<table><tr><th>metric</th><th>value</th></tr>{rows}</table><ul>{info}</ul>"
             "<p class='small'>reward = mean VADER compound score of sampled continuations of held-out prompts; "
-            "win_rate = share of samples where the policy's reward beats the reference's (ties half); "
+            "policy and reference are sampled in pairs with common random numbers (the same noise at every step); "
+            "reward_gain = mean paired difference policy - reference, with its standard error (_se); "
+            "win_rate = share of pairs where the policy's reward beats the reference's (ties half); "
             "kl = mean over the policy's samples of sum_t log pi(y_t) - log pi_ref(y_t).</p>"
             f"<h2>Samples</h2><table id='samples'><tr><th>prompt</th><th>reference</th><th>policy</th></tr>"
             f"{''.join(cells)}</table>")

@@ -5,12 +5,20 @@ evaluation samples continuations of held-out prompts from the policy and from th
 same model with its adapter disabled) and reports the mean reward of each, the policy's win rate
 against the reference (ties count half), and the sequence KL(policy || reference), estimated on
 the policy's own samples as the mean of sum_t [log pi(y_t) - log pi_ref(y_t)].
+
+Policy and reference are sampled with common random numbers: the same seed before each of the two
+``generate`` calls of a batch, so both draw the same noise at every step. Each side's samples keep
+their own distribution (a fresh seed gives a valid sample of each model); only their pairing
+changes: where the two models agree the two continuations coincide, so the paired reward
+difference has a much smaller variance than two independent draws would give. The standard errors
+reported are those of the per-sample means and of the mean paired difference.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -66,11 +74,17 @@ class SentimentEval:
     reward_reference: float
     win_rate: float
     kl: float
+    reward_gain: float = 0.0  # mean over samples of reward_policy - reward_reference (paired)
+    reward_gain_se: float = 0.0  # its standard error
+    reward_policy_se: float = 0.0
+    reward_reference_se: float = 0.0
     samples: List[Dict[str, object]] = field(default_factory=list)
 
     def summary(self) -> Dict[str, float]:
         return {"reward_policy": self.reward_policy, "reward_reference": self.reward_reference,
-                "win_rate": self.win_rate, "kl": self.kl}
+                "win_rate": self.win_rate, "kl": self.kl, "reward_gain": self.reward_gain,
+                "reward_gain_se": self.reward_gain_se, "reward_policy_se": self.reward_policy_se,
+                "reward_reference_se": self.reward_reference_se}
 
 
 @torch.no_grad()
@@ -108,17 +122,32 @@ def sequence_logratio(model, tokenizer, prompts: Sequence[str], continuations: S
     return diff.tolist()
 
 
+def _mean_se(values: Sequence[float]) -> tuple:
+    """Mean and standard error of the mean (0 for fewer than two values)."""
+    m = len(values)
+    mean = sum(values) / m
+    if m < 2:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (m - 1)
+    return mean, math.sqrt(var / m)
+
+
 def evaluate_sentiment(model, tokenizer, prompts: Sequence[str], *, score: Sentiment = None, samples_per_prompt: int = 2,
-                       max_new_tokens: int = 24, batch_size: int = 16, seed: int = 0) -> SentimentEval:
-    """Sample from the policy and from its reference on ``prompts``; reward, win rate and KL."""
+                       max_new_tokens: int = 24, batch_size: int = 16, seed: int = 0,
+                       progress: Optional[Callable[[int, int], None]] = None) -> SentimentEval:
+    """Sample from the policy and from its reference on ``prompts`` (paired, common random numbers);
+    reward, win rate, KL. ``progress(done, total)`` is called after each batch of prompts."""
+    if not prompts:
+        raise ValueError("evaluate_sentiment: no prompts")
     score = score or Sentiment()
     rows = []
     with torch.random.fork_rng(devices=[]):  # sampling draws from the CPU generator
-        torch.manual_seed(seed)
         for i in range(0, len(prompts), batch_size):
             part = list(prompts[i:i + batch_size])
+            torch.manual_seed(seed * 1_000_003 + i)
             pol = sample_continuations(model, tokenizer, part, num_samples=samples_per_prompt,
                                        max_new_tokens=max_new_tokens)
+            torch.manual_seed(seed * 1_000_003 + i)  # the same noise for the reference: paired samples
             with model.disable_adapter():
                 ref = sample_continuations(model, tokenizer, part, num_samples=samples_per_prompt,
                                            max_new_tokens=max_new_tokens)
@@ -130,9 +159,14 @@ def evaluate_sentiment(model, tokenizer, prompts: Sequence[str], *, score: Senti
                     rows.append({"prompt": p, "policy": pol[j][s], "reference": ref[j][s],
                                  "reward_policy": score(pol[j][s]), "reward_reference": score(ref[j][s]),
                                  "kl": kls[j * samples_per_prompt + s]})
+            if progress is not None:
+                progress(min(i + batch_size, len(prompts)), len(prompts))
     m = len(rows)
     wins = sum(1.0 if r["reward_policy"] > r["reward_reference"] else 0.5 if r["reward_policy"] == r["reward_reference"]
                else 0.0 for r in rows)
-    return SentimentEval(reward_policy=sum(r["reward_policy"] for r in rows) / m,
-                         reward_reference=sum(r["reward_reference"] for r in rows) / m,
-                         win_rate=wins / m, kl=sum(r["kl"] for r in rows) / m, samples=rows)
+    pol_mean, pol_se = _mean_se([r["reward_policy"] for r in rows])
+    ref_mean, ref_se = _mean_se([r["reward_reference"] for r in rows])
+    gain, gain_se = _mean_se([r["reward_policy"] - r["reward_reference"] for r in rows])
+    return SentimentEval(reward_policy=pol_mean, reward_reference=ref_mean, win_rate=wins / m,
+                         kl=sum(r["kl"] for r in rows) / m, reward_gain=gain, reward_gain_se=gain_se,
+                         reward_policy_se=pol_se, reward_reference_se=ref_se, samples=rows)

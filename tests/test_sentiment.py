@@ -62,4 +62,46 @@ def test_evaluate_reports_rewards_win_rate_and_kl(policy):
                             max_new_tokens=4, batch_size=1)
     assert len(ev.samples) == 4 and 0.0 <= ev.win_rate <= 1.0
     assert ev.reward_policy == pytest.approx(sum(r["reward_policy"] for r in ev.samples) / 4)
-    assert set(ev.summary()) == {"reward_policy", "reward_reference", "win_rate", "kl"}
+    assert set(ev.summary()) == {"reward_policy", "reward_reference", "win_rate", "kl", "reward_gain",
+                                 "reward_gain_se", "reward_policy_se", "reward_reference_se"}
+    diffs = torch.tensor([r["reward_policy"] - r["reward_reference"] for r in ev.samples], dtype=torch.float64)
+    assert ev.reward_gain == pytest.approx(diffs.mean().item(), abs=1e-12)
+    assert ev.reward_gain_se == pytest.approx((diffs.std() / 2).item(), abs=1e-12)  # unbiased std / sqrt(4)
+
+
+def test_policy_and_reference_are_sampled_with_common_random_numbers(policy):
+    """With the adapter at zero the policy is the reference: paired sampling must give the same
+    continuation on both sides (independent draws would not), hence a gain of exactly 0."""
+    model, tok = policy
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in saved:
+                p.zero_()
+    try:
+        _check_paired_sampling(model, tok)
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+
+
+def _check_paired_sampling(model, tok):
+    prompts = ["The film was", "Overall the acting", "I left the cinema", "The plot"]
+    calls = []
+    ev = evaluate_sentiment(model, tok, prompts, samples_per_prompt=3, max_new_tokens=6, batch_size=3,
+                            progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(3, 4), (4, 4)]
+    assert all(r["policy"] == r["reference"] for r in ev.samples)
+    assert len({r["policy"] for r in ev.samples}) > 1  # still random across samples and prompts
+    assert ev.reward_gain == 0.0 and ev.win_rate == 0.5 and ev.kl == pytest.approx(0.0, abs=1e-6)
+    again = evaluate_sentiment(model, tok, prompts, samples_per_prompt=3, max_new_tokens=6, batch_size=3)
+    assert [r["policy"] for r in again.samples] == [r["policy"] for r in ev.samples]  # seeded
+    other = evaluate_sentiment(model, tok, prompts, samples_per_prompt=3, max_new_tokens=6, batch_size=3, seed=1)
+    assert [r["policy"] for r in other.samples] != [r["policy"] for r in ev.samples]
+
+
+def test_evaluate_refuses_no_prompts(policy):
+    with pytest.raises(ValueError, match="no prompts"):
+        evaluate_sentiment(*policy, [])
