@@ -194,6 +194,11 @@ __global__ void __launch_bounds__(kThreads) row_pass_kernel(const RowPassParams<
 template <typename T>
 void launch(const RowPassParams<T>& p, void* stream) {
   if (p.rows == 0) return;
+#ifdef SPARSEPO_CUDA_EMULATION
+  // tests/cuda_emu: the same kernel body on CPU threads, for tests on machines without a GPU.
+  (void)stream;
+  cuda_emu::launch(static_cast<unsigned>(p.rows), kThreads, [&p] { row_pass_kernel<T>(p); });
+#else
   row_pass_kernel<T><<<static_cast<unsigned>(p.rows), kThreads, 0,
                        static_cast<cudaStream_t>(stream)>>>(p);
   const cudaError_t err = cudaGetLastError();
@@ -201,6 +206,7 @@ void launch(const RowPassParams<T>& p, void* stream) {
     throw std::runtime_error(std::string("sparsepo_lite row pass launch failed: ") +
                              cudaGetErrorString(err));
   }
+#endif
 }
 
 }  // namespace
