@@ -30,7 +30,7 @@ template <typename T>
 struct RowPassParams {
   T* logits;             // [rows, vocab] policy logits in, g out (if write_grad)
   T* ref_logits;         // [rows, vocab] reference logits (exact) or nullptr;
-                         // overwritten with scratch values
+                         // may be overwritten (scratch)
   int64_t rows;
   int64_t vocab;
   const int64_t* labels;       // [rows] in [0, vocab)

@@ -1,8 +1,16 @@
 // CUDA row pass of chunked_token_stats: one thread block per token row.
-// Same contract and arithmetic as cpu/row_pass_cpu.cpp (see row_pass.h):
-// a block-wide max, one exp per logit written back in place, sums in double,
-// then the gradient factor g written over the logits. Needs only the CUDA
-// headers, so `nvcc -c` checks it on machines without a GPU or CUDA torch.
+// Same contract as cpu/row_pass_cpu.cpp (see row_pass.h); the arithmetic differs in how the
+// vocabulary is swept, because here every sweep is a trip to HBM (a row of V = 128k fp32 logits
+// is 512 KB and a chunk's rows do not stay in L2):
+//   exact / label: ONE read sweep with an online max and sum per thread (the running sum is
+//     rescaled when the running max grows), merged across the block; then one read-write sweep
+//     that recomputes exp and writes g in place. 2 reads + 1 write per logit instead of the
+//     3 reads + 2 writes of max / exp-and-store / g sweeps.
+//   top-k: a max sweep, a sum sweep with the block's max, then the g sweep. The tail mass
+//     s - s_top must cancel only identical terms (both exp(z - m) with the same m), which an
+//     online sum with per-thread shifts would not give when the top-k hold almost all the mass.
+// Sums in double, exps in T. Needs only the CUDA headers, so `nvcc -c` checks it on machines
+// without a GPU or CUDA torch, and tests/cuda_emu runs it on CPU threads.
 
 #include <cuda_runtime.h>
 
@@ -62,31 +70,72 @@ __device__ T local_max(const T* x, int64_t n) {
   return m;
 }
 
+// Start of a running max: the lowest finite value, so that exp(x - m) is 0 (not NaN) for a -inf
+// logit and a thread that saw no logits merges in with weight 0.
+template <typename T>
+__device__ __forceinline__ T lowest();
+template <>
+__device__ __forceinline__ float lowest<float>() { return -FLT_MAX; }
+template <>
+__device__ __forceinline__ double lowest<double>() { return -DBL_MAX; }
+
+// Running (max, sum of exp(x - max)) of one thread's logits.
+template <typename T>
+struct Online {
+  T m;
+  double s;
+  __device__ Online() : m(lowest<T>()), s(0.0) {}
+  __device__ __forceinline__ void push(T x) {
+    if (x > m) {
+      s = s * dev_exp(m - x) + 1.0;
+      m = x;
+    } else {
+      s += dev_exp(x - m);
+    }
+  }
+};
+
+// Block-wide max of the threads' running maxima; `s` and the other sums given (all relative to
+// this thread's max) are rescaled to it and summed over the block.
+template <typename T>
+__device__ T block_merge(T m, double* s, double* t, T* sh_t, double* sh_d) {
+  const T mb = block_max(m, sh_t);
+  const double f = exp(static_cast<double>(m) - static_cast<double>(mb));
+  *s = block_sum(*s * f, sh_d);
+  if (t != nullptr) *t = block_sum(*t * f, sh_d);
+  return mb;
+}
+
 template <typename T>
 __device__ void row_exact(const RowPassParams<T>& P, int64_t i, T* sh_t, double* sh_d) {
   const int64_t V = P.vocab;
   T* z = P.logits + i * V;
-  T* zr = P.ref_logits + i * V;
+  const T* zr = P.ref_logits + i * V;
   const int64_t y = P.labels[i];
   const double a = P.logp_weight[i], b = P.kl_weight[i];
   const T zy = z[y], zry = zr[y];  // read before any thread overwrites the row
-  const T m = block_max(local_max(z, V), sh_t);
-  const T mr = block_max(local_max(zr, V), sh_t);
-  double s = 0.0, sr = 0.0, t = 0.0;
+  // One sweep: both partition functions and t = sum_v e'_v (z'_v - z_v), so that
+  // KL = t / s' + lse - lse' with both lse in double (no cancellation for close distributions).
+  Online<T> pol;
+  T mr = lowest<T>();
+  double sr = 0.0, t = 0.0;
   for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
     const T zv = z[v], zrv = zr[v];
-    const T e = dev_exp(zv - m), er = dev_exp(zrv - mr);
-    s += e;
-    sr += er;
-    t += static_cast<double>(er) * (static_cast<double>(zrv) - zv);
-    if (P.write_grad) {
-      z[v] = e;
-      zr[v] = er;
+    pol.push(zv);
+    if (zrv > mr) {
+      const double f = dev_exp(mr - zrv);
+      sr = sr * f + 1.0;
+      t = t * f + (static_cast<double>(zrv) - zv);
+      mr = zrv;
+    } else {
+      const T er = dev_exp(zrv - mr);
+      sr += er;
+      t += static_cast<double>(er) * (static_cast<double>(zrv) - zv);
     }
   }
-  s = block_sum(s, sh_d);
-  sr = block_sum(sr, sh_d);
-  t = block_sum(t, sh_d);
+  double s = pol.s;
+  const T m = block_merge(pol.m, &s, static_cast<double*>(nullptr), sh_t, sh_d);
+  mr = block_merge(mr, &sr, &t, sh_t, sh_d);
   const double lse = m + log(s), lser = mr + log(sr);
   if (threadIdx.x == 0) {
     P.logp[i] = static_cast<T>(zy - lse);
@@ -94,8 +143,11 @@ __device__ void row_exact(const RowPassParams<T>& P, int64_t i, T* sh_t, double*
     P.kl[i] = static_cast<T>(t / sr + lse - lser);
   }
   if (P.write_grad) {
+    // g = -a p + b (p - q)
     const T cp = static_cast<T>((b - a) / s), cq = static_cast<T>(-b / sr);
-    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) z[v] = cp * z[v] + cq * zr[v];
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+      z[v] = cp * dev_exp(z[v] - m) + cq * dev_exp(zr[v] - mr);
+    }
     __syncthreads();
     if (threadIdx.x == 0) z[y] += static_cast<T>(a);
   }
@@ -112,20 +164,18 @@ __device__ void row_topk(const RowPassParams<T>& P, int64_t i, T* sh_t, double* 
   const double a = P.logp_weight[i], b = P.kl_weight[i];
   const T zy = z[y];
   for (int64_t j = threadIdx.x; j < K; j += blockDim.x) z_top[j] = z[ids[j]];
-  const T m = block_max(local_max(z, V), sh_t);  // syncs: z_top complete, z unwritten
+  const T m = block_max(local_max(z, V), sh_t);  // syncs: z_top complete
   double s = 0.0;
-  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-    const T e = dev_exp(z[v] - m);
-    s += e;
-    if (P.write_grad) z[v] = e;
-  }
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) s += dev_exp(z[v] - m);
   s = block_sum(s, sh_d);
   const double lse = m + log(s);
+  // exp(z - m) of the top-k ids uses the same expression as the full sweep, so the tail sum
+  // s - s_top cancels only identical terms.
   double s_top = 0.0, q_top = 0.0, kl = 0.0;
   for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
     s_top += dev_exp(z_top[j] - m);
     const double q = exp(static_cast<double>(lq[j]));
-    if (q > 0.0) {
+    if (q > 0.0) {  // q = 0 contributes nothing (and lq = -inf would give NaN)
       q_top += q;
       kl += q * (static_cast<double>(lq[j]) - (static_cast<double>(z_top[j]) - lse));
     }
@@ -133,6 +183,7 @@ __device__ void row_topk(const RowPassParams<T>& P, int64_t i, T* sh_t, double* 
   s_top = block_sum(s_top, sh_d);
   q_top = block_sum(q_top, sh_d);
   kl = block_sum(kl, sh_d);
+  // Tail bucket: the reference's missing mass r against the policy's mass outside the top-k.
   const double tail = fmax(s - s_top, 0.0);
   const double r = (K == V) ? 0.0 : fmax(0.0, 1.0 - q_top);
   if (r > 0.0) kl += r * (log(r) - (log(fmax(tail, DBL_MIN)) - log(s)));
@@ -141,11 +192,13 @@ __device__ void row_topk(const RowPassParams<T>& P, int64_t i, T* sh_t, double* 
     P.kl[i] = static_cast<T>(kl);
   }
   if (P.write_grad) {
+    // dKL/dz_v = (Q + r) p_v - q_v for v in the top-k, (Q + r) p_v - r e_v / tail otherwise.
     const double c1 = (-a + b * (q_top + r)) / s;
     const double c2 = (r > 0.0 && tail > 0.0) ? b * r / tail : 0.0;
     const T cv = static_cast<T>(c1 - c2);
-    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) z[v] *= cv;
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) z[v] = cv * dev_exp(z[v] - m);
     __syncthreads();
+    // Assign (not add) the top-k entries so that a tiny tail cannot cancel them.
     for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
       const double q = exp(static_cast<double>(lq[j]));
       z[ids[j]] = static_cast<T>(c1 * dev_exp(z_top[j] - m) - b * q);
@@ -162,18 +215,14 @@ __device__ void row_label(const RowPassParams<T>& P, int64_t i, T* sh_t, double*
   const int64_t y = P.labels[i];
   const double a = P.logp_weight[i];
   const T zy = z[y];
-  const T m = block_max(local_max(z, V), sh_t);
-  double s = 0.0;
-  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-    const T e = dev_exp(z[v] - m);
-    s += e;
-    if (P.write_grad) z[v] = e;
-  }
-  s = block_sum(s, sh_d);
+  Online<T> pol;
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) pol.push(z[v]);
+  double s = pol.s;
+  const T m = block_merge(pol.m, &s, static_cast<double*>(nullptr), sh_t, sh_d);
   if (threadIdx.x == 0) P.logp[i] = static_cast<T>(zy - (m + log(s)));
   if (P.write_grad) {
     const T c = static_cast<T>(-a / s);
-    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) z[v] *= c;
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) z[v] = c * dev_exp(z[v] - m);
     __syncthreads();
     if (threadIdx.x == 0) z[y] += static_cast<T>(a);
   }
