@@ -1,12 +1,14 @@
 """Reward-vs-KL frontier on the sentiment pairs, as the paper's Figure (in miniature, on the CPU).
 
     python bench/frontier.py                       # writes bench/results/frontier.{png,md,json}
-    python bench/frontier.py --betas 0.05 0.1 0.2 --steps 48 --prompts 64
+    python bench/frontier.py --betas 0.05 0.1 0.2 --steps 48 --prompts 32
 
 For each method (DPO, TDPO1, TDPO2, SparsePO with a common and with independent masks, MaPO) and
 each beta: train SmolLM2-135M-Instruct (4-bit + LoRA) with examples/sentiment_smollm2.yaml for
 ``--steps`` steps, then sample held-out prompts from the policy and the reference and measure the
-mean VADER reward and the sequence KL(policy || reference) (``sparsepo-lite eval-sentiment``).
+mean VADER reward and the sequence KL(policy || reference) (``sparsepo-lite eval-sentiment``; policy
+and reference are sampled with common random numbers, so every run is compared with the same
+reference samples and the paired reward gain has a small standard error).
 For SparsePO it also reports the lift: the mean reward-mask weight on tokens in VADER's lexicon
 over that on other tokens (``sparsepo-lite inspect-masks``). Each run is its own process.
 """
@@ -39,9 +41,10 @@ def cli(*args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--betas", type=float, nargs="+", default=[0.1, 0.3])
+    # 0.8 is the paper's beta for IMDB sentiment control
+    ap.add_argument("--betas", type=float, nargs="+", default=[0.1, 0.3, 0.8])
     ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--prompts", type=int, default=58)
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--config", default=os.path.join(ROOT, "examples", "sentiment_smollm2.yaml"))
     ap.add_argument("--data-eval", default=os.path.join(ROOT, "examples", "data", "sentiment_pairs.eval.jsonl"))
@@ -79,9 +82,11 @@ def main():
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for method in a.methods:
-        pts = sorted((r["kl"], r["reward_policy"], r["beta"]) for r in rows if r["method"] == method)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-        for kl, rew, beta in pts:
+        pts = sorted((r["kl"], r["reward_policy"], r["beta"], r["reward_policy_se"]) for r in rows
+                     if r["method"] == method)
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[3] for p in pts], marker="o", capsize=2,
+                    label=method)
+        for kl, rew, beta, _ in pts:
             ax.annotate(f"{beta:g}", (kl, rew), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axhline(sum(r["reward_reference"] for r in rows) / len(rows), color="grey", ls="--", lw=1, label="reference")
     ax.set_xlabel("sequence KL(policy || reference), nats")
@@ -94,16 +99,19 @@ def main():
     with open(a.out + ".json", "w") as f:
         json.dump({"command": command, "machine": machine_info("cpu"), "rows": rows}, f, indent=1)
     md = ["# Reward-vs-KL frontier, sentiment control (SmolLM2-135M-Instruct, 4-bit + LoRA, CPU)", "",
-          f"Command: `{command}`", "", f"{a.steps} training steps of 4 pairs per run; {a.prompts} held-out prompts x "
+          f"Command: `{command}`", "", f"{a.steps} training steps of 4 pairs per run, the other settings from "
+          f"`{os.path.relpath(a.config, ROOT)}`; {a.prompts} held-out prompts x "
           f"{a.samples} samples for policy and reference. KL = mean over the policy's samples of "
           "sum_t log pi(y_t) - log pi_ref(y_t). ![frontier](frontier.png)", "",
-          "| method | beta | reward (policy) | reward (reference) | win rate | KL | mask lift on VADER words |",
-          "|---|---|---|---|---|---|---|"]
+          "Error bars and +- are one standard error; the gain is the mean paired difference policy - reference.", "",
+          "| method | beta | reward (policy) | reward (reference) | gain | win rate | KL | mask lift on VADER words |",
+          "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lift = r.get("mask_lift", {})
         lift_s = (f"{lift['lift']:.2f}x ({lift['mask_mean_sentiment']:.3f} vs {lift['mask_mean_other']:.3f})"
                   if lift else "-")
-        md.append(f"| {r['method']} | {r['beta']:g} | {r['reward_policy']:+.3f} | {r['reward_reference']:+.3f} | "
+        md.append(f"| {r['method']} | {r['beta']:g} | {r['reward_policy']:+.3f} +- {r['reward_policy_se']:.3f} | "
+                  f"{r['reward_reference']:+.3f} | {r['reward_gain']:+.3f} +- {r['reward_gain_se']:.3f} | "
                   f"{r['win_rate']:.3f} | {r['kl']:.2f} | {lift_s} |")
     with open(a.out + ".md", "w") as f:
         f.write("\n".join(md) + "\n")
