@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from sparsepo_lite.cli import main, parse_train_config
@@ -87,3 +88,17 @@ def test_precompute_verify_and_train_with_the_cache(setup, tmp_path):
     shard.write_bytes(shard.read_bytes()[:100])
     res = subprocess.run(cli + ["verify-ref", str(cache)], capture_output=True, text=True)
     assert res.returncode != 0 and shard.name in res.stderr, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "examples"))
+                                        if f.endswith(".yaml")))
+def test_shipped_example_configs_parse(name, monkeypatch):
+    root = os.path.join(os.path.dirname(__file__), "..")
+    monkeypatch.chdir(root)  # their data paths are relative to the repository root
+    # The GPU configs ask for bf16, which TrainingArguments refuses on a machine without a GPU
+    # unless told to run on the CPU.
+    cpu = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
+    data, args, resolved = parse_train_config(os.path.join("examples", name), cpu)
+    if data.train_file.startswith("examples/"):  # the 8B config names the user's own data
+        assert os.path.isfile(data.train_file), data.train_file
+    assert args.loss_type in ("dpo", "tdpo1", "tdpo2", "sparsepo", "mapo") and resolved["train_file"] == data.train_file
