@@ -30,7 +30,7 @@ case "$step" in
     ;;
   test)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/tests.log"
-    python3 -m pytest -q -rs tests/test_token_stats.py tests/test_trainer.py -k cuda "$@" 2>&1 | tee -a "$OUT/tests.log"
+    python3 -m pytest -q -rs tests/test_token_stats_cuda.py tests/test_token_stats.py tests/test_trainer.py -k cuda "$@" 2>&1 | tee -a "$OUT/tests.log"
     ;;
   bench)
     python3 bench/bench_e2e.py --gpu-mem 24GB --merge "$@" 2>&1 | grep -v Warning | tee "$OUT/bench_e2e.log"
