@@ -95,6 +95,7 @@ def test_sentiment_report_renders(run_dir):
     main(["eval-sentiment", str(run_dir / "run"), "--data", str(run_dir / "eval.jsonl"), "--prompts", "3",
           "--samples", "1", "--max-new-tokens", "4"])
     result = json.loads((run_dir / "run" / "sentiment_eval.json").read_text())
-    assert set(result["summary"]) == {"reward_policy", "reward_reference", "win_rate", "kl"}
+    assert set(result["summary"]) == {"reward_policy", "reward_reference", "win_rate", "kl", "reward_gain",
+                                      "reward_gain_se", "reward_policy_se", "reward_reference_se"}
     assert len(result["samples"]) == 3
     assert "rendered 3 samples" in render(run_dir / "run" / "sentiment_report.html")
