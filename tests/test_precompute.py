@@ -84,8 +84,12 @@ def test_cached_loss_and_gradients_equal_online(setup, mode, loss_type):
         close_to_scale(g_ca[n], g_on[n], 1e-5, n)
     # Cached DPO skips the reference distribution, so it reports no kl/* metrics.
     assert set(m_ca) == set(m_on) - ({"kl/chosen", "kl/rejected"} if loss_type == "dpo" else set())
+    # The cache's reference values come from a differently padded batch, so each reference
+    # log-prob differs by fp32 rounding (~1e-7 of its size). rewards/* are beta times sums of
+    # ~30 log-ratios whose terms are ~100x larger than the result: the error does not shrink with
+    # the result, so the bound is absolute (1e-5, about 10x the worst seen with transformers 5.23).
     for k in m_ca:
-        assert m_ca[k] == pytest.approx(m_on[k], rel=1e-5, abs=1e-6), k
+        assert m_ca[k] == pytest.approx(m_on[k], rel=1e-5, abs=1e-5), k
 
 
 def test_label_only_cache_refuses_kl_losses(setup):
@@ -193,7 +197,9 @@ def test_cached_training_reproduces_online_training(tiny_dir, tmp_path):
     init = run_init()
     for n, p in online_w.items():
         assert not torch.equal(p, init[n]), n  # it trained
-        torch.testing.assert_close(cached_w[n], p, rtol=1e-5, atol=1e-7, msg=n)
+        # fp32 noise of the reference values, carried through 4 steps at lr 0.5: ~4e-6 of each
+        # tensor's scale with transformers 5.23 (elementwise, near-zero entries differ by ulps).
+        close_to_scale(cached_w[n], p, 2e-5, n)
     assert max((online_w[n] - init[n]).abs().max().item() for n in init) > 1e-2  # steps far above the tolerance
     assert cached_m["eval_loss"] == pytest.approx(online_m["eval_loss"], rel=1e-5)
     # and a cache made for other data stops the run, naming the field
