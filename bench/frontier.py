@@ -38,6 +38,17 @@ def cli(*args):
     subprocess.run([sys.executable, "-m", "sparsepo_lite.cli", *args], check=True, cwd=ROOT)
 
 
+def _evaluated(path: str, prompts: int, samples: int) -> bool:
+    """An earlier evaluation of this run with the same prompts and samples (and the paired fields)."""
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        saved = json.load(f)
+    meta = saved.get("meta", {})
+    return (meta.get("prompts") == prompts and meta.get("samples per prompt") == samples
+            and "reward_gain" in saved.get("summary", {}))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -61,10 +72,13 @@ def main():
             run = os.path.join(a.runs, f"{method}_beta{beta:g}")
             t0 = time.perf_counter()
             if not os.path.isfile(os.path.join(run, "adapter_model.safetensors")):
+                # no eval-loss pass: the frontier's evaluation is the sampled one below
                 cli("train", a.config, *METHODS[method], "--beta", str(beta), "--max_steps", str(a.steps),
-                    "--output_dir", run, "--eval_strategy", "no")
-            cli("eval-sentiment", run, "--data", a.data_eval, "--prompts", str(a.prompts), "--samples", str(a.samples))
-            with open(os.path.join(run, "sentiment_eval.json")) as f:
+                    "--output_dir", run, "--eval_strategy", "no", "--eval_file", "")
+            done = os.path.join(run, "sentiment_eval.json")
+            if not _evaluated(done, a.prompts, a.samples):
+                cli("eval-sentiment", run, "--data", a.data_eval, "--prompts", str(a.prompts), "--samples", str(a.samples))
+            with open(done) as f:
                 s = json.load(f)["summary"]
             row = {"method": method, "beta": beta, **s, "seconds": time.perf_counter() - t0}
             if method.startswith("sparsepo"):

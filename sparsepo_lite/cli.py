@@ -94,7 +94,8 @@ def train(config_path: str, overrides: List[str]) -> str:
 
     data_args, args, resolved = parse_train_config(config_path, overrides)
     try:
-        trainer = SparsePOTrainer(args=args, train_dataset=data_args.train_file, eval_dataset=data_args.eval_file)
+        # `--eval_file ""` turns off the config's evaluation split
+        trainer = SparsePOTrainer(args=args, train_dataset=data_args.train_file, eval_dataset=data_args.eval_file or None)
     except CacheError as exc:
         raise SystemExit(f"{config_path}: {exc}") from None
     tok = trainer.processing_class
