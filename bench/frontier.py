@@ -39,14 +39,13 @@ def cli(*args):
 
 
 def _evaluated(path: str, prompts: int, samples: int) -> bool:
-    """An earlier evaluation of this run with the same prompts and samples (and the paired fields)."""
+    """An earlier evaluation of this run with the same prompts and samples."""
     if not os.path.isfile(path):
         return False
     with open(path) as f:
         saved = json.load(f)
     meta = saved.get("meta", {})
-    return (meta.get("prompts") == prompts and meta.get("samples per prompt") == samples
-            and "reward_gain" in saved.get("summary", {}))
+    return meta.get("prompts") == prompts and meta.get("samples per prompt") == samples
 
 
 def main():
@@ -65,6 +64,8 @@ def main():
     sys.path.insert(0, HERE)
     from bench_token_stats import machine_info
 
+    from sparsepo_lite.sentiment import summarize
+
     command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
     rows, reference = [], None
     for method in a.methods:
@@ -78,8 +79,8 @@ def main():
             done = os.path.join(run, "sentiment_eval.json")
             if not _evaluated(done, a.prompts, a.samples):
                 cli("eval-sentiment", run, "--data", a.data_eval, "--prompts", str(a.prompts), "--samples", str(a.samples))
-            with open(done) as f:
-                s = json.load(f)["summary"]
+            with open(done) as f:  # one summary formula for every run, however old its evaluation
+                s = summarize(json.load(f)["samples"], a.samples).summary()
             row = {"method": method, "beta": beta, **s, "seconds": time.perf_counter() - t0}
             if method.startswith("sparsepo"):
                 cli("inspect-masks", run, "--data", a.data_eval, "--pairs", "40")

@@ -11,7 +11,8 @@ Policy and reference are sampled with common random numbers: the same seed befor
 their own distribution (a fresh seed gives a valid sample of each model); only their pairing
 changes: where the two models agree the two continuations coincide, so the paired reward
 difference has a much smaller variance than two independent draws would give. The standard errors
-reported are those of the per-sample means and of the mean paired difference.
+reported are those of the means and of the mean paired difference, taken over prompts (the samples
+of one prompt are averaged first, since they are not independent of each other).
 """
 
 from __future__ import annotations
@@ -122,13 +123,16 @@ def sequence_logratio(model, tokenizer, prompts: Sequence[str], continuations: S
     return diff.tolist()
 
 
-def _mean_se(values: Sequence[float]) -> tuple:
-    """Mean and standard error of the mean (0 for fewer than two values)."""
-    m = len(values)
-    mean = sum(values) / m
+def _mean_se(values: Sequence[float], per_prompt: int) -> tuple:
+    """Mean and its standard error, with the ``per_prompt`` consecutive samples of one prompt as one
+    cluster: samples of the same prompt are correlated, so the error is taken over prompt means
+    (0 for a single prompt)."""
+    means = [sum(values[i:i + per_prompt]) / per_prompt for i in range(0, len(values), per_prompt)]
+    m = len(means)
+    mean = sum(means) / m
     if m < 2:
         return mean, 0.0
-    var = sum((v - mean) ** 2 for v in values) / (m - 1)
+    var = sum((v - mean) ** 2 for v in means) / (m - 1)
     return mean, math.sqrt(var / m)
 
 
@@ -161,12 +165,21 @@ def evaluate_sentiment(model, tokenizer, prompts: Sequence[str], *, score: Senti
                                  "kl": kls[j * samples_per_prompt + s]})
             if progress is not None:
                 progress(min(i + batch_size, len(prompts)), len(prompts))
+    return summarize(rows, samples_per_prompt)
+
+
+def summarize(rows: Sequence[Dict[str, object]], samples_per_prompt: int) -> SentimentEval:
+    """The evaluation's numbers from its paired samples (``SentimentEval.samples``: prompt-major,
+    ``samples_per_prompt`` consecutive rows per prompt), e.g. to re-read a saved evaluation."""
     m = len(rows)
+    if m == 0 or m % samples_per_prompt:
+        raise ValueError(f"summarize: {m} samples do not split into prompts of {samples_per_prompt}")
     wins = sum(1.0 if r["reward_policy"] > r["reward_reference"] else 0.5 if r["reward_policy"] == r["reward_reference"]
                else 0.0 for r in rows)
-    pol_mean, pol_se = _mean_se([r["reward_policy"] for r in rows])
-    ref_mean, ref_se = _mean_se([r["reward_reference"] for r in rows])
-    gain, gain_se = _mean_se([r["reward_policy"] - r["reward_reference"] for r in rows])
+    k = samples_per_prompt
+    pol_mean, pol_se = _mean_se([r["reward_policy"] for r in rows], k)
+    ref_mean, ref_se = _mean_se([r["reward_reference"] for r in rows], k)
+    gain, gain_se = _mean_se([r["reward_policy"] - r["reward_reference"] for r in rows], k)
     return SentimentEval(reward_policy=pol_mean, reward_reference=ref_mean, win_rate=wins / m,
                          kl=sum(r["kl"] for r in rows) / m, reward_gain=gain, reward_gain_se=gain_se,
-                         reward_policy_se=pol_se, reward_reference_se=ref_se, samples=rows)
+                         reward_policy_se=pol_se, reward_reference_se=ref_se, samples=list(rows))

@@ -7,7 +7,8 @@ import torch
 import transformers
 
 from sparsepo_lite.modeling import ModelConfig, load_policy
-from sparsepo_lite.sentiment import Sentiment, evaluate_sentiment, sample_continuations, sequence_logratio
+from sparsepo_lite.sentiment import (Sentiment, evaluate_sentiment, sample_continuations, sequence_logratio,
+                                     summarize)
 
 
 def test_vader_reward_and_lexicon():
@@ -66,7 +67,12 @@ def test_evaluate_reports_rewards_win_rate_and_kl(policy):
                                  "reward_gain_se", "reward_policy_se", "reward_reference_se"}
     diffs = torch.tensor([r["reward_policy"] - r["reward_reference"] for r in ev.samples], dtype=torch.float64)
     assert ev.reward_gain == pytest.approx(diffs.mean().item(), abs=1e-12)
-    assert ev.reward_gain_se == pytest.approx((diffs.std() / 2).item(), abs=1e-12)  # unbiased std / sqrt(4)
+    per_prompt = diffs.view(2, 2).mean(1)  # rows are prompt-major: the 2 samples of a prompt together
+    assert [r["prompt"] for r in ev.samples] == ["The film was"] * 2 + ["Overall the acting"] * 2
+    assert ev.reward_gain_se == pytest.approx((per_prompt.std() / 2**0.5).item(), abs=1e-12)
+    assert summarize(ev.samples, 2).summary() == ev.summary()  # a saved evaluation re-reads the same
+    with pytest.raises(ValueError, match="do not split into prompts of 2"):
+        summarize(ev.samples[:3], 2)
 
 
 def test_policy_and_reference_are_sampled_with_common_random_numbers(policy):
@@ -105,3 +111,12 @@ def _check_paired_sampling(model, tok):
 def test_evaluate_refuses_no_prompts(policy):
     with pytest.raises(ValueError, match="no prompts"):
         evaluate_sentiment(*policy, [])
+
+
+def test_standard_errors_are_taken_over_prompts():
+    from sparsepo_lite.sentiment import _mean_se
+
+    # prompts with samples (1, 3) and (2, 6): prompt means 2 and 4 -> mean 3, SE = std(2, 4) / sqrt(2) = 1
+    assert _mean_se([1.0, 3.0, 2.0, 6.0], 2) == pytest.approx((3.0, 1.0))
+    assert _mean_se([1.0, 3.0, 2.0, 6.0], 1) == pytest.approx((3.0, (14 / 3) ** 0.5 / 2))  # iid samples
+    assert _mean_se([0.5, 0.7], 2) == pytest.approx((0.6, 0.0))  # one prompt: no spread to estimate
