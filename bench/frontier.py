@@ -83,8 +83,11 @@ def main():
                 s = summarize(json.load(f)["samples"], a.samples).summary()
             row = {"method": method, "beta": beta, **s, "seconds": time.perf_counter() - t0}
             if method.startswith("sparsepo"):
-                cli("inspect-masks", run, "--data", a.data_eval, "--pairs", "40")
-                with open(os.path.join(run, "mask_lift.json")) as f:
+                lift = os.path.join(run, "mask_lift.json")
+                if not (os.path.isfile(lift) and os.path.getmtime(lift) > os.path.getmtime(
+                        os.path.join(run, "adapter_model.safetensors"))):
+                    cli("inspect-masks", run, "--data", a.data_eval, "--pairs", "40")
+                with open(lift) as f:
                     row["mask_lift"] = json.load(f)
             rows.append(row)
             reference = s["reward_reference"] if reference is None else reference
