@@ -50,6 +50,12 @@ def test_train_round_trip(setup):
     assert args.beta == 0.2
 
 
+def test_empty_eval_file_turns_evaluation_off(setup, tmp_path):
+    main(["train", str(setup / "cfg.yaml"), "--eval_file", "", "--output_dir", str(tmp_path / "out")])
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert "train_loss" in metrics["final"] and not any(k.startswith("eval_") for k in metrics["final"])
+
+
 @pytest.mark.parametrize("edit, message", [
     ({"lerning_rate": 1e-4}, "unknown config key(s) ['lerning_rate']"),
     ({"loss_type": "orpo"}, "loss_type must be one of"),

@@ -75,25 +75,11 @@ def test_evaluate_reports_rewards_win_rate_and_kl(policy):
         summarize(ev.samples[:3], 2)
 
 
-def test_policy_and_reference_are_sampled_with_common_random_numbers(policy):
+def test_policy_and_reference_are_sampled_with_common_random_numbers(tiny_dir):
     """With the adapter at zero the policy is the reference: paired sampling must give the same
     continuation on both sides (independent draws would not), hence a gain of exactly 0."""
-    model, tok = policy
-    saved = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n in saved:
-                p.zero_()
-    try:
-        _check_paired_sampling(model, tok)
-    finally:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in saved:
-                    p.copy_(saved[n])
-
-
-def _check_paired_sampling(model, tok):
+    model, tok = load_policy(ModelConfig(tiny_dir, lora_r=4, gradient_checkpointing=False))
+    assert all(p.abs().sum() == 0 for n, p in model.named_parameters() if "lora_B" in n)  # peft's init
     prompts = ["The film was", "Overall the acting", "I left the cinema", "The plot"]
     calls = []
     ev = evaluate_sentiment(model, tok, prompts, samples_per_prompt=3, max_new_tokens=6, batch_size=3,
