@@ -3,6 +3,11 @@
     python bench/bench_e2e.py                                  # CPU: small Llama, T = 256 512 1024
     python bench/bench_e2e.py --gpu-mem 24GB --seq-lens 1024 2048        # GPU: Llama-3-8B shape
     python bench/bench_e2e.py --gpu-mem 24GB --seq-lens 4096 8192 --merge   # more rows, same table
+    python bench/bench_e2e.py --gpu-mem 24GB --rows priority --deadline 240  # the GPU check's order
+
+The model is built in memory from its config (random weights, seeded), directly on the device, and
+its linear layers are quantised to NF4 there: no checkpoint is written or read (16 GB at 8B). Its
+build time is reported.
 
 One pair per step (chosen T tokens, rejected T - 16, so the batch is padded as in training; a
 prompt of T/4), LoRA r = 16 on every projection, gradient checkpointing, AdamW on LoRA (and the
@@ -12,9 +17,9 @@ CUDA ``torch.cuda.max_memory_allocated`` (weights included); CPU the model's ten
 process's RSS high-water mark above the loaded model. Next to it, the planner's estimate
 (``sparsepo-lite plan``) for the same settings.
 
-On a GPU the model is loaded once and the variants run in turn in this process (``--one-process``,
-the GPU default): the CUDA peak resets exactly between them, and loading an 8B model once instead
-of 36 times is what makes the table fit a 30-minute GPU lease. On the CPU the RSS peak cannot be
+On a GPU the model is built once and the variants run in turn in this process (``--one-process``,
+the GPU default): the CUDA peak resets exactly between them, and building an 8B model once instead
+of once per row is what makes the table fit a short GPU lease. On the CPU the RSS peak cannot be
 separated that cleanly, so each variant gets its own process there. ``--gpu-mem 24GB`` caps what
 the process may allocate (``torch.cuda.set_per_process_memory_fraction``) so that a larger card
 behaves like a 24 GB one: a step that needs more is an OOM row. A real card also holds the CUDA
@@ -24,6 +29,11 @@ context (about 0.5 GB) outside that cap.
   op_<loss>_cached   the same from a top-32 reference cache written by precompute_reference
   eager_<loss>       the same loss with full [T, V] logits of policy and reference (TDPO/SparsePO code)
   trl_dpo            sequence-level DPO on full logits, as TRL computes it
+
+Rows run in the order given (``--rows variant@T ...``, or ``--rows priority``: the GPU check's
+order) or as the grid ``--seq-lens`` x ``--variants``. With ``--deadline SECONDS`` a row whose
+predicted time (from the rows already measured) would end past the deadline is not started; it is
+recorded as skipped, and later, cheaper rows still run.
 
 Writes bench/results/e2e_<model>_<device>.{json,md} after every row (a run cut short keeps its rows).
 """
@@ -48,28 +58,25 @@ VARIANTS = ["op_dpo_online", "op_dpo_cached", "op_tdpo2_online", "op_tdpo2_cache
             "op_sparsepo_cached", "eager_tdpo2", "eager_sparsepo", "trl_dpo"]
 
 
+#: The dry-run model of scripts/gpu_check.sh: the same layout, small enough for a CPU test.
+TINY = dict(SMALL, hidden_size=64, intermediate_size=224, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=1, vocab_size=1000)
+#: The GPU check's order: what the acceptance needs first, then longer sequences, then the rest.
+PRIORITY = ([f"{v}@2048" for v in ("op_tdpo2_online", "op_sparsepo_online", "op_dpo_cached", "eager_tdpo2")]
+            + [f"{v}@{T}" for T in (4096, 8192) for v in ("op_tdpo2_online", "op_sparsepo_online", "op_dpo_cached")]
+            + [f"{v}@2048" for v in ("op_dpo_online", "op_tdpo2_cached", "op_sparsepo_cached", "trl_dpo",
+                                      "eager_sparsepo")]
+            + [f"{v}@{T}" for T in (4096, 8192) for v in ("op_dpo_online", "op_tdpo2_cached", "op_sparsepo_cached")]
+            + [f"{v}@1024" for v in VARIANTS] + ["eager_tdpo2@4096", "trl_dpo@4096"])
+
+
 def model_config(name):
     from sparsepo_lite.memory_plan import config_path
 
-    if name == "small":
-        return dict(SMALL)
+    if name in ("small", "tiny"):
+        return dict(SMALL if name == "small" else TINY)
     with open(config_path(name)) as f:
         return json.load(f)
-
-
-def prepare_model(name, dtype, folder):
-    """Random weights from the config, saved once under ``folder`` (loaded in 4-bit by each worker)."""
-    import torch
-    import transformers
-
-    if os.path.isfile(os.path.join(folder, "config.json")):
-        return folder
-    cfg = transformers.AutoConfig.for_model(**model_config(name))
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
-    model.save_pretrained(folder)
-    return folder
 
 
 def make_example(T, vocab, seed=0):
@@ -104,11 +111,13 @@ def trl_dpo_loss(model, batch, beta=0.1):
 
 
 def load_model(spec):
-    """The 4-bit policy of ``spec`` (its LoRA adapter on every projection, r = 16), in train mode."""
-    from sparsepo_lite.modeling import ModelConfig, load_policy
+    """The 4-bit policy of ``spec["model"]`` (random weights, seed 0, built on the device; a LoRA
+    adapter on every projection, r = 16), in train mode. Liger stays off: the planner models the
+    Hugging Face layers."""
+    from sparsepo_lite.modeling import ModelConfig, random_policy
 
-    model, _ = load_policy(ModelConfig(spec["folder"], dtype=spec["dtype"], lora_r=16, device=spec["device"]),
-                           tokenizer=False)
+    cfg = ModelConfig(spec["model"], dtype=spec["dtype"], lora_r=16, device=spec["device"], use_liger=False)
+    model = random_policy(model_config(spec["model"]), cfg, seed=0)
     model.train()
     return model
 
@@ -195,6 +204,11 @@ def measure(model, spec):
                       peak_bytes=peak, loss=loss)
     except torch.OutOfMemoryError:
         result.update(oom=True)
+    except Exception as exc:  # one broken variant must not cost the rows after it (a GPU lease is short)
+        import traceback
+
+        traceback.print_exc()
+        result.update(error=f"{type(exc).__name__}: {exc}")
     # After the except block, whose traceback held the failed step's tensors: free for the next variant.
     del opt, params, masks, batch
     model.zero_grad(set_to_none=True)
@@ -228,7 +242,7 @@ def plan_for(name, variant, T, dtype):
     if not variant.startswith("op_"):
         return None
     _, loss, ref = variant.split("_")
-    shape = ModelShape.from_config(SMALL, "small") if name == "small" else load_shape(name)
+    shape = ModelShape.from_config(model_config(name), name) if name in ("small", "tiny") else load_shape(name)
     reference = "online" if ref == "online" else ("label" if loss == "dpo" else "topk")
     return plan_memory(shape, T, loss=loss, reference=reference, prompt_len=T // 4, dtype=dtype, lora_r=16)
 
@@ -244,13 +258,15 @@ def write_results(out, result):
           f"{result['machine'].get('device', '?')}", "",
           "Commands: " + ", ".join(f"`{c}`" for c in result["commands"]), "",
           f"Machine: {result['machine'].get('gpu') or result['machine'].get('cpu', '?')}, torch "
-          f"{result['machine']['torch']}{cap}. One pair per step, {result['steps']} timed steps after a warm-up.",
+          f"{result['machine']['torch']}{cap}. One pair per step, {result['steps']} timed steps after a warm-up."
+          + (f" Model built in memory in {result['model_build_s']} s." if result.get("model_build_s") else ""),
           "", "| T | variant | tokens/s | peak GiB | planner GiB | planner / measured |", "|---|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: (r["T"], VARIANTS.index(r["variant"]))):
         if r.get("peak_bytes"):
             meas = f"{r['tokens_per_s']:.0f} | {r['peak_bytes'] / gib:.2f}"
         else:
-            meas = "OOM | -" if r.get("oom") else f"error: {r.get('error', '?')[:60]} | -"
+            meas = "OOM | -" if r.get("oom") else f"not run ({r['skipped']}) | -" if r.get("skipped") \
+                else f"error: {r.get('error', '?')[:60]} | -"
         plan = f"{r['plan_bytes'] / gib:.2f} ({r['plan_phase']})" if r.get("plan_bytes") else "-"
         ratio = f"{r['plan_over_measured']:.2f}" if r.get("plan_over_measured") else "-"
         md.append(f"| {r['T']} | {r['variant']} | {meas} | {plan} | {ratio} |")
@@ -274,21 +290,53 @@ def run_in_subprocess(spec):
     return row
 
 
+def parse_rows(rows, seq_lens, variants):
+    """[(variant, T)] in run order: ``rows`` ("priority" or "variant@T" items) or the grid."""
+    if not rows:
+        return [(v, T) for T in seq_lens for v in variants]
+    out = []
+    for item in PRIORITY if rows == ["priority"] else rows:
+        variant, _, T = item.partition("@")
+        if variant not in VARIANTS or not T.isdigit():
+            raise SystemExit(f"--rows: {item!r} is not VARIANT@T with VARIANT one of {VARIANTS}")
+        out.append((variant, int(T)))
+    return out
+
+
+def predicted_seconds(done, T):
+    """Wall time of a row at ``T`` from the rows measured so far: the slowest at this T, or the slowest
+    at the nearest shorter T scaled by T^1.3 (attention grows faster than linearly); 0 if none."""
+    same = [r["wall_s"] for r in done if r["T"] == T and "wall_s" in r]
+    if same:
+        return max(same)
+    shorter = [r for r in done if r["T"] < T and "wall_s" in r]
+    if not shorter:
+        return 0.0
+    t0 = max(r["T"] for r in shorter)
+    return max(r["wall_s"] for r in shorter if r["T"] == t0) * (T / t0) ** 1.3
+
+
 def main():
+    started = time.monotonic()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="'small' (CPU default) or a shipped name (GPU default llama-3-8b)")
+    ap.add_argument("--model", default=None,
+                    help="'small' (CPU default), 'tiny' (the dry run) or a shipped name (GPU default llama-3-8b)")
     ap.add_argument("--seq-lens", type=int, nargs="+", default=None)
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    ap.add_argument("--rows", nargs="+", default=None,
+                    help="rows in run order, as VARIANT@T, or 'priority' (the GPU check's order); "
+                         "replaces --seq-lens and --variants")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds from the start: start no row predicted to end later")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--gpu-mem", default=None, help="cap the GPU memory this run may allocate, e.g. 24GB")
     ap.add_argument("--one-process", action=argparse.BooleanOptionalAction, default=None,
-                    help="load the model once and measure every variant in this process (GPU default: the "
+                    help="build the model once and measure every variant in this process (GPU default: the "
                          "CUDA peak resets exactly; CPU default is a process per variant)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of an earlier run on the same machine that this run does not redo")
     ap.add_argument("--out", default=None, help="results path without extension "
                     "(default bench/results/e2e_<model>_<device>)")
-    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "sparsepo_e2e"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -303,9 +351,9 @@ def main():
     name = a.model or ("llama-3-8b" if device == "cuda" else "small")
     dtype = "bfloat16" if device == "cuda" else "float32"
     seq_lens = a.seq_lens or ([1024, 2048, 4096, 8192] if device == "cuda" else [256, 512, 1024])
+    rows = parse_rows(a.rows, seq_lens, a.variants)
     steps = a.steps or (3 if device == "cuda" else 2)
     one_process = device == "cuda" if a.one_process is None else a.one_process
-    folder = prepare_model(name, dtype, os.path.join(a.work, f"{name}_{dtype}"))
     command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
     out = a.out or os.path.join(HERE, "results", f"e2e_{name}_{device}")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -321,26 +369,40 @@ def main():
         if not same:
             sys.exit(f"--merge: {out}.json was measured with other settings or on another machine; "
                      "move it away or run without --merge")
-        redo = {(v, T) for v in a.variants for T in seq_lens}
+        redo = set(rows)
         result["rows"] = [r for r in old["rows"] if (r["variant"], r["T"]) not in redo]
         result["commands"] = [c for c in old.get("commands", [old.get("command")]) if c] + [command]
     if one_process:
+        t0 = time.perf_counter()
+        model = load_model(dict(device=device, dtype=dtype, model=name))
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # the full-precision weights, freed layer by layer while quantising
+        result["model_build_s"] = round(time.perf_counter() - t0, 1)
+        print(f"built {name} in memory ({dtype}, NF4) in {result['model_build_s']} s", flush=True)
+        write_results(out, result)
         cap_gpu_memory(a.gpu_mem)
-        model = load_model(dict(device=device, dtype=dtype, folder=folder))
-    for T in seq_lens:
-        for variant in a.variants:
-            spec = dict(variant=variant, T=T, device=device, dtype=dtype, folder=folder, steps=steps,
-                        gpu_mem=a.gpu_mem)
+    done = []
+    for variant, T in rows:
+        left = a.deadline - (time.monotonic() - started) if a.deadline is not None else None
+        need = predicted_seconds(done, T)
+        if left is not None and need > left:
+            row = {"variant": variant, "T": T, "skipped": f"time: needs ~{need:.0f} s, {max(left, 0):.0f} s left"}
+        else:
+            spec = dict(variant=variant, T=T, device=device, dtype=dtype, model=name, steps=steps, gpu_mem=a.gpu_mem)
+            t0 = time.monotonic()
             row = measure(model, spec) if one_process else run_in_subprocess(spec)
-            plan = plan_for(name, variant, T, dtype)
-            if plan is not None:
-                row["plan_bytes"] = plan.total
-                row["plan_phase"] = plan.phase
-                if row.get("peak_bytes"):
-                    row["plan_over_measured"] = plan.total / row["peak_bytes"]
-            result["rows"].append(row)
-            print(json.dumps(row), flush=True)
-            write_results(out, result)
+            row["wall_s"] = round(time.monotonic() - t0, 1)
+            done.append(row)
+        plan = plan_for(name, variant, T, dtype)
+        if plan is not None:
+            row["plan_bytes"] = plan.total
+            row["plan_phase"] = plan.phase
+            if row.get("peak_bytes"):
+                row["plan_over_measured"] = plan.total / row["peak_bytes"]
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        write_results(out, result)
     print(f"wrote {out}.json, {out}.md")
 
 

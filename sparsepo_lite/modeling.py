@@ -98,6 +98,18 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def _device_and_dtype(cfg: ModelConfig) -> Tuple[torch.device, torch.dtype]:
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.dtype == "auto":
+        return device, (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, getattr(torch, cfg.dtype)
+
+
+def _require_bitsandbytes() -> None:
+    if not _installed("bitsandbytes"):
+        raise ImportError("4-bit policies need bitsandbytes: pip install bitsandbytes")
+
+
 def load_policy(cfg: ModelConfig, *, tokenizer: bool = True):
     """Load ``(peft_model, tokenizer)``: base (4-bit or not) + a fresh LoRA adapter, head frozen.
 
@@ -107,21 +119,13 @@ def load_policy(cfg: ModelConfig, *, tokenizer: bool = True):
     With 4-bit weights, the embeddings, head and norms stay in the compute dtype (peft's
     ``prepare_model_for_kbit_training`` would upcast them to fp32: 2 GB more at Llama-3-8B).
     """
-    import peft
     import transformers
 
     path = resolve_model_path(cfg.model_name_or_path)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if cfg.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, cfg.dtype)
-    attn = cfg.attn_implementation or (
-        "flash_attention_2" if device.type == "cuda" and _installed("flash_attn") else "sdpa")
-    kwargs = dict(dtype=dtype, attn_implementation=attn)
+    device, dtype = _device_and_dtype(cfg)
+    kwargs = dict(dtype=dtype, attn_implementation=_attention(cfg, device))
     if cfg.quantization == "4bit":
-        if not _installed("bitsandbytes"):
-            raise ImportError("4-bit policies need bitsandbytes: pip install bitsandbytes")
+        _require_bitsandbytes()
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
@@ -130,6 +134,83 @@ def load_policy(cfg: ModelConfig, *, tokenizer: bool = True):
     model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if cfg.quantization != "4bit":
         model.to(device)
+    model = attach_adapter(model, cfg)
+    if not tokenizer:
+        return model, None
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def random_policy(config: dict, cfg: ModelConfig, *, seed: int = 0):
+    """A policy with random weights built from a Hugging Face ``config`` dict, in memory.
+
+    The base is made on ``cfg.device`` in the compute dtype with the model's own initialisation
+    (seeded), then every linear projection but the head is quantised to NF4 in place, one layer at a
+    time: the same weights and layout as saving that model and loading it with :func:`load_policy`,
+    without writing a checkpoint (16 GB at 8B). ``cfg.model_name_or_path`` only names the model.
+    Returns the peft model (LoRA adapter attached as in :func:`load_policy`).
+    """
+    import transformers
+
+    device, dtype = _device_and_dtype(cfg)
+    model_config = transformers.AutoConfig.for_model(**config)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(model_config, dtype=dtype,
+                                                              attn_implementation=_attention(cfg, device))
+    model.config.name_or_path = cfg.model_name_or_path
+    if cfg.quantization == "4bit":
+        _require_bitsandbytes()
+        quantize_linears_nf4(model, dtype)
+    return attach_adapter(model, cfg)
+
+
+def quantize_linears_nf4(model: nn.Module, compute_dtype: torch.dtype) -> int:
+    """Replace every ``nn.Linear`` but the output head by a bitsandbytes NF4 ``Linear4bit`` (double
+    quantisation, blocks of 64), quantising its current weight on its device. Returns the count.
+
+    This is what ``from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))`` does to the weights it loads.
+    """
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings()
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or child is head:
+                continue
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                                  device="meta")
+            weight = child.weight.detach()
+            q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                         module=q).to(weight.device)  # .to() quantises
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.detach(), requires_grad=False)
+            setattr(parent, name, q)
+            del child, weight  # the full-precision weight is freed layer by layer
+            n += 1
+    model.is_loaded_in_4bit = True  # what transformers' quantizer sets; peft dispatches on it
+    return n
+
+
+def _attention(cfg: ModelConfig, device: torch.device) -> str:
+    return cfg.attn_implementation or (
+        "flash_attention_2" if device.type == "cuda" and _installed("flash_attn") else "sdpa")
+
+
+def attach_adapter(model: nn.Module, cfg: ModelConfig):
+    """Freeze a loaded base, set it up for training and wrap it in a fresh LoRA adapter (peft).
+
+    Dropout off, Liger kernels where asked for, gradient checkpointing as configured, the head
+    frozen. Returns the peft model.
+    """
+    import peft
+
+    device = next(model.parameters()).device
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(f"{cfg.model_name_or_path}: encoder-decoder models are not supported (need a causal LM)")
     use_liger = cfg.use_liger if cfg.use_liger is not None else (device.type == "cuda" and _installed("liger_kernel"))
@@ -151,9 +232,4 @@ def load_policy(cfg: ModelConfig, *, tokenizer: bool = True):
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
         task_type="CAUSAL_LM"))
     model.get_output_embeddings().weight.requires_grad_(False)
-    if not tokenizer:
-        return model, None
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
+    return model

@@ -86,14 +86,12 @@ def test_persistent_parts_equal_the_loaded_model(small_dir):
 @pytest.mark.parametrize("variant,T", [("op_tdpo2_online", 768), ("op_sparsepo_cached", 640)])
 def test_plan_within_10_percent_of_a_measured_cpu_peak(variant, T, tmp_path):
     """One real training step (4-bit small Llama, fp32 on the CPU) measured in its own process."""
-    spec = dict(variant=variant, T=T, device="cpu", dtype="float32", steps=1,
-                folder=str(tmp_path / "model"))
+    spec = dict(variant=variant, T=T, device="cpu", dtype="float32", steps=1, model="small")
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     try:
         import bench_e2e
     finally:
         sys.path.pop(0)
-    bench_e2e.prepare_model("small", "float32", spec["folder"])
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=ROOT)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_e2e.py"), "--worker", json.dumps(spec)],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)

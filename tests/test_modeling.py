@@ -121,3 +121,33 @@ def test_bad_model_configs():
         ModelConfig("x", quantization="8bit")
     with pytest.raises(ValueError, match="lora_r must be"):
         ModelConfig("x", lora_r=0)
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "none"])
+def test_random_policy_in_memory_equals_save_and_load(tmp_path, quantization):
+    """random_policy (the GPU check's 8B model, never written to disk) builds the same weights and
+    layout as saving the seeded model and loading it with load_policy."""
+    from sparsepo_lite.modeling import random_policy
+
+    config = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=300, hidden_size=64,
+                  intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  tie_word_embeddings=False)
+    cfg = ModelConfig(str(tmp_path), quantization=quantization, lora_r=4, device="cpu")
+    built = random_policy(config, cfg, seed=3)
+    torch.manual_seed(3)
+    transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config),
+                                                  dtype=torch.float32).save_pretrained(tmp_path)
+    loaded, _ = load_policy(cfg, tokenizer=False)
+    a, b = built.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:  # packed NF4 bytes, absmax and double-quant statistics included
+        assert torch.equal(a[name], b[name]), name
+    if quantization == "4bit":
+        assert sum(isinstance(m, bnb.nn.Linear4bit) for m in built.modules()) == 2 * 7
+        assert built.get_base_model().is_loaded_in_4bit
+    assert {n for n, p in built.named_parameters() if p.requires_grad} == \
+        {n for n, p in loaded.named_parameters() if p.requires_grad}
+    ids = torch.randint(0, 300, (2, 12))
+    built.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(built(input_ids=ids).logits, loaded(input_ids=ids).logits, rtol=0, atol=0)
