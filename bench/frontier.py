@@ -75,7 +75,7 @@ def main():
             if not os.path.isfile(os.path.join(run, "adapter_model.safetensors")):
                 # no eval-loss pass: the frontier's evaluation is the sampled one below
                 cli("train", a.config, *METHODS[method], "--beta", str(beta), "--max_steps", str(a.steps),
-                    "--output_dir", run, "--eval_strategy", "no", "--eval_file", "")
+                    "--output_dir", run, "--overwrite_output_dir", "--eval_strategy", "no", "--eval_file", "")
             done = os.path.join(run, "sentiment_eval.json")
             if not _evaluated(done, a.prompts, a.samples):
                 cli("eval-sentiment", run, "--data", a.data_eval, "--prompts", str(a.prompts), "--samples", str(a.samples))

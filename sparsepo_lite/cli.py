@@ -24,6 +24,8 @@ import sys
 from dataclasses import dataclass
 from typing import List, Optional
 
+from .errors import TrainingError
+
 
 @dataclass
 class DataConfig:
@@ -51,7 +53,12 @@ def _to_argv(values: dict) -> List[str]:
 
 
 def parse_train_config(config_path: str, overrides: List[str]):
-    """(DataConfig, SparsePOConfig, resolved dict) from a YAML file plus overrides."""
+    """(DataConfig, SparsePOConfig, resolved dict) from a YAML file plus ``--field value`` overrides.
+
+    The resolved dict is what the run folder records (``sparsepo_config.yaml``): the data fields,
+    every field of SparsePOConfig's own and the TrainingArguments fields the YAML or the command line
+    set, all with their final values. Reading it back as a config gives the same run.
+    """
     import yaml
     from transformers import HfArgumentParser
 
@@ -59,16 +66,16 @@ def parse_train_config(config_path: str, overrides: List[str]):
 
     if not os.path.isfile(config_path):
         raise SystemExit(f"config file not found: {config_path}")
-    with open(config_path) as f:
-        try:
+    try:
+        with open(config_path, encoding="utf-8") as f:
             values = yaml.safe_load(f) or {}
-        except yaml.YAMLError as exc:
-            raise SystemExit(f"{config_path}: not valid YAML: {exc}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"{config_path}: not valid YAML: {exc}") from None
     if not isinstance(values, dict):
         raise SystemExit(f"{config_path}: expected a mapping of config keys, got {type(values).__name__}")
     parser = HfArgumentParser((DataConfig, SparsePOConfig))
     known = {f.name for dc in (DataConfig, SparsePOConfig) for f in dataclasses.fields(dc)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(str(k) for k in set(values) - known)
     if unknown:
         raise SystemExit(f"{config_path}: unknown config key(s) {unknown}; see `sparsepo-lite train --help`")
     try:
@@ -79,40 +86,43 @@ def parse_train_config(config_path: str, overrides: List[str]):
         raise SystemExit(f"{config_path}: model_name_or_path is required")
     if not data_args.train_file:
         raise SystemExit(f"{config_path}: train_file is required")
-    resolved = {**dataclasses.asdict(data_args),
-                **{k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(SparsePOConfig)}}}
+    given = set(values) | {_field_of(arg, known) for arg in overrides if arg.startswith("--")}
+    resolved = {**dataclasses.asdict(data_args), **train_args.run_config(given & known)}
     return data_args, train_args, resolved
 
 
-def train(config_path: str, overrides: List[str]) -> str:
-    """Run training from a YAML config; returns the output directory."""
-    import yaml
+def _field_of(arg: str, known) -> str:
+    """The config field a command-line flag sets: ``--lora_r``, ``--lora_r=8``, ``--no_verify_ref_cache``."""
+    name = arg[2:].split("=", 1)[0]
+    return name[3:] if name.startswith("no_") and name not in known and name[3:] in known else name
 
+
+def train(config_path: str, overrides: List[str]) -> str:
+    """Run training from a YAML config; returns the output directory.
+
+    The run folder gets its resolved configuration before step 0, and the adapter (and mask net)
+    before the final evaluation, so a failing evaluation loses no training.
+    """
     from .trainer import SparsePOTrainer
 
-    from .ref_cache import CacheError
-
     data_args, args, resolved = parse_train_config(config_path, overrides)
-    try:
-        # `--eval_file ""` turns off the config's evaluation split
-        trainer = SparsePOTrainer(args=args, train_dataset=data_args.train_file, eval_dataset=data_args.eval_file or None)
-    except CacheError as exc:
-        raise SystemExit(f"{config_path}: {exc}") from None
+    # `--eval_file ""` turns off the config's evaluation split
+    trainer = SparsePOTrainer(args=args, train_dataset=data_args.train_file, eval_dataset=data_args.eval_file or None,
+                              run_config=resolved)
     tok = trainer.processing_class
     main_process = trainer.is_world_process_zero()
     for split, report in trainer.data_reports.items():
         if main_process:
             print(f"{split} data: {report.summary()}", flush=True)
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model(args.output_dir)  # writes on the main process only
+    if main_process:
+        tok.save_pretrained(args.output_dir)
     metrics = dict(result.metrics)
     if data_args.eval_file:
         metrics.update(trainer.evaluate())
-    trainer.save_model(args.output_dir)  # writes on the main process only
     if not main_process:
         return args.output_dir
-    tok.save_pretrained(args.output_dir)
-    with open(os.path.join(args.output_dir, "sparsepo_config.yaml"), "w") as f:
-        yaml.safe_dump(resolved, f, sort_keys=False)
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
         json.dump({"final": metrics, "log_history": trainer.state.log_history}, f, indent=1)
     print(f"saved adapter, mask network, config and metrics to {args.output_dir}", flush=True)
@@ -126,21 +136,22 @@ def precompute_ref(config_path: str, out: str, top_k: int, store: Optional[str],
     from transformers import set_seed
 
     from .data import tokenize_dataset
-    from .modeling import load_policy
+    from .modeling import load_policy, load_tokenizer
     from .objective import LossConfig
     from .precompute import precompute_reference
     from .ref_cache import run_fingerprint
 
     data_args, args, _ = parse_train_config(config_path, overrides)
-    set_seed(args.seed)
-    model, tok = load_policy(args.model_config())
+    tok = load_tokenizer(args.model_name_or_path)
     splits = {}
     for split, path in (("train", data_args.train_file), ("eval", data_args.eval_file)):
-        if path:
+        if path:  # read and checked before the model loads
             examples, report = tokenize_dataset(path, tok, max_length=args.max_length,
                                                 max_prompt_length=args.max_prompt_length, strict=args.strict_data)
             print(f"{split} data: {report.summary()}", flush=True)
             splits[split] = examples
+    set_seed(args.seed)
+    model, _ = load_policy(args.model_config(), tokenizer=False)
     fp = run_fingerprint(model, tok, splits, model_name=args.model_name_or_path, max_length=args.max_length,
                          max_prompt_length=args.max_prompt_length)
     # Only MaPO needs more than the reference's distribution: its activation masks.
@@ -292,35 +303,40 @@ def main(argv: Optional[List[str]] = None) -> None:
     p_plan.add_argument("--independent-masks", action="store_true", help="SparsePO with two mask nets")
     p_plan.add_argument("--json", action="store_true")
     args, rest = parser.parse_known_args(argv)
-    if args.command in ("eval-sentiment", "inspect-masks", "plan") and rest:
+    if args.command not in ("train", "precompute-ref") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        _run(args, rest)
+    except USER_ERRORS as exc:
+        # A one-line message naming the row, field or file; SPARSEPO_LITE_DEBUG=1 keeps the traceback.
+        if os.environ.get("SPARSEPO_LITE_DEBUG"):
+            raise
+        raise SystemExit(f"sparsepo-lite {args.command}: {exc}") from None
+
+
+def _run(args, rest: List[str]) -> None:
     if args.command == "eval-sentiment":
         eval_sentiment(args.run_dir, args.data, args.prompts, args.samples, args.max_new_tokens, args.seed)
     elif args.command == "inspect-masks":
         inspect_masks(args.run_dir, args.data, args.pairs, args.out)
     elif args.command == "plan":
         plan(args)
-    if args.command == "train":
+    elif args.command == "train":
         train(args.config, rest)
     elif args.command == "precompute-ref":
-        from .ref_cache import CacheError
-
-        try:
-            precompute_ref(args.config, args.out, args.top_k, args.store, args.topk_dtype, args.batch_size,
-                           args.shard_size, rest)
-        except (CacheError, ValueError) as exc:
-            raise SystemExit(f"precompute-ref: {exc}") from None
+        precompute_ref(args.config, args.out, args.top_k, args.store, args.topk_dtype, args.batch_size,
+                       args.shard_size, rest)
     elif args.command == "verify-ref":
-        from .ref_cache import CacheError, verify_cache
+        from .ref_cache import verify_cache
 
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        try:
-            totals = verify_cache(args.dir)
-        except CacheError as exc:
-            raise SystemExit(f"verify-ref: {exc}") from None
+        totals = verify_cache(args.dir)
         print(f"{args.dir}: OK ({totals['shards']} shards, {totals['examples']} pairs, {totals['tokens']} tokens, "
               f"{totals['bytes']} bytes)")
+
+
+#: Errors that describe bad input or a failed run (data rows, configs, caches, files, the run's
+#: outcome): reported in one line. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, ImportError, TrainingError)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,16 @@ own special-token rule; an EOS ends every response. Truncation follows the offic
 prompt plus the longer response exceeds ``max_length``, keep the last ``max_prompt_length``
 prompt tokens, then cut both responses to ``max_length - len(prompt)``.
 
-Bad rows are counted and reported by index and reason, and skipped (or raise, ``strict=True``).
+Bad rows are counted and reported by index and reason, and skipped (or raise, ``strict=True``):
+missing or mistyped fields, empty prompts or responses, malformed messages, text that is not valid
+Unicode, a .jsonl line that is not UTF-8 or not JSON, non-finite token weights, and anything the
+tokenizer or its chat template rejects.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -62,25 +66,49 @@ class BadRow(ValueError):
     """A row that cannot be used; the message names the row and the field."""
 
 
-def read_rows(source) -> List[Dict[str, Any]]:
-    """Rows from a .jsonl/.json/.parquet file, a ``datasets`` dataset or any iterable of dicts."""
+@dataclass(frozen=True)
+class UnreadableRow:
+    """A .jsonl line that could not be read as a row (kept in place so row indices stay line order)."""
+
+    reason: str
+
+
+def read_rows(source, *, bad_lines: str = "raise") -> List[Any]:
+    """Rows from a .jsonl/.json/.parquet file, a ``datasets`` dataset or any iterable of dicts.
+
+    A .jsonl line that is not UTF-8 or not JSON raises naming the file and line
+    (``bad_lines="raise"``) or becomes an :class:`UnreadableRow` in its place (``"row"``), which
+    :func:`tokenize_dataset` reports as a bad row.
+    """
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"preference data file not found: {path}")
         if path.endswith(".jsonl"):
             rows = []
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as exc:
-                            raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+            with open(path, "rb") as f:
+                for n, raw in enumerate(f, 1):
+                    if not raw.strip():
+                        continue
+                    try:
+                        rows.append(json.loads(raw.decode("utf-8")))
+                        continue
+                    except UnicodeDecodeError as exc:
+                        why = f"not UTF-8 (byte {exc.start})"
+                    except (json.JSONDecodeError, RecursionError) as exc:
+                        why = f"not valid JSON ({getattr(exc, 'msg', 'nested too deeply')})"
+                    if bad_lines == "raise":
+                        raise ValueError(f"{path}:{n}: {why}")
+                    rows.append(UnreadableRow(f"line {n}: {why}"))
             return rows
         if path.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}: not UTF-8 (byte {exc.start})") from None
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise ValueError(f"{path}: not valid JSON ({getattr(exc, 'msg', 'nested too deeply')})") from None
             if not isinstance(data, list):
                 raise ValueError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
             return data
@@ -95,7 +123,26 @@ def read_rows(source) -> List[Dict[str, Any]]:
 
 
 def _is_messages(x) -> bool:
-    return isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
+    """Whether ``x`` looks like a message list (a list of dicts with role and content); the
+    messages themselves are checked by :func:`_check_messages`."""
+    return isinstance(x, list) and bool(x) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
+
+
+def _check_text(field_name: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRow(f"{field_name!r} is not valid Unicode (a lone surrogate)") from None
+
+
+def _check_messages(field_name: str, messages) -> None:
+    for j, m in enumerate(messages):
+        if not isinstance(m.get("role"), str) or not m["role"]:
+            raise BadRow(f"{field_name!r} message {j}: 'role' must be a non-empty string, got {m.get('role')!r}")
+        if not isinstance(m.get("content"), str):
+            raise BadRow(f"{field_name!r} message {j}: 'content' must be a string, got "
+                         f"{type(m.get('content')).__name__}")
+        _check_text(f"{field_name} message {j}", m["content"])
 
 
 def _shared_prefix(a: Sequence, b: Sequence) -> int:
@@ -110,18 +157,27 @@ def split_row(row: Dict[str, Any]) -> Tuple[Any, Any, Any, bool]:
 
     Raises BadRow naming the field for missing or mistyped fields.
     """
+    if isinstance(row, UnreadableRow):
+        raise BadRow(row.reason)
     if not isinstance(row, dict):
         raise BadRow(f"row is a {type(row).__name__}, not an object")
     for key in ("chosen", "rejected"):
         if key not in row or row[key] is None:
             raise BadRow(f"missing field {key!r}")
+        if row[key] == [] or row[key] == "":
+            raise BadRow(f"empty {key!r} response")
     chosen, rejected = row["chosen"], row["rejected"]
     conversational = _is_messages(chosen)
     if conversational != _is_messages(rejected):
-        raise BadRow("'chosen' and 'rejected' must both be strings or both be message lists")
+        raise BadRow("'chosen' and 'rejected' must both be strings or both be non-empty message lists")
     if not conversational and not (isinstance(chosen, str) and isinstance(rejected, str)):
         raise BadRow(f"'chosen'/'rejected' must be strings or message lists, got {type(chosen).__name__}/"
                      f"{type(rejected).__name__}")
+    for name, value in (("chosen", chosen), ("rejected", rejected), ("prompt", row.get("prompt"))):
+        if isinstance(value, str):
+            _check_text(name, value)
+        elif conversational and isinstance(value, list):
+            _check_messages(name, value)
     prompt = row.get("prompt")
     if prompt is None:  # implicit prompt: the shared beginning
         n = _shared_prefix(chosen, rejected)
@@ -132,9 +188,11 @@ def split_row(row: Dict[str, Any]) -> Tuple[Any, Any, Any, bool]:
         if not prompt:
             raise BadRow("no 'prompt' field and chosen/rejected share no prompt")
     elif conversational and not _is_messages(prompt):
-        raise BadRow("'prompt' must be a message list when the responses are")
+        raise BadRow("'prompt' must be a non-empty message list when the responses are messages")
     elif not conversational and not isinstance(prompt, str):
         raise BadRow(f"'prompt' must be a string, got {type(prompt).__name__}")
+    elif not conversational and not prompt.strip():
+        raise BadRow("empty 'prompt': the first response token would be predicted from nothing")
     return prompt, chosen, rejected, conversational
 
 
@@ -143,18 +201,15 @@ def _response_text(resp, conversational: bool, field_name: str) -> str:
         return resp
     if not resp or any(m["role"] != "assistant" for m in resp):
         raise BadRow(f"{field_name!r} must be assistant message(s) after the prompt")
-    parts = [m["content"] for m in resp]
-    if not all(isinstance(p, str) for p in parts):
-        raise BadRow(f"{field_name!r} message content must be a string")
-    return "".join(parts)
+    return "".join(m["content"] for m in resp)
 
 
 class PreferenceTokenizer:
     """Turns rows into :class:`PreferenceExample` with the spec's BOS/EOS and truncation rules."""
 
     def __init__(self, tokenizer, max_length: int = 512, max_prompt_length: int = 256):
-        if max_prompt_length >= max_length:
-            raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
+        if not 1 <= max_prompt_length < max_length:
+            raise ValueError(f"need 1 <= max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; responses must end with one")
         self.tok = tokenizer
@@ -185,14 +240,24 @@ class PreferenceTokenizer:
             texts[name] = text
         if texts["chosen"] == texts["rejected"]:
             raise BadRow("'chosen' and 'rejected' are identical")
-        p = self.prompt_ids(prompt, conv)
-        c, r = self.response_ids(texts["chosen"]), self.response_ids(texts["rejected"])
+        try:
+            p = self.prompt_ids(prompt, conv)
+            c, r = self.response_ids(texts["chosen"]), self.response_ids(texts["rejected"])
+        except BadRow:
+            raise
+        except Exception as exc:  # the tokenizer or its chat template rejected this row's text
+            raise BadRow(f"could not be tokenised ({type(exc).__name__}: {exc})") from None
+        if not p:
+            raise BadRow("the prompt has no tokens: the first response token would be predicted from nothing")
         weights = {}
         for name, ids in (("chosen", c), ("rejected", r)):
             w = row.get(f"{name}_token_weights")
             if w is not None:
-                if not isinstance(w, list) or not all(isinstance(x, (int, float)) for x in w):
+                if not isinstance(w, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                      for x in w):
                     raise BadRow(f"'{name}_token_weights' must be a list of numbers")
+                if not all(math.isfinite(x) for x in w):
+                    raise BadRow(f"'{name}_token_weights' holds a non-finite value (NaN or inf)")
                 if len(w) != len(ids):
                     raise BadRow(f"'{name}_token_weights' has {len(w)} entries but the response has "
                                  f"{len(ids)} tokens (EOS included)")
@@ -212,7 +277,7 @@ class PreferenceTokenizer:
 def tokenize_dataset(source, tokenizer, *, max_length: int = 512, max_prompt_length: int = 256,
                      strict: bool = False) -> Tuple[List[PreferenceExample], DataReport]:
     """Read and tokenise every row; bad rows are reported (and skipped, or raise with ``strict``)."""
-    rows = read_rows(source)
+    rows = read_rows(source, bad_lines="raise" if strict else "row")
     make = PreferenceTokenizer(tokenizer, max_length, max_prompt_length)
     report = DataReport(total=len(rows))
     examples = []
@@ -228,7 +293,8 @@ def tokenize_dataset(source, tokenizer, *, max_length: int = 512, max_prompt_len
         examples.append(ex)
     report.kept = len(examples)
     if not examples:
-        raise ValueError("no usable preference rows:\n" + report.summary())
+        where = f" in {os.fspath(source)}" if isinstance(source, (str, os.PathLike)) else ""
+        raise ValueError(f"no usable preference rows{where}:\n" + report.summary())
     return examples, report
 
 

@@ -4,12 +4,15 @@ LoRA adapter. The reference is the same base with the adapter disabled: one copy
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+
+from .validation import check_choice, check_number
 
 
 @dataclass
@@ -36,12 +39,24 @@ class ModelConfig:
     device: Optional[str] = None
 
     def __post_init__(self):
-        if self.quantization not in ("4bit", "none"):
-            raise ValueError(f"quantization must be '4bit' or 'none', got {self.quantization!r}")
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
-        if self.lora_r < 1:
-            raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+        check_choice("quantization", self.quantization, ("4bit", "none"))
+        check_choice("dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
+        check_number("lora_r", self.lora_r, low=1, integer=True)
+        check_number("lora_alpha", self.lora_alpha, low=0, low_open=True)
+        check_number("lora_dropout", self.lora_dropout, low=0, high=1, high_open=True)
+
+    @classmethod
+    def from_dict(cls, values: dict, **overrides) -> "ModelConfig":
+        """The model fields of a config dict (a run's ``sparsepo_config.yaml``, ``SparsePOConfig``'s
+        fields); other keys are ignored. ``lora_target_modules`` may be a list (["all-linear"] means
+        every projection)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in values.items() if k in names}
+        kw.update(overrides)
+        targets = kw.get("lora_target_modules")
+        if isinstance(targets, (list, tuple)):
+            kw["lora_target_modules"] = "all-linear" if list(targets) == ["all-linear"] else tuple(targets)
+        return cls(**kw)
 
 
 def _installed(name: str) -> bool:
@@ -135,12 +150,17 @@ def load_policy(cfg: ModelConfig, *, tokenizer: bool = True):
     if cfg.quantization != "4bit":
         model.to(device)
     model = attach_adapter(model, cfg)
-    if not tokenizer:
-        return model, None
-    tok = transformers.AutoTokenizer.from_pretrained(path)
+    return model, (load_tokenizer(cfg.model_name_or_path) if tokenizer else None)
+
+
+def load_tokenizer(model_name_or_path: str):
+    """The model's tokenizer, with the EOS token as padding where it has no pad token."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_model_path(model_name_or_path))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return model, tok
+    return tok
 
 
 def random_policy(config: dict, cfg: ModelConfig, *, seed: int = 0):

@@ -29,6 +29,7 @@ import torch.nn as nn
 from .losses import LOSS_TYPES, pair_stats, preference_loss, token_weights_for
 from .masks import MAPO_HOOK_TYPES, SparsePOMasks, _unwrap, mapo_masks, record_activation_means
 from .token_stats import ExactReference, LabelReference, TopKReference
+from .validation import check_choice, check_number
 
 IGNORE_INDEX = -100
 _CACHED = "ref_label_logp"  # a batch with this key carries a cached reference (ref_cache.py)
@@ -56,16 +57,28 @@ class LossConfig:
     chunk_size: Optional[int] = None
 
     def __post_init__(self):
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        check_loss_settings(self.loss_type, beta=self.beta, alpha=self.alpha, label_smoothing=self.label_smoothing,
+                            l1_reward=self.l1_reward, l1_kl=self.l1_kl, mapo_mapping=self.mapo_mapping,
+                            chunk_size=self.chunk_size)
         if self.loss_type == "sparsepo" and self.masks is None:
             raise ValueError("loss_type='sparsepo' needs masks=SparsePOMasks.for_model(model)")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.mapo_mapping not in ("zn_rescale", "uniform"):
-            raise ValueError(f"mapo_mapping must be 'zn_rescale' or 'uniform', got {self.mapo_mapping!r}")
+
+
+MAPO_MAPPINGS = ("zn_rescale", "uniform")
+
+
+def check_loss_settings(loss_type: str, *, beta: float, alpha: float, label_smoothing: float, l1_reward: float,
+                        l1_kl: float, mapo_mapping: str, chunk_size: Optional[int]) -> None:
+    """Raise ``ValueError`` naming the first loss setting that is unknown, non-finite or out of range
+    (shared by :class:`LossConfig` and the trainer's config, which checks before loading a model)."""
+    check_choice("loss_type", loss_type, LOSS_TYPES)
+    check_number("beta", beta, low=0, low_open=True)
+    check_number("alpha", alpha, low=0)
+    check_number("label_smoothing", label_smoothing, low=0, high=0.5, high_open=True)
+    check_number("l1_reward", l1_reward, low=0)
+    check_number("l1_kl", l1_kl, low=0)
+    check_choice("mapo_mapping", mapo_mapping, MAPO_MAPPINGS)
+    check_number("chunk_size", chunk_size, low=1, integer=True, optional=True)
 
 
 def _check_batch(batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ last listed shard and ends with the same files as an uninterrupted one.
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Callable, Dict, Optional, Sequence
 
@@ -21,6 +22,9 @@ from .ref_cache import (FORMAT, FORMAT_VERSION, MANIFEST, CacheError, compare_fi
 
 #: Rows of [rows, V] fp32 logits formed at once for the top-k (64 MiB at V = 64k).
 TOPK_ROWS = 256
+#: The temporary files this module writes (``_save_atomic``, ``write_json_atomic``): the only files a
+#: resumed precompute deletes from the cache directory.
+_OWN_TEMP = re.compile(r"(manifest\.json|[A-Za-z0-9_]+-\d{5}\.safetensors)\.tmp-\d+")
 
 
 def reference_token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, top_k: int,
@@ -113,7 +117,7 @@ def precompute_reference(model, tokenizer, splits: Dict[str, Sequence[Preference
                 "label_dtype": "float32", "shard_size": shard_size, "batch_size": batch_size}
     os.makedirs(out_dir, exist_ok=True)
     for leftover in os.listdir(out_dir):  # a shard or manifest a killed run never committed
-        if ".tmp-" in leftover:
+        if _OWN_TEMP.fullmatch(leftover) and os.path.isfile(os.path.join(out_dir, leftover)):
             os.remove(os.path.join(out_dir, leftover))
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": fingerprint,
                 "contents": contents, "splits": {}}

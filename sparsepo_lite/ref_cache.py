@@ -26,6 +26,7 @@ import bisect
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -133,25 +134,83 @@ def shard_name(split: str, i: int) -> str:
 
 
 def read_manifest(cache_dir: str) -> dict:
+    """The cache's manifest, checked field by field: a malformed one raises :class:`CacheError` with
+    one line naming the file and the field. Shard files must be the names precompute writes, so no
+    manifest can point outside the cache directory."""
     path = os.path.join(cache_dir, MANIFEST)
     if not os.path.isdir(cache_dir):
         raise CacheError(f"reference cache not found: {cache_dir} is not a directory")
     if not os.path.isfile(path):
         raise CacheError(f"{path} is missing: not a reference cache, or its precompute never finished a shard")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise CacheError(f"{path}: unreadable manifest ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CacheError(f"{path}: unreadable manifest ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CacheError(f"{path}: not a {FORMAT} manifest")
+        raise CacheError(f"{path}: not a {FORMAT} manifest (field 'format')")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise CacheError(f"{path}: format version {manifest.get('format_version')}, this package reads "
+        raise CacheError(f"{path}: format version {manifest.get('format_version')!r}, this package reads "
                          f"{FORMAT_VERSION}")
-    for key in ("fingerprint", "contents", "splits"):
-        if not isinstance(manifest.get(key), dict):
-            raise CacheError(f"{path}: manifest field {key!r} is missing or malformed")
+    _check_manifest_fields(path, manifest)
     return manifest
+
+
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_CONTENTS = {  # field: (type, predicate on the value, what it must be)
+    "top_k": (int, lambda v: v >= 0, "an integer >= 0"),
+    "topk_dtype": (str, lambda v: v in ("float16", "bfloat16", "float32"), "float16, bfloat16 or float32"),
+    "store_hidden": (bool, None, "true or false"),
+    "hidden_dtype": ((str, type(None)), lambda v: v is None or v in _DTYPES, "null or a float dtype"),
+    "hidden_size": (int, lambda v: v >= 1, "an integer >= 1"),
+    "vocab_size": (int, lambda v: v >= 1, "an integer >= 1"),
+    "mapo_masks": (bool, None, "true or false"),
+    "shard_size": (int, lambda v: v >= 1, "an integer >= 1"),
+}
+_SHARD = {
+    "sha256": (str, _SHA256.fullmatch, "64 lowercase hex digits"),
+    "bytes": (int, lambda v: v >= 0, "an integer >= 0"),
+    "examples": (int, lambda v: v >= 1, "an integer >= 1"),
+    "tokens": (int, lambda v: v >= 0, "an integer >= 0"),
+    "first_row": (int, lambda v: v >= 0, "an integer >= 0"),
+}
+
+
+def _check_fields(path: str, where: str, obj, spec) -> None:
+    if not isinstance(obj, dict):
+        raise CacheError(f"{path}: field {where!r} must be an object, got {type(obj).__name__}")
+    for key, (kind, ok, what) in spec.items():
+        value = obj.get(key)
+        wrong_type = not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+        if key not in obj or wrong_type or (ok is not None and not ok(value)):
+            raise CacheError(f"{path}: field '{where}.{key}' must be {what}, got {value!r}"[:300])
+
+
+def _check_manifest_fields(path: str, manifest: dict) -> None:
+    fp = manifest.get("fingerprint")
+    if not isinstance(fp, dict) or not all(isinstance(k, str) and isinstance(v, (str, int, float, bool, type(None)))
+                                           for k, v in fp.items()):
+        raise CacheError(f"{path}: field 'fingerprint' must be an object of plain values")
+    _check_fields(path, "contents", manifest.get("contents"), _CONTENTS)
+    if manifest["contents"]["store_hidden"] and manifest["contents"]["hidden_dtype"] is None:
+        raise CacheError(f"{path}: field 'contents.hidden_dtype' must name a dtype when store_hidden is true")
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        raise CacheError(f"{path}: field 'splits' must be an object, got {type(splits).__name__}")
+    for split, info in splits.items():
+        if not _SPLIT_NAME.fullmatch(split):
+            raise CacheError(f"{path}: split name {split[:50]!r} must be letters, digits and '_'")
+        _check_fields(path, f"splits.{split}", info, {"examples": _SHARD["tokens"], "num_shards": _SHARD["tokens"]})
+        shards = info.get("shards")
+        if not isinstance(shards, list) or len(shards) > info["num_shards"]:
+            raise CacheError(f"{path}: field 'splits.{split}.shards' must be a list of at most num_shards entries")
+        for i, shard in enumerate(shards):
+            where = f"splits.{split}.shards[{i}]"
+            _check_fields(path, where, shard, _SHARD)
+            if shard.get("file") != shard_name(split, i):
+                raise CacheError(f"{path}: field '{where}.file' must be {shard_name(split, i)!r}, got "
+                                 f"{str(shard.get('file'))[:100]!r}")
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -186,10 +245,11 @@ class CacheSplit:
                              "precompute (run it again with the same --out: it resumes)")
         self._first_rows = [s["first_row"] for s in self.shards_info]
         self._open: Dict[int, _Shard] = {}
+        self.verified = False  # set once verify_cache has checked every shard: no second hashing
 
     def _shard(self, i: int) -> _Shard:
         if i not in self._open:
-            self._open[i] = open_shard(self.dir, self.shards_info[i], self.contents)
+            self._open[i] = open_shard(self.dir, self.shards_info[i], self.contents, check_sum=not self.verified)
         return self._open[i]
 
     def lookup(self, row: int) -> Dict[str, torch.Tensor]:
@@ -217,17 +277,19 @@ def _token_tensors(contents: dict) -> List[str]:
     return names
 
 
-def open_shard(cache_dir: str, info: dict, contents: dict, check_values: bool = False) -> _Shard:
-    """Open one shard after checking its checksum, tensors, shapes and dtypes (and, with
-    ``check_values``, its value ranges). Any problem raises :class:`CacheError` naming the file."""
+def open_shard(cache_dir: str, info: dict, contents: dict, check_values: bool = False,
+               check_sum: bool = True) -> _Shard:
+    """Open one shard after checking its checksum (unless ``check_sum`` is False: the cache was
+    verified whole), tensors, shapes and dtypes (and, with ``check_values``, its value ranges).
+    Any problem raises :class:`CacheError` naming the file."""
     from safetensors import safe_open
 
     path = os.path.join(cache_dir, info["file"])
-    if not os.path.isfile(path):
-        raise CacheError(f"{path}: shard missing")
+    if os.path.islink(path) or not os.path.isfile(path):
+        raise CacheError(f"{path}: shard missing (or not a regular file)")
     if os.path.getsize(path) != info["bytes"]:
         raise CacheError(f"{path}: {os.path.getsize(path)} bytes, the manifest says {info['bytes']} (truncated?)")
-    if sha256_file(path) != info["sha256"]:
+    if check_sum and sha256_file(path) != info["sha256"]:
         raise CacheError(f"{path}: checksum mismatch (corrupted shard)")
     try:
         handle = safe_open(path, framework="pt")
@@ -290,7 +352,8 @@ def _check_values(path: str, handle, contents: dict) -> None:
 
 
 class RefCache:
-    """A reference cache directory opened for training. Shards are checked when first used."""
+    """A reference cache directory opened for training. :meth:`verify` checks every shard of the
+    splits a run uses before it starts; otherwise each shard is checked when first used."""
 
     def __init__(self, cache_dir: str):
         self.dir = cache_dir
@@ -302,6 +365,13 @@ class RefCache:
     def check_run(self, run_fp: Dict[str, object]) -> None:
         compare_fingerprints(self.fingerprint, run_fp, self.dir)
 
+    def verify(self, splits: Sequence[str]) -> Dict[str, int]:
+        """Check every shard of ``splits`` (checksums, tensors, shapes, value ranges) now."""
+        totals = verify_cache(self.dir, splits=splits)
+        for name in splits:
+            self.split(name).verified = True
+        return totals
+
     def split(self, name: str) -> CacheSplit:
         if name not in self._splits:
             info = self.manifest["splits"].get(name)
@@ -312,14 +382,18 @@ class RefCache:
         return self._splits[name]
 
 
-def verify_cache(cache_dir: str) -> Dict[str, int]:
-    """Check every shard of every split: checksum, tensors, shapes, counts, value ranges.
-
-    Returns totals ({"shards", "examples", "tokens", "bytes"}); raises :class:`CacheError`.
+def verify_cache(cache_dir: str, splits: Optional[Sequence[str]] = None) -> Dict[str, int]:
+    """Check every shard of every split (or of ``splits``): checksum, tensors, shapes, counts, value
+    ranges. Returns totals ({"shards", "examples", "tokens", "bytes"}); raises :class:`CacheError`.
     """
     manifest = read_manifest(cache_dir)
     totals = {"shards": 0, "examples": 0, "tokens": 0, "bytes": 0}
+    missing = sorted(set(splits or ()) - set(manifest["splits"]))
+    if missing:
+        raise CacheError(f"{cache_dir}: no {missing} split(s) in the cache (it has {sorted(manifest['splits'])})")
     for split, info in manifest["splits"].items():
+        if splits is not None and split not in splits:
+            continue
         CacheSplit(cache_dir, split, info, manifest["contents"])  # completeness
         rows_seen = -1
         for sinfo in info["shards"]:

@@ -7,22 +7,19 @@ config) and ``metrics.json``.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import tempfile
 from typing import Optional, Tuple
 
 from .masks import SparsePOMasks
-
-MODEL_FIELDS = ("model_name_or_path", "quantization", "dtype", "lora_r", "lora_alpha", "lora_dropout",
-                "lora_target_modules", "attn_implementation", "use_liger")
 
 
 def run_config(run_dir: str) -> dict:
     """The run's resolved config (``sparsepo_config.yaml``) as a dict."""
     import yaml
 
-    path = os.path.join(run_dir, "sparsepo_config.yaml")
+    from .trainer import RUN_CONFIG
+
+    path = os.path.join(run_dir, RUN_CONFIG)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{run_dir} is not a sparsepo-lite run directory: {path} is missing")
     with open(path) as f:
@@ -41,17 +38,15 @@ def load_run(run_dir: str) -> Tuple[object, object, Optional[SparsePOMasks], dic
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from .modeling import load_policy
-    from .trainer import MASK_WEIGHTS, SparsePOConfig, load_masks
+    from .modeling import ModelConfig, load_policy
+    from .trainer import MASK_WEIGHTS, load_masks
 
     cfg = run_config(run_dir)
     adapter = os.path.join(run_dir, "adapter_model.safetensors")
     if not os.path.isfile(adapter):
         raise FileNotFoundError(f"{adapter} is missing (did the run finish?)")
-    fields = {k: cfg[k] for k in MODEL_FIELDS if k in cfg}
-    with tempfile.TemporaryDirectory() as tmp:
-        args = SparsePOConfig(output_dir=tmp, report_to=[], use_cpu=bool(cfg.get("use_cpu", False)), **fields)
-    model, tok = load_policy(dataclasses.replace(args.model_config(), gradient_checkpointing=False))
+    model_cfg = ModelConfig.from_dict(cfg, gradient_checkpointing=False, device="cpu" if cfg.get("use_cpu") else None)
+    model, tok = load_policy(model_cfg)
     result = set_peft_model_state_dict(model, load_file(adapter))
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"{adapter}: weights that do not fit this model: {result.unexpected_keys[:5]}")

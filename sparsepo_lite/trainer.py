@@ -7,27 +7,43 @@ next to it as ``mask_net.safetensors`` (+ ``mask_net.json``).
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import logging
+import math
 import os
+import shutil
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 import transformers
 
 from .data import PreferenceCollator, PreferenceExample, tokenize_dataset
+from .errors import TrainingError
 from .losses import LOSS_TYPES
 from .masks import SparsePOMasks
-from .modeling import ModelConfig, load_policy
-from .objective import LossConfig, compute_loss
+from .modeling import ModelConfig, load_policy, load_tokenizer
+from .objective import LossConfig, check_loss_settings, compute_loss
 from .ref_cache import CachedExample, CachedReferenceCollator, RefCache, run_fingerprint
+from .validation import check_number
 
 logger = logging.getLogger(__name__)
 
 MASK_WEIGHTS = "mask_net.safetensors"
 MASK_CONFIG = "mask_net.json"
+#: The resolved configuration of a run, written into its output_dir before training starts.
+RUN_CONFIG = "sparsepo_config.yaml"
+#: Files a run writes into its output_dir (replaced together by overwrite_output_dir).
+RUN_FILES = ("adapter_model.safetensors", "adapter_config.json", MASK_WEIGHTS, MASK_CONFIG, RUN_CONFIG, "metrics.json",
+             "training_args.bin", "README.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "chat_template.jinja", "vocab.json", "merges.txt", "sentiment_eval.json", "sentiment_report.html",
+             "masks.html", "mask_lift.json")
+#: A run ends with an error when more than this share of its optimizer steps was skipped.
+MAX_SKIPPED_FRACTION = 0.5
 
 
 @dataclass
@@ -57,6 +73,13 @@ class SparsePOConfig(transformers.TrainingArguments):
     strict_data: bool = False
     ref_cache: Optional[str] = field(default=None, metadata={
         "help": "a `sparsepo-lite precompute-ref` directory: use it and run no reference forward"})
+    verify_ref_cache: bool = field(default=True, metadata={
+        "help": "check every shard of ref_cache (checksums, shapes, values) before step 0; "
+                "--no_verify_ref_cache skips it for huge caches (each shard is then checked when first read)"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "replace the run in a non-empty output_dir (its adapter, masks, config, metrics and checkpoints)"})
+    resume_fresh_optimizer: bool = field(default=False, metadata={
+        "help": "allow resuming from a checkpoint without optimizer.pt/scheduler.pt (the optimizer restarts)"})
     remove_unused_columns: bool = False  # our examples are dataclasses, not column dicts
     # --- the policy (see modeling.ModelConfig) ---
     model_name_or_path: Optional[str] = None
@@ -70,22 +93,49 @@ class SparsePOConfig(transformers.TrainingArguments):
     use_liger: Optional[bool] = None
 
     def __post_init__(self):
+        # Every value is checked before anything loads: a NaN beta or a negative rate would
+        # otherwise train (or silently not train) for the whole run.
+        check_loss_settings(self.loss_type, beta=self.beta, alpha=self.alpha, label_smoothing=self.label_smoothing,
+                            l1_reward=self.l1_reward, l1_kl=self.l1_kl, mapo_mapping=self.mapo_mapping,
+                            chunk_size=self.chunk_size)
+        check_number("mask_init_std", self.mask_init_std, low=0, low_open=True)
+        check_number("mask_learning_rate", self.mask_learning_rate, low=0, optional=True)
+        check_number("mask_weight_decay", self.mask_weight_decay, low=0)
+        check_number("max_length", self.max_length, low=2, integer=True)
+        check_number("max_prompt_length", self.max_prompt_length, low=1, high=self.max_length, high_open=True,
+                     integer=True)
+        check_number("learning_rate", self.learning_rate, low=0)
+        check_number("weight_decay", self.weight_decay, low=0)
+        check_number("max_grad_norm", self.max_grad_norm, low=0, optional=True)
+        check_number("num_train_epochs", self.num_train_epochs, low=0, low_open=True)
+        check_number("warmup_steps", self.warmup_steps, low=0)
         super().__post_init__()
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})")
         self.model_config(self.model_name_or_path or "")  # validates the model fields now, not at load time
 
     def model_config(self, model_name_or_path: Optional[str] = None) -> ModelConfig:
         """The :class:`ModelConfig` these fields describe (gradient checkpointing as configured here)."""
-        targets = self.lora_target_modules
-        targets = "all-linear" if list(targets) == ["all-linear"] else tuple(targets)
-        return ModelConfig(model_name_or_path or self.model_name_or_path, quantization=self.quantization,
-                           dtype=self.dtype, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
-                           lora_dropout=self.lora_dropout, lora_target_modules=targets,
-                           gradient_checkpointing=self.gradient_checkpointing,
-                           attn_implementation=self.attn_implementation, use_liger=self.use_liger)
+        return ModelConfig.from_dict(vars(self), model_name_or_path=model_name_or_path or self.model_name_or_path)
+
+    @classmethod
+    def own_fields(cls) -> List[str]:
+        """The fields this class adds to ``transformers.TrainingArguments`` (model, loss, data, cache)."""
+        base = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+        return [f.name for f in dataclasses.fields(cls) if f.name not in base]
+
+    def run_config(self, given: Iterable[str] = ()) -> dict:
+        """The resolved configuration a run folder records: every field of this class's own, plus the
+        ``TrainingArguments`` fields named in ``given`` (set by the YAML or the command line), as plain
+        YAML values that ``sparsepo-lite train`` reads back to the same config."""
+        names = list(self.own_fields()) + [n for n in given if n not in self.own_fields()]
+        return {n: _plain(getattr(self, n)) for n in names if hasattr(self, n)}
+
+
+def _plain(value):
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return list(value)
+    return value
 
 
 def save_masks(masks: SparsePOMasks, out_dir: str) -> None:
@@ -138,6 +188,31 @@ class _MaskNetSync(transformers.TrainerCallback):
         self.masks.zero_grad(set_to_none=True)
 
 
+def check_writable(folder: str) -> None:
+    """Create ``folder`` if needed and write a probe file in it; raise :class:`TrainingError` if not
+    possible (so a run finds out before its first step, not at its final save)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
+            pass
+    except OSError as exc:
+        raise TrainingError(f"output_dir {folder} is not writable ({exc.strerror or exc})") from None
+
+
+class _FiniteWeights(transformers.TrainerCallback):
+    """After every optimizer step: stop the run if a trained weight (LoRA or mask net) is no longer
+    finite, before a checkpoint or the final adapter could save it."""
+
+    def __init__(self, trainer: "SparsePOTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for p in self.trainer._trained_parameters():
+            if not torch.isfinite(p).all():
+                raise TrainingError(f"step {state.global_step}: trained weights are no longer finite; lower the "
+                                    "learning rate (the adapter was not saved)")
+
+
 def all_reduce_mean_(params: List[torch.nn.Parameter]) -> None:
     """Average ``p.grad`` over all processes, in place, one collective per dtype.
 
@@ -170,24 +245,34 @@ class SparsePOTrainer(transformers.Trainer):
     ``model_name_or_path``) loaded with the config's model fields; the tokenizer comes with it.
     ``train_dataset``/``eval_dataset``: rows (a file path, a ``datasets`` dataset or a list of
     dicts in TRL's preference formats) or already tokenised :class:`PreferenceExample` lists.
-    Bad rows are skipped and reported (``self.data_reports``), or raise with ``strict_data``.
+    Bad rows are skipped and reported (``self.data_reports``), or raise with ``strict_data``; the
+    data is read and checked before the model loads. ``run_config``: what the run folder records as
+    its configuration (default: ``args.run_config()``).
+
+    Each optimizer step whose gradient norm is not finite (or whose every micro-batch had a
+    non-finite loss) is skipped and counted; logged and final losses average the steps that trained.
+    ``train`` raises :class:`TrainingError` when more than half the steps were skipped or the trained
+    weights stop being finite.
     """
 
     def __init__(self, model=None, args: SparsePOConfig = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, masks: Optional[SparsePOMasks] = None, ref_model=None, **kwargs):
+                 processing_class=None, masks: Optional[SparsePOMasks] = None, ref_model=None,
+                 run_config: Optional[dict] = None, **kwargs):
         if args is None:
             raise ValueError("SparsePOTrainer needs args=SparsePOConfig(...)")
-        if model is None or isinstance(model, str):
+        load = model is None or isinstance(model, str)
+        if load:
             if not (model or args.model_name_or_path):
                 raise ValueError("no model: pass model= or set model_name_or_path in the config")
-            transformers.set_seed(args.seed)  # the LoRA init draws from the global RNG
-            model, tok = load_policy(args.model_config(model))
-            processing_class = processing_class or tok
+            processing_class = processing_class or load_tokenizer(model or args.model_name_or_path)
         if processing_class is None:
             raise ValueError("SparsePOTrainer needs the tokenizer as processing_class")
         self.data_reports = {}
         train_dataset = self._tokenized(train_dataset, processing_class, args, "train")
         eval_dataset = self._tokenized(eval_dataset, processing_class, args, "eval")
+        if load:  # after the data: a bad file is found in seconds, not after loading a 16 GB model
+            transformers.set_seed(args.seed)  # the LoRA init draws from the global RNG
+            model, _ = load_policy(args.model_config(model), tokenizer=False)
         if args.loss_type == "sparsepo" and masks is None:
             transformers.set_seed(args.seed)  # the mask init is part of the run: same seed, same run
             masks = SparsePOMasks.for_model(model, independent=args.independent_masks, init_std=args.mask_init_std)
@@ -207,18 +292,27 @@ class SparsePOTrainer(transformers.Trainer):
             self.ref_cache.check_run(run_fingerprint(model, processing_class, splits, model_name=args.model_name_or_path,
                                                      max_length=args.max_length,
                                                      max_prompt_length=args.max_prompt_length))
+            if args.verify_ref_cache:  # a corrupt shard stops the run now, not at some later step
+                self.ref_cache.verify(list(splits))
             train_dataset = [CachedExample(e, "train") for e in train_dataset] if train_dataset else train_dataset
             eval_dataset = [CachedExample(e, "eval") for e in eval_dataset] if eval_dataset else eval_dataset
             kwargs.setdefault("data_collator", CachedReferenceCollator(pad, self.ref_cache))
         kwargs.setdefault("data_collator", PreferenceCollator(pad))
+        if args.should_save:
+            check_writable(args.output_dir)
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
         if self.masks is not None:
             self.masks.to(self.args.device)
             self.add_callback(_MaskNetSync(self.masks))
+        self.add_callback(_FiniteWeights(self))
         self.model_accepts_loss_kwargs = False  # our loss is a mean over pairs: let GA divide it
         self._stored: Dict[str, Dict[str, List[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.run_config = run_config if run_config is not None else args.run_config()
         self.skipped_steps = 0
+        self._micro_losses: List[float] = []  # finite micro-batch losses of the step in progress
+        self._step_losses: List[float] = []  # mean loss of every step that trained, this train() call
+        self._window: List[float] = []  # the same since the last log
 
     def _tokenized(self, data, tok, args, split):
         if data is None or (isinstance(data, list) and data and isinstance(data[0], PreferenceExample)):
@@ -242,7 +336,7 @@ class SparsePOTrainer(transformers.Trainer):
             {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0},
         ]
         if self.masks is not None:
-            lr = self.args.mask_learning_rate or self.args.learning_rate
+            lr = self.args.learning_rate if self.args.mask_learning_rate is None else self.args.mask_learning_rate
             mask_w = [p for n, p in self.masks.named_parameters() if n.endswith(("layer_weight", "mixer"))]
             mask_rest = [p for n, p in self.masks.named_parameters() if not n.endswith(("layer_weight", "mixer"))]
             groups += [{"params": mask_w, "weight_decay": self.args.mask_weight_decay, "lr": lr},
@@ -273,7 +367,28 @@ class SparsePOTrainer(transformers.Trainer):
         if grad_norm is None:
             self._sync_gradients()
             grad_norm = self.accelerator.clip_grad_norm_(self._trained_parameters(), float("inf"))
+        self._settle_step(grad_norm)
         return grad_norm
+
+    def _settle_step(self, grad_norm) -> None:
+        """Called once per optimizer step, just before ``optimizer.step()``: keep the step, or skip it
+        by dropping every gradient (AdamW leaves a parameter without a gradient untouched)."""
+        total, count = sum(self._micro_losses), len(self._micro_losses)
+        self._micro_losses = []
+        if self.accelerator.num_processes > 1:  # one decision on every rank
+            t = torch.tensor([total, count], dtype=torch.float64, device=self.args.device)
+            t = self.accelerator.reduce(t, reduction="sum")
+            total, count = float(t[0]), int(t[1])
+        if count and math.isfinite(float(grad_norm)):
+            self._step_losses.append(total / count)
+            self._window.append(total / count)
+            return
+        for p in self._trained_parameters():
+            p.grad = None
+        self.skipped_steps += 1
+        logger.warning("step %d skipped: %s (%d skipped so far)", self.state.global_step + 1,
+                       "gradient norm %s" % float(grad_norm) if count else "every micro-batch had a non-finite loss",
+                       self.skipped_steps)
 
     # --- loss -----------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -290,11 +405,9 @@ class SparsePOTrainer(transformers.Trainer):
             loss = self.compute_loss(model, inputs)
         if not torch.isfinite(loss):
             # Never backpropagate a NaN/inf: it would corrupt the adapter and the optimizer state.
-            self.skipped_steps += 1
-            self._stored["train"]["skipped_steps"].append(float(self.skipped_steps))
-            logger.warning("step %d: non-finite loss %s, micro-batch skipped (%d so far)",
-                           self.state.global_step, loss.item(), self.skipped_steps)
+            logger.warning("step %d: non-finite loss %s, micro-batch skipped", self.state.global_step + 1, loss.item())
             return torch.zeros((), device=loss.device)
+        self._micro_losses.append(float(loss.detach()))
         loss = loss / self.current_gradient_accumulation_steps
         self.accelerator.backward(loss)
         return loss.detach()
@@ -311,9 +424,100 @@ class SparsePOTrainer(transformers.Trainer):
         prefix = "eval_" if split == "eval" else ""
         for k, vals in self._stored[split].items():
             if vals and k != "loss":
-                logs[prefix + k] = vals[-1] if k == "skipped_steps" else sum(vals) / len(vals)
+                logs[prefix + k] = sum(vals) / len(vals)
         self._stored[split].clear()
+        # The Trainer's own loss counts a skipped step as 0: report the mean over steps that trained.
+        if "loss" in logs and split == "train":
+            if self._window:
+                logs["loss"] = sum(self._window) / len(self._window)
+            else:
+                del logs["loss"]
+                logger.warning("every step since the last log was skipped (non-finite gradients or losses)")
+            self._window = []
+            logs["skipped_steps"] = self.skipped_steps
+        if "train_loss" in logs:
+            logs["train_loss"] = self._train_loss()
+            logs["skipped_steps"] = self.skipped_steps
         super().log(logs, start_time)
+
+    def _train_loss(self) -> float:
+        return sum(self._step_losses) / len(self._step_losses) if self._step_losses else float("nan")
+
+    # --- the run folder, resuming, and how a run ends ---------------------------------------------
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """``transformers.Trainer.train``, after checking the output_dir (a non-empty one is refused
+        unless ``overwrite_output_dir`` or resuming; it must be writable) and the checkpoint to
+        resume from (it must hold its optimizer and scheduler state unless
+        ``resume_fresh_optimizer``), and writing the run's configuration. Raises
+        :class:`TrainingError` when the run cannot start or did not train (see the class doc)."""
+        resume = self._checkpoint_to_resume(resume_from_checkpoint)
+        self._on_main_then_all(lambda: self._prepare_output_dir(resuming=resume is not None))
+        self.skipped_steps, self._micro_losses, self._step_losses, self._window = 0, [], [], []
+        out = super().train(resume_from_checkpoint=resume, **kwargs)
+        steps = len(self._step_losses) + self.skipped_steps
+        if steps and self.skipped_steps > MAX_SKIPPED_FRACTION * steps:
+            raise TrainingError(f"{self.skipped_steps} of {steps} optimizer steps were skipped (non-finite gradients "
+                                "or losses): the run did not train; lower the learning rate or check beta and the data")
+        return transformers.trainer_utils.TrainOutput(out.global_step, self._train_loss(), out.metrics)
+
+    def _on_main_then_all(self, fn) -> None:
+        """Run ``fn`` on the main process; if it raises, raise the same message on every process
+        (a rank that raised alone would leave the others waiting at their next collective)."""
+        error = None
+        if self.args.should_save:
+            try:
+                fn()
+            except TrainingError as exc:
+                error = str(exc)
+        if self.accelerator.num_processes > 1:
+            import torch.distributed as dist
+
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise TrainingError(error)
+
+    def _checkpoint_to_resume(self, resume) -> Optional[str]:
+        if resume is None or resume is False:
+            return None
+        if resume is True:
+            resume = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir) \
+                if os.path.isdir(self.args.output_dir) else None
+            if resume is None:
+                raise TrainingError(f"resume_from_checkpoint: no checkpoint-* folder in {self.args.output_dir}")
+        if not os.path.isfile(os.path.join(resume, transformers.trainer.TRAINER_STATE_NAME)):
+            raise TrainingError(f"resume_from_checkpoint: {resume} is not a training checkpoint "
+                                f"({transformers.trainer.TRAINER_STATE_NAME} is missing)")
+        missing = [f for f in (transformers.trainer.OPTIMIZER_NAME, transformers.trainer.SCHEDULER_NAME)
+                   if not os.path.isfile(os.path.join(resume, f))]
+        if missing and not self.args.resume_fresh_optimizer:
+            raise TrainingError(f"resume_from_checkpoint: {resume} has no {' or '.join(missing)}; resuming would "
+                                "restart the optimizer and end elsewhere than the interrupted run. Pass "
+                                "--resume_fresh_optimizer to accept that")
+        if missing:
+            logger.warning("resuming from %s without %s: the optimizer starts afresh", resume, missing)
+        return resume
+
+    def _prepare_output_dir(self, resuming: bool) -> None:
+        out = self.args.output_dir
+        present = sorted(os.listdir(out)) if os.path.isdir(out) else []
+        if present and not resuming:
+            if not self.args.overwrite_output_dir:
+                raise TrainingError(f"output_dir {out} is not empty ({', '.join(present[:5])}"
+                                    f"{', ...' if len(present) > 5 else ''}): pass --overwrite_output_dir to replace "
+                                    "the run in it, or --resume_from_checkpoint to continue it")
+            for name in present:  # what a run writes, so nothing stale (an old mask net) outlives it
+                path = os.path.join(out, name)
+                if name.startswith(transformers.trainer_utils.PREFIX_CHECKPOINT_DIR + "-") and os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif name in RUN_FILES or name.startswith("data_report_"):
+                    os.remove(path)
+        check_writable(out)
+        import yaml
+
+        with open(os.path.join(out, RUN_CONFIG), "w") as f:
+            yaml.safe_dump(self.run_config, f, sort_keys=False)
 
     # --- saving ---------------------------------------------------------------------------------
     def _save(self, output_dir=None, state_dict=None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -148,3 +149,62 @@ def test_parquet_json_and_jsonl_files_give_the_same_rows(tmp_path):
     with pytest.raises(ValueError, match="unsupported file type"):
         (tmp_path / "d.csv").write_text("a,b\n")
         read_rows(str(tmp_path / "d.csv"))
+
+
+NEW_BAD_ROWS = [  # each a class of bad row that once passed validation or aborted the whole file
+    ({"prompt": "", "chosen": " a", "rejected": " b"}, "empty 'prompt'"),
+    ({"prompt": "   ", "chosen": " a", "rejected": " b"}, "empty 'prompt'"),
+    ({"prompt": "p", "chosen": " a", "rejected": " b", "chosen_token_weights": [float("nan")]}, "non-finite"),
+    ({"prompt": "p", "chosen": " a", "rejected": " b", "rejected_token_weights": [1.0, float("inf")]}, "non-finite"),
+    ({"prompt": "p\ud800", "chosen": " a", "rejected": " b"}, "not valid Unicode"),
+    ({"prompt": "p", "chosen": " a\udfff", "rejected": " b"}, "not valid Unicode"),
+    ({"prompt": [{"role": "user", "content": None}], "chosen": [{"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "b"}]}, "'content' must be a string"),
+    ({"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": None, "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "b"}]}, "'role' must be a non-empty string"),
+    ({"prompt": [{"role": "user", "content": 3}], "chosen": [{"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "b"}]}, "'content' must be a string"),
+    ({"prompt": [], "chosen": [{"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "b"}]}, "non-empty message list"),
+    ({"prompt": "p", "chosen": [], "rejected": []}, "empty 'chosen'"),
+]
+
+
+def test_new_bad_row_classes_are_named_by_row_and_reason(tok, tmp_path):
+    good = {"prompt": "The film was", "chosen": " great", "rejected": " bad"}
+    path = tmp_path / "pairs.jsonl"
+    lines = [json.dumps(r) for r in [good] + [r for r, _ in NEW_BAD_ROWS]]
+    # a line that is not UTF-8 and one that is not JSON: bad rows too (skip mode), not a dead file
+    raw = b"\n".join(l.encode() for l in lines) + b'\n{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n{oops\n'
+    path.write_bytes(raw + (json.dumps(good) + "\n").encode())
+    examples, report = tokenize_dataset(str(path), tok, max_length=64, max_prompt_length=32)
+    n = len(NEW_BAD_ROWS)
+    assert [e.index for e in examples] == [0, n + 3]
+    reasons = dict(report.dropped)
+    for i, (_, want) in enumerate(NEW_BAD_ROWS, 1):
+        assert want in reasons[i], (i, reasons[i])
+    assert reasons[n + 1].startswith(f"line {n + 2}: not UTF-8")
+    assert reasons[n + 2].startswith(f"line {n + 3}: not valid JSON")
+    with pytest.raises(ValueError, match=rf"pairs.jsonl:{n + 2}: not UTF-8"):  # strict: the file's first fault
+        tokenize_dataset(str(path), tok, strict=True)
+    for i, (row, want) in enumerate(NEW_BAD_ROWS):  # strict mode names the row and the reason, one at a time
+        with pytest.raises(BadRow, match=rf"row 1: .*{re.escape(want)}"):
+            tokenize_dataset([good, row], tok, strict=True)
+
+
+def test_a_prompt_without_tokens_is_a_bad_row():
+    """A tokenizer that adds no BOS turns "" into no tokens at all: the first response token would
+    never be trained (and a reference cache of it would fail its own verification)."""
+    from sparsepo_lite.data import PreferenceTokenizer
+
+    class LettersOnly:  # no BOS; a token per ASCII letter, nothing for anything else
+        eos_token_id = 0
+        chat_template = None
+
+        def __call__(self, text, add_special_tokens=True):
+            return type("Encoding", (), {"input_ids": [ord(c) for c in text if c.isascii() and c.isalpha()]})()
+
+    make = PreferenceTokenizer(LettersOnly(), max_length=16, max_prompt_length=8)
+    assert make(0, {"prompt": "ab", "chosen": "x", "rejected": "y"})[0].prompt_ids == [97, 98]
+    with pytest.raises(BadRow, match="the prompt has no tokens"):
+        make(0, {"prompt": "!?", "chosen": "x", "rejected": "y"})

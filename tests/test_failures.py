@@ -1,0 +1,339 @@
+"""No silent damage: bad configs, non-finite steps, run folders, resuming and hostile caches each end
+in a clear error or a correct run (docs/failures.md states what is checked when)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+import yaml
+
+from sparsepo_lite.cli import main, parse_train_config
+from sparsepo_lite.errors import TrainingError
+from sparsepo_lite.modeling import ModelConfig, load_policy
+from sparsepo_lite.precompute import precompute_reference
+from sparsepo_lite.ref_cache import CacheError, RefCache, read_manifest, run_fingerprint, verify_cache
+from sparsepo_lite.runs import load_run
+from sparsepo_lite.trainer import SparsePOConfig, SparsePOTrainer
+
+from conftest import review_rows, save_tiny_llama
+
+CLI = [sys.executable, "-m", "sparsepo_lite.cli"]
+
+
+def make_trainer(tiny_dir, out, loss_type="dpo", steps=6, **kw):
+    transformers.set_seed(0)
+    model, tok = load_policy(ModelConfig(tiny_dir, lora_r=4, gradient_checkpointing=False))
+    opts = dict(output_dir=str(out), loss_type=loss_type, beta=0.5, learning_rate=1e-2, mask_init_std=0.3,
+                per_device_train_batch_size=4, max_steps=steps, logging_steps=2, eval_strategy="no",
+                save_strategy="no", report_to=[], max_length=32, max_prompt_length=16, seed=0, use_cpu=True)
+    return SparsePOTrainer(model=model, args=SparsePOConfig(**{**opts, **kw}), train_dataset=review_rows(24),
+                           processing_class=tok)
+
+
+def lora_weights(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+
+
+class PoisonGradients(transformers.TrainerCallback):
+    """On the listed (1-based) steps, make the loss's gradient NaN while the loss itself stays finite:
+    0 * sqrt(0 * w) is 0 in the forward pass, and its derivative is 0 * inf = NaN."""
+
+    def __init__(self, trainer, steps):
+        self.trainer, self.steps, self.seen = trainer, set(steps), []
+        real = trainer.compute_loss
+
+        def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = real(model, inputs, return_outputs, num_items_in_batch)
+            if model.training and trainer.state.global_step + 1 in self.steps:
+                w = next(p for n, p in model.named_parameters() if "lora_A" in n)
+                loss = loss + 0.0 * torch.sqrt(0.0 * w.sum())
+            return loss
+
+        trainer.compute_loss = compute_loss
+
+    def on_step_end(self, args, state, control, **kw):
+        self.seen.append(lora_weights(self.trainer))
+
+
+# --- non-finite steps ------------------------------------------------------------------------------
+
+def test_a_finite_loss_with_nan_gradients_skips_the_step_and_the_reported_loss_counts_trained_steps(tiny_dir,
+                                                                                                    tmp_path):
+    trainer = make_trainer(tiny_dir, tmp_path)
+    spy = PoisonGradients(trainer, steps=[2, 5])
+    trainer.add_callback(spy)
+    losses = []
+    real_settle = trainer._settle_step
+
+    def settle(grad_norm):
+        losses.append((sum(trainer._micro_losses) / len(trainer._micro_losses), math.isfinite(float(grad_norm))))
+        real_settle(grad_norm)
+
+    trainer._settle_step = settle
+    start = lora_weights(trainer)
+    out = trainer.train()
+    assert trainer.skipped_steps == 2
+    assert [ok for _, ok in losses] == [True, False, True, True, False, True]
+    before = [start] + spy.seen[:-1]
+    for step, (w0, w1) in enumerate(zip(before, spy.seen), 1):  # skipped steps change nothing
+        changed = any(not torch.equal(w0[n], w1[n]) for n in w0)
+        assert changed == (step not in (2, 5)), step
+    assert all(torch.isfinite(p).all() for p in spy.seen[-1].values())
+    trained = [l for l, ok in losses if ok]
+    assert out.training_loss == pytest.approx(sum(trained) / 4) and out.metrics["train_loss"] == out.training_loss
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged[0]["loss"] == pytest.approx(losses[0][0])  # steps 1-2: only step 1 trained
+    assert logged[1]["loss"] == pytest.approx((losses[2][0] + losses[3][0]) / 2)
+    assert logged[2]["loss"] == pytest.approx(losses[5][0]) and logged[2]["skipped_steps"] == 2
+
+
+def test_a_run_whose_steps_are_mostly_skipped_fails(tiny_dir, tmp_path):
+    trainer = make_trainer(tiny_dir, tmp_path, steps=4)
+    trainer.add_callback(PoisonGradients(trainer, steps=[1, 2, 4]))
+    with pytest.raises(TrainingError, match="3 of 4 optimizer steps were skipped"):
+        trainer.train()
+
+
+def test_weights_that_stop_being_finite_stop_the_run(tiny_dir, tmp_path):
+    trainer = make_trainer(tiny_dir, tmp_path, steps=3)
+
+    class Blowup(transformers.TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kw):
+            if state.global_step == 1:
+                with torch.no_grad():
+                    next(p for n, p in trainer.model.named_parameters() if "lora_B" in n).fill_(float("inf"))
+
+    trainer.add_callback(Blowup())
+    with pytest.raises(TrainingError, match="step 2: trained weights are no longer finite"):
+        trainer.train()
+
+
+@pytest.fixture(scope="module")
+def cli_setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("failures")
+    save_tiny_llama(d / "model")
+    (d / "train.jsonl").write_text("\n".join(json.dumps(r) for r in review_rows(8)) + "\n")
+    config = {"model_name_or_path": str(d / "model"), "train_file": str(d / "train.jsonl"),
+              "output_dir": str(d / "out"), "loss_type": "sparsepo", "lora_r": 4, "max_steps": 4,
+              "per_device_train_batch_size": 2, "learning_rate": 1e-3, "max_length": 32, "max_prompt_length": 16,
+              "report_to": "none", "use_cpu": True, "save_strategy": "no", "gradient_checkpointing": False,
+              "mask_init_std": 0.3}
+    (d / "cfg.yaml").write_text(yaml.safe_dump(config))
+    return d
+
+
+def run_cli(*args):
+    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=600)
+
+
+def test_a_huge_learning_rate_ends_with_an_error_and_saves_no_adapter(cli_setup, tmp_path):
+    res = run_cli("train", cli_setup / "cfg.yaml", "--learning_rate", "1e30", "--output_dir", tmp_path / "run")
+    assert res.returncode != 0
+    assert "optimizer steps were skipped" in res.stderr or "no longer finite" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("beta", ".nan", "beta must be finite"),
+    ("beta", "0", "beta must be > 0"),
+    ("alpha", "-1", "alpha must be >= 0"),
+    ("label_smoothing", "0.5", "label_smoothing must be < 0.5"),
+    ("l1_reward", ".inf", "l1_reward must be finite"),
+    ("learning_rate", "-0.1", "learning_rate must be >= 0"),
+    ("mask_init_std", "0", "mask_init_std must be > 0"),
+    ("mask_learning_rate", ".nan", "mask_learning_rate must be finite"),
+    ("max_prompt_length", "0", "max_prompt_length must be >= 1"),
+    ("lora_dropout", "1.0", "lora_dropout must be < 1"),
+    ("chunk_size", "0", "chunk_size must be >= 1"),
+])
+def test_config_values_are_checked_before_the_model_loads(cli_setup, tmp_path, key, value, message):
+    cfg = yaml.safe_load((cli_setup / "cfg.yaml").read_text())
+    cfg["model_name_or_path"] = str(tmp_path / "no-such-model")  # never reached
+    cfg[key] = yaml.safe_load(value)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit, match=message):
+        parse_train_config(str(path), [])
+    with pytest.raises(ValueError, match=message):
+        SparsePOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, **{key: cfg[key]})
+
+
+# --- the run folder ----------------------------------------------------------------------------------
+
+def test_the_run_folder_records_command_line_overrides_and_readers_use_them(cli_setup, tmp_path):
+    out = tmp_path / "run"
+    overrides = ["--lora_r", "8", "--beta", "0.25", "--mask_init_std=0.2", "--max_steps", "1", "--output_dir", str(out)]
+    main(["train", str(cli_setup / "cfg.yaml"), *overrides])
+    saved = yaml.safe_load((out / "sparsepo_config.yaml").read_text())
+    assert (saved["lora_r"], saved["beta"], saved["mask_init_std"], saved["max_steps"]) == (8, 0.25, 0.2, 1)
+    assert saved["loss_type"] == "sparsepo" and saved["alpha"] == 0.5  # defaults are recorded too
+    # the saved file is a config: it parses back to the same run
+    _, again, resolved = parse_train_config(str(out / "sparsepo_config.yaml"), [])
+    _, first, _ = parse_train_config(str(cli_setup / "cfg.yaml"), overrides)
+    for name in SparsePOConfig.own_fields() + ["learning_rate", "max_steps", "output_dir", "seed"]:
+        assert getattr(again, name) == getattr(first, name), name
+    assert resolved == saved
+    model, _, masks, cfg = load_run(str(out))  # the LoRA size comes from the run, not the YAML
+    assert model.peft_config["default"].r == 8 and masks is not None and cfg["beta"] == 0.25
+
+
+def test_a_non_empty_output_dir_is_refused_unless_overwritten_and_nothing_stale_survives(cli_setup, tmp_path):
+    out = tmp_path / "run"
+    main(["train", str(cli_setup / "cfg.yaml"), "--output_dir", str(out), "--max_steps", "1"])
+    assert (out / "mask_net.safetensors").is_file()
+    adapter = (out / "adapter_model.safetensors").read_bytes()
+    res = run_cli("train", cli_setup / "cfg.yaml", "--output_dir", out, "--loss_type", "dpo", "--max_steps", "1")
+    assert res.returncode != 0 and "is not empty" in res.stderr and "--overwrite_output_dir" in res.stderr
+    assert (out / "adapter_model.safetensors").read_bytes() == adapter  # the earlier run is intact
+    (out / "notes.txt").write_text("mine")
+    main(["train", str(cli_setup / "cfg.yaml"), "--output_dir", str(out), "--loss_type", "dpo", "--max_steps", "1",
+          "--overwrite_output_dir"])
+    files = set(os.listdir(out))
+    assert "mask_net.safetensors" not in files and "mask_net.json" not in files  # the DPO run has none
+    assert "notes.txt" in files and yaml.safe_load((out / "sparsepo_config.yaml").read_text())["loss_type"] == "dpo"
+
+
+def test_an_unwritable_output_dir_is_found_before_training(tiny_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(TrainingError, match="a-file/run is not writable"):
+        make_trainer(tiny_dir, blocker / "run")
+    trainer = make_trainer(tiny_dir, tmp_path / "run")
+    steps = []
+
+    class Count(transformers.TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            steps.append(1)
+
+    trainer.add_callback(Count())
+    os.rmdir(tmp_path / "run")
+    (tmp_path / "run").write_text("replaced by a file after the trainer was made")
+    with pytest.raises(TrainingError, match="is not writable"):
+        trainer.train()
+    assert steps == []
+
+
+def test_the_adapter_is_saved_before_the_final_evaluation(cli_setup, tmp_path, monkeypatch):
+    def broken_eval(self, *a, **k):
+        raise CacheError("eval-00000.safetensors: checksum mismatch (corrupted shard)")
+
+    monkeypatch.setattr(SparsePOTrainer, "evaluate", broken_eval)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="checksum mismatch"):
+        main(["train", str(cli_setup / "cfg.yaml"), "--output_dir", str(out), "--max_steps", "1",
+              "--eval_file", str(cli_setup / "train.jsonl")])
+    assert (out / "adapter_model.safetensors").is_file() and (out / "mask_net.safetensors").is_file()
+
+
+def test_resuming_without_optimizer_state_is_an_error_unless_asked(tiny_dir, tmp_path):
+    trainer = make_trainer(tiny_dir, tmp_path, steps=2, save_strategy="steps", save_steps=1)
+    trainer.train()
+    ckpt = tmp_path / "checkpoint-1"
+    (ckpt / "optimizer.pt").unlink()
+    with pytest.raises(TrainingError, match="checkpoint-1 has no optimizer.pt; resuming would restart the optimizer"):
+        make_trainer(tiny_dir, tmp_path, steps=2).train(resume_from_checkpoint=str(ckpt))
+    resumed = make_trainer(tiny_dir, tmp_path, steps=2, resume_fresh_optimizer=True)
+    assert resumed.train(resume_from_checkpoint=str(ckpt)).global_step == 2
+    with pytest.raises(TrainingError, match="not a training checkpoint"):
+        make_trainer(tiny_dir, tmp_path, steps=2).train(resume_from_checkpoint=str(tmp_path))
+
+
+# --- the reference cache is untrusted input --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cache_setup(tiny_dir):
+    from sparsepo_lite.data import tokenize_dataset
+
+    transformers.set_seed(0)
+    model, tok = load_policy(ModelConfig(tiny_dir, lora_r=4, gradient_checkpointing=False))
+    examples, _ = tokenize_dataset(review_rows(24), tok, max_length=32, max_prompt_length=16)
+    return model, tok, examples
+
+
+def build_cache(cache_setup, out, **kw):
+    model, tok, examples = cache_setup
+    fp = run_fingerprint(model, tok, {"train": examples}, model_name=None, max_length=32, max_prompt_length=16)
+    precompute_reference(model, tok, {"train": examples}, str(out), fingerprint=fp, top_k=8, batch_size=8,
+                         shard_size=8, progress=False, **kw)
+    return out
+
+
+def test_a_corrupt_cache_stops_training_before_step_0(tiny_dir, cache_setup, tmp_path):
+    cache = build_cache(cache_setup, tmp_path / "cache")
+    shard = cache / "train-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="train-00002.safetensors: checksum mismatch"):
+        make_trainer(tiny_dir, tmp_path / "run", ref_cache=str(cache))
+    # --no_verify_ref_cache: the run starts, and the shard is checked when it is first read
+    trainer = make_trainer(tiny_dir, tmp_path / "run", ref_cache=str(cache), verify_ref_cache=False, steps=6)
+    with pytest.raises(CacheError, match="train-00002.safetensors: checksum mismatch"):
+        trainer.train()
+
+
+def _edit_manifest(cache, edit):
+    manifest = json.loads((cache / "manifest.json").read_text())
+    edit(manifest)
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda m: m["splits"]["train"]["shards"][0].update(file="../../x"), "'splits.train.shards[0].file' must be"),
+    (lambda m: m["splits"]["train"]["shards"][1].update(file="/etc/hostname"), "'splits.train.shards[1].file'"),
+    (lambda m: m["splits"]["train"]["shards"][0].pop("sha256"), "'splits.train.shards[0].sha256' must be"),
+    (lambda m: m["splits"]["train"]["shards"][0].update(bytes="12"), "'splits.train.shards[0].bytes' must be"),
+    (lambda m: m["splits"]["train"].update(shards="all"), "'splits.train.shards' must be a list"),
+    (lambda m: m["splits"].update(train=[1]), "'splits.train' must be an object"),
+    (lambda m: m.update(splits=[]), "'splits' must be an object"),
+    (lambda m: m["contents"].pop("top_k"), "'contents.top_k' must be"),
+    (lambda m: m["contents"].update(topk_dtype="int8"), "'contents.topk_dtype' must be"),
+    (lambda m: m.update(fingerprint={"model": {"nested": 1}}), "'fingerprint' must be an object of plain values"),
+    (lambda m: m["splits"].update({"../up": m["splits"]["train"]}), "split name '../up'"),
+    (lambda m: m.update(format_version="1"), "format version"),
+])
+def test_a_malformed_manifest_is_one_line_naming_the_file_and_field(cache_setup, tmp_path, edit, field):
+    cache = build_cache(cache_setup, tmp_path / "cache")
+    _edit_manifest(cache, edit)
+    with pytest.raises(CacheError) as info:
+        RefCache(str(cache))
+    msg = str(info.value)
+    assert "manifest.json" in msg and field in msg and "\n" not in msg, msg
+    res = run_cli("verify-ref", cache)
+    assert res.returncode != 0 and field in res.stderr and "Traceback" not in res.stderr, res.stderr[-1500:]
+
+
+def test_a_deeply_nested_or_non_utf8_manifest_is_a_cache_error(tmp_path):
+    for body in (b"[" * 100000 + b"]" * 100000, b'{"format": "\xff"}', b"{"):
+        (tmp_path / "manifest.json").write_bytes(body)
+        with pytest.raises(CacheError, match="manifest.json: unreadable manifest"):
+            read_manifest(str(tmp_path))
+
+
+def test_a_shard_that_is_a_link_out_of_the_cache_is_refused(cache_setup, tmp_path):
+    cache = build_cache(cache_setup, tmp_path / "cache")
+    outside = tmp_path / "outside.safetensors"
+    os.replace(cache / "train-00000.safetensors", outside)
+    os.symlink(outside, cache / "train-00000.safetensors")
+    with pytest.raises(CacheError, match="train-00000.safetensors: shard missing \\(or not a regular file\\)"):
+        verify_cache(str(cache))
+
+
+def test_precompute_deletes_only_temporary_files_it_wrote(cache_setup, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    mine = ["train-00001.safetensors.tmp-4242", "manifest.json.tmp-17"]
+    theirs = ["notes.tmp-keep", "data.tmp-123", "train-1.safetensors.tmp-9", "x.safetensors.tmp-abc"]
+    for name in mine + theirs:
+        (cache / name).write_text("user data")
+    build_cache(cache_setup, cache)
+    files = set(os.listdir(cache))
+    assert not files & set(mine) and set(theirs) <= files
+    assert verify_cache(str(cache))["examples"] == 24
