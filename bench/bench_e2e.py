@@ -259,7 +259,7 @@ def write_results(out, result):
           "Commands: " + ", ".join(f"`{c}`" for c in result["commands"]), "",
           f"Machine: {result['machine'].get('gpu') or result['machine'].get('cpu', '?')}, torch "
           f"{result['machine']['torch']}{cap}. One pair per step, {result['steps']} timed steps after a warm-up."
-          + (f" Model built in memory in {result['model_build_s']} s." if result.get("model_build_s") else ""),
+          + (f" Model built in memory in {result['model_build_s']} s." if "model_build_s" in result else ""),
           "", "| T | variant | tokens/s | peak GiB | planner GiB | planner / measured |", "|---|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: (r["T"], VARIANTS.index(r["variant"]))):
         if r.get("peak_bytes"):
