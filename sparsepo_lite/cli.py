@@ -214,10 +214,14 @@ def inspect_masks(run_dir: str, data: str, pairs: int, out: Optional[str]) -> st
         sentiment = Sentiment()
     except ImportError:
         sentiment = None
-    items = mask_pairs(model, tok, masks, examples[:pairs], beta=float(cfg.get("beta", 0.1)), sentiment=sentiment)
+    items = mask_pairs(model, tok, masks, examples[:pairs], beta=float(cfg.get("beta", 0.1)),
+                       mask_normalize=bool(cfg.get("mask_normalize", False)), sentiment=sentiment)
     lift = mask_lift(items) if sentiment else {}
-    meta = {"run": run_dir, "data": data, "pairs": len(items), **{k: round(v, 4) if isinstance(v, float) else v
-                                                                  for k, v in lift.items()}}
+    meta = {"run": run_dir, "data": data, "pairs": len(items)}
+    if lift:
+        meta.update({f"lift ({side})": f"{v['lift']:.3f}x, 95% CI [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+                     for side, v in (("all", lift), ("chosen", lift["chosen"]), ("rejected", lift["rejected"]))})
+        meta["sentiment words"] = Sentiment.LEXICON_RULE
     out = out or os.path.join(run_dir, "masks.html")
     with open(out, "w") as f:
         f.write(mask_viewer_html(items, meta))
@@ -225,7 +229,9 @@ def inspect_masks(run_dir: str, data: str, pairs: int, out: Optional[str]) -> st
         with open(os.path.join(os.path.dirname(os.path.abspath(out)), "mask_lift.json"), "w") as f:
             json.dump(lift, f, indent=1)
         print(f"reward mask on VADER words {lift['mask_mean_sentiment']:.4f} vs other tokens "
-              f"{lift['mask_mean_other']:.4f} (lift {lift['lift']:.2f}x)", flush=True)
+              f"{lift['mask_mean_other']:.4f}: lift {lift['lift']:.2f}x (95% CI {lift['ci95'][0]:.2f}-"
+              f"{lift['ci95'][1]:.2f}; chosen {lift['chosen']['lift']:.2f}x, rejected {lift['rejected']['lift']:.2f}x)",
+              flush=True)
     print(f"mask viewer: {out} ({len(items)} pairs)", flush=True)
     return out
 

@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 MAPO_HOOK_TYPES = ("mlp", "attn", "resid", "logits")
+#: How a SparsePO mask net starts: "ones" (every token's mask starts near 1, so SparsePO starts as
+#: TDPO1 and learns where to move weight) or "official" (the paper code's init: masks start near 0).
+MASK_INITS = ("ones", "official")
 
 
 def _layer_norm_eps(config) -> float:
@@ -30,23 +33,38 @@ class SparsePOMaskNet(nn.Module):
 
     m = ReLU( sum_l v_l * ReLU( w_l . LayerNorm(H_l) + b_l ) ), one LayerNorm shared by all
     layers, per-layer Linear(d, 1) with bias (``layer_weight[l]``, ``layer_bias[l]``), mixer
-    Linear(L, 1) without bias (``mixer``). Init as the host model's ``_init_weights`` would:
-    weights ~ N(0, 0.02^2), biases 0, LayerNorm (1, 0). Kept in fp32.
+    Linear(L, 1) without bias (``mixer``). Kept in fp32. Two inits (``init``), LayerNorm (1, 0) in both:
+
+    - ``"official"``: as the host model's ``_init_weights`` would (the paper's code): weights and
+      mixer ~ N(0, init_std^2), biases 0. The mask starts near 0 on every token, and about half
+      the units start cut by their ReLU; an all-zero mask is a minimum the loss can reach
+      (z = 0) and the ReLUs cannot leave.
+    - ``"ones"``: weights ~ N(0, init_std^2), biases 1, mixer 1/L: every unit starts near 1 and so
+      does the mask (SparsePO starts as TDPO1), with small token-to-token differences for the
+      weights to grow.
     """
 
-    def __init__(self, num_layers: int, hidden_size: int, eps: float = 1e-5, init_std: float = 0.02):
+    def __init__(self, num_layers: int, hidden_size: int, eps: float = 1e-5, init_std: float = 0.02,
+                 init: str = "ones"):
         super().__init__()
+        if init not in MASK_INITS:
+            raise ValueError(f"mask init must be one of {MASK_INITS}, got {init!r}")
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
         self.layer_weight = nn.Parameter(torch.empty(num_layers, hidden_size))
         self.layer_bias = nn.Parameter(torch.zeros(num_layers))
         self.mixer = nn.Parameter(torch.empty(num_layers))
         self.init_std = init_std
+        self.init = init
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.layer_weight, std=self.init_std)
-        nn.init.normal_(self.mixer, std=self.init_std)
-        nn.init.zeros_(self.layer_bias)
+        if self.init == "official":
+            nn.init.normal_(self.mixer, std=self.init_std)
+            nn.init.zeros_(self.layer_bias)
+        else:
+            nn.init.constant_(self.mixer, 1.0 / self.mixer.numel())
+            nn.init.ones_(self.layer_bias)
         self.norm.reset_parameters()
 
     def forward(self, layer_states: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -75,24 +93,25 @@ class SparsePOMasks(nn.Module):
     """
 
     def __init__(self, num_layers: int, hidden_size: int, *, independent: bool = False, eps: float = 1e-5,
-                 init_std: float = 0.02):
+                 init_std: float = 0.02, init: str = "ones"):
         super().__init__()
         self.independent = independent
-        make = lambda: SparsePOMaskNet(num_layers, hidden_size, eps=eps, init_std=init_std)
+        make = lambda: SparsePOMaskNet(num_layers, hidden_size, eps=eps, init_std=init_std, init=init)
         if independent:
             self.reward_net, self.kl_net = make(), make()
         else:
             self.common_net = make()
 
     @classmethod
-    def for_model(cls, model, *, independent: bool = False, init_std: float = 0.02) -> "SparsePOMasks":
+    def for_model(cls, model, *, independent: bool = False, init_std: float = 0.02,
+                  init: str = "ones") -> "SparsePOMasks":
         """Masks sized for a transformers causal LM (or a peft model wrapping one)."""
         config = _unwrap(model).config
         layers = getattr(config, "num_hidden_layers", None)
         hidden = getattr(config, "hidden_size", None)
         if not layers or not hidden:
             raise ValueError(f"cannot read num_hidden_layers/hidden_size from {type(config).__name__}")
-        return cls(layers, hidden, independent=independent, eps=_layer_norm_eps(config), init_std=init_std)
+        return cls(layers, hidden, independent=independent, eps=_layer_norm_eps(config), init_std=init_std, init=init)
 
     def forward(self, layer_states: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """layer_states: L tensors [N, d] -> (reward mask [N], KL mask [N])."""
@@ -100,6 +119,17 @@ class SparsePOMasks(nn.Module):
             return self.reward_net(layer_states), self.kl_net(layer_states)
         m = self.common_net(layer_states)
         return m, m
+
+
+def normalize_per_sequence(mask: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int, eps: float = 1e-6) -> torch.Tensor:
+    """``mask`` [N] divided by its mean over each sequence's tokens (``seq_ids`` [N] in
+    [0, num_seqs)): every response then carries the same total weight as with unit masks, and the
+    mask can only move weight between tokens, never remove it all (``mask_normalize``)."""
+    acc = torch.float64 if mask.dtype == torch.float64 else torch.float32
+    m = mask.to(acc)
+    total = torch.zeros(num_seqs, dtype=acc, device=m.device).index_add(0, seq_ids, m)
+    count = torch.zeros(num_seqs, dtype=acc, device=m.device).index_add(0, seq_ids, torch.ones_like(m))
+    return m * (count / (total + eps))[seq_ids]
 
 
 def _unwrap(model):

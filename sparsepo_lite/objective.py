@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 
 from .losses import LOSS_TYPES, pair_stats, preference_loss, token_weights_for
-from .masks import MAPO_HOOK_TYPES, SparsePOMasks, _unwrap, mapo_masks, record_activation_means
+from .masks import (MAPO_HOOK_TYPES, SparsePOMasks, _unwrap, mapo_masks, normalize_per_sequence,
+                    record_activation_means)
 from .token_stats import ExactReference, LabelReference, TopKReference
 from .validation import check_choice, check_number
 
@@ -49,6 +50,7 @@ class LossConfig:
     mask_on_kl: bool = True
     l1_reward: float = 0.0  # lambda_u
     l1_kl: float = 0.0  # lambda_d (both halved with a common net and both masks on)
+    mask_normalize: bool = False  # divide each response's masks by their mean over its tokens
     # MaPO
     mapo_mapping: str = "zn_rescale"  # or "uniform" (= TDPO1)
     mapo_hooks: Tuple[str, ...] = MAPO_HOOK_TYPES
@@ -244,6 +246,8 @@ def compute_loss(model, batch: Dict[str, torch.Tensor], config: LossConfig, *,
     reward_mask = kl_mask = None
     if need_layers:
         m_u, m_d = config.masks(layer_states)
+        if config.mask_normalize:
+            m_u, m_d = (normalize_per_sequence(m, seq_ids, rows) for m in (m_u, m_d))
         reward_mask = m_u if config.mask_on_reward else None
         kl_mask = m_d if config.mask_on_kl else None
     if "token_weights" in batch and batch["token_weights"] is not None:
@@ -294,6 +298,15 @@ def _l1_penalty(config, seq_ids, rows, reward_mask, kl_mask, acc):
     return total
 
 
+def _mask_health(prefix: str, mask: torch.Tensor, seq_ids: torch.Tensor, b: int) -> Dict[str, float]:
+    """A learned mask's mean, its dead share (response tokens at exactly 0) and the share of pairs
+    whose mask is 0 on every token of both responses (no gradient reaches the policy from them)."""
+    alive = torch.zeros(2 * b, device=mask.device).index_add(0, seq_ids, (mask != 0).float())
+    pair_alive = alive[:b] + alive[b:]
+    return {prefix + "mean": mask.float().mean().item(), prefix + "dead": (mask == 0).float().mean().item(),
+            prefix + "dead_pairs": (pair_alive == 0).float().mean().item()}
+
+
 def _metrics(ps, config, b, seq_ids, reward_mask, kl_mask, fixed) -> Dict[str, float]:
     beta = config.beta
     rc, rr = beta * ps.reward[:b], beta * ps.reward[b:]
@@ -308,12 +321,12 @@ def _metrics(ps, config, b, seq_ids, reward_mask, kl_mask, fixed) -> Dict[str, f
     if ps.kl is not None:
         m["kl/chosen"] = ps.kl[:b].mean().item()
         m["kl/rejected"] = ps.kl[b:].mean().item()
-    mask = reward_mask if reward_mask is not None else kl_mask if kl_mask is not None else fixed
-    if mask is not None and config.loss_type in ("sparsepo", "mapo"):
-        m["mask/sparsity"] = (mask == 0).float().mean().item()
-        m["mask/mean"] = mask.float().mean().item()
-    if config.loss_type == "sparsepo" and config.masks.independent and reward_mask is not None \
-            and kl_mask is not None:
-        m["mask/kl_sparsity"] = (kl_mask == 0).float().mean().item()
-        m["mask/kl_mean"] = kl_mask.float().mean().item()
+    if config.loss_type == "sparsepo":
+        for prefix, mask in (("mask/", reward_mask if reward_mask is not None else kl_mask),
+                             ("mask/kl_", kl_mask if config.masks.independent and reward_mask is not None else None)):
+            if mask is not None:
+                m.update(_mask_health(prefix, mask, seq_ids, b))
+    elif config.loss_type == "mapo" and fixed is not None:
+        m["mask/sparsity"] = (fixed == 0).float().mean().item()
+        m["mask/mean"] = fixed.float().mean().item()
     return m

@@ -15,6 +15,7 @@ th{background:#f3f3f3}.num{text-align:right;font-variant-numeric:tabular-nums}
 .tok{white-space:pre;border-radius:3px;padding:0 1px;margin:0 0 2px 0;display:inline-block}
 .pair{border:1px solid #ddd;border-radius:6px;padding:.6em 1em;margin:1em 0}
 .legend span{padding:0 .4em;margin-right:1em}.small{color:#666;font-size:.9em}
+.lex{text-decoration:underline 2px #b03060;text-underline-offset:3px}
 """
 
 
@@ -53,23 +54,35 @@ def _colour(weight: float, top: float, rgb: str) -> str:
     return f"background:rgba({rgb},{a:.3f})"
 
 
+def _scale(values: Sequence[float], q: float = 0.95) -> float:
+    """The colour scale's top: the ``q`` quantile of the values (one extreme token would otherwise
+    wash out every other colour on the page); 1 if all are 0."""
+    vals = sorted(values)
+    if not vals:
+        return 1.0
+    top = vals[min(len(vals) - 1, int(q * len(vals)))]
+    return top if top > 0 else (vals[-1] or 1.0)
+
+
 def mask_viewer_html(pairs: Sequence[Dict[str, object]], meta: Dict[str, object]) -> str:
-    """Each pair's response tokens coloured by the reward mask (green), the KL mask (orange) and
-    the per-token KL (blue), with the tokens sorted by reward-mask weight below.
+    """Each pair's response tokens coloured by the reward mask (green), the KL mask (orange, only when
+    it differs from the reward mask) and the per-token KL (blue), sentiment words underlined, with the
+    tokens sorted by reward-mask weight below. Colours run from 0 to the page's 95th percentile.
 
     ``pairs``: dicts with ``prompt`` and, for ``chosen`` and ``rejected``, a list of tokens
     ``{"text", "reward_mask", "kl_mask", "kl", "sentiment"}``.
     """
     every = [t for p in pairs for side in ("chosen", "rejected") for t in p[side]]
-    top_u = max((t["reward_mask"] for t in every), default=1.0) or 1.0
-    top_d = max((t["kl_mask"] for t in every), default=1.0) or 1.0
-    top_k = max((t["kl"] for t in every), default=1.0) or 1.0
+    top_u = _scale([t["reward_mask"] for t in every])
+    top_d = _scale([t["kl_mask"] for t in every])
+    top_k = _scale([t["kl"] for t in every])
+    show_kl_mask = any(abs(t["kl_mask"] - t["reward_mask"]) > 1e-6 for t in every)
 
     def line(tokens, key, top, rgb):
         return "".join(
-            f"<span class='tok' style='{_colour(t[key], top, rgb)}' title='reward mask {t['reward_mask']:.3f}, "
-            f"KL mask {t['kl_mask']:.3f}, KL {t['kl']:.4f}{', VADER word' if t['sentiment'] else ''}'>"
-            f"{html.escape(t['text'])}</span>" for t in tokens)
+            f"<span class='tok{' lex' if t['sentiment'] else ''}' style='{_colour(t[key], top, rgb)}' "
+            f"title='reward mask {t['reward_mask']:.3f}, KL mask {t['kl_mask']:.3f}, KL {t['kl']:.4f}"
+            f"{', sentiment word' if t['sentiment'] else ''}'>{html.escape(t['text'])}</span>" for t in tokens)
 
     blocks = []
     for i, p in enumerate(pairs):
@@ -78,40 +91,44 @@ def mask_viewer_html(pairs: Sequence[Dict[str, object]], meta: Dict[str, object]
             toks = p[side]
             ranked = sorted(toks, key=lambda t: -t["reward_mask"])
             ranked_cells = "".join(
-                f"<tr><td><span class='tok' style='{_colour(t['reward_mask'], top_u, '40,160,60')}'>"
-                f"{html.escape(t['text'])}</span>{' *' if t['sentiment'] else ''}</td>"
+                f"<tr><td><span class='tok{' lex' if t['sentiment'] else ''}' "
+                f"style='{_colour(t['reward_mask'], top_u, '40,160,60')}'>{html.escape(t['text'])}</span></td>"
                 f"<td class='num'>{t['reward_mask']:.3f}</td><td class='num'>{t['kl_mask']:.3f}</td>"
                 f"<td class='num'>{t['kl']:.4f}</td></tr>" for t in ranked)
+            kl_mask_line = (f"<div>KL mask: {line(toks, 'kl_mask', top_d, '230,140,20')}</div>" if show_kl_mask
+                            else "")
             parts.append(
                 f"<p><b>{side}</b></p><div>reward mask: {line(toks, 'reward_mask', top_u, '40,160,60')}</div>"
-                f"<div>KL mask: {line(toks, 'kl_mask', top_d, '230,140,20')}</div>"
-                f"<div>per-token KL: {line(toks, 'kl', top_k, '40,90,220')}</div>"
-                f"<details><summary>tokens by reward-mask weight</summary><table><tr><th>token (* VADER word)</th>"
+                f"{kl_mask_line}<div>per-token KL: {line(toks, 'kl', top_k, '40,90,220')}</div>"
+                f"<details><summary>tokens by reward-mask weight</summary><table><tr><th>token</th>"
                 f"<th>reward mask</th><th>KL mask</th><th>KL</th></tr>{ranked_cells}</table></details>")
         parts.append("</div>")
         blocks.append("".join(parts))
     info = "".join(f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>" for k, v in meta.items())
+    kl_legend = "<span style='background:rgba(230,140,20,.6)'>KL mask</span>" if show_kl_mask else ""
     body = (f"<ul>{info}</ul><p class='legend'><span style='background:rgba(40,160,60,.6)'>reward mask</span>"
-            "<span style='background:rgba(230,140,20,.6)'>KL mask</span>"
-            "<span style='background:rgba(40,90,220,.6)'>KL(ref || policy) per token</span> "
-            "colour = value / the largest over the page; hover a token for its numbers.</p>" + "".join(blocks))
+            f"{kl_legend}<span style='background:rgba(40,90,220,.6)'>KL(ref || policy) per token</span>"
+            "<span class='tok lex'>sentiment word</span> colour = value / the page's 95th percentile "
+            f"(reward mask {top_u:.3g}, KL {top_k:.3g}); hover a token for its numbers"
+            f"{'' if show_kl_mask else '; one mask serves reward and KL (common net)'}.</p>" + "".join(blocks))
     script = ("document.getElementById('status').textContent='rendered '+document.querySelectorAll('.pair').length+"
               "' pairs, '+document.querySelectorAll('.pair table .tok').length+' tokens';")
     return _page("SparsePO token masks", body, script)
 
 
-def mask_pairs(model, tokenizer, masks, examples, *, beta: float = 0.1, sentiment=None, batch_pairs: int = 4) -> List[dict]:
+def mask_pairs(model, tokenizer, masks, examples, *, beta: float = 0.1, mask_normalize: bool = False, sentiment=None,
+               batch_pairs: int = 4) -> List[dict]:
     """Per-token reward/KL masks and KL of each example, from the online reference (as the paper).
 
-    ``masks``: the run's mask nets; ``sentiment``: an optional :class:`~sparsepo_lite.sentiment.Sentiment`
-    to flag VADER lexicon words.
+    ``masks``: the run's mask nets (``mask_normalize`` as the run trained them); ``sentiment``: an
+    optional :class:`~sparsepo_lite.sentiment.Sentiment` to flag sentiment words.
     """
     from .data import PreferenceCollator
     from .objective import LossConfig, compute_loss
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = PreferenceCollator(pad)
-    config = LossConfig(loss_type="sparsepo", beta=beta, masks=masks)
+    config = LossConfig(loss_type="sparsepo", beta=beta, masks=masks, mask_normalize=mask_normalize)
     out = []
     for a in range(0, len(examples), batch_pairs):
         part = examples[a:a + batch_pairs]
@@ -134,12 +151,43 @@ def mask_pairs(model, tokenizer, masks, examples, *, beta: float = 0.1, sentimen
     return out
 
 
-def mask_lift(pairs: Sequence[Dict[str, object]]) -> Dict[str, float]:
-    """Mean reward-mask weight on VADER-lexicon tokens versus other tokens, and their ratio."""
-    on = [t["reward_mask"] for p in pairs for s in ("chosen", "rejected") for t in p[s] if t["sentiment"]]
-    off = [t["reward_mask"] for p in pairs for s in ("chosen", "rejected") for t in p[s] if not t["sentiment"]]
-    mean_on = sum(on) / len(on) if on else float("nan")
-    mean_off = sum(off) / len(off) if off else float("nan")
-    return {"sentiment_tokens": len(on), "other_tokens": len(off), "mask_mean_sentiment": mean_on,
-            "mask_mean_other": mean_off, "lift": mean_on / mean_off if off and mean_off > 0 else float("nan")}
+def mask_lift(pairs: Sequence[Dict[str, object]], *, resamples: int = 2000, seed: int = 0) -> Dict[str, object]:
+    """Mean reward-mask weight on sentiment tokens over that on other tokens (the lift), overall and
+    for the chosen and the rejected responses, each with a 95% bootstrap interval over pairs (the
+    pairs are resampled with replacement, ``resamples`` times; percentile interval).
 
+    ``pairs``: :func:`mask_pairs`'s output; a token is a sentiment token by
+    ``Sentiment.LEXICON_RULE`` (its ``sentiment`` flag).
+    """
+    import random
+
+    def sums(items, sides):
+        on = off = n_on = n_off = 0.0
+        for p in items:
+            for side in sides:
+                for t in p[side]:
+                    if t["sentiment"]:
+                        on, n_on = on + t["reward_mask"], n_on + 1
+                    else:
+                        off, n_off = off + t["reward_mask"], n_off + 1
+        return on, n_on, off, n_off
+
+    def ratio(on, n_on, off, n_off):
+        if not n_on or not n_off or off <= 0:
+            return float("nan")
+        return (on / n_on) / (off / n_off)
+
+    rng = random.Random(seed)
+    draws = [[rng.randrange(len(pairs)) for _ in pairs] for _ in range(resamples)] if pairs else []
+    out: Dict[str, object] = {}
+    for name, sides in (("all", ("chosen", "rejected")), ("chosen", ("chosen",)), ("rejected", ("rejected",))):
+        on, n_on, off, n_off = sums(pairs, sides)
+        boot = sorted(r for r in (ratio(*sums([pairs[i] for i in d], sides)) for d in draws) if r == r)
+        lo, hi = (boot[int(0.025 * len(boot))], boot[min(len(boot) - 1, int(0.975 * len(boot)))]) if boot \
+            else (float("nan"), float("nan"))
+        out[name] = {"lift": ratio(on, n_on, off, n_off), "ci95": [lo, hi], "sentiment_tokens": int(n_on),
+                     "other_tokens": int(n_off), "mask_mean_sentiment": on / n_on if n_on else float("nan"),
+                     "mask_mean_other": off / n_off if n_off else float("nan")}
+    # the overall numbers at the top level, as before
+    return {**out["all"], "chosen": out["chosen"], "rejected": out["rejected"], "pairs": len(pairs),
+            "resamples": resamples}

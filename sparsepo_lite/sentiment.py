@@ -37,10 +37,17 @@ class Sentiment:
     def __call__(self, text: str) -> float:
         return float(self.analyzer.polarity_scores(text)["compound"])
 
+    #: What counts as a sentiment word (the mask lift's rule): the token's text, stripped of spaces and
+    #: of the punctuation around it and lower-cased, is an entry of VADER's lexicon made of at least two
+    #: letters. One-letter entries ("l", "x") and emoticons are left out: they rate sub-word pieces and
+    #: symbols, not words.
+    LEXICON_RULE = ("token text stripped of spaces and surrounding punctuation, lower-cased, in VADER's lexicon, "
+                    "alphabetic, at least 2 letters")
+
     def is_sentiment_word(self, token_text: str) -> bool:
-        """Whether VADER's lexicon rates this (stripped, lower-cased) token."""
+        """Whether this token is a sentiment word by :attr:`LEXICON_RULE`."""
         word = token_text.strip().lower().strip(".,;:!?\"'()")
-        return bool(word) and word in self.analyzer.lexicon
+        return len(word) >= 2 and word.isalpha() and word in self.analyzer.lexicon
 
 
 @torch.no_grad()

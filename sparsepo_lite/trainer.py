@@ -25,11 +25,11 @@ import transformers
 from .data import PreferenceCollator, PreferenceExample, tokenize_dataset
 from .errors import TrainingError
 from .losses import LOSS_TYPES
-from .masks import SparsePOMasks
+from .masks import MASK_INITS, SparsePOMasks
 from .modeling import ModelConfig, load_policy, load_tokenizer
 from .objective import LossConfig, check_loss_settings, compute_loss
 from .ref_cache import CachedExample, CachedReferenceCollator, RefCache, run_fingerprint
-from .validation import check_number
+from .validation import check_choice, check_number
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +63,15 @@ class SparsePOConfig(transformers.TrainingArguments):
     mask_on_kl: bool = True
     l1_reward: float = 0.0
     l1_kl: float = 0.0
+    mask_init: str = field(default="ones", metadata={
+        "help": "SparsePO mask net init: 'ones' (masks start near 1: SparsePO starts as TDPO1) or 'official' "
+                "(the paper code's N(0, mask_init_std^2) init: masks start near 0 and can collapse to all-zero)"})
     mask_init_std: float = 0.02
-    mask_learning_rate: Optional[float] = field(default=None, metadata={"help": "default: learning_rate"})
+    mask_normalize: bool = field(default=False, metadata={
+        "help": "divide each response's SparsePO masks by their mean over its tokens, so a mask can move weight "
+                "between tokens but never remove it all"})
+    mask_learning_rate: Optional[float] = field(default=None, metadata={
+        "help": "learning rate of the mask nets (default: learning_rate); 0 freezes them at their init"})
     mask_weight_decay: float = 0.01
     mapo_mapping: str = "zn_rescale"
     max_length: int = 512
@@ -98,6 +105,7 @@ class SparsePOConfig(transformers.TrainingArguments):
         check_loss_settings(self.loss_type, beta=self.beta, alpha=self.alpha, label_smoothing=self.label_smoothing,
                             l1_reward=self.l1_reward, l1_kl=self.l1_kl, mapo_mapping=self.mapo_mapping,
                             chunk_size=self.chunk_size)
+        check_choice("mask_init", self.mask_init, MASK_INITS)
         check_number("mask_init_std", self.mask_init_std, low=0, low_open=True)
         check_number("mask_learning_rate", self.mask_learning_rate, low=0, optional=True)
         check_number("mask_weight_decay", self.mask_weight_decay, low=0)
@@ -199,6 +207,13 @@ def check_writable(folder: str) -> None:
         raise TrainingError(f"output_dir {folder} is not writable ({exc.strerror or exc})") from None
 
 
+def mask_drift(masks: SparsePOMasks, init: List[torch.Tensor]) -> float:
+    """Relative distance of the mask nets' parameters from ``init``: ||theta - theta_0|| / ||theta_0||."""
+    now = torch.cat([p.detach().float().flatten().cpu() for p in masks.parameters()])
+    start = torch.cat([p.float().flatten().cpu() for p in init])
+    return float((now - start).norm() / start.norm().clamp_min(1e-12))
+
+
 class _FiniteWeights(transformers.TrainerCallback):
     """After every optimizer step: stop the run if a trained weight (LoRA or mask net) is no longer
     finite, before a checkpoint or the final adapter could save it."""
@@ -275,12 +290,16 @@ class SparsePOTrainer(transformers.Trainer):
             model, _ = load_policy(args.model_config(model), tokenizer=False)
         if args.loss_type == "sparsepo" and masks is None:
             transformers.set_seed(args.seed)  # the mask init is part of the run: same seed, same run
-            masks = SparsePOMasks.for_model(model, independent=args.independent_masks, init_std=args.mask_init_std)
+            masks = SparsePOMasks.for_model(model, independent=args.independent_masks, init_std=args.mask_init_std,
+                                            init=args.mask_init)
+        if masks is not None and args.mask_learning_rate == 0:
+            masks.requires_grad_(False)  # frozen at their init: the control that shows what training adds
         self.masks = masks
         self.loss_config = LossConfig(
             loss_type=args.loss_type, beta=args.beta, alpha=args.alpha, label_smoothing=args.label_smoothing,
             masks=masks, mask_on_reward=args.mask_on_reward, mask_on_kl=args.mask_on_kl,
-            l1_reward=args.l1_reward, l1_kl=args.l1_kl, mapo_mapping=args.mapo_mapping, ref_model=ref_model,
+            l1_reward=args.l1_reward, l1_kl=args.l1_kl, mask_normalize=args.mask_normalize,
+            mapo_mapping=args.mapo_mapping, ref_model=ref_model,
             chunk_size=args.chunk_size)
         pad = processing_class.pad_token_id if processing_class.pad_token_id is not None else processing_class.eos_token_id
         self.ref_cache = None
@@ -309,6 +328,9 @@ class SparsePOTrainer(transformers.Trainer):
         self.model_accepts_loss_kwargs = False  # our loss is a mean over pairs: let GA divide it
         self._stored: Dict[str, Dict[str, List[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.run_config = run_config if run_config is not None else args.run_config()
+        # the masks as they start (the drift is measured from here; a resumed run keeps its init)
+        self._mask_init = None if masks is None else [p.detach().clone() for p in masks.parameters()]
+        self._mask_warned = set()
         self.skipped_steps = 0
         self._micro_losses: List[float] = []  # finite micro-batch losses of the step in progress
         self._step_losses: List[float] = []  # mean loss of every step that trained, this train() call
@@ -335,7 +357,7 @@ class SparsePOTrainer(transformers.Trainer):
             {"params": [p for n, p in params if n in decay], "weight_decay": self.args.weight_decay},
             {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0},
         ]
-        if self.masks is not None:
+        if self._masks_train():
             lr = self.args.learning_rate if self.args.mask_learning_rate is None else self.args.mask_learning_rate
             mask_w = [p for n, p in self.masks.named_parameters() if n.endswith(("layer_weight", "mixer"))]
             mask_rest = [p for n, p in self.masks.named_parameters() if not n.endswith(("layer_weight", "mixer"))]
@@ -346,6 +368,9 @@ class SparsePOTrainer(transformers.Trainer):
         self.optimizer = cls(groups, **kwargs)
         return self.optimizer
 
+    def _masks_train(self) -> bool:
+        return self.masks is not None and self.args.mask_learning_rate != 0
+
     def _trained_parameters(self) -> List[torch.nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
@@ -355,6 +380,10 @@ class SparsePOTrainer(transformers.Trainer):
         # of everything the optimizer updates (LoRA and mask nets) are averaged here instead.
         if self.accelerator.num_processes > 1:
             all_reduce_mean_(self._trained_parameters())
+        if self._masks_train():  # before clipping: how hard the loss pulls on the masks
+            grads = [p.grad.detach().float().norm() for p in self.masks.parameters() if p.grad is not None]
+            if grads:
+                self._stored["train"]["mask/grad_norm"].append(float(torch.stack(grads).norm()))
 
     # The Trainer calls exactly one of these two per optimizer step, after the last micro-batch
     # and before optimizer.step(): the place to sync, and then to clip (or measure) the global
@@ -438,7 +467,23 @@ class SparsePOTrainer(transformers.Trainer):
         if "train_loss" in logs:
             logs["train_loss"] = self._train_loss()
             logs["skipped_steps"] = self.skipped_steps
+        if split == "train" and self.masks is not None and self._mask_init is not None:
+            logs["mask/drift"] = mask_drift(self.masks, self._mask_init)
+            self._warn_about_masks(logs)
         super().log(logs, start_time)
+
+    def _warn_about_masks(self, logs) -> None:
+        if logs.get("mask/dead_pairs") == 1.0 and "dead" not in self._mask_warned:
+            self._mask_warned.add("dead")
+            logger.warning("the SparsePO masks were 0 on every token of every pair since the last log: no gradient "
+                           "reaches the policy and the ReLU units cannot recover (mask collapse); use mask_init: ones "
+                           "or a lower mask_learning_rate")
+        warmup = self.args.get_warmup_steps(self.state.max_steps) if self.state.max_steps else 0
+        if self._masks_train() and self.state.global_step > warmup and logs["mask/drift"] < 0.01 \
+                and "still" not in self._mask_warned:
+            self._mask_warned.add("still")
+            logger.warning("the SparsePO mask nets have moved %.2f%% from their init after the warmup: they are "
+                           "not learning (raise mask_learning_rate)", 100 * logs["mask/drift"])
 
     def _train_loss(self) -> float:
         return sum(self._step_losses) / len(self._step_losses) if self._step_losses else float("nan")
@@ -453,6 +498,7 @@ class SparsePOTrainer(transformers.Trainer):
         resume = self._checkpoint_to_resume(resume_from_checkpoint)
         self._on_main_then_all(lambda: self._prepare_output_dir(resuming=resume is not None))
         self.skipped_steps, self._micro_losses, self._step_losses, self._window = 0, [], [], []
+        self._mask_warned = set()
         out = super().train(resume_from_checkpoint=resume, **kwargs)
         steps = len(self._step_losses) + self.skipped_steps
         if steps and self.skipped_steps > MAX_SKIPPED_FRACTION * steps:

@@ -9,9 +9,9 @@ from sparsepo_lite.masks import SparsePOMaskNet, SparsePOMasks, mapo_masks, minm
 
 
 def test_mask_net_formula_and_init(seed):
-    net = SparsePOMaskNet(num_layers=3, hidden_size=16, eps=1e-6).double()
+    net = SparsePOMaskNet(num_layers=3, hidden_size=16, eps=1e-6, init="official").double()
     assert net.layer_bias.abs().max() == 0 and (net.norm.weight == 1).all() and (net.norm.bias == 0).all()
-    assert 0.01 < net.layer_weight.std().item() < 0.03
+    assert 0.01 < net.layer_weight.std().item() < 0.03 and net.mixer.abs().max() < 0.2
     states = [torch.randn(7, 16, dtype=torch.float64) * (l + 1) for l in range(3)]
     got = net(states)
     want = 0
@@ -20,6 +20,17 @@ def test_mask_net_formula_and_init(seed):
         want = want + net.mixer[l] * torch.relu(g @ net.layer_weight[l] + net.layer_bias[l])
     torch.testing.assert_close(got, torch.relu(want))
     assert (got >= 0).all()
+
+
+def test_ones_init_starts_every_token_near_one(seed):
+    """SparsePO with mask_init 'ones' starts as TDPO1: biases 1, mixer 1/L, small weights."""
+    net = SparsePOMaskNet(num_layers=4, hidden_size=64, init="ones")
+    assert (net.layer_bias == 1).all() and torch.allclose(net.mixer, torch.full((4,), 0.25))
+    states = [torch.randn(200, 64) * 3 for _ in range(4)]
+    m = net(states)
+    assert (m > 0).all() and (m - 1).abs().max() < 0.35 and abs(m.mean().item() - 1) < 0.05
+    with pytest.raises(ValueError, match="mask init must be one of"):
+        SparsePOMaskNet(2, 8, init="zeros")
 
 
 def test_common_and_independent_masks():

@@ -96,6 +96,9 @@ def oracle(model, batch, cfg, mapo_mask=None):
             mu, md = _net_mask(cfg.masks.reward_net, hs), _net_mask(cfg.masks.kl_net, hs)
         else:
             mu = md = _net_mask(cfg.masks.common_net, hs)
+        if cfg.mask_normalize:  # each response's masks divided by their mean over its tokens
+            mu = mu * r.sum(-1, keepdim=True) / ((r * mu).sum(-1, keepdim=True) + 1e-6)
+            md = md * r.sum(-1, keepdim=True) / ((r * md).sum(-1, keepdim=True) + 1e-6)
         u = mu if cfg.mask_on_reward else one
         d = md if cfg.mask_on_kl else one
         half = 0.5 if (not cfg.masks.independent and cfg.mask_on_reward and cfg.mask_on_kl) else 1.0
@@ -161,6 +164,27 @@ def test_loss_and_gradients_match_full_logits_float64(method):
         config_for(method, model)
     metrics = check_against_oracle(model, batch, cfg)
     assert math.isfinite(metrics["loss"]) and 0 <= metrics["rewards/accuracies"] <= 1
+
+
+@pytest.mark.parametrize("method", ["sparsepo", "sparsepo_indp"])
+@pytest.mark.parametrize("init", ["ones", "official"])
+def test_normalized_masks_match_full_logits_float64(method, init):
+    """mask_normalize: each response's masks over their mean (the oracle's own terms above); with
+    either init (the 'ones' init starts the masks at 1)."""
+    model = tiny_llama()
+    batch = random_batch(b=3)
+    cfg = config_for(method, model, l1_reward=0.01, mask_normalize=True)
+    torch.manual_seed(7)
+    for net in ([cfg.masks.reward_net, cfg.masks.kl_net] if cfg.masks.independent else [cfg.masks.common_net]):
+        net.init = init
+        net.reset_parameters()
+    check_against_oracle(model, batch, cfg)
+    _, _, det = compute_loss(model, batch, cfg, return_details=True)
+    seqs = det["seq_ids"]
+    means = [det["reward_mask"][seqs == i].double().mean().item() for i in range(6)]
+    # every response's reward mask now averages 1 over its tokens (0 if it was 0 on all of them)
+    assert all(m == pytest.approx(1.0, abs=1e-5) or m == 0 for m in means), means
+    assert init == "official" or all(m == pytest.approx(1.0, abs=1e-5) for m in means)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -338,8 +362,28 @@ def test_metrics_follow_their_formulas(method):
     assert metrics["logps/chosen"] == pytest.approx(logp[:b].mean().item(), rel=1e-9)
     assert metrics["kl/rejected"] == pytest.approx(kl[b:].mean().item(), rel=1e-9)
     if method == "sparsepo_indp":
-        assert metrics["mask/sparsity"] == pytest.approx((det["reward_mask"] == 0).double().mean().item())
+        assert metrics["mask/dead"] == pytest.approx((det["reward_mask"] == 0).double().mean().item())
         assert metrics["mask/kl_mean"] == pytest.approx(det["kl_mask"].mean().item())
+        assert metrics["mask/kl_dead"] == pytest.approx((det["kl_mask"] == 0).double().mean().item())
+        for key, mask in (("mask/dead_pairs", det["reward_mask"]), ("mask/kl_dead_pairs", det["kl_mask"])):
+            seqs = det["seq_ids"]
+            dead = [bool((mask[(seqs == i) | (seqs == i + b)] == 0).all()) for i in range(b)]
+            assert metrics[key] == pytest.approx(sum(dead) / b)
+
+
+def test_dead_pairs_count_pairs_whose_masks_are_zero_everywhere():
+    model = tiny_llama()
+    batch = random_batch(b=3, seed=3)
+    cfg = config_for("sparsepo", model)
+    with torch.no_grad():
+        cfg.masks.common_net.mixer[:] = -1.0  # ReLU(negative) = 0 on every token: a collapsed mask
+    _, metrics, _ = compute_loss(model, batch, cfg, return_details=True)
+    assert metrics["mask/dead"] == 1.0 and metrics["mask/dead_pairs"] == 1.0 and metrics["mask/mean"] == 0.0
+    with torch.no_grad():
+        cfg.masks.common_net.mixer[:] = 1.0
+        cfg.masks.common_net.layer_bias[:] = 10.0  # every unit on
+    _, metrics, _ = compute_loss(model, batch, cfg, return_details=True)
+    assert metrics["mask/dead"] == 0.0 and metrics["mask/dead_pairs"] == 0.0
 
 
 def _tiny(family):

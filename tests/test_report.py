@@ -99,3 +99,45 @@ def test_sentiment_report_renders(run_dir):
                                       "reward_gain_se", "reward_policy_se", "reward_reference_se"}
     assert len(result["samples"]) == 3
     assert "rendered 3 samples" in render(run_dir / "run" / "sentiment_report.html")
+
+
+def _tok(text, u, sentiment=False, d=None, kl=0.1):
+    return {"text": text, "reward_mask": u, "kl_mask": u if d is None else d, "kl": kl, "sentiment": sentiment}
+
+
+def test_mask_lift_splits_sides_and_has_a_bootstrap_interval():
+    pairs = [{"prompt": "p", "chosen": [_tok(" great", 2.0, True), _tok(" the", 1.0)],
+              "rejected": [_tok(" awful", 0.5, True), _tok(" a", 1.0)]} for _ in range(10)]
+    pairs[3]["chosen"][0]["reward_mask"] = 3.0  # some spread between pairs, for the interval
+    lift = mask_lift(pairs, resamples=500)
+    on = (2.0 * 9 + 3.0 + 0.5 * 10) / 20
+    assert lift["lift"] == pytest.approx(on / 1.0)
+    assert lift["chosen"]["lift"] == pytest.approx((2.0 * 9 + 3.0) / 10)
+    assert lift["rejected"]["lift"] == pytest.approx(0.5)
+    lo, hi = lift["ci95"]
+    assert lo <= lift["lift"] <= hi and lo < hi
+    assert lift["rejected"]["ci95"] == [pytest.approx(0.5), pytest.approx(0.5)]  # no spread, no width
+    assert lift["sentiment_tokens"] == 20 and lift["other_tokens"] == 20 and lift["pairs"] == 10
+    assert mask_lift(pairs, resamples=500) == lift  # seeded: the same interval every time
+
+
+def test_the_sentiment_word_rule_skips_one_letter_entries_and_symbols():
+    s = Sentiment()
+    assert "l" in s.analyzer.lexicon or "x" in s.analyzer.lexicon  # the entries the rule is about
+    assert s.is_sentiment_word(" great") and s.is_sentiment_word(" Awful!") and s.is_sentiment_word("love,")
+    for text in (" l", "x", " :)", " <3", " the", "", " 123"):
+        assert not s.is_sentiment_word(text), text
+
+
+def test_mask_viewer_scales_robustly_marks_words_and_hides_an_identical_kl_mask():
+    from sparsepo_lite.report import mask_viewer_html
+
+    toks = [_tok(f" w{i}", 1.0 + 0.01 * i) for i in range(40)] + [_tok(" great", 500.0, True)]
+    common = mask_viewer_html([{"prompt": "p", "chosen": toks, "rejected": toks[:5]}], {})
+    assert "KL mask:" not in common and "common net" in common
+    # the 500x outlier saturates; every ordinary token keeps a visible colour (95th percentile scale)
+    assert "rgba(40,160,60,1.000)" in common and "rgba(40,160,60,0.000)" not in common
+    assert "class='tok lex'" in common and "sentiment word" in common
+    indep = [dict(t, kl_mask=t["reward_mask"] / 2) for t in toks]
+    page = mask_viewer_html([{"prompt": "p", "chosen": indep, "rejected": indep[:5]}], {})
+    assert "KL mask:" in page

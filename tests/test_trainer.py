@@ -51,7 +51,9 @@ def test_training_learns_the_preference_and_saves_adapter_and_masks(tiny_dir, tm
         loaded = load_masks(str(tmp_path / "final"))
         for a, b in zip(loaded.state_dict().values(), trainer.masks.state_dict().values()):
             torch.testing.assert_close(a, b.cpu())
-        assert "mask/sparsity" in trainer.state.log_history[0]
+        first = trainer.state.log_history[0]
+        assert {"mask/dead", "mask/dead_pairs", "mask/mean", "mask/drift", "mask/grad_norm"} <= set(first)
+        assert trainer.state.log_history[-2]["mask/drift"] > first["mask/drift"] > 0
 
 
 def test_mask_gradients_do_not_accumulate_across_steps(tiny_dir, tmp_path):
