@@ -124,6 +124,8 @@ def lift_cell(lift: Optional[dict]) -> str:
     """'1.25x [1.10, 1.41]' (95% bootstrap interval over pairs), or '-'."""
     if not lift:
         return "-"
+    if lift["lift"] != lift["lift"]:  # NaN: no mask weight on other tokens (a collapsed, all-zero mask)
+        return "n/a (mask 0)"
     return f"{lift['lift']:.2f}x [{lift['ci95'][0]:.2f}, {lift['ci95'][1]:.2f}]"
 
 

@@ -3,6 +3,16 @@
 The core op is :func:`chunked_token_stats`; see README.md.
 """
 
+import os
+
+# OpenMP threads that wait at a barrier spin by default (libgomp, used by torch, bitsandbytes and this
+# package's CPU kernels). When other processes share the cores, a spinning thread burns the time slice
+# its sibling needs to reach the barrier: a CPU training step ran 9x slower beside two busy processes,
+# 3x (a fair share) with passive waiting, and passive waiting costs nothing alone (bench/results/
+# cpu_contention.md). libgomp reads this once, when torch loads it, so it only takes effect when this
+# package is imported first (as the sparsepo-lite command does); an explicit setting is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from ._ops import EXTENSION_ERROR, EXTENSION_HAS_CUDA, HAVE_EXTENSION
 from .losses import LOSS_TYPES
 from .masks import SparsePOMaskNet, SparsePOMasks

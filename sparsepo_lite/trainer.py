@@ -70,8 +70,9 @@ class SparsePOConfig(transformers.TrainingArguments):
     mask_normalize: bool = field(default=False, metadata={
         "help": "divide each response's SparsePO masks by their mean over its tokens, so a mask can move weight "
                 "between tokens but never remove it all"})
-    mask_learning_rate: Optional[float] = field(default=None, metadata={
-        "help": "learning rate of the mask nets (default: learning_rate); 0 freezes them at their init"})
+    mask_learning_rate: Optional[float] = field(default=1e-2, metadata={
+        "help": "learning rate of the mask nets, which need a far higher rate than the adapter to move "
+                "(docs/masks.md); None: learning_rate; 0 freezes them at their init"})
     mask_weight_decay: float = 0.01
     mapo_mapping: str = "zn_rescale"
     max_length: int = 512
