@@ -61,9 +61,11 @@ def command_line() -> str:
     return "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
 
 
-def cli(*args: str) -> None:
-    """Run ``sparsepo-lite ARGS`` in its own process from the repository root; raise if it fails."""
-    subprocess.run([sys.executable, "-m", "sparsepo_lite.cli", *args], check=True, cwd=ROOT)
+def cli(*args: str, threads: Optional[int] = None) -> None:
+    """Run ``sparsepo-lite ARGS`` in its own process from the repository root, with ``threads`` CPU
+    threads (default: torch's); raise if it fails."""
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    subprocess.run([sys.executable, "-m", "sparsepo_lite.cli", *args], check=True, cwd=ROOT, env=env)
 
 
 def _evaluated(path: str, prompts: int, samples: int) -> bool:
@@ -76,24 +78,25 @@ def _evaluated(path: str, prompts: int, samples: int) -> bool:
 
 def sentiment_run(run: str, overrides: Sequence[str], *, prompts: int = 58, samples: int = 2,
                   lift_pairs: Optional[int] = 40, config: str = SENTIMENT_CONFIG, data_eval: str = SENTIMENT_EVAL,
-                  eval_loss: bool = False) -> Dict[str, object]:
+                  eval_loss: bool = False, threads: Optional[int] = None) -> Dict[str, object]:
     """Train the sentiment recipe with ``overrides`` into ``run`` (unless its adapter is there), then
     the paired evaluation on ``prompts`` held-out prompts x ``samples`` (unless done with the same
     numbers) and, for SparsePO runs with ``lift_pairs``, the mask lift on that many held-out pairs.
 
     Returns the evaluation summary, the training's final metrics (train loss; with ``eval_loss`` the
     held-out loss and reward accuracy) and the mask nets' last logged health (drift, dead share),
-    and the lift. Everything already in ``run`` is reused, so an interrupted study resumes.
+    and the lift. Everything already in ``run`` is reused, so an interrupted study resumes. Each step
+    runs in its own process with ``threads`` CPU threads (default: torch's).
     """
     from sparsepo_lite.sentiment import summarize
 
     if not os.path.isfile(os.path.join(run, "adapter_model.safetensors")):
         extra = [] if eval_loss else ["--eval_file", ""]
         cli("train", config, *overrides, "--output_dir", run, "--overwrite_output_dir", "--eval_strategy", "no",
-            *extra)
+            *extra, threads=threads)
     done = os.path.join(run, "sentiment_eval.json")
     if not _evaluated(done, prompts, samples):
-        cli("eval-sentiment", run, "--data", data_eval, "--prompts", str(prompts), "--samples", str(samples))
+        cli("eval-sentiment", run, "--data", data_eval, "--prompts", str(prompts), "--samples", str(samples), threads=threads)
     with open(done) as f:  # one summary formula for every run, however old its evaluation
         row: Dict[str, object] = dict(summarize(json.load(f)["samples"], samples).summary())
     with open(os.path.join(run, "metrics.json")) as f:
@@ -114,7 +117,7 @@ def sentiment_run(run: str, overrides: Sequence[str], *, prompts: int = 58, samp
         stale = not os.path.isfile(lift) or os.path.getmtime(lift) < os.path.getmtime(
             os.path.join(run, "adapter_model.safetensors"))
         if stale or json.load(open(lift)).get("pairs") != lift_pairs:
-            cli("inspect-masks", run, "--data", data_eval, "--pairs", str(lift_pairs))
+            cli("inspect-masks", run, "--data", data_eval, "--pairs", str(lift_pairs), threads=threads)
         with open(lift) as f:
             row["mask_lift"] = json.load(f)
     return row

@@ -22,6 +22,7 @@ import json
 import os
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from _common import HERE, ROOT, command_line, machine_info, sentiment_run, write_markdown
 
@@ -87,25 +88,35 @@ def main():
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--runs", default=os.path.join(ROOT, "runs", "frontier"))
     ap.add_argument("--out", default=os.path.join(HERE, "results", "frontier"))
+    # Small models scale poorly over threads: on 2 cores two 1-thread runs side by side finish sooner
+    # than one 2-thread run after another.
+    ap.add_argument("--jobs", type=int, default=1, help="runs side by side, each with cores/jobs threads")
+    ap.add_argument("--only-existing", action="store_true",
+                    help="tabulate the runs already trained and evaluated in --runs; train none")
     a = ap.parse_args()
+    threads = max(1, (os.cpu_count() or 1) // a.jobs) if a.jobs > 1 else None
 
-    rows = []
-    for method in a.methods:
-        for beta in a.betas:
-            for seed in a.seeds:
-                run = os.path.join(a.runs, f"{method}_beta{beta:g}_seed{seed}")
-                t0 = time.perf_counter()
-                row = sentiment_run(run, METHODS[method] + ["--beta", str(beta), "--max_steps", str(a.steps),
-                                                            "--seed", str(seed)],
-                                    prompts=a.prompts, samples=a.samples,
-                                    lift_pairs=40 if method.startswith("sparsepo") else None)
-                rows.append({"method": method, "beta": beta, "seed": seed, **row,
-                             "seconds": time.perf_counter() - t0})
-                print(json.dumps(rows[-1]), flush=True)
+    def one(method, beta, seed):
+        run = os.path.join(a.runs, f"{method}_beta{beta:g}_seed{seed}")
+        t0 = time.perf_counter()
+        row = sentiment_run(run, METHODS[method] + ["--beta", str(beta), "--max_steps", str(a.steps),
+                                                    "--seed", str(seed)],
+                            prompts=a.prompts, samples=a.samples,
+                            lift_pairs=40 if method.startswith("sparsepo") else None, threads=threads)
+        row = {"method": method, "beta": beta, "seed": seed, **row, "seconds": time.perf_counter() - t0}
+        print(json.dumps(row), flush=True)
+        return row
+
+    cells = [(m, b, s) for m in a.methods for b in a.betas for s in a.seeds]
+    if a.only_existing:
+        cells = [c for c in cells if os.path.isfile(os.path.join(a.runs, f"{c[0]}_beta{c[1]:g}_seed{c[2]}",
+                                                                  "sentiment_eval.json"))]
+    with ThreadPoolExecutor(a.jobs) as pool:  # each run is its own process; threads only wait
+        rows = list(pool.map(lambda c: one(*c), cells))
     agg = aggregate(rows, a.methods, a.betas)
     plot(a, rows, agg)
     with open(a.out + ".json", "w") as f:
-        json.dump({"command": command_line(), "machine": machine_info("cpu"), "rows": rows, "aggregate": agg}, f,
+        json.dump({"command": command_line(), "machine": machine_info("cpu"), "jobs": a.jobs, "rows": rows, "aggregate": agg}, f,
                   indent=1)
     write_markdown(a.out + ".md", markdown(a, rows, agg))
     print(f"wrote {a.out}.png, .md, .json")
@@ -132,7 +143,7 @@ def plot(a, rows, agg):
     ax.axhline(rows[0]["reward_reference"], color="grey", ls=":", lw=1, label="reference")
     ax.set_xlabel("sequence KL(policy || reference), nats")
     ax.set_ylabel("mean VADER reward (held-out prompts)")
-    ax.set_title(f"Sentiment control, SmolLM2-135M 4-bit, {a.steps} steps, {len(a.seeds)} seeds "
+    ax.set_title(f"Sentiment control, SmolLM2-135M 4-bit, {a.steps} steps, up to {len(a.seeds)} seeds per point "
                  "(bars: seed sd; labels: beta)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -149,13 +160,13 @@ def markdown(a, rows, agg):
           "the mean over seeds +- the seed-to-seed standard deviation. KL = mean over the policy's samples of "
           "sum_t log pi(y_t) - log pi_ref(y_t). Lift: mean reward mask on sentiment words / on other tokens, 40 "
           "held-out pairs (per seed in frontier.json, with 95% bootstrap intervals). ![frontier](frontier.png)", "",
-          "| method | beta | reward | gain | KL | win rate | mask drift | lift (all / chosen / rejected) |",
-          "|---|---|---|---|---|---|---|---|"]
+          "| method | beta | seeds | reward | gain | KL | win rate | mask drift | lift (all / chosen / rejected) |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for g in agg:
         lift = (f"{g['lift']:.2f} +- {g['lift_sd']:.2f} / {g['lift_chosen']:.2f} / {g['lift_rejected']:.2f}"
                 if "lift" in g else "-")
         drift = f"{g['mask_drift']:.3f}" if "mask_drift" in g else "-"
-        md.append(f"| {g['method']} | {g['beta']:g} | {g['reward_policy']:+.3f} +- {g['reward_policy_sd']:.3f} | "
+        md.append(f"| {g['method']} | {g['beta']:g} | {len(g['seeds'])} | {g['reward_policy']:+.3f} +- {g['reward_policy_sd']:.3f} | "
                   f"{g['reward_gain']:+.3f} +- {g['reward_gain_sd']:.3f} | {g['kl']:.2f} +- {g['kl_sd']:.2f} | "
                   f"{g['win_rate']:.2f} | {drift} | {lift} |")
     tdpo1 = [g for g in agg if g["method"] == "tdpo1"]
