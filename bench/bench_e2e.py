@@ -26,7 +26,8 @@ behaves like a 24 GB one: a step that needs more is an OOM row. A real card also
 context (about 0.5 GB) outside that cap.
 
   op_<loss>_online   sparsepo_lite.compute_loss, reference = the adapter-off base every step
-  op_<loss>_cached   the same from a top-32 reference cache written by precompute_reference
+  op_<loss>_cached   the same from a reference cache written by precompute_reference (DPO: label
+                     log-probs; the others: the default top-64 + 16 tail samples)
   eager_<loss>       the same loss with full [T, V] logits of policy and reference (TDPO/SparsePO code)
   trl_dpo            sequence-level DPO on full logits, as TRL computes it
 
@@ -149,11 +150,11 @@ def measure(model, spec):
     cfg = LossConfig(loss_type=loss_type, beta=0.1, masks=masks)
     if variant.endswith("cached"):
         from sparsepo_lite.precompute import precompute_reference
-        from sparsepo_lite.ref_cache import CachedExample, CachedReferenceCollator, RefCache
+        from sparsepo_lite.ref_cache import DEFAULT_TOP_K, CachedExample, CachedReferenceCollator, RefCache
 
         out = tempfile.mkdtemp(prefix="e2e_cache_")
         precompute_reference(model, type("Tok", (), {"pad_token_id": 0})(), {"train": [ex]}, out,
-                             fingerprint={"bench": "e2e"}, config=cfg, top_k=0 if loss_type == "dpo" else 32,
+                             fingerprint={"bench": "e2e"}, config=cfg, top_k=0 if loss_type == "dpo" else DEFAULT_TOP_K,
                              batch_size=1, progress=False)
         batch = CachedReferenceCollator(0, RefCache(out))([CachedExample(ex, "train")])
     else:

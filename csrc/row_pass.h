@@ -5,7 +5,9 @@
 // For one chunk of `rows` tokens, `logits` holds z = W h  [rows, vocab] in the
 // accumulation type T (float, or double for tests). Per row the pass computes
 //   logp     = z[y] - logsumexp(z)
-//   kl       = KL(q || p) against the reference distribution q (ref_kind >= 2)
+//   kl       = KL(q || p) against the reference distribution q (ref_kind >= 2); with a
+//              top-k reference and m sampled tail tokens, the bucket KL plus the unbiased
+//              tail correction r mean_j[(rho_j - 1) - log rho_j]
 //   ref_logp = log q[y]                                        (ref_kind == 3)
 // and, when write_grad is set, overwrites the row of `logits` with
 //   g = a (onehot(y) - p) + b dKL/dz
@@ -40,7 +42,12 @@ struct RowPassParams {
   const int64_t* topk_ids;     // [rows, k] distinct ids in [0, vocab) (top-k)
   const T* topk_logp;          // [rows, k] reference log-probs of those ids
   int64_t k;
-  T* topk_scratch;             // [rows, k] workspace (top-k), policy probs
+  const int64_t* tail_ids;     // [rows, m] ids sampled from the reference's tail (outside the
+                               // row's top-k; repeats allowed) or nullptr when m == 0
+  const T* tail_logp;          // [rows, m] their reference log-probs log q(v)
+  int64_t m;
+  T* topk_scratch;             // [rows, k + m] workspace (top-k): the policy logits of the
+                               // top-k ids, then of the tail samples
   T* logp;                     // [rows] out
   T* ref_logp;                 // [rows] out (exact only)
   T* kl;                       // [rows] out (top-k and exact)

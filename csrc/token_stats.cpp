@@ -58,6 +58,26 @@ void check_topk(const Tensor& ids, const Tensor& logp, int64_t V) {
   TORCH_CHECK_VALUE(top <= 1e-2, "topk log-probs must be log-probabilities (<= 0); found ", top);
 }
 
+// Tail samples: ids in [0, V) outside their token's top-k (they are draws from the reference's
+// tail), finite log-probabilities.
+void check_tail(const Tensor& ids, const Tensor& tail_ids, const Tensor& tail_logp, int64_t V) {
+  check_range(tail_ids, V, "tail ids", "V");
+  if (tail_ids.numel() == 0) return;
+  const Tensor sorted = std::get<0>(ids.to(at::kLong).sort(1));
+  const Tensor t = tail_ids.to(at::kLong);
+  const Tensor pos = at::searchsorted(sorted, t).clamp_max(sorted.size(1) - 1);
+  const Tensor hit = (sorted.gather(1, pos) == t).any(1);
+  if (hit.any().item<bool>()) {
+    const int64_t row = hit.nonzero()[0][0].item<int64_t>();
+    TORCH_CHECK_VALUE(false, "tail ids must lie outside the top-k ids of their token (they are "
+                      "samples of the reference's tail); token ", row, " has one in its top-k");
+  }
+  TORCH_CHECK_VALUE(at::isfinite(tail_logp).all().item<bool>(),
+                    "tail log-probs must be finite (a sampled token has reference probability > 0)");
+  const double top = tail_logp.max().item<double>();
+  TORCH_CHECK_VALUE(top <= 1e-2, "tail log-probs must be log-probabilities (<= 0); found ", top);
+}
+
 // out[n, V] (acc dtype) = h[n, H] @ W[V, H]^T; the GEMM runs in h's dtype.
 void project(Tensor& out, const Tensor& h, const Tensor& W) {
   if (h.scalar_type() == out.scalar_type()) {
@@ -87,6 +107,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> token_stats(
     int64_t num_seqs, const Tensor& logp_weight, const Tensor& kl_weight, int64_t ref_kind,
     const std::optional<Tensor>& ref_hidden, const std::optional<Tensor>& ref_weight,
     const std::optional<Tensor>& topk_ids, const std::optional<Tensor>& topk_logp,
+    const std::optional<Tensor>& tail_ids, const std::optional<Tensor>& tail_logp,
     const std::optional<Tensor>& ref_label_logp, int64_t chunk_size, bool need_grad) {
   const c10::OptionalDeviceGuard device_guard(hidden.device());
   TORCH_CHECK_VALUE(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
@@ -116,6 +137,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> token_stats(
                       "top-k ids ", topk_ids->sizes(), " and log-probs ", topk_logp->sizes(),
                       " must both be [N, k]");
     check_topk(*topk_ids, *topk_logp, V);
+    TORCH_CHECK_VALUE(tail_ids.has_value() == tail_logp.has_value(),
+                      "tail ids and tail log-probs come together");
+    if (tail_ids) {
+      TORCH_CHECK_VALUE(tail_ids->dim() == 2 && tail_ids->size(0) == N &&
+                            tail_logp->sizes() == tail_ids->sizes(),
+                        "tail ids ", tail_ids->sizes(), " and log-probs ", tail_logp->sizes(),
+                        " must both be [N, m]");
+      TORCH_CHECK_VALUE(tail_ids->size(1) == 0 || topk_ids->size(1) < V,
+                        "a top-k reference with k = V has no tail to sample from (m must be 0)");
+      check_tail(*topk_ids, *tail_ids, *tail_logp, V);
+    }
   }
   if (ref_kind == kRefLabel || topk) {
     TORCH_CHECK_VALUE(ref_label_logp && ref_label_logp->numel() == N,
@@ -141,13 +173,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> token_stats(
   // states streams the [V, H] head once per chunk instead of twice, at twice the rows.
   Tensor buf = at::empty({exact ? 2 * chunk : chunk, V}, fopts);
   const bool shared_head = exact && ref_weight->is_same(weight);
-  Tensor tids, tlp, scratch;
-  int64_t K = 0;
+  Tensor tids, tlp, sids, slp, scratch;
+  int64_t K = 0, M = 0;
   if (topk) {
     tids = topk_ids->to(at::kLong).contiguous();
     tlp = topk_logp->to(acc).contiguous();
     K = tids.size(1);
-    scratch = at::empty({chunk, K}, fopts);
+    if (tail_ids && tail_ids->size(1) > 0) {
+      sids = tail_ids->to(at::kLong).contiguous();
+      slp = tail_logp->to(acc).contiguous();
+      M = sids.size(1);
+    }
+    scratch = at::empty({chunk, K + M}, fopts);
   }
 
   AT_DISPATCH_FLOATING_TYPES(acc, "token_stats", [&] {
@@ -178,6 +215,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> token_stats(
       p.topk_ids = topk ? tids.data_ptr<int64_t>() + start * K : nullptr;
       p.topk_logp = topk ? tlp.data_ptr<scalar_t>() + start * K : nullptr;
       p.k = K;
+      p.tail_ids = M ? sids.data_ptr<int64_t>() + start * M : nullptr;
+      p.tail_logp = M ? slp.data_ptr<scalar_t>() + start * M : nullptr;
+      p.m = M;
       p.topk_scratch = topk ? scratch.data_ptr<scalar_t>() : nullptr;
       p.logp = logp.data_ptr<scalar_t>() + start;
       p.ref_logp = exact ? ref_logp.data_ptr<scalar_t>() + start : nullptr;
@@ -202,7 +242,8 @@ TORCH_LIBRARY(sparsepo_lite, m) {
   m.def(
       "token_stats(Tensor hidden, Tensor weight, Tensor labels, Tensor seq_ids, int num_seqs, "
       "Tensor logp_weight, Tensor kl_weight, int ref_kind, Tensor? ref_hidden, "
-      "Tensor? ref_weight, Tensor? topk_ids, Tensor? topk_logp, Tensor? ref_label_logp, "
+      "Tensor? ref_weight, Tensor? topk_ids, Tensor? topk_logp, Tensor? tail_ids, Tensor? tail_logp, "
+      "Tensor? ref_label_logp, "
       "int chunk_size, bool need_grad) -> "
       "(Tensor seq_sums, Tensor logp, Tensor ref_logp, Tensor kl, Tensor grad_factor)");
 }

@@ -23,7 +23,8 @@ OP_NAME = "sparsepo_lite::token_stats"
 SCHEMA = (
     "(Tensor hidden, Tensor weight, Tensor labels, Tensor seq_ids, int num_seqs, "
     "Tensor logp_weight, Tensor kl_weight, int ref_kind, Tensor? ref_hidden, "
-    "Tensor? ref_weight, Tensor? topk_ids, Tensor? topk_logp, Tensor? ref_label_logp, "
+    "Tensor? ref_weight, Tensor? topk_ids, Tensor? topk_logp, Tensor? tail_ids, Tensor? tail_logp, "
+    "Tensor? ref_label_logp, "
     "int chunk_size, bool need_grad) -> "
     "(Tensor seq_sums, Tensor logp, Tensor ref_logp, Tensor kl, Tensor grad_factor)"
 )
@@ -67,8 +68,8 @@ if not EXTENSION_HAS_CUDA:
 
 @torch.library.register_fake(OP_NAME)
 def _token_stats_fake(hidden, weight, labels, seq_ids, num_seqs, logp_weight, kl_weight, ref_kind,
-                      ref_hidden, ref_weight, topk_ids, topk_logp, ref_label_logp, chunk_size,
-                      need_grad):
+                      ref_hidden, ref_weight, topk_ids, topk_logp, tail_ids, tail_logp, ref_label_logp,
+                      chunk_size, need_grad):
     n, h = hidden.shape
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     return (
@@ -102,7 +103,7 @@ def _backward(ctx, grad_sums, _grad_logp, _grad_ref_logp, _grad_kl, _grad_factor
         grad_a = (per_token * logp).to(a_dtype)
     if ctx.needs_input_grad[6] and kl.numel():
         grad_b = (per_token * kl).to(b_dtype)
-    return (grad_hidden, None, None, None, None, grad_a, grad_b) + (None,) * 8
+    return (grad_hidden, None, None, None, None, grad_a, grad_b) + (None,) * 10
 
 
 torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from .errors import TrainingError
+from .ref_cache import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
 
 
 @dataclass
@@ -130,7 +131,7 @@ def train(config_path: str, overrides: List[str]) -> str:
 
 
 def precompute_ref(config_path: str, out: str, top_k: int, store: Optional[str], topk_dtype: str, batch_size: int,
-                   shard_size: int, overrides: List[str]) -> dict:
+                   shard_size: int, overrides: List[str], tail_samples: Optional[int] = None, tail_seed: int = 0) -> dict:
     """Run the reference of a training config over its train (and eval) data into a cache at ``out``."""
     import torch
     from transformers import set_seed
@@ -157,6 +158,7 @@ def precompute_ref(config_path: str, out: str, top_k: int, store: Optional[str],
     # Only MaPO needs more than the reference's distribution: its activation masks.
     config = LossConfig(loss_type="mapo" if args.loss_type == "mapo" else "dpo", mapo_mapping=args.mapo_mapping)
     manifest = precompute_reference(model, tok, splits, out, fingerprint=fp, config=config, top_k=top_k,
+                                    tail_samples=tail_samples, tail_seed=tail_seed,
                                     topk_dtype=getattr(torch, topk_dtype), store_hidden=store == "hidden",
                                     batch_size=batch_size, shard_size=shard_size)
     tokens = sum(s["tokens"] for info in manifest["splits"].values() for s in info["shards"])
@@ -164,6 +166,37 @@ def precompute_ref(config_path: str, out: str, top_k: int, store: Optional[str],
     print(f"reference cache in {out}: {tokens} response tokens, {size / 2**20:.1f} MiB "
           f"({size / max(tokens, 1):.1f} bytes/token); train with ref_cache: {out}", flush=True)
     return manifest
+
+
+def verify_ref(cache_dir: str, against_live: int = 0, policy: Optional[str] = None, batch_size: int = 4) -> dict:
+    """Check every shard of a cache; with ``against_live`` batches and a trained ``policy`` run, also
+    measure the cache's KL against the live reference on the cache's train split."""
+    from .ref_cache import RefCache, storage_per_token, verify_cache
+
+    totals = verify_cache(cache_dir)
+    cache = RefCache(cache_dir)
+    per_token, formula = storage_per_token(cache, totals)
+    print(f"{cache_dir}: OK ({totals['shards']} shards, {totals['examples']} pairs, {totals['tokens']} tokens, "
+          f"{totals['bytes']} bytes: {per_token:.1f} bytes per response token, {formula})")
+    if not against_live:
+        return {"totals": totals}
+    if policy is None:
+        raise ValueError("--against-live needs --policy RUN: a trained run whose adapter is the policy (against the "
+                         "reference itself every KL is 0)")
+    from .data import tokenize_dataset
+    from .ref_accuracy import cache_accuracy, format_accuracy
+    from .ref_cache import run_fingerprint
+    from .runs import load_run
+
+    model, tok, _, cfg = load_run(policy)
+    examples, _ = tokenize_dataset(cfg["train_file"], tok, max_length=int(cfg["max_length"]),
+                                   max_prompt_length=int(cfg["max_prompt_length"]),
+                                   strict=bool(cfg.get("strict_data", False)))
+    cache.check_run(run_fingerprint(model, tok, {"train": examples}, model_name=cfg["model_name_or_path"],
+                                    max_length=int(cfg["max_length"]), max_prompt_length=int(cfg["max_prompt_length"])))
+    acc = cache_accuracy(model, tok, cache, examples, batches=against_live, batch_size=batch_size)
+    print(format_accuracy(acc), flush=True)
+    return {"totals": totals, "accuracy": acc}
 
 
 def eval_sentiment(run_dir: str, data: str, prompts: int, samples: int, max_new_tokens: int, seed: int) -> dict:
@@ -243,8 +276,8 @@ def plan(args) -> None:
     try:
         shape = load_shape(args.model)
         budget = parse_bytes(args.gpu_mem)
-        kw = dict(loss=args.loss, reference=args.reference, top_k=args.top_k, pairs=args.pairs,
-                  lora_r=args.lora_r, dtype=args.dtype, independent_masks=args.independent_masks)
+        kw = dict(loss=args.loss, reference=args.reference, top_k=args.top_k, tail_samples=args.tail_samples,
+                  pairs=args.pairs, lora_r=args.lora_r, dtype=args.dtype, independent_masks=args.independent_masks)
         best = max_seq_len(shape, budget, prompt_frac=args.prompt_frac, **kw)
         t = args.seq_len or best
         result = plan_memory(shape, t, prompt_len=int(t * args.prompt_frac), **kw) if t else None
@@ -272,13 +305,25 @@ def main(argv: Optional[List[str]] = None) -> None:
     p_pre = sub.add_parser("precompute-ref", help="run the reference once over the config's data into a cache")
     p_pre.add_argument("config", help="the training YAML (model, data, max lengths)")
     p_pre.add_argument("--out", required=True, help="cache directory (an existing one is resumed)")
-    p_pre.add_argument("--top-k", type=int, default=32, help="reference top-k per token for the KL (0: labels only)")
+    p_pre.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
+                       help=f"reference top-k per token for the KL (0: labels only; default {DEFAULT_TOP_K})")
+    p_pre.add_argument("--tail-samples", type=int, default=None,
+                       help=f"tokens drawn per response token from the reference outside its top-k: they make the "
+                            f"cached KL unbiased (default {DEFAULT_TAIL_SAMPLES} with a top-k; 0: the top-k bucket only)")
+    p_pre.add_argument("--tail-seed", type=int, default=0, help="seed of the tail draws (joins the fingerprint)")
     p_pre.add_argument("--store", choices=["hidden"], default=None, help="also store final hidden states (exact KL)")
     p_pre.add_argument("--topk-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     p_pre.add_argument("--batch-size", type=int, default=8, help="pairs per reference forward")
     p_pre.add_argument("--shard-size", type=int, default=256, help="pairs per shard file")
-    p_ver = sub.add_parser("verify-ref", help="check every shard of a reference cache")
+    p_ver = sub.add_parser("verify-ref", help="check every shard of a reference cache (and its KL against the live "
+                                               "reference)")
     p_ver.add_argument("dir")
+    p_ver.add_argument("--against-live", type=int, default=0, metavar="N",
+                       help="also run N batches of the cache's train split through a trained policy (--policy) with "
+                            "the cache and with the live reference, and report the cache's KL errors")
+    p_ver.add_argument("--policy", default=None, help="a training run folder (its adapter is the policy, its config "
+                                                       "names the model and data the cache was made for)")
+    p_ver.add_argument("--batch-size", type=int, default=4, help="pairs per batch for --against-live")
     p_ev = sub.add_parser("eval-sentiment", help="VADER reward, win rate and KL of a run on held-out prompts")
     p_ev.add_argument("run_dir")
     p_ev.add_argument("--data", required=True, help="rows with a 'prompt' field (e.g. the eval split)")
@@ -300,7 +345,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     p_plan.add_argument("--loss", default="sparsepo", choices=["dpo", "tdpo1", "tdpo2", "sparsepo", "mapo"])
     p_plan.add_argument("--reference", default="online", choices=["online", "topk", "hidden", "label"],
                         help="online reference, or a precompute-ref cache (top-k, hidden states, labels only)")
-    p_plan.add_argument("--top-k", type=int, default=32)
+    p_plan.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="top-k of a --reference topk cache")
+    p_plan.add_argument("--tail-samples", type=int, default=DEFAULT_TAIL_SAMPLES,
+                        help="tail samples per token of a --reference topk cache")
     p_plan.add_argument("--pairs", type=int, default=1, help="pairs per micro-batch")
     p_plan.add_argument("--prompt-frac", type=float, default=0.0,
                         help="share of each sequence that is prompt (default 0: all response, the worst case)")
@@ -331,13 +378,9 @@ def _run(args, rest: List[str]) -> None:
         train(args.config, rest)
     elif args.command == "precompute-ref":
         precompute_ref(args.config, args.out, args.top_k, args.store, args.topk_dtype, args.batch_size,
-                       args.shard_size, rest)
+                       args.shard_size, rest, tail_samples=args.tail_samples, tail_seed=args.tail_seed)
     elif args.command == "verify-ref":
-        from .ref_cache import verify_cache
-
-        totals = verify_cache(args.dir)
-        print(f"{args.dir}: OK ({totals['shards']} shards, {totals['examples']} pairs, {totals['tokens']} tokens, "
-              f"{totals['bytes']} bytes)")
+        verify_ref(args.dir, args.against_live, args.policy, args.batch_size)
 
 
 #: Errors that describe bad input or a failed run (data rows, configs, caches, files, the run's

@@ -27,6 +27,8 @@ import re
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Union
 
+from .ref_cache import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
 GiB = 1 << 30
 #: NF4 with double quantisation: 4 bits + an 8-bit absmax per 64 values + an fp32 absmax per 256 of those.
@@ -174,14 +176,15 @@ def _lora_params(shape: ModelShape, r: int, targets: Union[str, Sequence[str]]) 
 
 
 def plan_memory(shape: ModelShape, seq_len: int, *, loss: str = "sparsepo", reference: str = "online",
-                top_k: int = 32, pairs: int = 1, prompt_len: int = 0, lora_r: int = 16,
+                top_k: int = DEFAULT_TOP_K, tail_samples: int = DEFAULT_TAIL_SAMPLES, pairs: int = 1, prompt_len: int = 0, lora_r: int = 16,
                 lora_targets: Union[str, Sequence[str]] = "all-linear", dtype: str = "bfloat16",
                 quantization: str = "4bit", independent_masks: bool = False,
                 chunk_bytes: Optional[int] = None) -> MemoryPlan:
     """Peak memory of one training step at ``seq_len`` tokens per sequence (prompt + response).
 
     reference: "online" (the adapter-off base, run every step), or a cache from
-    ``precompute-ref``: "topk" (k ids + log-probs), "hidden" (exact) or "label" (DPO only).
+    ``precompute-ref``: "topk" (k ids + log-probs and ``tail_samples`` tail draws), "hidden" (exact)
+    or "label" (DPO only).
     prompt_len: prompt tokens per sequence; the rest are response tokens (the op's rows).
     """
     import torch
@@ -235,7 +238,7 @@ def plan_memory(shape: ModelShape, seq_len: int, *, loss: str = "sparsepo", refe
     chunk_rows = default_chunk_size(n, shape.vocab, tdtype, exact, chunk_bytes or DEFAULT_CHUNK_BYTES)
     chunk_buf = chunk_rows * chunk_row_bytes(shape.vocab, tdtype, exact)
     checkpoints = L * s * h * b + s * h * (4 + b)  # layer inputs; final norm input (fp32) and output
-    ref_tensors = {"online": n * h * b, "hidden": n * h * b, "topk": n * (4 + 6 * top_k), "label": n * 4}[reference]
+    ref_tensors = {"online": n * h * b, "hidden": n * h * b, "topk": n * (4 + 6 * (top_k + tail_samples)), "label": n * 4}[reference]
     op_saved = n * h * b + n * 16  # the gradient factor G [N, H] and per-token fp32 outputs
     forward_phase = (persistent + checkpoints + mask_inputs + ref_tensors + n * h * b + chunk_buf + op_saved)
 
@@ -266,8 +269,9 @@ def plan_memory(shape: ModelShape, seq_len: int, *, loss: str = "sparsepo", refe
             parts["recomputed layer"] = layer
             parts["layer gradients + dequantised weight"] = grads
             parts["loss per-token tensors"] = op_saved + s * h * b
-    settings = dict(loss=loss, reference=reference, top_k=top_k, pairs=pairs, prompt_len=prompt_len,
-                    lora_r=lora_r, dtype=dtype, quantization=quantization, independent_masks=independent_masks)
+    settings = dict(loss=loss, reference=reference, top_k=top_k, tail_samples=tail_samples, pairs=pairs,
+                    prompt_len=prompt_len, lora_r=lora_r, dtype=dtype, quantization=quantization,
+                    independent_masks=independent_masks)
     return MemoryPlan(shape, seq_len, settings, chunk_rows, peak, {k: int(v) for k, v in parts.items()},
                       {k: int(v) for k, v in phases.items()})
 

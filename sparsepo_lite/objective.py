@@ -14,7 +14,8 @@ order; right or left padding):
                                   mask multiplying the method's weights: cDPO-style weighting)
 Cached reference (optional, from ``ref_cache.CachedReferenceCollator``; N response tokens in
 row-major order): ``ref_label_logp`` [N] fp32, ``ref_tokens_per_row`` [2B], and
-``ref_topk_ids``/``ref_topk_logp`` [N, k] or ``ref_hidden`` [N, H], ``ref_mapo_mask`` [N].
+``ref_topk_ids``/``ref_topk_logp`` [N, k] (and ``ref_tail_ids``/``ref_tail_logp`` [N, m]) or
+``ref_hidden`` [N, H], ``ref_mapo_mask`` [N].
 """
 
 from __future__ import annotations
@@ -197,7 +198,8 @@ def _cached_reference(batch, config: LossConfig, response, weight, dtype):
                             f"are {dtype}; precompute in the training dtype")
         return ExactReference(batch["ref_hidden"], weight), fixed
     if batch.get("ref_topk_ids") is not None:
-        return TopKReference(batch["ref_topk_ids"], batch["ref_topk_logp"], label), fixed
+        return TopKReference(batch["ref_topk_ids"], batch["ref_topk_logp"], label, batch.get("ref_tail_ids"),
+                             batch.get("ref_tail_logp")), fixed
     raise ValueError(f"loss_type={config.loss_type!r} needs the reference distribution, but the cache holds "
                      "label log-probs only; precompute with --top-k K or --store hidden")
 

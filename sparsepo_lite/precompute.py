@@ -8,36 +8,53 @@ last listed shard and ends with the same files as an uninterrupted one.
 
 from __future__ import annotations
 
+import math
+
 import os
 import re
 import time
+import zlib
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
 from .data import PreferenceCollator, PreferenceExample
 from .objective import IGNORE_INDEX, LossConfig, reference_pass
-from .ref_cache import (FORMAT, FORMAT_VERSION, MANIFEST, CacheError, compare_fingerprints, dtype_name, read_manifest,
-                        sha256_file, shard_name, write_json_atomic)
+from .ref_cache import (DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K, FORMAT, FORMAT_VERSION, MANIFEST, CacheError,
+                        compare_fingerprints, dtype_name, read_manifest, sha256_file, shard_name, write_json_atomic)
 
 #: Rows of [rows, V] fp32 logits formed at once for the top-k (64 MiB at V = 64k).
 TOPK_ROWS = 256
+
 #: The temporary files this module writes (``_save_atomic``, ``write_json_atomic``): the only files a
 #: resumed precompute deletes from the cache directory.
 _OWN_TEMP = re.compile(r"(manifest\.json|[A-Za-z0-9_]+-\d{5}\.safetensors)\.tmp-\d+")
 
 
 def reference_token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, top_k: int,
-                          topk_dtype: torch.dtype, rows: int = TOPK_ROWS):
-    """Exact label log-probs [N] fp32 and top-k (ids [N, k] int32, log-probs [N, k] topk_dtype).
+                          topk_dtype: torch.dtype, rows: int = TOPK_ROWS, tail_samples: int = 0,
+                          generator: Optional[torch.Generator] = None):
+    """Exact label log-probs [N] fp32, top-k (ids [N, k] int32, log-probs [N, k] topk_dtype) and
+    ``tail_samples`` ids per token drawn with replacement from the reference restricted to the
+    tokens outside its top-k (ids [N, m] int32 and their log-probs [N, m] topk_dtype, see below).
 
     hidden [N, H], weight [V, H]: the reference's final states and head; logits in fp32, ``rows``
-    tokens at a time, so [N, V] is never held.
+    tokens at a time, so [N, V] is never held. ``generator`` (on hidden's device) makes the draws
+    reproducible.
+
+    The tail log-probs are log(q(v) / r * r_hat): the draw's probability within the reference's
+    tail (r its exact mass) times r_hat = 1 - sum(exp(stored top-k log-probs)), the tail mass the
+    op recomputes from the rounded top-k. The op's ratio (p(v) / s) / (q(v) / r) is then exact
+    whatever the top-k's rounding: with log q(v) itself, a 16-bit top-k that puts r_hat at 200 r
+    would multiply every ratio by 200 and add a large positive bias. With top-k log-probs in fp32
+    (or 16-bit values that happen to round exactly) r_hat = r and the values are log q(v).
     """
-    n = hidden.shape[0]
-    label = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    ids = torch.empty(n, top_k, dtype=torch.int32, device=hidden.device)
-    vals = torch.empty(n, top_k, dtype=topk_dtype, device=hidden.device)
+    n, dev = hidden.shape[0], hidden.device
+    label = torch.empty(n, dtype=torch.float32, device=dev)
+    ids = torch.empty(n, top_k, dtype=torch.int32, device=dev)
+    vals = torch.empty(n, top_k, dtype=topk_dtype, device=dev)
+    tail_ids = torch.empty(n, tail_samples, dtype=torch.int32, device=dev)
+    tail_vals = torch.empty(n, tail_samples, dtype=topk_dtype, device=dev)
     w = weight.float()
     for a in range(0, n, rows):
         logp = torch.log_softmax(hidden[a:a + rows].float() @ w.T, dim=-1)
@@ -45,11 +62,38 @@ def reference_token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         if top_k:
             v, i = logp.topk(top_k, dim=-1, sorted=True)
             ids[a:a + rows], vals[a:a + rows] = i.to(torch.int32), v.to(topk_dtype)
-    return label, ids, vals
+            if tail_samples:
+                tail_vals[a:a + rows] = _tail_draws(logp, i, vals[a:a + rows], tail_samples, generator,
+                                                    tail_ids[a:a + rows])
+    return label, ids, vals, tail_ids, tail_vals
+
+
+def _tail_draws(logp: torch.Tensor, top_ids: torch.Tensor, top_vals: torch.Tensor, m: int,
+                generator: Optional[torch.Generator], out_ids: torch.Tensor) -> torch.Tensor:
+    """Draw ``m`` tail ids per row of ``logp`` [n, V] fp32 into ``out_ids`` [n, m]; return their
+    stored log-probs log(q(v) / r * r_hat) [n, m] (see reference_token_stats)."""
+    vocab = logp.shape[1]
+    logp64 = logp.double()
+    tail = logp64.exp().scatter_(1, top_ids, 0.0)
+    r = tail.sum(1, keepdim=True)
+    # A token whose tail has no mass in fp32 (r = 0) still gets valid draws, uniform over its tail;
+    # they then stand for a uniform tail, weighted by r_hat (itself only rounding error).
+    empty = r <= 0
+    tail = torch.where(empty, torch.ones_like(tail).scatter_(1, top_ids, 0.0), tail)
+    t = torch.multinomial(tail.float(), m, replacement=True, generator=generator)
+    out_ids.copy_(t.to(torch.int32))
+    within = torch.where(empty, torch.full_like(r, -math.log(vocab - top_ids.shape[1])),
+                         logp64.gather(1, t) - r.clamp_min(1e-300).log())
+    # r_hat as the op computes it, in float64 from the stored (rounded) top-k; where it is 0 the op
+    # skips the correction and any finite value will do.
+    r_hat = (1.0 - top_vals.double().exp().sum(1, keepdim=True)).clamp_min(0.0)
+    stored = torch.where(r_hat > 0, within + r_hat.clamp_min(1e-300).log(), within)
+    return stored.clamp_min(torch.finfo(top_vals.dtype).min).to(top_vals.dtype)  # finite in 16 bits
 
 
 def _shard_tensors(model, config: LossConfig, examples: Sequence[PreferenceExample], collate, batch_size: int,
-                   top_k: int, topk_dtype: torch.dtype, store_hidden: bool, mapo: bool, device) -> Dict[str, torch.Tensor]:
+                   top_k: int, topk_dtype: torch.dtype, store_hidden: bool, mapo: bool, device, tail_samples: int = 0,
+                   generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
     per_example = []  # (chosen dict, rejected dict) per example, in order
     for a in range(0, len(examples), batch_size):
         part = examples[a:a + batch_size]
@@ -61,10 +105,13 @@ def _shard_tensors(model, config: LossConfig, examples: Sequence[PreferenceExamp
         y = target[seq_ids, pos]
         rp = reference_pass(model, config, ids, att, response, seq_ids, pos, need_mapo=mapo)
         with torch.no_grad():
-            label, tk_ids, tk_vals = reference_token_stats(rp.hidden, rp.weight, y, top_k, topk_dtype)
+            label, tk_ids, tk_vals, tl_ids, tl_vals = reference_token_stats(
+                rp.hidden, rp.weight, y, top_k, topk_dtype, tail_samples=tail_samples, generator=generator)
         cols = {"label_logp": label}
         if top_k:
             cols.update(topk_ids=tk_ids, topk_logp=tk_vals)
+        if tail_samples:
+            cols.update(tail_ids=tl_ids, tail_logp=tl_vals)
         if store_hidden:
             cols["hidden"] = rp.hidden
         if mapo:
@@ -82,35 +129,48 @@ def _shard_tensors(model, config: LossConfig, examples: Sequence[PreferenceExamp
 
 
 def precompute_reference(model, tokenizer, splits: Dict[str, Sequence[PreferenceExample]], out_dir: str, *,
-                         fingerprint: Dict[str, object], config: Optional[LossConfig] = None, top_k: int = 32,
+                         fingerprint: Dict[str, object], config: Optional[LossConfig] = None,
+                         top_k: int = DEFAULT_TOP_K, tail_samples: Optional[int] = None, tail_seed: int = 0,
                          topk_dtype: torch.dtype = torch.float16, store_hidden: bool = False,
                          batch_size: int = 8, shard_size: int = 256, progress: bool = True,
                          on_shard: Optional[Callable[[str, int], None]] = None) -> dict:
     """Write (or finish) the cache for ``splits`` under ``out_dir``; returns the manifest.
 
     model: the peft policy (the reference is its adapter-off base) or, with ``config.ref_model``,
-    any causal LM. ``config.loss_type == "mapo"`` also stores MaPO's token masks. ``on_shard``
-    is called after each shard is committed (split, shard number).
+    any causal LM. ``top_k`` reference ids per token, plus ``tail_samples`` ids drawn from the rest
+    of the reference (default: DEFAULT_TAIL_SAMPLES with a top-k, 0 without; seeded by ``tail_seed``, which joins the fingerprint; each shard draws from
+    its own generator, so a resumed precompute writes the same bytes). ``config.loss_type ==
+    "mapo"`` also stores MaPO's token masks. ``on_shard`` is called after each shard is committed
+    (split, shard number).
     """
     from tqdm.auto import tqdm
 
     from .masks import _unwrap
 
     config = config or LossConfig(loss_type="dpo")
-    if top_k < 0 or batch_size < 1 or shard_size < 1:
-        raise ValueError(f"need top_k >= 0, batch_size >= 1, shard_size >= 1 (got {top_k}, {batch_size}, {shard_size})")
-    if dtype_name(topk_dtype) not in ("float16", "bfloat16", "float32"):
-        raise ValueError(f"topk_dtype must be float16, bfloat16 or float32, got {topk_dtype}")
     lm = _unwrap(config.ref_model if config.ref_model is not None else model)
     head = lm.get_output_embeddings().weight
     vocab, hsize = head.shape
-    if top_k > vocab:
-        raise ValueError(f"top_k={top_k} exceeds the vocabulary ({vocab})")
+    if tail_samples is None:  # the default has tail draws whenever there is a tail to draw from
+        tail_samples = DEFAULT_TAIL_SAMPLES if 0 < top_k < vocab else 0
+    if top_k < 0 or tail_samples < 0 or batch_size < 1 or shard_size < 1:
+        raise ValueError(f"need top_k >= 0, tail_samples >= 0, batch_size >= 1, shard_size >= 1 (got {top_k}, "
+                         f"{tail_samples}, {batch_size}, {shard_size})")
+    if tail_samples and not top_k:
+        raise ValueError("tail_samples need a top-k (the tail is what lies outside it): set top_k > 0")
+    if dtype_name(topk_dtype) not in ("float16", "bfloat16", "float32"):
+        raise ValueError(f"topk_dtype must be float16, bfloat16 or float32, got {topk_dtype}")
+    if top_k > vocab or (tail_samples and top_k == vocab):
+        raise ValueError(f"top_k={top_k} must be below the vocabulary ({vocab}) to leave a tail to sample"
+                         if top_k <= vocab else f"top_k={top_k} exceeds the vocabulary ({vocab})")
     if store_hidden and config.ref_model is not None:
         raise ValueError("store_hidden needs the reference to share the policy's head (the adapter-off base), "
                          "not a separate ref_model")
     mapo = config.loss_type == "mapo" and config.mapo_mapping != "uniform"
-    contents = {"top_k": top_k, "topk_dtype": dtype_name(topk_dtype), "store_hidden": store_hidden,
+    if tail_samples:
+        fingerprint = {**fingerprint, "tail_seed": tail_seed}
+    contents = {"top_k": top_k, "tail_samples": tail_samples, "topk_dtype": dtype_name(topk_dtype),
+                "store_hidden": store_hidden,
                 "hidden_dtype": dtype_name(head.dtype) if store_hidden else None, "hidden_size": hsize,
                 "vocab_size": vocab, "mapo_masks": mapo,
                 "mapo": {"mapping": config.mapo_mapping, "hooks": list(config.mapo_hooks)} if mapo else None,
@@ -123,10 +183,12 @@ def precompute_reference(model, tokenizer, splits: Dict[str, Sequence[Preference
                 "contents": contents, "splits": {}}
     if os.path.isfile(os.path.join(out_dir, MANIFEST)):  # resume
         old = read_manifest(out_dir)
-        compare_fingerprints(old["fingerprint"], fingerprint, out_dir)
+        # contents first: a cache made with other settings (say without tail samples) is named as
+        # such, not by the fingerprint key those settings add
         if old["contents"] != contents:
             diff = sorted(k for k in contents if old["contents"].get(k) != contents[k])
             raise CacheError(f"{out_dir} holds a cache with other contents ({diff}); use another --out or delete it")
+        compare_fingerprints(old["fingerprint"], fingerprint, out_dir)
         manifest["splits"] = old["splits"]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = PreferenceCollator(pad)
@@ -150,8 +212,12 @@ def precompute_reference(model, tokenizer, splits: Dict[str, Sequence[Preference
             for i in range(done, num_shards):
                 part = examples[i * shard_size:(i + 1) * shard_size]
                 t0 = time.perf_counter()
+                gen = None
+                if tail_samples:  # one generator per shard: resuming redraws nothing
+                    gen = torch.Generator(device=device).manual_seed(
+                        (tail_seed * 1_000_003 + zlib.crc32(split.encode()) * 7919 + i) % 2**63)
                 tensors = _shard_tensors(model, config, part, collate, batch_size, top_k, topk_dtype, store_hidden,
-                                         mapo, device)
+                                         mapo, device, tail_samples, gen)
                 name = shard_name(split, i)
                 path = os.path.join(out_dir, name)
                 _save_atomic(tensors, path)

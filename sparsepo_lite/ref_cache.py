@@ -14,10 +14,14 @@ then rejected tokens:
     label_logp  [Nt]     float32  log q(y_t), exact
     topk_ids    [Nt, k]  int32    the reference's k most likely tokens (k > 0)
     topk_logp   [Nt, k]  16-bit   their log-probs (float16 by default; bfloat16/float32 on request)
+    tail_ids    [Nt, m]  int32    m tokens drawn from the reference outside its top-k (m > 0)
+    tail_logp   [Nt, m]  16-bit   their log-probs on the top-k's scale, log(q(v) r_hat / r), same dtype as
+                                 topk_logp (precompute.reference_token_stats)
     hidden      [Nt, H]  model dtype  final hidden states (``store_hidden``: exact KL)
     mapo_mask   [Nt]     float32  MaPO token weights (caches made with loss_type mapo)
 
-Storage per response token: 4 + 6k bytes (+ 4 with MaPO masks, + H x dtype with hidden states).
+Storage per response token: 4 + 6k + 6m bytes with 16-bit log-probs (+ 4 with MaPO masks, + H x dtype
+with hidden states).
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ import torch
 from .data import PreferenceCollator, PreferenceExample
 
 MANIFEST = "manifest.json"
+#: The default cache: the reference's 64 most likely tokens and 16 draws from the rest per response
+#: token (4 + 384 + 96 = 484 payload bytes per token with 16-bit log-probs); bench/bench_ref_cache.py
+#: measures its KL error against the live reference (docs/reference-cache.md).
+DEFAULT_TOP_K = 64
+DEFAULT_TAIL_SAMPLES = 16
 FORMAT = "sparsepo-lite-ref-cache"
 FORMAT_VERSION = 1
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
@@ -160,6 +169,7 @@ _SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CONTENTS = {  # field: (type, predicate on the value, what it must be)
     "top_k": (int, lambda v: v >= 0, "an integer >= 0"),
+    "tail_samples": (int, lambda v: v >= 0, "an integer >= 0"),
     "topk_dtype": (str, lambda v: v in ("float16", "bfloat16", "float32"), "float16, bfloat16 or float32"),
     "store_hidden": (bool, None, "true or false"),
     "hidden_dtype": ((str, type(None)), lambda v: v is None or v in _DTYPES, "null or a float dtype"),
@@ -192,7 +202,12 @@ def _check_manifest_fields(path: str, manifest: dict) -> None:
     if not isinstance(fp, dict) or not all(isinstance(k, str) and isinstance(v, (str, int, float, bool, type(None)))
                                            for k, v in fp.items()):
         raise CacheError(f"{path}: field 'fingerprint' must be an object of plain values")
-    _check_fields(path, "contents", manifest.get("contents"), _CONTENTS)
+    contents = manifest.get("contents")
+    if isinstance(contents, dict):
+        contents.setdefault("tail_samples", 0)  # caches written before tail samples existed
+    _check_fields(path, "contents", contents, _CONTENTS)
+    if contents["tail_samples"] and not contents["top_k"]:
+        raise CacheError(f"{path}: field 'contents.tail_samples' needs 'contents.top_k' > 0")
     if manifest["contents"]["store_hidden"] and manifest["contents"]["hidden_dtype"] is None:
         raise CacheError(f"{path}: field 'contents.hidden_dtype' must name a dtype when store_hidden is true")
     splits = manifest.get("splits")
@@ -270,6 +285,8 @@ def _token_tensors(contents: dict) -> List[str]:
     names = ["label_logp"]
     if contents["top_k"]:
         names += ["topk_ids", "topk_logp"]
+    if contents["tail_samples"]:
+        names += ["tail_ids", "tail_logp"]
     if contents["store_hidden"]:
         names.append("hidden")
     if contents["mapo_masks"]:
@@ -301,6 +318,10 @@ def open_shard(cache_dir: str, info: dict, contents: dict, check_values: bool = 
     if k:
         expect["topk_ids"] = ([n, k], torch.int32)
         expect["topk_logp"] = ([n, k], _DTYPES[contents["topk_dtype"]])
+    m = contents["tail_samples"]
+    if m:
+        expect["tail_ids"] = ([n, m], torch.int32)
+        expect["tail_logp"] = ([n, m], _DTYPES[contents["topk_dtype"]])
     if contents["store_hidden"]:
         expect["hidden"] = ([n, hsize], _DTYPES[contents["hidden_dtype"]])
     if contents["mapo_masks"]:
@@ -320,6 +341,12 @@ def open_shard(cache_dir: str, info: dict, contents: dict, check_values: bool = 
         raise CacheError(f"{path}: row indices are not the ascending rows the manifest says")
     offsets = [0] + torch.cumsum(tokens.sum(dim=1), 0).tolist()
     if check_values:
+        with open(path, "rb") as f:  # safetensors: an 8-byte header length, the JSON header, the payload
+            header = int.from_bytes(f.read(8), "little")
+        payload = info["bytes"] - 8 - header
+        if payload != n * token_bytes(contents) + e * 3 * 8:  # + row_index [E] and tokens [E, 2] int64
+            raise CacheError(f"{path}: {payload} payload bytes for {n} tokens and {e} pairs; the contents say "
+                             f"{n * token_bytes(contents) + e * 24}")
         _check_values(path, handle, contents)
     return _Shard(path, handle, row_index, offsets, tokens)
 
@@ -343,6 +370,23 @@ def _check_values(path: str, handle, contents: dict) -> None:
             bad("topk_logp holds more than probability 1 per token")
         if (ids.sort(dim=1).values.diff(dim=1) == 0).any():
             bad("topk_ids repeat within a token")
+        if contents["tail_samples"]:
+            tids, tlp = handle.get_tensor("tail_ids").long(), handle.get_tensor("tail_logp").float()
+            if (tids < 0).any() or (tids >= contents["vocab_size"]).any():
+                bad(f"tail_ids outside [0, {contents['vocab_size']})")
+            srt = ids.long().sort(dim=1).values
+            pos = torch.searchsorted(srt, tids).clamp_max(srt.shape[1] - 1)
+            if (srt.gather(1, pos) == tids).any():
+                bad("tail_ids include a token of the same row's top-k (they must be tail samples)")
+            if not torch.isfinite(tlp).all() or (tlp > 1e-2).any():
+                bad("tail_logp has non-finite or positive values")
+            # A draw's stored log-prob is log(q(v) / r * r_hat) <= log r_hat, r_hat the tail mass the
+            # stored top-k leave (precompute.reference_token_stats); 16-bit rounding allowed for.
+            r_hat = (1.0 - lp.double().exp().sum(1, keepdim=True)).clamp_min(0.0)
+            live = (r_hat > 1e-6).expand_as(tlp)
+            if (live & (tlp.double() > r_hat.clamp_min(1e-300).log() + 0.05)).any():
+                bad("tail_logp exceeds the tail mass its row's top-k leave (misaligned rows or another cache's "
+                    "values)")
     if contents["store_hidden"] and not torch.isfinite(handle.get_tensor("hidden")).all():
         bad("hidden has non-finite values")
     if contents["mapo_masks"]:
@@ -408,6 +452,31 @@ def verify_cache(cache_dir: str, splits: Optional[Sequence[str]] = None) -> Dict
         if sum(s["examples"] for s in info["shards"]) != info["examples"]:
             raise CacheError(f"{cache_dir}: split {split!r} holds a different number of examples than its manifest says")
     return totals
+
+
+def token_bytes(contents: dict) -> int:
+    """Bytes a cache with these contents stores per response token (its tensors' payload)."""
+    k, m = contents["top_k"], contents["tail_samples"]
+    lp = _DTYPES[contents["topk_dtype"]].itemsize
+    n = 4 + k * (4 + lp) + m * (4 + lp)
+    if contents["store_hidden"]:
+        n += contents["hidden_size"] * _DTYPES[contents["hidden_dtype"]].itemsize
+    if contents["mapo_masks"]:
+        n += 4
+    return n
+
+
+def storage_per_token(cache: "RefCache", totals: Dict[str, int]) -> tuple:
+    """(bytes per response token of the whole cache, the formula it follows as text)."""
+    c = cache.contents
+    lp = _DTYPES[c["topk_dtype"]].itemsize
+    text = f"4 + {4 + lp} x {c['top_k']} top-k + {4 + lp} x {c['tail_samples']} tail samples"
+    if c["store_hidden"]:
+        text += f" + {c['hidden_size']} x {_DTYPES[c['hidden_dtype']].itemsize} hidden"
+    if c["mapo_masks"]:
+        text += " + 4 MaPO"
+    text += f" = {token_bytes(c)} payload bytes"
+    return totals["bytes"] / max(totals["tokens"], 1), text
 
 
 # --- feeding the loss ----------------------------------------------------------------------------

@@ -39,17 +39,30 @@ class ExactReference:
 
 @dataclass(frozen=True)
 class TopKReference:
-    """Cached reference: its top-k ids and log-probs per token plus its exact label log-prob.
+    """Cached reference: its top-k ids and log-probs per token plus its exact label log-prob, and
+    optionally m tokens sampled from its tail.
 
     ids: [N, k] int32/int64, distinct per row.  logprobs: [N, k] float (16-bit is fine).
-    label_logp: [N] float, log q(label). The KL is taken between the coarsened distributions
-    (the k tokens plus one "other" bucket): a lower bound of the exact KL, equal when the
-    top-k hold all the reference mass.
+    label_logp: [N] float, log q(label).
+    tail_ids: [N, m] int32/int64 or None: ids drawn (with replacement) from the reference restricted
+        to the tokens outside ``ids``, i.e. from q(v) / r with r the tail mass 1 - sum(exp(logprobs)).
+    tail_logprobs: [N, m] float: their reference log-probs on the scale of ``logprobs``:
+        log(q(v) r_hat / r), r the reference's exact tail mass and r_hat = 1 - sum(exp(logprobs)) the
+        one the op sees; log q(v) when ``logprobs`` are exact (precompute handles rounded ones).
+
+    Without tail samples the KL is taken between the coarsened distributions (the k tokens plus
+    one "other" bucket): a lower bound of the exact KL, equal when the top-k hold all the reference
+    mass. With them, the bucket's missing part r KL(q~ || p~) between the normalised tails is added
+    as the unbiased estimate r mean_j[(rho_j - 1) - log rho_j], rho_j = (p(v_j) / s) / (q(v_j) / r),
+    s the policy's mass outside ``ids``: the KL value is then unbiased, and its gradient is the exact
+    gradient of that estimate (docs/reference-cache.md derives both).
     """
 
     ids: torch.Tensor
     logprobs: torch.Tensor
     label_logp: torch.Tensor
+    tail_ids: Optional[torch.Tensor] = None
+    tail_logprobs: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -129,7 +142,7 @@ def chunked_token_stats(
     """Per-token label log-probs and KL to a reference, and their weighted per-sequence sums.
 
     Never materialises [N, V]: the head GEMM, log-softmax, label gather, KL and the gradient
-    factor run over chunks of ``chunk_size`` tokens (default: a 256 MiB buffer budget).
+    factor run over chunks of ``chunk_size`` tokens (default: a 384 MiB buffer budget, DEFAULT_CHUNK_BYTES).
 
     Args:
         hidden: [N, H] policy final hidden states at response positions (fp32/bf16/fp16;
@@ -169,7 +182,7 @@ def chunked_token_stats(
     else:
         _check_1d(logp_weight, "logp_weight", n, _FLOATS, device)
 
-    ref_hidden = ref_weight = topk_ids = topk_logp = ref_label_logp = None
+    ref_hidden = ref_weight = topk_ids = topk_logp = ref_label_logp = tail_ids = tail_logp = None
     if ref is None:
         kind = REF_NONE
     elif isinstance(ref, ExactReference):
@@ -196,6 +209,20 @@ def chunked_token_stats(
             _need(t.device == device, ValueError, f"{name} is on {t.device} but hidden is on {device}")
             _check_frozen(t, name)
         _check_1d(ref_label_logp, "TopKReference.label_logp", n, _FLOATS, device)
+        tail_ids, tail_logp = ref.tail_ids, ref.tail_logprobs
+        _need((tail_ids is None) == (tail_logp is None), ValueError,
+              "TopKReference.tail_ids and tail_logprobs come together (both or neither)")
+        if tail_ids is not None:
+            _need(isinstance(tail_ids, torch.Tensor) and tail_ids.dtype in _INTS and tail_ids.dim() == 2
+                  and tail_ids.shape[0] == n, ValueError, f"TopKReference.tail_ids must be an int [N, m] tensor with N = {n}")
+            _need(isinstance(tail_logp, torch.Tensor) and tail_logp.dtype in _FLOATS
+                  and tail_logp.shape == tail_ids.shape, ValueError,
+                  f"TopKReference.tail_logprobs must be a float tensor shaped like tail_ids {list(tail_ids.shape)}")
+            _need(tail_ids.shape[1] == 0 or topk_ids.shape[1] < vocab, ValueError,
+                  "TopKReference with k = V has no tail to sample from (m must be 0)")
+            for t, name in ((tail_ids, "TopKReference.tail_ids"), (tail_logp, "TopKReference.tail_logprobs")):
+                _need(t.device == device, ValueError, f"{name} is on {t.device} but hidden is on {device}")
+                _check_frozen(t, name)
     elif isinstance(ref, LabelReference):
         kind = REF_LABEL
         ref_label_logp = ref.label_logp
@@ -221,7 +248,7 @@ def chunked_token_stats(
     need_grad = bool(torch.is_grad_enabled() and hidden.requires_grad)
     seq_sums, logp, ref_logp, kl, _ = token_stats_op(
         hidden, weight, labels, seq_ids, num_seqs, logp_weight, kl_weight, kind,
-        ref_hidden, ref_weight, topk_ids, topk_logp, ref_label_logp, chunk_size, need_grad,
+        ref_hidden, ref_weight, topk_ids, topk_logp, tail_ids, tail_logp, ref_label_logp, chunk_size, need_grad,
     )
     return TokenStats(
         seq_sums=seq_sums,

@@ -22,6 +22,24 @@ def _check_range(t: torch.Tensor, hi: int, name: str, bound: str) -> None:
         )
 
 
+def _check_tail(ids: torch.Tensor, tail_ids: torch.Tensor, tail_logp: torch.Tensor, vocab: int) -> None:
+    _check_range(tail_ids, vocab, "tail ids", "V")
+    if tail_ids.numel() == 0:
+        return
+    srt = ids.long().sort(dim=1).values
+    pos = torch.searchsorted(srt, tail_ids.long()).clamp_max(srt.shape[1] - 1)
+    hit = (srt.gather(1, pos) == tail_ids.long()).any(dim=1)
+    if bool(hit.any()):
+        row = int(hit.nonzero()[0, 0])
+        raise ValueError(f"tail ids must lie outside the top-k ids of their token (they are samples of the "
+                         f"reference's tail); token {row} has one in its top-k")
+    if not bool(torch.isfinite(tail_logp).all()):
+        raise ValueError("tail log-probs must be finite (a sampled token has reference probability > 0)")
+    top = float(tail_logp.max())
+    if top > 1e-2:
+        raise ValueError(f"tail log-probs must be log-probabilities (<= 0); found {top}")
+
+
 def _check_topk(ids: torch.Tensor, logp: torch.Tensor, vocab: int) -> None:
     _check_range(ids, vocab, "topk ids", "V")
     if ids.numel() == 0:
@@ -44,7 +62,7 @@ def _check_topk(ids: torch.Tensor, logp: torch.Tensor, vocab: int) -> None:
 
 def token_stats_torch(
     hidden, weight, labels, seq_ids, num_seqs, logp_weight, kl_weight, ref_kind,
-    ref_hidden, ref_weight, topk_ids, topk_logp, ref_label_logp, chunk_size, need_grad,
+    ref_hidden, ref_weight, topk_ids, topk_logp, tail_ids, tail_logp, ref_label_logp, chunk_size, need_grad,
 ):
     """Same arguments and results as ``torch.ops.sparsepo_lite.token_stats``.
 
@@ -57,8 +75,12 @@ def token_stats_torch(
     _check_range(labels, vocab, "labels", "V")
     _check_range(seq_ids, num_seqs, "seq_ids", "num_seqs")
     exact, topk = ref_kind == REF_EXACT, ref_kind == REF_TOPK
+    m = 0
     if topk:
         _check_topk(topk_ids, topk_logp, vocab)
+        if tail_ids is not None:
+            _check_tail(topk_ids, tail_ids, tail_logp, vocab)
+            m = tail_ids.shape[1]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     labels = labels.long()
     a = logp_weight.to(acc)
@@ -100,15 +122,31 @@ def token_stats_torch(
             r = (1 - q_sum).clamp_min(0) if ids.shape[1] < vocab else torch.zeros_like(q_sum)
             in_top = torch.zeros_like(p, dtype=torch.bool).scatter_(1, ids, True)
             log_tail = torch.logsumexp(lp.masked_fill(in_top, float("-inf")), dim=-1)
+            has_tail = torch.isfinite(log_tail)  # False: the policy has no mass outside the top-k
             log_tail = log_tail.clamp_min(torch.finfo(acc).min)  # empty tail: finite, r = 0 there
-            tail_term = torch.where(r > 0, r * (r.clamp_min(torch.finfo(acc).tiny).log() - log_tail),
-                                    torch.zeros_like(r))
+            log_r = r.clamp_min(torch.finfo(acc).tiny).log()
+            tail_term = torch.where(r > 0, r * (log_r - log_tail), torch.zeros_like(r))
+            # Sampled-tail correction r mean_j[(rho_j - 1) - log rho_j] (see reference_impl.topk_tail_kl).
+            corr_grad = torch.zeros_like(r)  # c = r/m sum_j (rho_j - 1): its gradient's tail part
+            if m:
+                live = (r > 0) & has_tail
+                tids = tail_ids[sl].long()
+                log_rho = lp.gather(1, tids) - log_tail[:, None] + log_r[:, None] - tail_logp[sl].to(acc)
+                log_rho = torch.where(live[:, None], log_rho, torch.zeros_like(log_rho))
+                rho = log_rho.exp()
+                tail_term = tail_term + torch.where(live, r * (rho - 1 - log_rho).mean(-1), torch.zeros_like(r))
+                corr_grad = torch.where(live, r * (rho - 1).mean(-1), torch.zeros_like(r))
             kl[sl] = kl_top + tail_term
             if need_grad:
-                tail_share = torch.where(r[:, None] > 0, r[:, None] * (lp - log_tail[:, None]).exp(),
+                # d/dz_u for u outside the top-k: the bucket's -r p_u / s and the correction's -c p_u / s,
+                # plus (r / m)(rho_j - 1) at each sampled id.
+                tail_share = torch.where(r[:, None] > 0, (r + corr_grad)[:, None] * (lp - log_tail[:, None]).exp(),
                                          torch.zeros_like(p)).masked_fill(in_top, 0)
                 dkl = (q_sum + r)[:, None] * p - tail_share
                 dkl.scatter_add_(1, ids, -q_top)
+                if m:
+                    dkl.scatter_add_(1, tids, torch.where(live[:, None], r[:, None] * (rho - 1) / m,
+                                                          torch.zeros_like(rho)))
                 g += b[sl, None] * dkl
         if need_grad:
             g.scatter_add_(1, y[:, None], a[sl, None])

@@ -50,10 +50,17 @@ class Problem:
         return dict(logp_weight=self.logp_weight, kl_weight=self.kl_weight, ref=self.ref)
 
 
+def sample_tail(lq: torch.Tensor, ids: torch.Tensor, m: int, generator=None) -> torch.Tensor:
+    """m ids per row drawn with replacement from the reference restricted to its tail (outside ``ids``)."""
+    tail = lq.double().exp().scatter(1, ids.long(), 0.0)
+    return torch.multinomial(tail.cpu(), m, replacement=True, generator=generator).to(lq.device)
+
+
 def make_problem(n, h, v, ref_kind, *, dtype=torch.float32, device="cpu", k=8, num_seqs=None,
-                 ref_noise=0.5, logit_scale=2.0):
+                 ref_noise=0.5, logit_scale=2.0, m=6):
     """Random tokens in unequal sequences (one of length 1, one empty), labels hitting 0 and V-1,
-    some zero weights (masked tokens), and a reference near the policy."""
+    some zero weights (masked tokens), and a reference near the policy. ``ref_kind`` "sampled" is a
+    top-k reference with ``m`` tail samples."""
     num_seqs = num_seqs or max(2, n // 5)
     hidden = torch.randn(n, h, dtype=torch.float64) * logit_scale
     weight = torch.randn(v, h, dtype=torch.float64) / h**0.5
@@ -66,7 +73,7 @@ def make_problem(n, h, v, ref_kind, *, dtype=torch.float32, device="cpu", k=8, n
         torch.zeros(0, dtype=torch.long)
     logp_weight = torch.randn(n, dtype=torch.float64)
     logp_weight[torch.rand(n) < 0.2] = 0.0
-    kl_weight = torch.rand(n, dtype=torch.float64) if ref_kind in ("exact", "topk") else None
+    kl_weight = torch.rand(n, dtype=torch.float64) if ref_kind in ("exact", "topk", "sampled") else None
 
     cast = lambda t: t.to(dtype).to(device)
     hidden, weight, ref_hidden = cast(hidden), cast(weight), cast(ref_hidden)
@@ -75,9 +82,13 @@ def make_problem(n, h, v, ref_kind, *, dtype=torch.float32, device="cpu", k=8, n
     label_logp = label_logp if dtype == torch.float64 else label_logp.float()
     if ref_kind == "exact":
         ref = sp.ExactReference(ref_hidden, weight)
-    elif ref_kind == "topk":
+    elif ref_kind in ("topk", "sampled"):
         vals, ids = lq.topk(min(k, v), dim=-1)
-        ref = sp.TopKReference(ids, vals if dtype == torch.float64 else vals.float(), label_logp)
+        cast_lp = (lambda t: t) if dtype == torch.float64 else (lambda t: t.float())
+        ref = sp.TopKReference(ids, cast_lp(vals), label_logp)
+        if ref_kind == "sampled" and k < v:
+            tail_ids = sample_tail(lq, ids, m)
+            ref = sp.TopKReference(ids, cast_lp(vals), label_logp, tail_ids, cast_lp(lq.gather(1, tail_ids)))
     elif ref_kind == "label":
         ref = sp.LabelReference(label_logp)
     else:
@@ -95,7 +106,8 @@ def as_float64(p: Problem) -> Problem:
     if isinstance(ref, sp.ExactReference):
         ref = sp.ExactReference(ref.hidden.double(), ref.weight.double())
     elif isinstance(ref, sp.TopKReference):
-        ref = sp.TopKReference(ref.ids, ref.logprobs.double(), ref.label_logp.double())
+        ref = sp.TopKReference(ref.ids, ref.logprobs.double(), ref.label_logp.double(), ref.tail_ids,
+                               None if ref.tail_logprobs is None else ref.tail_logprobs.double())
     elif isinstance(ref, sp.LabelReference):
         ref = sp.LabelReference(ref.label_logp.double())
     return Problem(d(p.hidden), p.weight.double(), p.labels, p.seq_ids, p.num_seqs, d(p.logp_weight),

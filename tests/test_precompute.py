@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 
+import sparsepo_lite as sp
 from sparsepo_lite.data import PreferenceCollator, tokenize_dataset
 from sparsepo_lite.masks import SparsePOMasks
 from sparsepo_lite.modeling import ModelConfig, load_policy
@@ -212,3 +213,148 @@ def test_cached_training_reproduces_online_training(tiny_dir, tmp_path):
                                                          loss_type="dpo", max_length=32, max_prompt_length=16,
                                                          ref_cache=str(tmp_path / "cache")),
                         train_dataset=review_rows(15), processing_class=tok)
+
+
+def test_tail_samples_are_reference_draws_outside_the_top_k(tiny_dir, tmp_path):
+    """The stored tail draws follow the reference restricted to its tail (a chi-square-free check: the
+    empirical frequencies over many draws match q(v) / r), lie outside the top-k, carry their exact
+    log-probs, and are reproducible from the seed; another seed is another cache."""
+    transformers.set_seed(0)
+    model, tok = load_policy(ModelConfig(tiny_dir, lora_r=4, gradient_checkpointing=False))
+    examples, _ = tokenize_dataset(review_rows(4), tok, max_length=32, max_prompt_length=16)
+    fp = run_fingerprint(model, tok, {"train": examples}, model_name="tiny", max_length=32, max_prompt_length=16)
+    m = 4000
+    man = precompute_reference(model, tok, {"train": examples}, str(tmp_path / "a"), fingerprint=fp, top_k=5,
+                               tail_samples=m, topk_dtype=torch.float32, batch_size=4, progress=False)
+    assert man["contents"]["tail_samples"] == m and man["fingerprint"]["tail_seed"] == 0
+    from safetensors.torch import load_file
+
+    shard = load_file(str(tmp_path / "a" / "train-00000.safetensors"))
+    ids, top, lp = shard["tail_ids"].long(), shard["topk_ids"].long(), shard["tail_logp"]
+    assert ids.shape == (shard["label_logp"].shape[0], m) and shard["tail_ids"].dtype == torch.int32
+    assert not (ids[:, :, None] == top[:, None, :]).any()  # never a top-k id
+    # the exact reference distribution at the first token, from the live reference pass
+    batch = PreferenceCollator(tok.pad_token_id)(examples[:1])
+    target = batch["labels"][:, 1:]
+    response = target != -100
+    seq_ids, pos = response.nonzero(as_tuple=True)
+    from sparsepo_lite.objective import reference_pass
+
+    rp = reference_pass(model, LossConfig(loss_type="dpo"), batch["input_ids"], batch["attention_mask"], response,
+                        seq_ids, pos)
+    lq = torch.log_softmax(rp.hidden[0].double() @ rp.weight.double().T, -1)
+    torch.testing.assert_close(lp[0].double(), lq[ids[0]], rtol=1e-5, atol=1e-5)
+    tail = lq.exp().scatter(0, top[0], 0.0)
+    tail /= tail.sum()
+    freq = torch.bincount(ids[0], minlength=tail.shape[0]).double() / m
+    assert (freq - tail).abs().max() < 5 * (tail * (1 - tail) / m).sqrt().max() + 1e-3
+    again = precompute_reference(model, tok, {"train": examples}, str(tmp_path / "b"), fingerprint=fp, top_k=5,
+                                 tail_samples=m, topk_dtype=torch.float32, batch_size=4, progress=False)
+    assert (tmp_path / "a" / "train-00000.safetensors").read_bytes() == \
+        (tmp_path / "b" / "train-00000.safetensors").read_bytes()
+    assert again["fingerprint"] == man["fingerprint"]
+    from sparsepo_lite.ref_cache import CacheError
+
+    with pytest.raises(CacheError, match="tail_seed is 0 in the cache but 1 now"):  # a resume with another seed
+        precompute_reference(model, tok, {"train": examples}, str(tmp_path / "a"), fingerprint=fp, top_k=5,
+                             tail_samples=m, tail_seed=1, topk_dtype=torch.float32, batch_size=4, progress=False)
+
+
+def test_cached_tail_kl_is_unbiased_against_the_live_reference(tiny_dir, tmp_path):
+    """Many caches of the same data with different tail seeds: their mean KL per token is the live
+    KL (the bucket alone is below it), through the real cache files and compute_loss."""
+    from sparsepo_lite.ref_accuracy import cache_accuracy
+
+    transformers.set_seed(0)
+    model, tok = load_policy(ModelConfig(tiny_dir, lora_r=4, gradient_checkpointing=False))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)  # far from the reference
+    examples, _ = tokenize_dataset(review_rows(4), tok, max_length=32, max_prompt_length=16)
+    fp = run_fingerprint(model, tok, {"train": examples}, model_name="tiny", max_length=32, max_prompt_length=16)
+    signed = []
+    for seed in range(12):
+        out = str(tmp_path / f"s{seed}")
+        precompute_reference(model, tok, {"train": examples}, out, fingerprint=fp, top_k=3, tail_samples=64,
+                             tail_seed=seed, topk_dtype=torch.float32, batch_size=4, progress=False)
+        acc = cache_accuracy(model, tok, RefCache(out), examples, batches=1, batch_size=4)
+        signed.append(acc["sequence_kl"]["mean_signed_rel_error"])
+    precompute_reference(model, tok, {"train": examples}, str(tmp_path / "bucket"), fingerprint=fp, top_k=3,
+                         tail_samples=0, topk_dtype=torch.float32, batch_size=4, progress=False)
+    bucket = cache_accuracy(model, tok, RefCache(str(tmp_path / "bucket")), examples, batches=1, batch_size=4)
+    mean = sum(signed) / len(signed)
+    sd = (sum((s - mean) ** 2 for s in signed) / (len(signed) - 1)) ** 0.5
+    assert abs(mean) <= 4 * sd / len(signed) ** 0.5 + 1e-3, (mean, sd)
+    assert bucket["sequence_kl"]["mean_signed_rel_error"] < -0.05  # the bias the samples remove
+
+
+def test_verify_ref_against_live_reports_the_cache_error(tiny_dir, tmp_path):
+    import yaml
+
+    rows = tmp_path / "train.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in review_rows(8)))
+    cfg = {"model_name_or_path": tiny_dir, "train_file": str(rows), "output_dir": str(tmp_path / "run"),
+           "loss_type": "tdpo2", "lora_r": 4, "max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 0.05,
+           "max_length": 32, "max_prompt_length": 16, "report_to": "none", "use_cpu": True, "save_strategy": "no",
+           "gradient_checkpointing": False}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    cli = [sys.executable, "-m", "sparsepo_lite.cli"]
+    for args in (["train", str(tmp_path / "cfg.yaml")],
+                 ["precompute-ref", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "ref"), "--top-k", "4",
+                  "--tail-samples", "8"]):
+        res = subprocess.run(cli + args, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+    res = subprocess.run(cli + ["verify-ref", str(tmp_path / "ref"), "--against-live", "2", "--policy",
+                                str(tmp_path / "run")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout
+    assert "4 + 6 x 4 top-k + 6 x 8 tail samples = 76 payload bytes" in out
+    assert "8 pairs" in out and "per sequence: mean relative error" in out and "chosen - rejected KL" in out
+    res = subprocess.run(cli + ["verify-ref", str(tmp_path / "ref"), "--against-live", "2"], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode != 0 and "--against-live needs --policy" in res.stderr
+
+
+@pytest.mark.parametrize("topk_dtype", [torch.float16, torch.bfloat16])
+def test_tail_draws_stay_unbiased_when_the_top_k_is_rounded(topk_dtype):
+    """16-bit top-k log-probs leave the op a tail mass r_hat that can be many times the true r when r
+    is small; the stored draws are scaled to r_hat so that the KL stays unbiased (storing log q(v)
+    itself gave +0.01 to +0.1 nats per token here). Rows: two tokens near 0.45 each, one near 0.1,
+    a tail of ~1e-5 where the policy differs."""
+    from sparsepo_lite.precompute import reference_token_stats
+
+    g = torch.Generator().manual_seed(torch.initial_seed() % 2**31)
+    n, v, k, m = 12, 48, 3, 4
+    ref = torch.full((n, v), -13.0) + 0.3 * torch.randn(n, v, generator=g)
+    ref[:, :3] = torch.tensor([0.0, 0.0, -1.5]) + 0.01 * torch.randn(n, 3, generator=g)
+    pol = ref + torch.cat([0.05 * torch.randn(n, 3, generator=g), 1.5 * torch.randn(n, v - 3, generator=g)], 1)
+    eye, labels = torch.eye(v), torch.zeros(n, dtype=torch.long)
+    lq, lp = torch.log_softmax(ref.double(), -1), torch.log_softmax(pol.double(), -1)
+    exact = (lq.exp() * (lq - lp)).sum(-1)
+    draws = []
+    for seed in range(300):
+        label, ids, vals, tids, tvals = reference_token_stats(ref, eye, labels, k, topk_dtype, tail_samples=m,
+                                                              generator=torch.Generator().manual_seed(seed))
+        out = sp.chunked_token_stats(pol, eye, labels, seq_ids=torch.arange(n), num_seqs=n,
+                                     kl_weight=torch.ones(n), ref=sp.TopKReference(ids, vals, label, tids, tvals))
+        draws.append(out.kl.double())
+    kl = torch.stack(draws)
+    se = kl.std(0) / kl.shape[0] ** 0.5
+    # The estimator's target on the rounded top-k: the coarsened KL at r_hat plus r_hat times the
+    # exact KL between the normalised tails. Storing log q(v) itself missed it by +0.01 to +0.1.
+    q_hat = vals.double().exp()
+    r_hat = (1 - q_hat.sum(-1)).clamp_min(0)
+    in_top = torch.zeros(n, v, dtype=torch.bool).scatter_(1, ids.long(), True)
+    s_tail = lp.exp().masked_fill(in_top, 0).sum(-1)
+    q_t = lq.exp().masked_fill(in_top, 0)
+    q_t = q_t / q_t.sum(-1, keepdim=True)
+    p_t = lp.exp().masked_fill(in_top, 0) / s_tail[:, None]
+    kl_tails = torch.where(q_t > 0, q_t * (q_t.log() - p_t.log()), torch.zeros_like(q_t)).sum(-1)
+    target = (q_hat * (q_hat.log() - lp.gather(1, ids.long()))).sum(-1) + torch.where(
+        r_hat > 0, r_hat * ((r_hat.clamp_min(1e-300).log() - s_tail.log()) + kl_tails), torch.zeros_like(r_hat))
+    assert ((kl.mean(0) - target).abs() <= 4 * se + 1e-6).all(), (kl.mean(0) - target, se)
+    assert (r_hat > 0).any()  # some rows exercise the correction
+    assert ((target - exact).abs() < 5e-3).all()  # what the 16-bit top-k costs, tail or not
+    assert torch.isfinite(kl).all()

@@ -83,6 +83,10 @@ def test_fingerprint_mismatch_names_the_field(setup, tmp_path):
         build(setup, tmp_path, fingerprint={**fp, "tokenizer_sha256": "0"})
     with pytest.raises(CacheError, match="other contents"):
         build(setup, tmp_path, top_k=4)
+    # a cache without tail draws, resumed with them: named by what differs
+    build(setup, tmp_path / "bucket", tail_samples=0)
+    with pytest.raises(CacheError, match=r"other contents \(\['tail_samples'\]\)"):
+        build(setup, tmp_path / "bucket")
 
 
 def _corrupt_and_expect(tmp_path, match):
@@ -122,21 +126,43 @@ def test_missing_shard_and_missing_manifest(setup, tmp_path):
         RefCache(str(tmp_path / "nope"))
 
 
-def test_bad_values_behind_a_valid_checksum_are_caught(setup, tmp_path):
+def _in_top_k(t):
+    t["tail_ids"][0, 0] = t["topk_ids"][0, 0]
+
+
+def _label_above_zero(t):
+    t["label_logp"][0] = 0.5
+
+
+def _tail_above_its_mass(t):
+    lp = t["topk_logp"][0].double()
+    r = 1 - lp.exp().sum()
+    t["topk_logp"][0, 0] = torch.log(lp[0].exp() + r / 2).to(t["topk_logp"].dtype)  # the top id takes half the tail
+    t["tail_logp"][0, 0] = torch.log(r).to(t["tail_logp"].dtype)  # a draw still holding the whole former tail
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (_label_above_zero, "label_logp has non-finite or positive"),
+    (_in_top_k, "tail_ids include a token of the same row's top-k"),
+    (_tail_above_its_mass, "tail_logp exceeds the tail mass its row's top-k leave"),
+])
+def test_bad_values_behind_a_valid_checksum_are_caught(setup, tmp_path, mutate, message):
     """A shard rewritten with a consistent checksum but impossible values (a buggy writer)."""
     from safetensors.torch import load_file, save_file
 
     from sparsepo_lite.ref_cache import sha256_file
 
-    build(setup, tmp_path)
+    manifest = build(setup, tmp_path)
+    assert manifest["contents"]["tail_samples"] > 0  # the default cache holds tail draws
     path = tmp_path / "train-00000.safetensors"
     tensors = load_file(str(path))
-    tensors["label_logp"][0] = 0.5  # a log-prob above 0
+    verify_cache(str(tmp_path))
+    mutate(tensors)
     save_file(tensors, str(path))
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     manifest["splits"]["train"]["shards"][0].update(sha256=sha256_file(str(path)), bytes=path.stat().st_size)
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CacheError, match="train-00000.safetensors: label_logp has non-finite or positive"):
+    with pytest.raises(CacheError, match="train-00000.safetensors: " + message):
         verify_cache(str(tmp_path))
 
 

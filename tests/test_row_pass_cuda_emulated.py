@@ -24,7 +24,7 @@ import sparsepo_lite as sp
 from sparsepo_lite.reference_impl import token_stats_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KINDS = {"none": 0, "label": 1, "topk": 2, "exact": 3}  # csrc/row_pass.h RefKind
+KINDS = {"none": 0, "label": 1, "topk": 2, "exact": 3, "sampled": 2}  # csrc/row_pass.h RefKind
 TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6)}
 
 
@@ -43,23 +43,26 @@ def kernel(tmp_path_factory):
     return ctypes.CDLL(str(lib))
 
 
-def run_kernel(kernel, dtype, z, zr, labels, a, b, kind, ids=None, lq=None, write_grad=True):
-    """Call the emulated kernel on copies; returns (logp, ref_logp, kl, g or the untouched logits)."""
+def run_kernel(kernel, dtype, z, zr, labels, a, b, kind, ids=None, lq=None, write_grad=True, tail=None):
+    """Call the emulated kernel on copies; returns (logp, ref_logp, kl, g or the untouched logits).
+    ``tail``: (tail ids [rows, m], their reference log-probs) for the sampled-tail top-k."""
     rows, vocab = z.shape
     z = z.to(dtype).clone().contiguous()
     zr = None if zr is None else zr.to(dtype).clone().contiguous()
     k = 0 if ids is None else ids.shape[1]
     ids = None if ids is None else ids.long().contiguous()
     lq = None if lq is None else lq.to(dtype).contiguous()
+    tids, tlq = (None, None) if tail is None else (tail[0].long().contiguous(), tail[1].to(dtype).contiguous())
+    m = 0 if tids is None else tids.shape[1]
     # Every tensor whose pointer is passed stays referenced here until the call returns.
     labels, a, b = labels.long().contiguous(), a.to(dtype).contiguous(), b.to(dtype).contiguous()
-    scratch = torch.empty(rows, max(k, 1), dtype=dtype)
+    scratch = torch.empty(rows, max(k + m, 1), dtype=dtype)
     out = [torch.full((rows,), float("nan"), dtype=dtype) for _ in range(3)]
     ptr = lambda t: ctypes.c_void_p(None if t is None else t.data_ptr())
     fn = kernel.row_pass_emu_f64 if dtype == torch.float64 else kernel.row_pass_emu_f32
     fn(ptr(z), ptr(zr), ctypes.c_int64(rows), ctypes.c_int64(vocab), ptr(labels), ptr(a), ptr(b),
-       ctypes.c_int(KINDS[kind]), ptr(ids), ptr(lq), ctypes.c_int64(k), ptr(scratch), ptr(out[0]), ptr(out[1]),
-       ptr(out[2]), ctypes.c_int(int(write_grad)))
+       ctypes.c_int(KINDS[kind]), ptr(ids), ptr(lq), ctypes.c_int64(k), ptr(tids), ptr(tlq), ctypes.c_int64(m),
+       ptr(scratch), ptr(out[0]), ptr(out[1]), ptr(out[2]), ctypes.c_int(int(write_grad)))
     return out[0], out[1], out[2], z
 
 
@@ -73,53 +76,58 @@ def problem(rows, vocab, kind, k, scale=3.0):
     lq_full = torch.log_softmax(zr, -1)
     label_logp = lq_full.gather(1, labels[:, None]).squeeze(1)
     eye = torch.eye(vocab, dtype=torch.float64)
-    ids = lq = None
+    ids = lq = tail = None
     if kind == "exact":
         ref = sp.ExactReference(zr, eye)
-    elif kind == "topk":
+    elif kind in ("topk", "sampled"):
         lq, ids = lq_full.topk(k, dim=-1)
         ref = sp.TopKReference(ids, lq, label_logp)
+        if kind == "sampled" and k < vocab:  # 20 draws from the reference's tail, repeats included
+            tail_ids = torch.multinomial(lq_full.exp().scatter(1, ids, 0.0), 20, replacement=True)
+            tail = (tail_ids, lq_full.gather(1, tail_ids))
+            ref = sp.TopKReference(ids, lq, label_logp, tail_ids, tail[1])
     elif kind == "label":
         ref = sp.LabelReference(label_logp)
     else:
         ref = None
-    return z, zr, labels, a, b, ids, lq, ref, eye
+    return z, zr, labels, a, b, ids, lq, ref, eye, tail
 
 
 def oracle(z, labels, a, b, ref, eye, kind):
     h = z.clone().requires_grad_(True)
     rows = z.shape[0]
     out = token_stats_reference(h, eye, labels, torch.arange(rows), rows, logp_weight=a,
-                                kl_weight=b if kind in ("exact", "topk") else None, ref=ref)
+                                kl_weight=b if kind in ("exact", "topk", "sampled") else None, ref=ref)
     (g,) = torch.autograd.grad(out.seq_sums.sum(), h)  # W = I: d(a logp + b KL)/dz per row
     return out, g
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("kind", ["exact", "topk", "label", "none"])
+@pytest.mark.parametrize("kind", ["exact", "topk", "sampled", "label", "none"])
 @pytest.mark.parametrize("vocab,k", [(10, 4), (700, 32), (1500, 600)], ids=lambda x: str(x))
 def test_emulated_cuda_kernel_matches_oracle(kernel, vocab, k, kind, dtype, seed):
     # V = 10: most of the 512 threads idle; V = 1500: several logits per thread; k = 600: the
     # top-k loops stride past one block.
     rows = 5
-    z, zr, labels, a, b, ids, lq, ref, eye = problem(rows, vocab, kind, k)
-    logp, ref_logp, kl, g = run_kernel(kernel, dtype, z, zr if kind == "exact" else None, labels, a, b, kind, ids, lq)
+    z, zr, labels, a, b, ids, lq, ref, eye, tail = problem(rows, vocab, kind, k)
+    logp, ref_logp, kl, g = run_kernel(kernel, dtype, z, zr if kind == "exact" else None, labels, a, b, kind, ids, lq,
+                                       tail=tail)
     want, want_g = oracle(z, labels, a, b, ref, eye, kind)
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(logp.double(), want.logp.detach(), rtol=rtol, atol=atol)
     if kind == "exact":
         torch.testing.assert_close(ref_logp.double(), want.ref_logp.detach(), rtol=rtol, atol=atol)
-    if kind in ("exact", "topk"):
+    if kind in ("exact", "topk", "sampled"):
         torch.testing.assert_close(kl.double(), want.kl.detach(), rtol=rtol, atol=atol)
     assert torch.isfinite(g).all()
     torch.testing.assert_close(g.double(), want_g, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("kind", ["exact", "topk", "label"])
+@pytest.mark.parametrize("kind", ["exact", "topk", "sampled", "label"])
 def test_emulated_kernel_without_gradient_leaves_logits_alone(kernel, kind, seed):
-    z, zr, labels, a, b, ids, lq, ref, eye = problem(3, 900, kind, 40)
+    z, zr, labels, a, b, ids, lq, ref, eye, tail = problem(3, 900, kind, 40)
     logp, _, kl, untouched = run_kernel(kernel, torch.float64, z, zr if kind == "exact" else None, labels, a, b,
-                                        kind, ids, lq, write_grad=False)
+                                        kind, ids, lq, write_grad=False, tail=tail)
     want, _ = oracle(z, labels, a, b, ref, eye, kind)
     assert torch.equal(untouched, z)
     torch.testing.assert_close(logp, want.logp.detach(), rtol=1e-10, atol=1e-12)
@@ -128,7 +136,7 @@ def test_emulated_kernel_without_gradient_leaves_logits_alone(kernel, kind, seed
 
 
 def test_emulated_topk_with_k_equal_v_is_exact(kernel, seed):
-    z, zr, labels, a, b, _, _, _, eye = problem(4, 600, "exact", 0)
+    z, zr, labels, a, b, _, _, _, eye, _ = problem(4, 600, "exact", 0)
     lq, ids = torch.log_softmax(zr, -1).topk(600, dim=-1)
     _, _, kl_top, g_top = run_kernel(kernel, torch.float64, z, None, labels, a, b, "topk", ids, lq)
     _, _, kl_exact, g_exact = run_kernel(kernel, torch.float64, z, zr, labels, a, b, "exact")

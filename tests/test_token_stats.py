@@ -13,9 +13,9 @@ import torch
 import sparsepo_lite as sp
 from sparsepo_lite.reference_impl import token_stats_reference
 
-from conftest import DEVICES, as_float64, leaves, make_problem
+from conftest import DEVICES, as_float64, leaves, make_problem, sample_tail
 
-REF_KINDS = ["exact", "topk", "label", "none"]
+REF_KINDS = ["exact", "topk", "sampled", "label", "none"]
 # (N, H, V, chunk): chunks that do not divide N, a chunk of 1, a chunk larger than N, N = 1
 SHAPES = [(37, 16, 101, 8), (64, 32, 500, 7), (5, 8, 33, 1), (1, 8, 10, 4), (50, 24, 257, 128)]
 # Tolerances against the float64 oracle, per input dtype: (rtol, atol) for per-token values and
@@ -130,7 +130,7 @@ def test_no_grad_mode_skips_the_gradient_gemm(seed):
     assert not out.seq_sums.requires_grad
     raw = torch.ops.sparsepo_lite.token_stats(
         p.hidden.detach(), p.weight, p.labels, p.seq_ids, p.num_seqs, p.logp_weight.detach(),
-        p.kl_weight.detach(), 3, p.ref.hidden, p.ref.weight, None, None, None, 4, False)
+        p.kl_weight.detach(), 3, p.ref.hidden, p.ref.weight, None, None, None, None, None, 4, False)
     assert raw[4].shape == (0, 8)  # no [N, H] gradient factor formed
 
 
@@ -203,6 +203,59 @@ def test_topk_tail_with_vanishing_policy_mass_stays_finite():
     assert torch.isfinite(g).all()
 
 
+def _tail_problem(n, h, v, k, m, draws, seed_gen):
+    """A problem with an exact reference, and the same rows repeated ``draws`` times with a top-k
+    reference whose ``m`` tail samples are fresh draws in every repeat."""
+    p = make_problem(n, h, v, "exact", dtype=torch.float64, ref_noise=1.5, logit_scale=2.0)
+    lq = torch.log_softmax(p.ref.hidden @ p.weight.T, dim=-1)
+    vals, ids = lq.topk(k, dim=-1)
+    label = lq.gather(1, p.labels[:, None]).squeeze(1)
+    rep = lambda t: t.repeat(draws, *([1] * (t.dim() - 1)))
+    tail_ids = sample_tail(rep(lq), rep(ids), m, generator=seed_gen)
+    ref = sp.TopKReference(rep(ids), rep(vals), rep(label), tail_ids, rep(lq).gather(1, tail_ids))
+    hidden = rep(p.hidden.detach()).requires_grad_(True)
+    return p, ref, hidden
+
+
+@pytest.mark.parametrize("n, h, v, k, m", [(5, 8, 40, 4, 4), (4, 16, 300, 16, 8), (3, 8, 60, 1, 1)])
+def test_sampled_tail_kl_is_unbiased(n, h, v, k, m, seed):
+    """Over many independent draws of the tail samples, the mean KL estimate is the exact KL (within
+    its Monte-Carlo error), and so is the mean gradient; the bucket alone is biased low."""
+    draws = 3000
+    p, ref, hidden = _tail_problem(n, h, v, k, m, draws, torch.Generator().manual_seed(seed))
+    h0 = p.hidden.detach().requires_grad_(True)
+    exact = sp.chunked_token_stats(h0, p.weight, p.labels, torch.arange(n), n,
+                                   logp_weight=torch.zeros(n, dtype=torch.float64),
+                                   kl_weight=torch.ones(n, dtype=torch.float64), ref=p.ref)
+    (g_exact,) = torch.autograd.grad(exact.seq_sums.sum(), [h0])
+    rows = n * draws
+    est = sp.chunked_token_stats(hidden, p.weight, p.labels.repeat(draws), torch.arange(rows), rows,
+                                 logp_weight=torch.zeros(rows, dtype=torch.float64),
+                                 kl_weight=torch.ones(rows, dtype=torch.float64), ref=ref, chunk_size=997)
+    (g_est,) = torch.autograd.grad(est.seq_sums.sum(), [hidden])
+    kl = est.kl.view(draws, n)
+    mean, se = kl.mean(0), kl.std(0) / draws**0.5
+    assert ((mean - exact.kl).abs() <= 4.5 * se + 1e-12).all(), (mean, exact.kl, se)
+    bucket = sp.chunked_token_stats(p.hidden.detach(), p.weight, p.labels, torch.arange(n), n,
+                                    ref=sp.TopKReference(ref.ids[:n], ref.logprobs[:n], ref.label_logp[:n])).kl
+    assert (bucket <= exact.kl + 1e-12).all() and ((exact.kl - bucket) > 10 * se).any()  # the bias it removes
+    g = g_est.view(draws, n, h)
+    g_mean, g_se = g.mean(0), g.std(0) / draws**0.5
+    assert (g_mean - g_exact).norm() <= 5 * g_se.norm(), ((g_mean - g_exact).norm(), g_se.norm())
+
+
+def test_no_tail_samples_is_the_bucket_exactly(seed):
+    p = make_problem(30, 12, 90, "topk", k=7)
+    r = p.ref
+    empty = sp.TopKReference(r.ids, r.logprobs, r.label_logp, r.ids[:, :0], r.logprobs[:, :0])
+    a = sp.chunked_token_stats(*p.args(), **p.kwargs(), chunk_size=8)
+    b = sp.chunked_token_stats(*p.args(), logp_weight=p.logp_weight, kl_weight=p.kl_weight, ref=empty, chunk_size=8)
+    assert torch.equal(a.kl, b.kl) and torch.equal(a.seq_sums, b.seq_sums)
+    ga = torch.autograd.grad(a.seq_sums.sum(), [p.hidden])
+    gb = torch.autograd.grad(b.seq_sums.sum(), [p.hidden])
+    assert torch.equal(ga[0], gb[0])
+
+
 # --- bad input gets a clear error ------------------------------------------------------------
 
 def _base(ref_kind="exact"):
@@ -241,6 +294,12 @@ def test_bad_inputs_raise_clear_errors(mutate, exc, match):
         sp.chunked_token_stats(*p.args(), **p.kwargs())
 
 
+def _outside(r):
+    """For every token, two ids outside its top-k."""
+    free = torch.ones(r.ids.shape[0], 20, dtype=torch.bool).scatter(1, r.ids.long(), False)
+    return free.float().multinomial(2).to(r.ids.dtype)
+
+
 @pytest.mark.parametrize("mutate, match", [
     (lambda r: sp.TopKReference(r.ids.clone().index_fill_(1, torch.tensor([1]), 0).index_fill_(1, torch.tensor([0]), 0),
                                 r.logprobs, r.label_logp), r"distinct within each token; token 0 repeats"),
@@ -248,6 +307,15 @@ def test_bad_inputs_raise_clear_errors(mutate, exc, match):
     (lambda r: sp.TopKReference(r.ids, r.logprobs.clone().fill_(float("nan")), r.label_logp), r"contain NaN"),
     (lambda r: sp.TopKReference(r.ids, -r.logprobs, r.label_logp), r"must be log-probabilities"),
     (lambda r: sp.TopKReference(r.ids[:, :0], r.logprobs[:, :0], r.label_logp), r"1 <= k <= V"),
+    (lambda r: sp.TopKReference(r.ids, r.logprobs, r.label_logp, r.ids[:, :2], r.logprobs[:, :2]),
+     r"tail ids must lie outside the top-k ids of their token.*token 0"),
+    (lambda r: sp.TopKReference(r.ids, r.logprobs, r.label_logp, _outside(r), None), r"come together"),
+    (lambda r: sp.TopKReference(r.ids, r.logprobs, r.label_logp, _outside(r), torch.full(_outside(r).shape, float("-inf"))),
+     r"tail log-probs must be finite"),
+    (lambda r: sp.TopKReference(r.ids, r.logprobs, r.label_logp, _outside(r) + 20, torch.full(_outside(r).shape, -3.0)),
+     r"tail ids must lie in \[0, V\)"),
+    (lambda r: sp.TopKReference(r.ids, r.logprobs, r.label_logp, _outside(r)[:-1], torch.full(_outside(r)[:-1].shape, -3.0)),
+     r"tail_ids must be an int \[N, m\] tensor"),
 ])
 def test_bad_topk_cache_raises_clear_errors(mutate, match):
     p = _base("topk")
@@ -264,7 +332,7 @@ def test_raw_op_checks_values_too():
     with pytest.raises(ValueError, match=r"labels must lie in \[0, V\)"):
         torch.ops.sparsepo_lite.token_stats(p.hidden.detach(), p.weight, bad, p.seq_ids, p.num_seqs,
                                             p.logp_weight.detach(), p.kl_weight.detach(), 3, p.ref.hidden,
-                                            p.ref.weight, None, None, None, 4, False)
+                                            p.ref.weight, None, None, None, None, None, 4, False)
 
 
 def test_empty_input_gives_zero_sums():

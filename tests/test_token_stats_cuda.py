@@ -35,7 +35,7 @@ def test_extension_has_the_cuda_kernel():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("ref_kind", ["exact", "topk", "label", "none"])
+@pytest.mark.parametrize("ref_kind", ["exact", "topk", "sampled", "label", "none"])
 @pytest.mark.parametrize("v", [1_000, 32_000, 128_256])
 def test_large_vocabulary_matches_oracle(v, ref_kind, dtype, seed):
     # 37 tokens in chunks of 16: a ragged last chunk; labels at 0 and V-1.

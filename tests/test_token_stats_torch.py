@@ -18,7 +18,7 @@ from sparsepo_lite.token_stats_torch import token_stats_torch
 
 from conftest import as_float64, make_problem
 
-KINDS = {"exact": REF_EXACT, "topk": REF_TOPK, "label": REF_LABEL, "none": REF_NONE}
+KINDS = {"exact": REF_EXACT, "topk": REF_TOPK, "sampled": REF_TOPK, "label": REF_LABEL, "none": REF_NONE}
 
 
 def _raw_args(p, kind, chunk, need_grad):
@@ -28,8 +28,9 @@ def _raw_args(p, kind, chunk, need_grad):
     return (p.hidden.detach(), p.weight, p.labels, p.seq_ids, p.num_seqs, p.logp_weight.detach(), kl_w,
             KINDS[kind],
             r.hidden if kind == "exact" else None, r.weight if kind == "exact" else None,
-            r.ids if kind == "topk" else None, r.logprobs if kind == "topk" else None,
-            r.label_logp if kind in ("topk", "label") else None, chunk, need_grad)
+            r.ids if kind in ("topk", "sampled") else None, r.logprobs if kind in ("topk", "sampled") else None,
+            r.tail_ids if kind == "sampled" else None, r.tail_logprobs if kind == "sampled" else None,
+            r.label_logp if kind in ("topk", "sampled", "label") else None, chunk, need_grad)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -51,7 +52,7 @@ def test_fallback_values_and_gradient_factor_match_oracle(kind, n, chunk, seed):
     torch.testing.assert_close(G.double(), want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["exact", "topk"])
+@pytest.mark.parametrize("kind", ["exact", "topk", "sampled"])
 def test_fallback_and_compiled_kernel_agree(kind, seed):
     if not sp.HAVE_EXTENSION:
         pytest.skip("compiled extension not built")

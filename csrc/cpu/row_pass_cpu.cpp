@@ -81,15 +81,17 @@ void row_exact(const RowPassParams<T>& P, int64_t i) {
 
 template <typename T>
 void row_topk(const RowPassParams<T>& P, int64_t i) {
-  const int64_t V = P.vocab, K = P.k;
+  const int64_t V = P.vocab, K = P.k, M = P.m;
   T* z = P.logits + i * V;
   const int64_t* ids = P.topk_ids + i * K;
   const T* lq = P.topk_logp + i * K;
-  T* z_top = P.topk_scratch + i * K;  // policy logits of the top-k ids
+  T* z_top = P.topk_scratch + i * (K + M);  // policy logits of the top-k ids
+  T* z_smp = z_top + K;                      // ... and of the tail samples
   const int64_t y = P.labels[i];
   const double a = P.logp_weight[i], b = P.kl_weight[i];
   const T zy = z[y];
   for (int64_t j = 0; j < K; ++j) z_top[j] = z[ids[j]];
+  for (int64_t j = 0; j < M; ++j) z_smp[j] = z[P.tail_ids[i * M + j]];
   const T m = row_max(z, V);
   const double s = exp_shift_sum(z, V, m, P.write_grad);
   const double lse = m + std::log(s);
@@ -110,20 +112,46 @@ void row_topk(const RowPassParams<T>& P, int64_t i) {
   const double tail = std::max(s - s_top, 0.0);
   const double r = (K == V) ? 0.0 : std::max(0.0, 1.0 - q_top);
   if (r > 0.0) kl += r * (std::log(r) - (std::log(std::max(tail, DBL_MIN)) - std::log(s)));
+  // Sampled tail: r KL(q~ || p~) estimated as r mean_j[(rho_j - 1) - log rho_j], with
+  // log rho_j = log(p(v_j) / s_tail) - log(q(v_j) / r); c = r mean_j(rho_j - 1) enters the gradient.
+  double c = 0.0;
+  const bool sampled = M > 0 && r > 0.0 && tail > 0.0;
+  if (sampled) {
+    const double log_tail = std::log(tail), log_r = std::log(r);
+    double est = 0.0;
+    for (int64_t j = 0; j < M; ++j) {
+      const double log_rho = (static_cast<double>(z_smp[j]) - m) - log_tail + log_r -
+                             static_cast<double>(P.tail_logp[i * M + j]);
+      const double rho = std::exp(log_rho);
+      est += (rho - 1.0) - log_rho;
+      c += rho - 1.0;
+    }
+    kl += r * est / M;
+    c *= r / M;
+  }
   P.logp[i] = static_cast<T>(zy - lse);
   P.kl[i] = static_cast<T>(kl);
 
   if (P.write_grad) {
-    // dKL/dz_v = (Q + r) p_v - q_v           for v in the top-k,
-    //          = (Q + r) p_v - r e_v / tail  otherwise  (e_v = exp(z_v - m)).
+    // dKL/dz_v = (Q + r) p_v - q_v                       for v in the top-k,
+    //          = (Q + r) p_v - (r + c) e_v / tail          otherwise  (e_v = exp(z_v - m)),
+    //            + (r / m)(rho_j - 1) for each sample v_j = v.
     const double c1 = (-a + b * (q_top + r)) / s;
-    const double c2 = (r > 0.0 && tail > 0.0) ? b * r / tail : 0.0;
+    const double c2 = (r > 0.0 && tail > 0.0) ? b * (r + c) / tail : 0.0;
     const T cv = static_cast<T>(c1 - c2);
     for (int64_t v = 0; v < V; ++v) z[v] *= cv;
     // Assign (not add) the top-k entries so that a tiny tail cannot cancel them.
     for (int64_t j = 0; j < K; ++j) {
       const double q = std::exp(static_cast<double>(lq[j]));
       z[ids[j]] = static_cast<T>(c1 * std::exp(z_top[j] - m) - b * q);
+    }
+    if (sampled) {
+      const double log_tail = std::log(tail), log_r = std::log(r);
+      for (int64_t j = 0; j < M; ++j) {
+        const double log_rho = (static_cast<double>(z_smp[j]) - m) - log_tail + log_r -
+                               static_cast<double>(P.tail_logp[i * M + j]);
+        z[P.tail_ids[i * M + j]] += static_cast<T>(b * r * (std::exp(log_rho) - 1.0) / M);
+      }
     }
     z[y] += static_cast<T>(a);
   }

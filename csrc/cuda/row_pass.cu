@@ -155,16 +155,20 @@ __device__ void row_exact(const RowPassParams<T>& P, int64_t i, T* sh_t, double*
 
 template <typename T>
 __device__ void row_topk(const RowPassParams<T>& P, int64_t i, T* sh_t, double* sh_d) {
-  const int64_t V = P.vocab, K = P.k;
+  const int64_t V = P.vocab, K = P.k, M = P.m;
   T* z = P.logits + i * V;
   const int64_t* ids = P.topk_ids + i * K;
   const T* lq = P.topk_logp + i * K;
-  T* z_top = P.topk_scratch + i * K;
+  T* z_top = P.topk_scratch + i * (K + M);  // policy logits of the top-k ids, then of the samples
+  T* z_smp = z_top + K;
+  const int64_t* smp = M ? P.tail_ids + i * M : nullptr;
+  const T* lq_smp = M ? P.tail_logp + i * M : nullptr;
   const int64_t y = P.labels[i];
   const double a = P.logp_weight[i], b = P.kl_weight[i];
   const T zy = z[y];
   for (int64_t j = threadIdx.x; j < K; j += blockDim.x) z_top[j] = z[ids[j]];
-  const T m = block_max(local_max(z, V), sh_t);  // syncs: z_top complete
+  for (int64_t j = threadIdx.x; j < M; j += blockDim.x) z_smp[j] = z[smp[j]];
+  const T m = block_max(local_max(z, V), sh_t);  // syncs: z_top and z_smp complete
   double s = 0.0;
   for (int64_t v = threadIdx.x; v < V; v += blockDim.x) s += dev_exp(z[v] - m);
   s = block_sum(s, sh_d);
@@ -187,14 +191,32 @@ __device__ void row_topk(const RowPassParams<T>& P, int64_t i, T* sh_t, double* 
   const double tail = fmax(s - s_top, 0.0);
   const double r = (K == V) ? 0.0 : fmax(0.0, 1.0 - q_top);
   if (r > 0.0) kl += r * (log(r) - (log(fmax(tail, DBL_MIN)) - log(s)));
+  // Sampled tail: + r mean_j[(rho_j - 1) - log rho_j], log rho_j = log(p(v_j) / s_tail) - log(q(v_j) / r);
+  // c = r mean_j(rho_j - 1) enters the gradient.
+  const bool sampled = M > 0 && r > 0.0 && tail > 0.0;
+  double c = 0.0;
+  if (sampled) {
+    const double log_tail = log(tail), log_r = log(r);
+    double est = 0.0;
+    for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
+      const double log_rho = (static_cast<double>(z_smp[j]) - m) - log_tail + log_r - static_cast<double>(lq_smp[j]);
+      const double rho = exp(log_rho);
+      est += (rho - 1.0) - log_rho;
+      c += rho - 1.0;
+    }
+    est = block_sum(est, sh_d);
+    c = block_sum(c, sh_d) * r / M;
+    kl += r * est / M;
+  }
   if (threadIdx.x == 0) {
     P.logp[i] = static_cast<T>(zy - lse);
     P.kl[i] = static_cast<T>(kl);
   }
   if (P.write_grad) {
-    // dKL/dz_v = (Q + r) p_v - q_v for v in the top-k, (Q + r) p_v - r e_v / tail otherwise.
+    // dKL/dz_v = (Q + r) p_v - q_v for v in the top-k, (Q + r) p_v - (r + c) e_v / tail otherwise,
+    // + (r / m)(rho_j - 1) at each sample v_j.
     const double c1 = (-a + b * (q_top + r)) / s;
-    const double c2 = (r > 0.0 && tail > 0.0) ? b * r / tail : 0.0;
+    const double c2 = (r > 0.0 && tail > 0.0) ? b * (r + c) / tail : 0.0;
     const T cv = static_cast<T>(c1 - c2);
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x) z[v] = cv * dev_exp(z[v] - m);
     __syncthreads();
@@ -204,7 +226,18 @@ __device__ void row_topk(const RowPassParams<T>& P, int64_t i, T* sh_t, double* 
       z[ids[j]] = static_cast<T>(c1 * dev_exp(z_top[j] - m) - b * q);
     }
     __syncthreads();
-    if (threadIdx.x == 0) z[y] += static_cast<T>(a);
+    if (threadIdx.x == 0) {
+      // One thread: samples may repeat an id (drawn with replacement), and m is small.
+      if (sampled) {
+        const double log_tail = log(tail), log_r = log(r);
+        for (int64_t j = 0; j < M; ++j) {
+          const double log_rho =
+              (static_cast<double>(z_smp[j]) - m) - log_tail + log_r - static_cast<double>(lq_smp[j]);
+          z[smp[j]] += static_cast<T>(b * r * (exp(log_rho) - 1.0) / M);
+        }
+      }
+      z[y] += static_cast<T>(a);
+    }
   }
 }
 
