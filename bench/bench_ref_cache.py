@@ -8,7 +8,7 @@
    reference. Then every cache goes through ``ref_accuracy.caches_accuracy`` against the live
    reference (the loss errors for the default cache only): per-token KL error, per-sequence relative KL error, chosen-minus-rejected KL error,
    TDPO2 and SparsePO loss errors.
-2. Precompute throughput at the default (k = 64, m = 16) against a plain no-grad forward of the
+2. Precompute throughput at the default (k = 16, m = 64) against a plain no-grad forward of the
    same model over the same batches, in the same run.
 3. Training step time (forward + backward, gradient checkpointing, batch of 4 pairs) with the
    default cache against the online reference, alternating the two, median of several steps.
@@ -35,7 +35,9 @@ def main():
     ap.add_argument("--data", default=os.path.join(ROOT, "examples", "data", "sentiment_pairs.train.jsonl"))
     ap.add_argument("--ks", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     ap.add_argument("--ms", type=int, nargs="+", default=[0, 4, 16])
-    ap.add_argument("--error-pairs", type=int, default=96, help="pairs for the accuracy part")
+    ap.add_argument("--extra", nargs="*", default=["16:64", "32:48"],
+                    help="more (k, m) cells as K:M, beside the grid (equal-storage alternatives to the default)")
+    ap.add_argument("--error-pairs", type=int, default=48, help="pairs for the accuracy part")
     ap.add_argument("--train-steps", type=int, default=24, help="online TDPO2 steps that move the policy")
     ap.add_argument("--timing-steps", type=int, default=6)
     ap.add_argument("--outcome-steps", type=int, default=32)
@@ -52,6 +54,7 @@ def main():
             result = json.load(f)
     if "outcome" in a.parts and "measure" not in a.parts:
         result["outcome"] = outcome(a)
+        result["outcome_command"] = command_line()
         return finish(a, result)
 
     import torch
@@ -113,14 +116,15 @@ def main():
 
     # 1: caches per (k, m) over the accuracy pairs
     caches, storage = {}, {}
-    for k in a.ks:
-        for m in a.ms:
-            out = os.path.join(work, f"k{k}_m{m}")
-            man = cache(out, pairs, fp, top_k=k, tail_samples=m)
-            size = sum(s["bytes"] for s in man["splits"]["train"]["shards"])
-            caches[(k, m)] = RefCache(out)
-            storage[(k, m)] = {"bytes_per_token": size / verify_cache(out)["tokens"],  # a reused cache may hold more pairs
-                               "payload_bytes_per_token": token_bytes(man["contents"])}
+    cells = [(k, m) for k in a.ks for m in a.ms]
+    cells += [tuple(int(x) for x in e.split(":")) for e in a.extra if tuple(int(x) for x in e.split(":")) not in cells]
+    for k, m in cells:
+        out = os.path.join(work, f"k{k}_m{m}")
+        man = cache(out, pairs, fp, top_k=k, tail_samples=m)
+        size = sum(s["bytes"] for s in man["splits"]["train"]["shards"])
+        caches[(k, m)] = RefCache(out)
+        storage[(k, m)] = {"bytes_per_token": size / verify_cache(out)["tokens"],  # a reused cache may hold more pairs
+                           "payload_bytes_per_token": token_bytes(man["contents"])}
     man = cache(os.path.join(work, "hidden"), pairs, fp, top_k=0, store_hidden=True)
     hidden_bytes = sum(s["bytes"] for s in man["splits"]["train"]["shards"]) / verify_cache(
         os.path.join(work, "hidden"))["tokens"]
@@ -193,7 +197,7 @@ def outcome(a):
         cli("precompute-ref", SENTIMENT_CONFIG, "--out", cache_dir)
     outcome = {}
     for mode, extra in (("online", []), ("cached", ["--ref_cache", cache_dir])):
-        run = os.path.join(a.runs, f"tdpo2_{mode}")
+        run = os.path.join(a.runs, f"tdpo2_{mode}" + (f"_k{DEFAULT_TOP_K}_m{DEFAULT_TAIL_SAMPLES}" if extra else ""))
         outcome[mode] = sentiment_run(run, ["--loss_type", "tdpo2", "--max_steps", str(a.outcome_steps), "--seed", "0",
                                             *extra], lift_pairs=None)
         o = outcome[mode]
@@ -223,7 +227,8 @@ def _loss_cell(g, name):
 def markdown(a, result, hidden_bytes):
     m = result["machine"]
     md = [f"# Reference cache on SmolLM2-135M-Instruct (4-bit NF4, CPU), {result['pairs']} real pairs", "",
-          f"Command: `{result['command']}`", "",
+          f"Command: `{result['command']}`" + (f"; the training outcome: `{result['outcome_command']}`"
+                                                if result.get("outcome_command") else ""), "",
           f"Machine: {m.get('cpu', '?')}, {m['cpu_cores']} cores, torch {m['torch']}, transformers "
           f"{m.get('transformers')}, peft {m.get('peft')}, bitsandbytes {m.get('bitsandbytes')}.", "",
           "## KL accuracy and storage per (k, m)", "",
@@ -255,11 +260,11 @@ def markdown(a, result, hidden_bytes):
         md.append(f"| {name} | {tm['online_s']:.3f} | {tm['cached_s']:.3f} | {tm['cached_over_online']:.2f} |")
     o = result["outcome"]
     md += ["", f"## Training outcome: TDPO2, {a.outcome_steps} steps, seed 0, sentiment recipe", "",
-           "| reference | train loss | reward gain (+- SE) | KL (nats) | win rate |", "|---|---|---|---|---|"]
+           "| reference | train loss | reward gain (+- SE) | KL, nats (+- SE) | win rate |", "|---|---|---|---|---|"]
     for mode in ("online", "cached"):
         r = o[mode]
         md.append(f"| {mode} | {r['train_loss']:.4f} | {r['reward_gain']:+.3f} +- {r['reward_gain_se']:.3f} | "
-                  f"{r['kl']:.3f} | {r['win_rate']:.3f} |")
+                  f"{r['kl']:.3f} +- {r.get('kl_se', float('nan')):.3f} | {r['win_rate']:.3f} |")
     return md
 
 

@@ -86,13 +86,14 @@ class SentimentEval:
     reward_gain_se: float = 0.0  # its standard error
     reward_policy_se: float = 0.0
     reward_reference_se: float = 0.0
+    kl_se: float = 0.0  # standard error of kl
     samples: List[Dict[str, object]] = field(default_factory=list)
 
     def summary(self) -> Dict[str, float]:
         return {"reward_policy": self.reward_policy, "reward_reference": self.reward_reference,
                 "win_rate": self.win_rate, "kl": self.kl, "reward_gain": self.reward_gain,
                 "reward_gain_se": self.reward_gain_se, "reward_policy_se": self.reward_policy_se,
-                "reward_reference_se": self.reward_reference_se}
+                "reward_reference_se": self.reward_reference_se, "kl_se": self.kl_se}
 
 
 @torch.no_grad()
@@ -187,6 +188,7 @@ def summarize(rows: Sequence[Dict[str, object]], samples_per_prompt: int) -> Sen
     pol_mean, pol_se = _mean_se([r["reward_policy"] for r in rows], k)
     ref_mean, ref_se = _mean_se([r["reward_reference"] for r in rows], k)
     gain, gain_se = _mean_se([r["reward_policy"] - r["reward_reference"] for r in rows], k)
-    return SentimentEval(reward_policy=pol_mean, reward_reference=ref_mean, win_rate=wins / m,
-                         kl=sum(r["kl"] for r in rows) / m, reward_gain=gain, reward_gain_se=gain_se,
-                         reward_policy_se=pol_se, reward_reference_se=ref_se, samples=list(rows))
+    kl, kl_se = _mean_se([r["kl"] for r in rows], k)
+    return SentimentEval(reward_policy=pol_mean, reward_reference=ref_mean, win_rate=wins / m, kl=kl,
+                         reward_gain=gain, reward_gain_se=gain_se, reward_policy_se=pol_se,
+                         reward_reference_se=ref_se, kl_se=kl_se, samples=list(rows))
