@@ -1,6 +1,6 @@
 """sparsepo-lite: token-level preference optimisation (SparsePO, TDPO, DPO, MaPO) on one GPU.
 
-The core op is :func:`chunked_token_stats`; see README.md.
+The core op is :func:`chunked_token_stats`; see docs/op.md.
 """
 
 import os

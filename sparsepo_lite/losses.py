@@ -1,4 +1,4 @@
-"""Pair losses of the family (spec-losses.md sections 2-5), written once over per-sequence sums.
+"""Pair losses of the family, written once over per-sequence sums.
 
 Every method is
 

@@ -1,4 +1,4 @@
-"""Token masks: SparsePO's learned mask network and MaPO's activation masks (spec sections 4-5).
+"""Token masks: SparsePO's learned mask network and MaPO's activation masks.
 
 Masks are computed at response positions only: ``[N]`` vectors aligned with the gathered
 response tokens (row-major over the 2B rows), so prompt and padding never get a weight.
@@ -89,7 +89,7 @@ class SparsePOMasks(nn.Module):
     """The reward mask m^u and the KL mask m^d: one common net (default) or two independent nets.
 
     Lives outside the (peft) policy and is trained and saved beside the adapter: a peft model
-    would otherwise freeze it (spec section 10, item 7).
+    would otherwise freeze it.
     """
 
     def __init__(self, num_layers: int, hidden_size: int, *, independent: bool = False, eps: float = 1e-5,

@@ -67,7 +67,7 @@ def disable_avx512_bf16_repacking(model: nn.Module) -> int:
     """Stop bitsandbytes (0.50) from repacking 4-bit weights on AVX512-BF16 CPUs.
 
     On such CPUs an eval-mode no-grad forward of a ``Linear4bit`` repacks its weight for a bf16
-    kernel, after which LoRA parameters silently get no gradient (DESIGN.md section 5). The
+    kernel, after which LoRA parameters silently get no gradient. The
     reference pass is exactly such a forward, so every 4-bit layer opts out. Returns the number
     of layers changed.
     """

@@ -39,7 +39,7 @@ _CACHED = "ref_label_logp"  # a batch with this key carries a cached reference (
 
 @dataclass
 class LossConfig:
-    """What ``compute_loss`` computes. Defaults follow the official code (spec-losses.md)."""
+    """What ``compute_loss`` computes. Defaults follow the official SparsePO code (see docs/losses.md)."""
 
     loss_type: str = "sparsepo"  # dpo | tdpo1 | tdpo2 | sparsepo | mapo
     beta: float = 0.1

@@ -1,6 +1,6 @@
 """``chunked_token_stats``: the lm_head, log-softmax, label log-prob and KL to a reference,
 computed chunk by chunk over response tokens, with per-sequence weighted sums that carry
-gradients (see DESIGN.md section 3).
+gradients (see docs/op.md).
 
 Shapes: N response tokens, H hidden size, V vocabulary, S sequences.
 """

@@ -93,7 +93,7 @@ def test_lora_gradients_through_4bit_equal_an_unquantized_twin(tiny_dir, batch, 
                 p.normal_(0, 0.05)
     twin = _unquantized_twin(model4, tiny_dir)
     # An eval-mode no-grad forward first: on AVX512-BF16 CPUs this is what repacks the weights
-    # and silently breaks LoRA gradients (DESIGN.md section 5).
+    # and silently breaks LoRA gradients.
     for m in (model4, twin):
         m.eval()
         with torch.no_grad():

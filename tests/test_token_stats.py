@@ -140,7 +140,7 @@ def test_default_chunk_size_respects_budget():
                                   (torch.bfloat16, True, 10 * V), (torch.float64, True, 16 * V)]:
         rows = sp.default_chunk_size(10_000, V, dtype, exact=exact)
         assert rows % 16 == 0 and rows * per_row <= budget < (rows + 16) * per_row, (dtype, exact, rows)
-    assert sp.default_chunk_size(10_000, V, torch.float32, exact=True) == 384  # documented in README
+    assert sp.default_chunk_size(10_000, V, torch.float32, exact=True) == 384  # documented in docs/op.md
     assert sp.default_chunk_size(3, V, torch.float32, exact=True) == 3
     assert sp.default_chunk_size(0, 10, torch.float32, exact=True) == 1
 
