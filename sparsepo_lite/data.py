@@ -298,6 +298,12 @@ def tokenize_dataset(source, tokenizer, *, max_length: int = 512, max_prompt_len
     return examples, report
 
 
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS (padding is masked
+    out of every loss, so which id fills it does not matter as long as it is a valid one)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 class PreferenceCollator:
     """Pads a list of :class:`PreferenceExample` into the batch ``compute_loss`` takes.
 

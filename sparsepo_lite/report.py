@@ -123,10 +123,10 @@ def mask_pairs(model, tokenizer, masks, examples, *, beta: float = 0.1, mask_nor
     ``masks``: the run's mask nets (``mask_normalize`` as the run trained them); ``sentiment``: an
     optional :class:`~sparsepo_lite.sentiment.Sentiment` to flag sentiment words.
     """
-    from .data import PreferenceCollator
+    from .data import PreferenceCollator, pad_id
     from .objective import LossConfig, compute_loss
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     collate = PreferenceCollator(pad)
     config = LossConfig(loss_type="sparsepo", beta=beta, masks=masks, mask_normalize=mask_normalize)
     out = []

@@ -23,6 +23,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .data import pad_id
+
 
 class Sentiment:
     """VADER compound score of a text, in [-1, 1]."""
@@ -65,8 +67,7 @@ def sample_continuations(model, tokenizer, prompts: Sequence[str], *, num_sample
     try:
         out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                              max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                             else tokenizer.eos_token_id)
+                             pad_token_id=pad_id(tokenizer))
     finally:
         model.train(was_training)
     new = out[:, enc["input_ids"].shape[1]:]
@@ -110,7 +111,7 @@ def sequence_logratio(model, tokenizer, prompts: Sequence[str], continuations: S
         p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
         c_ids = tokenizer(c, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
         examples.append(PreferenceExample(i, p_ids, c_ids, c_ids))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     batch = PreferenceCollator(pad)(examples)
     n = len(examples)
     ids, att = batch["input_ids"][:n].to(model.device), batch["attention_mask"][:n].to(model.device)

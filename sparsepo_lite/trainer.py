@@ -22,7 +22,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 import transformers
 
-from .data import PreferenceCollator, PreferenceExample, tokenize_dataset
+from .data import PreferenceCollator, PreferenceExample, pad_id, tokenize_dataset
 from .errors import TrainingError
 from .losses import LOSS_TYPES
 from .masks import MASK_INITS, SparsePOMasks
@@ -302,7 +302,7 @@ class SparsePOTrainer(transformers.Trainer):
             l1_reward=args.l1_reward, l1_kl=args.l1_kl, mask_normalize=args.mask_normalize,
             mapo_mapping=args.mapo_mapping, ref_model=ref_model,
             chunk_size=args.chunk_size)
-        pad = processing_class.pad_token_id if processing_class.pad_token_id is not None else processing_class.eos_token_id
+        pad = pad_id(processing_class)
         self.ref_cache = None
         if args.ref_cache:
             if ref_model is not None:
