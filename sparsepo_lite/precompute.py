@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-from .data import PreferenceCollator, PreferenceExample
+from .data import PreferenceCollator, PreferenceExample, pad_id
 from .objective import IGNORE_INDEX, LossConfig, reference_pass
 from .ref_cache import (DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K, FORMAT, FORMAT_VERSION, MANIFEST, CacheError,
                         compare_fingerprints, dtype_name, read_manifest, sha256_file, shard_name, write_json_atomic)
@@ -190,7 +190,7 @@ def precompute_reference(model, tokenizer, splits: Dict[str, Sequence[Preference
             raise CacheError(f"{out_dir} holds a cache with other contents ({diff}); use another --out or delete it")
         compare_fingerprints(old["fingerprint"], fingerprint, out_dir)
         manifest["splits"] = old["splits"]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     collate = PreferenceCollator(pad)
     device = head.device
     was_training = model.training

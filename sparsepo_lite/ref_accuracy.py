@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from .data import PreferenceCollator, PreferenceExample
+from .data import PreferenceCollator, PreferenceExample, pad_id
 from .objective import LossConfig, compute_loss
 from .ref_cache import CachedExample, CachedReferenceCollator, RefCache
 
@@ -49,7 +49,7 @@ def caches_accuracy(model, tokenizer, caches: Dict[str, RefCache], examples: Seq
     """:func:`cache_accuracy` for several caches of the same examples at once: the live reference runs
     once per batch for all of them. ``losses`` maps a cache's name to the losses whose error it
     reports (none for a name left out). Returns one :func:`cache_accuracy` result per cache."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     plain = PreferenceCollator(pad)
     losses = losses or {}
     probe = LossConfig(loss_type="tdpo1")  # any loss with a KL term: its details hold the per-token KL
