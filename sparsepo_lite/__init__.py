@@ -7,11 +7,13 @@ import os
 
 # OpenMP threads that wait at a barrier spin by default (libgomp, used by torch, bitsandbytes and this
 # package's CPU kernels). When other processes share the cores, a spinning thread burns the time slice
-# its sibling needs to reach the barrier: a CPU training step ran 9x slower beside two busy processes,
-# 3x (a fair share) with passive waiting, and passive waiting costs nothing alone (bench/results/
-# cpu_contention.md). libgomp reads this once, when torch loads it, so it only takes effect when this
-# package is imported first (as the sparsepo-lite command does); an explicit setting is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# its sibling needs to reach the barrier: a 6-step CPU training run took 235 s beside two busy 2-thread
+# processes with libgomp's default and 74 s with passive waiting, and about the same alone (25 s vs
+# 24 s). libgomp reads this once, when torch loads it, so it only takes effect when this package is
+# imported first (as the sparsepo-lite command does); an explicit setting is kept, and
+# SPARSEPO_LITE_OMP_PASSIVE=0 leaves libgomp's default alone.
+if os.environ.get("SPARSEPO_LITE_OMP_PASSIVE", "1") != "0":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from ._ops import EXTENSION_ERROR, EXTENSION_HAS_CUDA, HAVE_EXTENSION
 from .losses import LOSS_TYPES
