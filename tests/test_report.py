@@ -96,7 +96,8 @@ def test_sentiment_report_renders(run_dir):
           "--samples", "1", "--max-new-tokens", "4"])
     result = json.loads((run_dir / "run" / "sentiment_eval.json").read_text())
     assert set(result["summary"]) == {"reward_policy", "reward_reference", "win_rate", "kl", "reward_gain",
-                                      "reward_gain_se", "reward_policy_se", "reward_reference_se"}
+                                      "reward_gain_se", "reward_policy_se", "reward_reference_se", "kl_se"}
+    assert result["summary"]["kl_se"] >= 0  # 3 prompts: the spread of their mean KLs
     assert len(result["samples"]) == 3
     assert "rendered 3 samples" in render(run_dir / "run" / "sentiment_report.html")
 

@@ -64,12 +64,15 @@ def test_evaluate_reports_rewards_win_rate_and_kl(policy):
     assert len(ev.samples) == 4 and 0.0 <= ev.win_rate <= 1.0
     assert ev.reward_policy == pytest.approx(sum(r["reward_policy"] for r in ev.samples) / 4)
     assert set(ev.summary()) == {"reward_policy", "reward_reference", "win_rate", "kl", "reward_gain",
-                                 "reward_gain_se", "reward_policy_se", "reward_reference_se"}
+                                 "reward_gain_se", "reward_policy_se", "reward_reference_se", "kl_se"}
     diffs = torch.tensor([r["reward_policy"] - r["reward_reference"] for r in ev.samples], dtype=torch.float64)
     assert ev.reward_gain == pytest.approx(diffs.mean().item(), abs=1e-12)
     per_prompt = diffs.view(2, 2).mean(1)  # rows are prompt-major: the 2 samples of a prompt together
     assert [r["prompt"] for r in ev.samples] == ["The film was"] * 2 + ["Overall the acting"] * 2
     assert ev.reward_gain_se == pytest.approx((per_prompt.std() / 2**0.5).item(), abs=1e-12)
+    kls = torch.tensor([r["kl"] for r in ev.samples], dtype=torch.float64)
+    assert ev.kl == pytest.approx(kls.mean().item(), abs=1e-12)
+    assert ev.kl_se == pytest.approx((kls.view(2, 2).mean(1).std() / 2**0.5).item(), abs=1e-12)
     assert summarize(ev.samples, 2).summary() == ev.summary()  # a saved evaluation re-reads the same
     with pytest.raises(ValueError, match="do not split into prompts of 2"):
         summarize(ev.samples[:3], 2)
