@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -144,3 +146,12 @@ def review_rows(n, offset=0):
     bad = [" awful", " terrible", " boring", " dreadful"]
     return [{"prompt": f"Review {i + offset}: the film was", "chosen": good[i % 4] + ".", "rejected": bad[(i + 1) % 4] + "."}
             for i in range(n)]
+
+
+def bench_module(name: str):
+    """Import bench/NAME.py as the benchmarks run it (their folder on the import path)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)

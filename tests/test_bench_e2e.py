@@ -8,21 +8,15 @@ import os
 import sys
 
 import pytest
+
+from conftest import bench_module
 import torch
 
 import sparsepo_lite.objective
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 @pytest.fixture(scope="module")
 def bench_e2e():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        import bench_e2e
-    finally:
-        sys.path.pop(0)
-    return bench_e2e
+    return bench_module("bench_e2e")
 
 
 @pytest.fixture(scope="module")

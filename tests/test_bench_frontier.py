@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import bench_module
 
 
 @pytest.fixture(scope="module")
 def frontier():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        import frontier
-    finally:
-        sys.path.pop(0)
-    return frontier
+    return bench_module("frontier")
 
 
 def _row(method, beta, seed, reward, kl, lift=None):
