@@ -4,7 +4,6 @@ out-of-memory step is recorded and leaves the model usable (what a capped 24 GB 
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import pytest
