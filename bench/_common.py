@@ -88,7 +88,7 @@ def sentiment_run(run: str, overrides: Sequence[str], *, prompts: int = 58, samp
     and the lift. Everything already in ``run`` is reused, so an interrupted study resumes. Each step
     runs in its own process with ``threads`` CPU threads (default: torch's).
     """
-    from sparsepo_lite.sentiment import summarize
+    from sparsepo_lite.eval.sentiment import summarize
 
     if not os.path.isfile(os.path.join(run, "adapter_model.safetensors")):
         extra = [] if eval_loss else ["--eval_file", ""]
@@ -135,3 +135,37 @@ def lift_cell(lift: Optional[dict]) -> str:
 def write_markdown(path: str, lines: List[str]) -> None:
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def eager_loss(model, batch, loss_type, masks, beta=0.1, alpha=0.5):
+    """The loss of one pair the plain way, through [T, V] logits and log-softmax (the baseline the
+    op's benchmarks compare with): DPO, TDPO1/2 or SparsePO; ``batch`` holds the chosen then the
+    rejected row."""
+    import torch
+    import torch.nn.functional as F
+
+    ids, att, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    with torch.no_grad(), model.disable_adapter():
+        ref = model(input_ids=ids, attention_mask=att, output_hidden_states=loss_type == "sparsepo")
+        lq = torch.log_softmax(ref.logits[:, :-1].float(), -1)
+    lp = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits[:, :-1].float(), -1)
+    tgt = labels[:, 1:]
+    r = (tgt != -100).float()
+    y = tgt.clamp_min(0)[..., None]
+    delta = (lp.gather(-1, y) - lq.gather(-1, y)).squeeze(-1)
+    kl = (lq.exp() * (lq - lp)).sum(-1)
+    u = d = torch.ones_like(r)
+    if loss_type == "sparsepo":
+        resp = r.bool()
+        m_u, m_d = masks([h[:, :-1][resp] for h in ref.hidden_states[1:]])
+        u = torch.zeros_like(r).masked_scatter(resp, m_u)
+        d = torch.zeros_like(r).masked_scatter(resp, m_d)
+    s = (r * u * delta).sum(-1)
+    k = (r * d * kl).sum(-1)
+    if loss_type == "dpo":
+        z = s[0] - s[1]
+    elif loss_type == "tdpo2":
+        z = s[0] - s[1] - alpha * (k[1] - k[0].detach())
+    else:
+        z = (s[0] + k[0]) - (s[1] + k[1])
+    return -F.logsigmoid(beta * z)

@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from _common import eager_loss, machine_info
+
 LOSSES = ["dpo", "tdpo2", "sparsepo"]
 
 
@@ -47,37 +49,6 @@ def build(T, seed=0):
     labels[:, :prompt] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     return model, batch
-
-
-def eager_loss(model, batch, loss_type, masks, beta=0.1, alpha=0.5):
-    import torch
-    import torch.nn.functional as F
-
-    ids, att, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    with torch.no_grad(), model.disable_adapter():
-        ref = model(input_ids=ids, attention_mask=att, output_hidden_states=loss_type == "sparsepo")
-        lq = torch.log_softmax(ref.logits[:, :-1].float(), -1)
-    lp = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits[:, :-1].float(), -1)
-    tgt = labels[:, 1:]
-    r = (tgt != -100).float()
-    y = tgt.clamp_min(0)[..., None]
-    delta = (lp.gather(-1, y) - lq.gather(-1, y)).squeeze(-1)
-    kl = (lq.exp() * (lq - lp)).sum(-1)
-    u = d = torch.ones_like(r)
-    if loss_type == "sparsepo":
-        resp = r.bool()
-        m_u, m_d = masks([h[:, :-1][resp] for h in ref.hidden_states[1:]])
-        u = torch.zeros_like(r).masked_scatter(resp, m_u)
-        d = torch.zeros_like(r).masked_scatter(resp, m_d)
-    s = (r * u * delta).sum(-1)
-    k = (r * d * kl).sum(-1)
-    if loss_type == "dpo":
-        z = s[0] - s[1]
-    elif loss_type == "tdpo2":
-        z = s[0] - s[1] - alpha * (k[1] - k[0].detach())
-    else:
-        z = (s[0] + k[0]) - (s[1] + k[1])
-    return -F.logsigmoid(beta * z)
 
 
 def worker(impl, loss_type, T):
@@ -113,8 +84,6 @@ def main():
     args = ap.parse_args()
     if args.worker:
         return worker(args.worker[0], args.worker[1], args.T)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_token_stats import machine_info
 
     command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     rows = []

@@ -49,8 +49,8 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+from _common import HERE, ROOT, eager_loss, machine_info
+
 #: The CPU model: Llama-3's layout (GQA 4:1, SwiGLU 3.5x) at 1/8 of its width, 4 layers.
 SMALL = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=512, intermediate_size=1792,
              num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, vocab_size=32000,
@@ -115,7 +115,7 @@ def load_model(spec):
     """The 4-bit policy of ``spec["model"]`` (random weights, seed 0, built on the device; a LoRA
     adapter on every projection, r = 16), in train mode. Liger stays off: the planner models the
     Hugging Face layers."""
-    from sparsepo_lite.modeling import ModelConfig, random_policy
+    from sparsepo_lite.models import ModelConfig, random_policy
 
     cfg = ModelConfig(spec["model"], dtype=spec["dtype"], lora_r=16, device=spec["device"], use_liger=False)
     model = random_policy(model_config(spec["model"]), cfg, seed=0)
@@ -133,12 +133,11 @@ def measure(model, spec):
 
     import torch
 
-    sys.path.insert(0, HERE)
-    from bench_compute_loss import eager_loss
     from sparsepo_lite.data import PreferenceCollator
     from sparsepo_lite.masks import SparsePOMasks
     from sparsepo_lite.objective import LossConfig, compute_loss
     from sparsepo_lite.peak_memory import PeakMemory
+
 
     variant, T, device = spec["variant"], spec["T"], spec["device"]
     impl, loss_type = variant.split("_")[:2]
@@ -149,12 +148,13 @@ def measure(model, spec):
     masks = SparsePOMasks.for_model(model).to(device) if loss_type == "sparsepo" else None
     cfg = LossConfig(loss_type=loss_type, beta=0.1, masks=masks)
     if variant.endswith("cached"):
-        from sparsepo_lite.precompute import precompute_reference
-        from sparsepo_lite.ref_cache import DEFAULT_TOP_K, CachedExample, CachedReferenceCollator, RefCache
+        from sparsepo_lite.refcache import DEFAULT_TOP_K, CachedExample, CachedReferenceCollator, RefCache
+        from sparsepo_lite.refcache.writer import precompute_reference
 
         out = tempfile.mkdtemp(prefix="e2e_cache_")
         precompute_reference(model, type("Tok", (), {"pad_token_id": 0})(), {"train": [ex]}, out,
-                             fingerprint={"bench": "e2e"}, config=cfg, top_k=0 if loss_type == "dpo" else DEFAULT_TOP_K,
+                             fingerprint={"bench": "e2e"}, mapo_mapping=cfg.mapo_mapping if loss_type == "mapo" else None,
+                             top_k=0 if loss_type == "dpo" else DEFAULT_TOP_K,
                              batch_size=1, progress=False)
         batch = CachedReferenceCollator(0, RefCache(out))([CachedExample(ex, "train")])
     else:
@@ -211,7 +211,7 @@ def measure(model, spec):
         traceback.print_exc()
         result.update(error=f"{type(exc).__name__}: {exc}")
     # After the except block, whose traceback held the failed step's tensors: free for the next variant.
-    del opt, params, masks, batch
+    opt = params = masks = batch = None  # (not del: the closures above name them)
     model.zero_grad(set_to_none=True)
     if device == "cuda":
         import gc
@@ -345,8 +345,6 @@ def main():
 
     import torch
 
-    sys.path.insert(0, HERE)
-    from bench_token_stats import machine_info
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = a.model or ("llama-3-8b" if device == "cuda" else "small")

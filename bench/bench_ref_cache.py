@@ -5,7 +5,7 @@
 1. Accuracy and storage per (k, m): k reference top-k ids and m tail samples per token, for
    k in {16, 32, 64, 128, 256} and m in {0, 4, 16}, precomputed over the first ``--error-pairs``
    pairs. The policy is trained by online TDPO2 until it is a few nats of sequence KL away from the
-   reference. Then every cache goes through ``ref_accuracy.caches_accuracy`` against the live
+   reference. Then every cache goes through ``refcache.accuracy.caches_accuracy`` against the live
    reference (the loss errors for the default cache only): per-token KL error, per-sequence relative KL error, chosen-minus-rejected KL error,
    TDPO2 and SparsePO loss errors.
 2. Precompute throughput at the default (k = 16, m = 64) against a plain no-grad forward of the
@@ -62,12 +62,22 @@ def main():
 
     from sparsepo_lite.data import PreferenceCollator, tokenize_dataset
     from sparsepo_lite.masks import SparsePOMasks
-    from sparsepo_lite.modeling import SMOLLM2, ModelConfig, load_policy
+    from sparsepo_lite.models import SMOLLM2, ModelConfig, load_policy
     from sparsepo_lite.objective import LossConfig, compute_loss
-    from sparsepo_lite.precompute import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K, precompute_reference
-    from sparsepo_lite.ref_accuracy import caches_accuracy
-    from sparsepo_lite.ref_cache import (CacheError, CachedExample, CachedReferenceCollator, RefCache, read_manifest,
-                                         run_fingerprint, token_bytes, verify_cache)
+    from sparsepo_lite.refcache import (
+        DEFAULT_TAIL_SAMPLES,
+        DEFAULT_TOP_K,
+        CachedExample,
+        CachedReferenceCollator,
+        CacheError,
+        RefCache,
+        read_manifest,
+        run_fingerprint,
+        verify_cache,
+    )
+    from sparsepo_lite.refcache.accuracy import caches_accuracy
+    from sparsepo_lite.refcache.format import token_bytes
+    from sparsepo_lite.refcache.writer import precompute_reference
 
     transformers.set_seed(0)
     model, tok = load_policy(ModelConfig(SMOLLM2, lora_r=8, gradient_checkpointing=True))
@@ -181,7 +191,7 @@ def main():
         timing[name] = {"online_s": on, "cached_s": ca, "cached_over_online": ca / on}
         print(f"{name}: step online {on:.3f} s, cached {ca:.3f} s, ratio {ca / on:.2f}", flush=True)
     result["step_time"] = timing
-    del model, opt
+    model = opt = None  # free them before the outcome runs (not del: the closure above names model)
     if "outcome" in a.parts:
         result["outcome"] = outcome(a)
     finish(a, result)
@@ -189,7 +199,7 @@ def main():
 
 def outcome(a):
     """Part 4: the training outcome, cached against online (each run its own process, through the CLI)."""
-    from sparsepo_lite.precompute import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
+    from sparsepo_lite.refcache import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
 
     cache_dir = os.path.join(a.runs, f"cache_k{DEFAULT_TOP_K}_m{DEFAULT_TAIL_SAMPLES}")
     if not os.path.isfile(os.path.join(cache_dir, "manifest.json")) or \

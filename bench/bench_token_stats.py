@@ -24,10 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
+
+from _common import machine_info
 
 IMPLS = ["op_tdpo", "op_dpo", "eager_tdpo", "liger_dpo"]
 BETA = 0.1
@@ -62,6 +63,7 @@ def pair_margin(seq_sums_minus_ref):
 def run_op(inputs, T, mode):
     import torch
     import torch.nn.functional as F
+
     from sparsepo_lite import ExactReference, LabelReference, chunked_token_stats
 
     x = inputs
@@ -138,41 +140,6 @@ def worker(args):
                       "seconds": seconds, "loss": loss}))
 
 
-def machine_info(device):
-    import torch
-
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-        with open("/proc/meminfo") as f:
-            info["mem_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)
-    except (OSError, StopIteration):
-        pass
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        import sparsepo_lite
-
-        info["sparsepo_lite"] = sparsepo_lite.__version__
-        info["extension"] = sparsepo_lite.HAVE_EXTENSION
-    except ImportError:
-        pass
-    try:
-        from importlib.metadata import version
-
-        info["liger_kernel"] = version("liger-kernel")
-    except Exception:
-        info["liger_kernel"] = None
-    return info
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--T", type=int, nargs="+", default=[512, 1024, 2048])
@@ -221,12 +188,14 @@ def main():
           f"Command: `{command}`", "", "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
           "| impl | T | peak MB above inputs | seconds (fwd+bwd) | peak vs eager | time vs eager |",
           "|---|---|---|---|---|---|"]
+    def ratio(r, e, k):
+        return f"{r[k] / e[k]:.3f}x" if r.get(k) and e.get(k) else "-"
+
     for r in rows:
         e = by.get(("eager_tdpo", r["T"]), {})
-        ratio = lambda k: (f"{r[k] / e[k]:.3f}x" if r.get(k) and e.get(k) else "-")
         md.append(f"| {r['impl']} | {r['T']} | {r['peak_mb'] if r['peak_mb'] is None else round(r['peak_mb'])} | "
-                  f"{r['seconds'] if r['seconds'] is None else round(r['seconds'], 2)} | {ratio('peak_mb')} | "
-                  f"{ratio('seconds')} |" + (f" error: {r['error']}" if "error" in r else ""))
+                  f"{r['seconds'] if r['seconds'] is None else round(r['seconds'], 2)} | {ratio(r, e, 'peak_mb')} | "
+                  f"{ratio(r, e, 'seconds')} |" + (f" error: {r['error']}" if "error" in r else ""))
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(md) + "\n")
     print(f"wrote {args.out}.json, {args.out}.md")

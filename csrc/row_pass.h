@@ -20,7 +20,7 @@ namespace sparsepo_lite {
 
 // Where the reference distribution comes from. Values are part of the op's
 // schema (the `ref_kind` int argument): keep them in sync with
-// sparsepo_lite/token_stats.py.
+// RefKind in sparsepo_lite/ops/kinds.py (a test compares them).
 enum RefKind : int {
   kRefNone = 0,   // no reference: logp only
   kRefLabel = 1,  // reference label log-probs only: no KL

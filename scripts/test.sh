@@ -16,4 +16,7 @@ PY=${PYTHON:-python3}
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
 fi
+# Lint and format first: a seconds-long check that fails before the long suite does.
+"$PY" -m ruff check .
+"$PY" -m ruff format --check .
 "$PY" -m pytest -q tests "$@"

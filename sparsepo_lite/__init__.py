@@ -1,6 +1,8 @@
 """sparsepo-lite: token-level preference optimisation (SparsePO, TDPO, DPO, MaPO) on one GPU.
 
-The core op is :func:`chunked_token_stats`; see docs/op.md.
+Layers, top-down: ``ops/`` (the token_stats op), ``losses`` (pair formulas), ``masks``, ``models``
+(loading and model access), ``reference`` (the reference forward), ``objective`` (``compute_loss``),
+``refcache/`` (the offline reference), ``training/``, ``eval/``, ``cli/``; docs/layout.md.
 """
 
 import os
@@ -15,21 +17,24 @@ import os
 if os.environ.get("SPARSEPO_LITE_OMP_PASSIVE", "1") != "0":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from ._ops import EXTENSION_ERROR, EXTENSION_HAS_CUDA, HAVE_EXTENSION
-from .losses import LOSS_TYPES
-from .masks import SparsePOMaskNet, SparsePOMasks
-from .objective import LossConfig, compute_loss
-from .token_stats import (
+__version__ = "0.1.0"
+
+from .losses import LOSS_TYPES  # noqa: E402  (after the wait policy above)
+from .masks import SparsePOMaskNet, SparsePOMasks  # noqa: E402
+from .objective import LossConfig, compute_loss  # noqa: E402
+from .ops import (  # noqa: E402
     DEFAULT_CHUNK_BYTES,
+    EXTENSION_ERROR,
+    EXTENSION_HAS_CUDA,
+    HAVE_EXTENSION,
     ExactReference,
     LabelReference,
+    RefKind,
     TokenStats,
     TopKReference,
     chunked_token_stats,
     default_chunk_size,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -40,6 +45,7 @@ __all__ = [
     "LOSS_TYPES",
     "LabelReference",
     "LossConfig",
+    "RefKind",
     "SparsePOMaskNet",
     "SparsePOMasks",
     "TokenStats",

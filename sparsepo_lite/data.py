@@ -26,11 +26,33 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+#: The label of prompt and padding positions: no loss is computed there.
 IGNORE_INDEX = -100
+
+
+class ResponsePositions(NamedTuple):
+    """Where a batch's response tokens are, after the shift (position t predicts token t+1).
+
+    response [R, T-1] bool; seq_ids, pos [N] int64: the row and position of each response token,
+    row-major (tokens grouped by row, in order); labels [N]: the token predicted there.
+    """
+
+    response: torch.Tensor
+    seq_ids: torch.Tensor
+    pos: torch.Tensor
+    labels: torch.Tensor
+
+
+def response_positions(labels: torch.Tensor) -> ResponsePositions:
+    """The response positions of ``labels`` [R, T] (``IGNORE_INDEX`` outside the responses)."""
+    target = labels[:, 1:]
+    response = target != IGNORE_INDEX
+    seq_ids, pos = response.nonzero(as_tuple=True)
+    return ResponsePositions(response, seq_ids, pos, target[seq_ids, pos])
 
 
 @dataclass
@@ -205,7 +227,7 @@ def _response_text(resp, conversational: bool, field_name: str) -> str:
 
 
 class PreferenceTokenizer:
-    """Turns rows into :class:`PreferenceExample` with the spec's BOS/EOS and truncation rules."""
+    """Turns rows into :class:`PreferenceExample` with TRL's BOS/EOS conventions and our truncation rules (docs/training.md)."""
 
     def __init__(self, tokenizer, max_length: int = 512, max_prompt_length: int = 256):
         if not 1 <= max_prompt_length < max_length:

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .token_stats import Reference, TokenStats, chunked_token_stats
+from .ops import Reference, TokenStats, chunked_token_stats
 
 LOSS_TYPES = ("dpo", "tdpo1", "tdpo2", "sparsepo", "mapo")
 

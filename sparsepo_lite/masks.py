@@ -1,4 +1,4 @@
-"""Token masks: SparsePO's learned mask network and MaPO's activation masks.
+"""Token masks: SparsePO's learned mask network and MaPO's activation masks, and their save/load.
 
 Masks are computed at response positions only: ``[N]`` vectors aligned with the gathered
 response tokens (row-major over the 2B rows), so prompt and padding never get a weight.
@@ -6,6 +6,8 @@ response tokens (row-major over the 2B rows), so prompt and padding never get a 
 
 from __future__ import annotations
 
+import json
+import os
 from contextlib import contextmanager
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -13,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from .models import unwrap
 
 MAPO_HOOK_TYPES = ("mlp", "attn", "resid", "logits")
 #: How a SparsePO mask net starts: "ones" (every token's mask starts near 1, so SparsePO starts as
@@ -29,7 +33,7 @@ def _layer_norm_eps(config) -> float:
 
 
 class SparsePOMaskNet(nn.Module):
-    """SparsePO ``simple_all`` mask (spec 4.2) for one mask (reward or KL).
+    """SparsePO ``simple_all`` mask (docs/masks.md) for one mask (reward or KL).
 
     m = ReLU( sum_l v_l * ReLU( w_l . LayerNorm(H_l) + b_l ) ), one LayerNorm shared by all
     layers, per-layer Linear(d, 1) with bias (``layer_weight[l]``, ``layer_bias[l]``), mixer
@@ -106,7 +110,7 @@ class SparsePOMasks(nn.Module):
     def for_model(cls, model, *, independent: bool = False, init_std: float = 0.02,
                   init: str = "ones") -> "SparsePOMasks":
         """Masks sized for a transformers causal LM (or a peft model wrapping one)."""
-        config = _unwrap(model).config
+        config = unwrap(model).config
         layers = getattr(config, "num_hidden_layers", None)
         hidden = getattr(config, "hidden_size", None)
         if not layers or not hidden:
@@ -130,12 +134,6 @@ def normalize_per_sequence(mask: torch.Tensor, seq_ids: torch.Tensor, num_seqs: 
     total = torch.zeros(num_seqs, dtype=acc, device=m.device).index_add(0, seq_ids, m)
     count = torch.zeros(num_seqs, dtype=acc, device=m.device).index_add(0, seq_ids, torch.ones_like(m))
     return m * (count / (total + eps))[seq_ids]
-
-
-def _unwrap(model):
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
 
 
 # --- MaPO -------------------------------------------------------------------------------------
@@ -176,11 +174,11 @@ def _first(x):
 def record_activation_means(model, hook_types: Sequence[str] = MAPO_HOOK_TYPES):
     """Record, per hook point, the feature mean of the activation: {type: [tensors [R, T]]}.
 
-    For Llama-family models (Llama, Mistral, Qwen2, SmolLM2, ...): the points of spec 5.1 on
+    For Llama-family models (Llama, Mistral, Qwen2, SmolLM2, ...): the hook points (docs/losses.md, MaPO) on
     every decoder layer, plus the embedding and final-norm outputs (resid). ``logits`` is
     derived afterwards from the final hidden state (see :func:`mapo_masks`), never from [T, V].
     """
-    lm = _unwrap(model)
+    lm = unwrap(model)
     backbone = getattr(lm, "model", None)
     layers = getattr(backbone, "layers", None)
     if layers is None or not hasattr(layers[0], "mlp") or not hasattr(layers[0].mlp, "down_proj") \
@@ -218,7 +216,7 @@ def record_activation_means(model, hook_types: Sequence[str] = MAPO_HOOK_TYPES):
 
 def mapo_masks(store: Dict[str, List[torch.Tensor]], response: torch.Tensor,
                logit_means: Optional[torch.Tensor] = None, mapping: str = "zn_rescale") -> torch.Tensor:
-    """MaPO mask [R, T-1] from recorded activation means (spec 5.2-5.3), detached.
+    """MaPO mask [R, T-1] from recorded activation means, detached.
 
     store: {type: [R, T] feature means}; response: [R, T-1] response indicator of the shifted
     positions (position t predicts token t+1); logit_means: [R, T] mean logit per position (the
@@ -236,9 +234,44 @@ def mapo_masks(store: Dict[str, List[torch.Tensor]], response: torch.Tensor,
     groups = {k: list(v) for k, v in store.items()}
     if logit_means is not None:
         groups["logits"] = [logit_means]
-    for kind, maps in groups.items():
+    for maps in groups.values():
         if maps:
             per_type.append(torch.stack([minmax_over_response(a[:, :t1], r) for a in maps]).mean(0))
     if not per_type:
         raise ValueError("no MaPO activations were recorded")
     return (torch.stack(per_type).mean(0) * r).detach()
+
+
+# --- saving ----------------------------------------------------------------------------------
+
+MASK_WEIGHTS = "mask_net.safetensors"
+MASK_CONFIG = "mask_net.json"
+
+
+def save_masks(masks: SparsePOMasks, out_dir: str) -> None:
+    """Mask net weights (safetensors) and its shape/options (JSON), beside the adapter."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    net = masks.reward_net if masks.independent else masks.common_net
+    meta = {"num_layers": net.layer_weight.shape[0], "hidden_size": net.layer_weight.shape[1],
+            "independent": masks.independent, "eps": net.norm.eps}
+    save_file({k: v.detach().cpu().contiguous() for k, v in masks.state_dict().items()},
+              os.path.join(out_dir, MASK_WEIGHTS))
+    with open(os.path.join(out_dir, MASK_CONFIG), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def load_masks(path: str) -> SparsePOMasks:
+    """Inverse of :func:`save_masks` (no pickle: safetensors + JSON)."""
+    from safetensors.torch import load_file
+
+    cfg_path, w_path = os.path.join(path, MASK_CONFIG), os.path.join(path, MASK_WEIGHTS)
+    for p in (cfg_path, w_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"no saved mask network: {p} is missing")
+    with open(cfg_path) as f:
+        meta = json.load(f)
+    masks = SparsePOMasks(meta["num_layers"], meta["hidden_size"], independent=meta["independent"], eps=meta["eps"])
+    masks.load_state_dict(load_file(w_path))
+    return masks

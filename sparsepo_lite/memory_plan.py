@@ -27,7 +27,8 @@ import re
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Union
 
-from .ref_cache import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
+from .losses import LOSS_TYPES
+from .refcache.format import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
 GiB = 1 << 30
@@ -38,7 +39,6 @@ TRAINED_BYTES_PER_PARAM = 16
 #: Not in max_memory_allocated but on the card: CUDA context, cuBLAS workspace, allocator slack.
 CUDA_RESERVE_BYTES = int(1.0 * GiB)
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LOSSES = ("dpo", "tdpo1", "tdpo2", "sparsepo", "mapo")
 REFERENCES = ("online", "topk", "hidden", "label")
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -189,10 +189,10 @@ def plan_memory(shape: ModelShape, seq_len: int, *, loss: str = "sparsepo", refe
     """
     import torch
 
-    from .token_stats import DEFAULT_CHUNK_BYTES, chunk_row_bytes, default_chunk_size
+    from .ops import DEFAULT_CHUNK_BYTES, chunk_row_bytes, default_chunk_size
 
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if loss not in LOSS_TYPES:
+        raise ValueError(f"loss must be one of {LOSS_TYPES}, got {loss!r}")
     if reference not in REFERENCES:
         raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
     if reference == "label" and loss != "dpo":

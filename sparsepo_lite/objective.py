@@ -12,29 +12,28 @@ order; right or left padding):
     labels          [2B, T] int   input_ids with prompt and padding positions set to -100
     token_weights   [2B, T] float optional per-token weights aligned with ``labels`` (a fixed
                                   mask multiplying the method's weights: cDPO-style weighting)
-Cached reference (optional, from ``ref_cache.CachedReferenceCollator``; N response tokens in
-row-major order): ``ref_label_logp`` [N] fp32, ``ref_tokens_per_row`` [2B], and
-``ref_topk_ids``/``ref_topk_logp`` [N, k] (and ``ref_tail_ids``/``ref_tail_logp`` [N, m]) or
-``ref_hidden`` [N, H], ``ref_mapo_mask`` [N].
+Cached reference (optional, from ``refcache.CachedReferenceCollator``; N response tokens in
+row-major order; the key names are in ``refcache/keys.py``): ``ref_label_logp`` [N] fp32,
+``ref_tokens_per_row`` [2B], and ``ref_topk_ids``/``ref_topk_logp`` [N, k] (and
+``ref_tail_ids``/``ref_tail_logp`` [N, m]) or ``ref_hidden`` [N, H], ``ref_mapo_mask`` [N].
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from .data import response_positions
 from .losses import LOSS_TYPES, pair_stats, preference_loss, token_weights_for
-from .masks import (MAPO_HOOK_TYPES, SparsePOMasks, _unwrap, mapo_masks, normalize_per_sequence,
-                    record_activation_means)
-from .token_stats import ExactReference, LabelReference, TopKReference
+from .masks import MAPO_HOOK_TYPES, SparsePOMasks, normalize_per_sequence
+from .models import backbone, lm_head, unwrap
+from .ops import ExactReference, LabelReference, TopKReference
+from .refcache import keys
+from .reference import reference_pass
 from .validation import check_choice, check_number
-
-IGNORE_INDEX = -100
-_CACHED = "ref_label_logp"  # a batch with this key carries a cached reference (ref_cache.py)
 
 
 @dataclass
@@ -97,109 +96,37 @@ def _check_batch(batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, att, labels
 
 
-def _head(lm) -> torch.Tensor:
-    head = lm.get_output_embeddings()
-    if head is None or getattr(head, "bias", None) is not None:
-        raise ValueError(f"{type(lm).__name__}: need an lm_head without bias")
-    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
-        if getattr(lm.config, attr, None) not in (None, 1, 1.0):
-            raise ValueError(f"{type(lm).__name__} transforms its logits ({attr}); not supported")
-    w = head.weight
-    if w.requires_grad:
-        raise ValueError("the lm_head weight requires grad, but sparsepo-lite never trains the head "
-                         "(freeze it: model.get_output_embeddings().weight.requires_grad_(False))")
-    return w
-
-
-def _backbone(lm):
-    base = getattr(lm, "base_model", None)
-    if base is None or base is lm:
-        raise ValueError(f"{type(lm).__name__} has no separate backbone (base_model); need a causal LM")
-    return base
-
-
-@contextlib.contextmanager
-def _reference(model, config: LossConfig):
-    if config.ref_model is not None:
-        yield config.ref_model
-    elif hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            yield model
-    else:
-        raise ValueError("no reference model: pass a peft model (the reference is the base with its adapter "
-                         "disabled) or set LossConfig.ref_model")
-
-
-class ReferencePass(NamedTuple):
-    """What the loss needs from the reference, at the N response positions (row-major order).
-
-    hidden [N, H] final hidden states; weight [V, H] its head; layer_states: L tensors [N, H]
-    (SparsePO's mask input) or None; mapo_mask [N] fp32 MaPO token weights or None.
-    """
-
-    hidden: torch.Tensor
-    weight: torch.Tensor
-    layer_states: Optional[List[torch.Tensor]]
-    mapo_mask: Optional[torch.Tensor]
-
-
-def reference_pass(model, config: LossConfig, ids, att, response, seq_ids, pos, *, need_layers: bool = False,
-                   need_mapo: Optional[bool] = None) -> ReferencePass:
-    """One no-grad reference forward (the adapter-off base or ``config.ref_model``).
-
-    ``need_mapo`` defaults to "the loss is MaPO with a learned-activation mapping"; the offline
-    precompute asks for it explicitly.
-    """
-    lm = _unwrap(model)
-    if need_mapo is None:
-        need_mapo = config.loss_type == "mapo"
-    use_hooks = need_mapo and config.mapo_mapping != "uniform"
-    with torch.no_grad(), _reference(model, config) as ref:
-        ref_lm = _unwrap(ref)
-        ref_weight = _head(lm) if ref_lm is lm else _head(ref_lm)
-        hooks = record_activation_means(ref, config.mapo_hooks) if use_hooks else contextlib.nullcontext({})
-        with hooks as store:
-            ref_out = _backbone(ref_lm)(input_ids=ids, attention_mask=att, output_hidden_states=need_layers,
-                                        use_cache=False)
-        ref_last = ref_out.last_hidden_state
-        layer_states = [h[seq_ids, pos] for h in ref_out.hidden_states[1:]] if need_layers else None
-        mapo = None
-        if need_mapo:
-            logit_means = None
-            if use_hooks and "logits" in config.mapo_hooks:
-                # mean_v (W h)_v = h . mean_v W_v: the logits' feature mean without [T, V]
-                logit_means = (ref_last.float() @ ref_weight.float().mean(0))
-            mapo = mapo_masks(store, response, logit_means, config.mapo_mapping)[seq_ids, pos]
-        return ReferencePass(ref_last[seq_ids, pos], ref_weight, layer_states, mapo)
-
-
 def _cached_reference(batch, config: LossConfig, response, weight, dtype):
-    """The op's reference from a batch that carries cached reference tensors (see ref_cache.py)."""
-    counts = batch["ref_tokens_per_row"].to(response.device)
+    """The op's reference from a batch that carries cached reference tensors (see refcache/)."""
+    def get(name):
+        return batch.get(keys.batch_key(name))
+
+    counts = batch[keys.TOKENS_PER_ROW].to(response.device)
     have = response.sum(dim=1)
     if not torch.equal(counts, have):
         bad = (counts != have).nonzero().flatten().tolist()
         raise ValueError(f"reference cache does not match the batch: rows {bad} have {have[bad].tolist()} "
                          f"response tokens but the cache holds {counts[bad].tolist()}")
-    label = batch[_CACHED]
+    label = get(keys.LABEL_LOGP)
     fixed = None
     if config.loss_type == "mapo" and config.mapo_mapping != "uniform":
-        if batch.get("ref_mapo_mask") is None:
+        if get(keys.MAPO_MASK) is None:
             raise ValueError("loss_type='mapo' with a reference cache needs its precomputed MaPO masks; "
                              "precompute the cache with loss_type: mapo in the config")
-        fixed = batch["ref_mapo_mask"]
+        fixed = get(keys.MAPO_MASK)
     elif config.loss_type == "mapo":
         fixed = torch.ones_like(label)
     if config.loss_type == "dpo":  # no KL term: the label log-probs are all it needs
         return LabelReference(label), fixed
-    if batch.get("ref_hidden") is not None:
-        if batch["ref_hidden"].dtype != dtype:
-            raise TypeError(f"cached reference hidden states are {batch['ref_hidden'].dtype} but the policy's "
+    hidden = get(keys.HIDDEN)
+    if hidden is not None:
+        if hidden.dtype != dtype:
+            raise TypeError(f"cached reference hidden states are {hidden.dtype} but the policy's "
                             f"are {dtype}; precompute in the training dtype")
-        return ExactReference(batch["ref_hidden"], weight), fixed
-    if batch.get("ref_topk_ids") is not None:
-        return TopKReference(batch["ref_topk_ids"], batch["ref_topk_logp"], label, batch.get("ref_tail_ids"),
-                             batch.get("ref_tail_logp")), fixed
+        return ExactReference(hidden, weight), fixed
+    if get(keys.TOPK_IDS) is not None:
+        return TopKReference(get(keys.TOPK_IDS), get(keys.TOPK_LOGP), label, get(keys.TAIL_IDS),
+                             get(keys.TAIL_LOGP)), fixed
     raise ValueError(f"loss_type={config.loss_type!r} needs the reference distribution, but the cache holds "
                      "label log-probs only; precompute with --top-k K or --store hidden")
 
@@ -215,23 +142,23 @@ def compute_loss(model, batch: Dict[str, torch.Tensor], config: LossConfig, *,
     ids, att, labels = _check_batch(batch)
     rows = ids.shape[0]
     num_pairs = rows // 2
-    target = labels[:, 1:]
-    response = target != IGNORE_INDEX  # [2B, T-1]: position t predicts token t+1
+    response, seq_ids, pos, y = response_positions(labels)
     empty = (~response.any(dim=1)).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"batch rows {empty} have no response tokens (labels all -100 after the shift)")
-    seq_ids, pos = response.nonzero(as_tuple=True)  # row-major: tokens grouped by sequence
-    y = target[seq_ids, pos]
 
-    lm = _unwrap(model)
-    weight = _head(lm)
+    lm = unwrap(model)
+    weight = lm_head(lm)
     need_layers = config.loss_type == "sparsepo"
-    cached = _CACHED in batch
+    cached = keys.batch_key(keys.LABEL_LOGP) in batch
     if not cached:  # the reference first: its activations are freed before the policy's graph grows
-        ref_pass = reference_pass(model, config, ids, att, response, seq_ids, pos, need_layers=need_layers)
-    # With a cache (ref_cache.py) there is no reference forward; the mask net then reads the
+        ref_pass = reference_pass(model, ids, att, response, seq_ids, pos, ref_model=config.ref_model,
+                                  need_layers=need_layers,
+                                  mapo_mapping=config.mapo_mapping if config.loss_type == "mapo" else None,
+                                  mapo_hooks=config.mapo_hooks)
+    # With a cache (refcache/) there is no reference forward; the mask net then reads the
     # policy's own hidden states, detached: the reference's layers are too large to cache.
-    out = _backbone(lm)(input_ids=ids, attention_mask=att, output_hidden_states=cached and need_layers,
+    out = backbone(lm)(input_ids=ids, attention_mask=att, output_hidden_states=cached and need_layers,
                         use_cache=False)
     hidden = out.last_hidden_state[seq_ids, pos]
     if cached:
@@ -285,7 +212,7 @@ def compute_loss(model, batch: Dict[str, torch.Tensor], config: LossConfig, *,
 
 
 def _l1_penalty(config, seq_ids, rows, reward_mask, kl_mask, acc):
-    """Per-pair L1 of the SparsePO masks over both responses (spec 4.4, halving rule)."""
+    """Per-pair L1 of the SparsePO masks over both responses (the halving rule: docs/losses.md)."""
     if config.loss_type != "sparsepo":
         return None
     common = not config.masks.independent

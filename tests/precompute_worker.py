@@ -9,11 +9,12 @@ import sys
 import transformers
 
 sys.path.insert(0, os.path.dirname(__file__))
-import sparsepo_lite.precompute as pre  # noqa: E402
-from conftest import review_rows  # noqa: E402
+import sparsepo_lite.refcache.writer as pre  # noqa: E402
 from sparsepo_lite.data import tokenize_dataset  # noqa: E402
-from sparsepo_lite.modeling import ModelConfig, load_policy  # noqa: E402
-from sparsepo_lite.ref_cache import run_fingerprint  # noqa: E402
+from sparsepo_lite.models import ModelConfig, load_policy  # noqa: E402
+from sparsepo_lite.refcache import run_fingerprint  # noqa: E402
+
+from conftest import review_rows  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("model")

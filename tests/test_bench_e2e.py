@@ -7,11 +7,12 @@ import json
 import sys
 
 import pytest
-
-from conftest import bench_module
 import torch
 
 import sparsepo_lite.objective
+
+from conftest import bench_module
+
 
 @pytest.fixture(scope="module")
 def bench_e2e():

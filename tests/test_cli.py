@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,8 +12,12 @@ import pytest
 import torch
 import yaml
 
-from sparsepo_lite.cli import main, parse_train_config
-from sparsepo_lite.trainer import load_masks
+import sparsepo_lite
+from sparsepo_lite.cli import main
+from sparsepo_lite.cli.train import config_parser, parse_train_config
+from sparsepo_lite.masks import load_masks
+from sparsepo_lite.models import ModelConfig
+from sparsepo_lite.training.config import GROUPS, DataConfig, SparsePOConfig
 
 from conftest import save_tiny_llama
 
@@ -46,7 +51,7 @@ def test_train_round_trip(setup):
     report = json.loads((out / "data_report_train.json").read_text())
     assert report["kept"] == 8 and report["dropped"][0][0] == 8
     load_masks(str(out))
-    _, args, _ = parse_train_config(str(setup / "cfg.yaml"), ["--beta", "0.2"])
+    _, _, args, _ = parse_train_config(str(setup / "cfg.yaml"), ["--beta", "0.2"])
     assert args.beta == 0.2
 
 
@@ -104,7 +109,28 @@ def test_shipped_example_configs_parse(name, monkeypatch):
     # The GPU configs ask for bf16, which TrainingArguments refuses on a machine without a GPU
     # unless told to run on the CPU.
     cpu = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
-    data, args, resolved = parse_train_config(os.path.join("examples", name), cpu)
+    data, model, args, resolved = parse_train_config(os.path.join("examples", name), cpu)
     if data.train_file.startswith("examples/"):  # the 8B config names the user's own data
         assert os.path.isfile(data.train_file), data.train_file
     assert args.loss_type in ("dpo", "tdpo1", "tdpo2", "sparsepo", "mapo") and resolved["train_file"] == data.train_file
+    assert resolved["model_name_or_path"] == model.model_name_or_path
+
+
+def test_train_help_lists_every_field_with_help_by_group(capsys):
+    main(["train", "--help"])
+    text = capsys.readouterr().out
+    parser = config_parser()
+    fields = [a for a in parser._actions if a.dest != "help"]
+    assert all(a.help for a in fields), [a.dest for a in fields if not a.help]
+    own = {f.name for dc in (DataConfig, ModelConfig) for f in dataclasses.fields(dc) if f.metadata.get("cli", True)}
+    own |= set(SparsePOConfig.own_fields())
+    assert own <= {a.dest for a in fields} and all(f"--{name}" in text for name in own)
+    headings = [f"{name}: {title}" for name, title in GROUPS.items()] + ["training: transformers.TrainingArguments"]
+    assert [text.index(h) for h in headings] == sorted(text.index(h) for h in headings)  # grouped, in order
+    assert text.index("--lora_r") < text.index("--beta") < text.index("--ref_cache") < text.index("--learning_rate")
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"sparsepo-lite {sparsepo_lite.__version__}"

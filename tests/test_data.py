@@ -9,8 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from sparsepo_lite.data import (BadRow, PreferenceCollator, PreferenceTokenizer, read_rows, split_row,
-                                tokenize_dataset)
+from sparsepo_lite.data import BadRow, PreferenceCollator, PreferenceTokenizer, read_rows, split_row, tokenize_dataset
 from sparsepo_lite.smollm2 import smollm2_path
 
 
@@ -187,7 +186,7 @@ def test_new_bad_row_classes_are_named_by_row_and_reason(tok, tmp_path):
     assert reasons[n + 2].startswith(f"line {n + 3}: not valid JSON")
     with pytest.raises(ValueError, match=rf"pairs.jsonl:{n + 2}: not UTF-8"):  # strict: the file's first fault
         tokenize_dataset(str(path), tok, strict=True)
-    for i, (row, want) in enumerate(NEW_BAD_ROWS):  # strict mode names the row and the reason, one at a time
+    for row, want in NEW_BAD_ROWS:  # strict mode names the row and the reason, one at a time
         with pytest.raises(BadRow, match=rf"row 1: .*{re.escape(want)}"):
             tokenize_dataset([good, row], tok, strict=True)
 

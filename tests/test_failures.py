@@ -3,6 +3,7 @@ in a clear error or a correct run (docs/failures.md states what is checked when)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -14,13 +15,14 @@ import torch
 import transformers
 import yaml
 
-from sparsepo_lite.cli import main, parse_train_config
+from sparsepo_lite.cli import main
+from sparsepo_lite.cli.train import parse_train_config
 from sparsepo_lite.errors import TrainingError
-from sparsepo_lite.modeling import ModelConfig, load_policy
-from sparsepo_lite.precompute import precompute_reference
-from sparsepo_lite.ref_cache import CacheError, RefCache, read_manifest, run_fingerprint, verify_cache
-from sparsepo_lite.runs import load_run
-from sparsepo_lite.trainer import SparsePOConfig, SparsePOTrainer
+from sparsepo_lite.eval.runs import load_run
+from sparsepo_lite.models import ModelConfig, load_policy
+from sparsepo_lite.refcache import CacheError, RefCache, read_manifest, run_fingerprint, verify_cache
+from sparsepo_lite.refcache.writer import precompute_reference
+from sparsepo_lite.training import SparsePOConfig, SparsePOTrainer
 
 from conftest import review_rows, save_tiny_llama
 
@@ -162,7 +164,10 @@ def test_config_values_are_checked_before_the_model_loads(cli_setup, tmp_path, k
     with pytest.raises(SystemExit, match=message):
         parse_train_config(str(path), [])
     with pytest.raises(ValueError, match=message):
-        SparsePOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, **{key: cfg[key]})
+        if key in {f.name for f in dataclasses.fields(ModelConfig)}:
+            ModelConfig("x", **{key: cfg[key]})
+        else:
+            SparsePOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, **{key: cfg[key]})
 
 
 # --- the run folder ----------------------------------------------------------------------------------
@@ -175,8 +180,9 @@ def test_the_run_folder_records_command_line_overrides_and_readers_use_them(cli_
     assert (saved["lora_r"], saved["beta"], saved["mask_init_std"], saved["max_steps"]) == (8, 0.25, 0.2, 1)
     assert saved["loss_type"] == "sparsepo" and saved["alpha"] == 0.5  # defaults are recorded too
     # the saved file is a config: it parses back to the same run
-    _, again, resolved = parse_train_config(str(out / "sparsepo_config.yaml"), [])
-    _, first, _ = parse_train_config(str(cli_setup / "cfg.yaml"), overrides)
+    _, again_model, again, resolved = parse_train_config(str(out / "sparsepo_config.yaml"), [])
+    _, first_model, first, _ = parse_train_config(str(cli_setup / "cfg.yaml"), overrides)
+    assert again_model == first_model and again_model.lora_r == 8
     for name in SparsePOConfig.own_fields() + ["learning_rate", "max_steps", "output_dir", "seed"]:
         assert getattr(again, name) == getattr(first, name), name
     assert resolved == saved

@@ -1,4 +1,4 @@
-"""Pair losses over per-sequence sums: the method table and its reductions (spec 2-4, 7)."""
+"""Pair losses over per-sequence sums: the method table and its reductions."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_dpo_value_and_label_smoothing_match_the_formula(seed):
 
 
 def test_masks_learn_through_the_reward_and_kl_terms(seed):
-    # d loss / d m^u_t = -g delta_t on chosen tokens (spec 4.4), delta = logp - ref_logp.
+    # d loss / d m^u_t = -g delta_t on chosen tokens, delta = logp - ref_logp.
     p = _pairs()
     n = p.labels.shape[0]
     m_u = torch.rand(n, dtype=torch.float64, requires_grad=True)

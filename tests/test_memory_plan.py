@@ -14,9 +14,17 @@ import transformers
 
 from sparsepo_lite.cli import main as cli_main
 from sparsepo_lite.masks import SparsePOMasks
-from sparsepo_lite.memory_plan import (GiB, TRAINED_BYTES_PER_PARAM, ModelShape, load_shape, max_seq_len,
-                                       parse_bytes, plan_memory, shipped_models)
-from sparsepo_lite.modeling import ModelConfig, load_policy
+from sparsepo_lite.memory_plan import (
+    TRAINED_BYTES_PER_PARAM,
+    GiB,
+    ModelShape,
+    load_shape,
+    max_seq_len,
+    parse_bytes,
+    plan_memory,
+    shipped_models,
+)
+from sparsepo_lite.models import ModelConfig, load_policy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBLISHED = {"llama-3-8b": 8_030_261_248, "llama-3.1-8b": 8_030_261_248, "mistral-7b-v0.3": 7_248_023_552,

@@ -9,7 +9,7 @@ import transformers
 
 from sparsepo_lite import LossConfig, compute_loss
 from sparsepo_lite.data import PreferenceCollator, tokenize_dataset
-from sparsepo_lite.modeling import ModelConfig, load_policy
+from sparsepo_lite.models import ModelConfig, load_policy
 from sparsepo_lite.smollm2 import smollm2_path
 
 
@@ -127,7 +127,7 @@ def test_bad_model_configs():
 def test_random_policy_in_memory_equals_save_and_load(tmp_path, quantization):
     """random_policy (the GPU check's 8B model, never written to disk) builds the same weights and
     layout as saving the seeded model and loading it with load_policy."""
-    from sparsepo_lite.modeling import random_policy
+    from sparsepo_lite.models import random_policy
 
     config = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=300, hidden_size=64,
                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -1,5 +1,5 @@
 """compute_loss on a tiny float64 Llama with a peft LoRA adapter, against a full-logits float64
-implementation written here from the spec (its masks from the mask net's parameters by hand)."""
+implementation written here from the method definitions (its masks from the mask net's parameters by hand)."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def _net_mask(net, hs):
 
 
 def oracle(model, batch, cfg, mapo_mask=None):
-    """Full-logits float64 loss (spec 2-5), independent of the package's loss code."""
+    """Full-logits float64 loss, independent of the package's loss code."""
     ids, att, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     with torch.no_grad(), model.disable_adapter():
         ref = model(input_ids=ids, attention_mask=att, output_hidden_states=True)
@@ -253,7 +253,7 @@ def test_data_token_weights_act_as_a_fixed_mask():
 
 
 def test_mask_parameters_train_with_a_peft_policy():
-    # The official LoRA runs left the mask net frozen at its init (spec 10.7): ours must move.
+    # The official LoRA runs left the mask net frozen at its init: ours must move.
     model = tiny_llama()
     cfg = config_for("sparsepo", model)
     before = [p.detach().clone() for p in cfg.masks.parameters()]

@@ -16,10 +16,10 @@ import transformers
 import sparsepo_lite as sp
 from sparsepo_lite.data import PreferenceCollator, tokenize_dataset
 from sparsepo_lite.masks import SparsePOMasks
-from sparsepo_lite.modeling import ModelConfig, load_policy
+from sparsepo_lite.models import ModelConfig, load_policy
 from sparsepo_lite.objective import LossConfig, compute_loss
-from sparsepo_lite.precompute import precompute_reference
-from sparsepo_lite.ref_cache import CachedExample, CachedReferenceCollator, RefCache, run_fingerprint
+from sparsepo_lite.refcache import CachedExample, CachedReferenceCollator, RefCache, run_fingerprint
+from sparsepo_lite.refcache.writer import precompute_reference
 
 from conftest import review_rows
 
@@ -35,7 +35,7 @@ def setup(tiny_dir, tmp_path_factory):
     caches = {}
     for mode, kw in {"label": dict(top_k=0), "hidden": dict(top_k=0, store_hidden=True),
                      "topk_all": dict(top_k=len(tok), topk_dtype=torch.float32),
-                     "mapo": dict(top_k=0, store_hidden=True, config=LossConfig(loss_type="mapo"))}.items():
+                     "mapo": dict(top_k=0, store_hidden=True, mapo_mapping="zn_rescale")}.items():
         out = str(tmp_path_factory.mktemp(f"cache_{mode}"))
         precompute_reference(model, tok, {"train": examples}, out, fingerprint=fp, batch_size=4, shard_size=4,
                              progress=False, **kw)
@@ -166,7 +166,7 @@ def test_killed_precompute_resumes_to_identical_files(tiny_dir, tmp_path):
 def test_cached_training_reproduces_online_training(tiny_dir, tmp_path):
     """SGD: Adam divides by sqrt(v), which turns ulp-level noise in near-zero gradient
     coordinates into full-size steps; with SGD the runs stay within fp32 noise of each other."""
-    from sparsepo_lite.trainer import SparsePOConfig, SparsePOTrainer
+    from sparsepo_lite.training import SparsePOConfig, SparsePOTrainer
 
     def run(out, ref_cache=None):
         transformers.set_seed(0)
@@ -204,7 +204,7 @@ def test_cached_training_reproduces_online_training(tiny_dir, tmp_path):
     assert max((online_w[n] - init[n]).abs().max().item() for n in init) > 1e-2  # steps far above the tolerance
     assert cached_m["eval_loss"] == pytest.approx(online_m["eval_loss"], rel=1e-5)
     # and a cache made for other data stops the run, naming the field
-    from sparsepo_lite.ref_cache import CacheError
+    from sparsepo_lite.refcache import CacheError
 
     with pytest.raises(CacheError, match="data_sha256/train"):
         transformers.set_seed(0)
@@ -238,9 +238,9 @@ def test_tail_samples_are_reference_draws_outside_the_top_k(tiny_dir, tmp_path):
     target = batch["labels"][:, 1:]
     response = target != -100
     seq_ids, pos = response.nonzero(as_tuple=True)
-    from sparsepo_lite.objective import reference_pass
+    from sparsepo_lite.reference import reference_pass
 
-    rp = reference_pass(model, LossConfig(loss_type="dpo"), batch["input_ids"], batch["attention_mask"], response,
+    rp = reference_pass(model, batch["input_ids"], batch["attention_mask"], response,
                         seq_ids, pos)
     lq = torch.log_softmax(rp.hidden[0].double() @ rp.weight.double().T, -1)
     torch.testing.assert_close(lp[0].double(), lq[ids[0]], rtol=1e-5, atol=1e-5)
@@ -253,7 +253,7 @@ def test_tail_samples_are_reference_draws_outside_the_top_k(tiny_dir, tmp_path):
     assert (tmp_path / "a" / "train-00000.safetensors").read_bytes() == \
         (tmp_path / "b" / "train-00000.safetensors").read_bytes()
     assert again["fingerprint"] == man["fingerprint"]
-    from sparsepo_lite.ref_cache import CacheError
+    from sparsepo_lite.refcache import CacheError
 
     with pytest.raises(CacheError, match="tail_seed is 0 in the cache but 1 now"):  # a resume with another seed
         precompute_reference(model, tok, {"train": examples}, str(tmp_path / "a"), fingerprint=fp, top_k=5,
@@ -263,7 +263,7 @@ def test_tail_samples_are_reference_draws_outside_the_top_k(tiny_dir, tmp_path):
 def test_cached_tail_kl_is_unbiased_against_the_live_reference(tiny_dir, tmp_path):
     """Many caches of the same data with different tail seeds: their mean KL per token is the live
     KL (the bucket alone is below it), through the real cache files and compute_loss."""
-    from sparsepo_lite.ref_accuracy import cache_accuracy
+    from sparsepo_lite.refcache.accuracy import cache_accuracy
 
     transformers.set_seed(0)
     model, tok = load_policy(ModelConfig(tiny_dir, lora_r=4, gradient_checkpointing=False))
@@ -323,7 +323,7 @@ def test_tail_draws_stay_unbiased_when_the_top_k_is_rounded(topk_dtype):
     is small; the stored draws are scaled to r_hat so that the KL stays unbiased (storing log q(v)
     itself gave +0.01 to +0.1 nats per token here). Rows: two tokens near 0.45 each, one near 0.1,
     a tail of ~1e-5 where the policy differs."""
-    from sparsepo_lite.precompute import reference_token_stats
+    from sparsepo_lite.refcache.writer import reference_token_stats
 
     g = torch.Generator().manual_seed(torch.initial_seed() % 2**31)
     n, v, k, m = 12, 48, 3, 4

@@ -10,12 +10,18 @@ import pytest
 import torch
 import transformers
 
-from sparsepo_lite.data import PreferenceCollator, tokenize_dataset
-from sparsepo_lite.modeling import ModelConfig, load_policy
-from sparsepo_lite.objective import IGNORE_INDEX, LossConfig, reference_pass
-from sparsepo_lite.precompute import precompute_reference
-from sparsepo_lite.ref_cache import (CacheError, CachedExample, CachedReferenceCollator, RefCache, run_fingerprint,
-                                     verify_cache)
+from sparsepo_lite.data import IGNORE_INDEX, PreferenceCollator, tokenize_dataset
+from sparsepo_lite.models import ModelConfig, load_policy
+from sparsepo_lite.refcache import (
+    CachedExample,
+    CachedReferenceCollator,
+    CacheError,
+    RefCache,
+    run_fingerprint,
+    verify_cache,
+)
+from sparsepo_lite.refcache.writer import precompute_reference
+from sparsepo_lite.reference import reference_pass
 
 from conftest import review_rows
 
@@ -52,7 +58,7 @@ def test_round_trip_holds_the_online_reference_per_token(setup, tmp_path):
     target = plain["labels"][:, 1:]
     response = target != IGNORE_INDEX
     seq_ids, pos = response.nonzero(as_tuple=True)
-    rp = reference_pass(model, LossConfig(loss_type="dpo"), plain["input_ids"], plain["attention_mask"], response,
+    rp = reference_pass(model, plain["input_ids"], plain["attention_mask"], response,
                         seq_ids, pos)
     logq = torch.log_softmax(rp.hidden.double() @ rp.weight.double().T, dim=-1)
     torch.testing.assert_close(batch["ref_label_logp"].double(), logq.gather(1, target[seq_ids, pos][:, None])[:, 0],
@@ -150,7 +156,7 @@ def test_bad_values_behind_a_valid_checksum_are_caught(setup, tmp_path, mutate, 
     """A shard rewritten with a consistent checksum but impossible values (a buggy writer)."""
     from safetensors.torch import load_file, save_file
 
-    from sparsepo_lite.ref_cache import sha256_file
+    from sparsepo_lite.refcache.format import sha256_file
 
     manifest = build(setup, tmp_path)
     assert manifest["contents"]["tail_samples"] > 0  # the default cache holds tail draws

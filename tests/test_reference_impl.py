@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsepo_lite as sp
-from sparsepo_lite.reference_impl import token_stats_reference, topk_tail_kl
+from sparsepo_lite.testing import token_stats_reference, topk_tail_kl
 
 
 def test_logp_and_exact_kl_match_torch_functional(seed):

@@ -14,10 +14,10 @@ import yaml
 
 from sparsepo_lite.cli import main
 from sparsepo_lite.data import PreferenceCollator, tokenize_dataset
+from sparsepo_lite.eval.runs import load_run
+from sparsepo_lite.eval.sentiment import Sentiment
+from sparsepo_lite.eval.views import mask_lift, mask_pairs, sentiment_verdict
 from sparsepo_lite.objective import LossConfig, compute_loss
-from sparsepo_lite.report import mask_lift, mask_pairs
-from sparsepo_lite.runs import load_run
-from sparsepo_lite.sentiment import Sentiment
 
 from conftest import review_rows
 
@@ -99,7 +99,18 @@ def test_sentiment_report_renders(run_dir):
                                       "reward_gain_se", "reward_policy_se", "reward_reference_se", "kl_se"}
     assert result["summary"]["kl_se"] >= 0  # 3 prompts: the spread of their mean KLs
     assert len(result["samples"]) == 3
-    assert "rendered 3 samples" in render(run_dir / "run" / "sentiment_report.html")
+    dom = render(run_dir / "run" / "sentiment_report.html")
+    assert "rendered 3 samples" in dom
+    assert 'id="verdict"' in dom and "The policy's VADER reward is" in dom and 'id="reward-chart"' in dom
+    assert "win rate of the policy" in dom and "reward_gain_se" not in dom  # readable names, not keys
+
+
+@pytest.mark.parametrize("gain, se, says", [(0.2, 0.05, "higher than"), (-0.2, 0.05, "lower than"),
+                                           (0.05, 0.05, "not distinguishable")])
+def test_the_report_verdict_follows_the_gain_and_its_error(gain, se, says):
+    summary = {"reward_gain": gain, "reward_gain_se": se, "win_rate": 0.5, "kl": 1.25}
+    verdict = sentiment_verdict(summary)
+    assert says in verdict and f"{gain:+.3f}" in verdict and "1.25 nats" in verdict
 
 
 def _tok(text, u, sentiment=False, d=None, kl=0.1):
@@ -131,7 +142,7 @@ def test_the_sentiment_word_rule_skips_one_letter_entries_and_symbols():
 
 
 def test_mask_viewer_scales_robustly_marks_words_and_hides_an_identical_kl_mask():
-    from sparsepo_lite.report import mask_viewer_html
+    from sparsepo_lite.eval.views import mask_viewer_html
 
     toks = [_tok(f" w{i}", 1.0 + 0.01 * i) for i in range(40)] + [_tok(" great", 500.0, True)]
     common = mask_viewer_html([{"prompt": "p", "chosen": toks, "rejected": toks[:5]}], {})

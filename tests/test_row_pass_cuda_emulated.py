@@ -21,10 +21,11 @@ import pytest
 import torch
 
 import sparsepo_lite as sp
-from sparsepo_lite.reference_impl import token_stats_reference
+from sparsepo_lite.testing import token_stats_reference
+
+from conftest import OP_KINDS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KINDS = {"none": 0, "label": 1, "topk": 2, "exact": 3, "sampled": 2}  # csrc/row_pass.h RefKind
 TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6)}
 
 
@@ -61,7 +62,7 @@ def run_kernel(kernel, dtype, z, zr, labels, a, b, kind, ids=None, lq=None, writ
     ptr = lambda t: ctypes.c_void_p(None if t is None else t.data_ptr())
     fn = kernel.row_pass_emu_f64 if dtype == torch.float64 else kernel.row_pass_emu_f32
     fn(ptr(z), ptr(zr), ctypes.c_int64(rows), ctypes.c_int64(vocab), ptr(labels), ptr(a), ptr(b),
-       ctypes.c_int(KINDS[kind]), ptr(ids), ptr(lq), ctypes.c_int64(k), ptr(tids), ptr(tlq), ctypes.c_int64(m),
+       ctypes.c_int(OP_KINDS[kind]), ptr(ids), ptr(lq), ctypes.c_int64(k), ptr(tids), ptr(tlq), ctypes.c_int64(m),
        ptr(scratch), ptr(out[0]), ptr(out[1]), ptr(out[2]), ctypes.c_int(int(write_grad)))
     return out[0], out[1], out[2], z
 

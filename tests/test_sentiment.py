@@ -6,9 +6,14 @@ import pytest
 import torch
 import transformers
 
-from sparsepo_lite.modeling import ModelConfig, load_policy
-from sparsepo_lite.sentiment import (Sentiment, evaluate_sentiment, sample_continuations, sequence_logratio,
-                                     summarize)
+from sparsepo_lite.eval.sentiment import (
+    Sentiment,
+    evaluate_sentiment,
+    sample_continuations,
+    sequence_logratio,
+    summarize,
+)
+from sparsepo_lite.models import ModelConfig, load_policy
 
 
 def test_vader_reward_and_lexicon():
@@ -103,9 +108,9 @@ def test_evaluate_refuses_no_prompts(policy):
 
 
 def test_standard_errors_are_taken_over_prompts():
-    from sparsepo_lite.sentiment import _mean_se
+    from sparsepo_lite.eval.sentiment import mean_and_se
 
     # prompts with samples (1, 3) and (2, 6): prompt means 2 and 4 -> mean 3, SE = std(2, 4) / sqrt(2) = 1
-    assert _mean_se([1.0, 3.0, 2.0, 6.0], 2) == pytest.approx((3.0, 1.0))
-    assert _mean_se([1.0, 3.0, 2.0, 6.0], 1) == pytest.approx((3.0, (14 / 3) ** 0.5 / 2))  # iid samples
-    assert _mean_se([0.5, 0.7], 2) == pytest.approx((0.6, 0.0))  # one prompt: no spread to estimate
+    assert mean_and_se([1.0, 3.0, 2.0, 6.0], 2) == pytest.approx((3.0, 1.0))
+    assert mean_and_se([1.0, 3.0, 2.0, 6.0], 1) == pytest.approx((3.0, (14 / 3) ** 0.5 / 2))  # iid samples
+    assert mean_and_se([0.5, 0.7], 2) == pytest.approx((0.6, 0.0))  # one prompt: no spread to estimate

@@ -6,11 +6,10 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
+from test_objective import METHODS, check_against_oracle, config_for, make_batch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sparsepo_lite.smollm2 import smollm2_path
-
-from test_objective import METHODS, check_against_oracle, config_for, make_batch
 
 PAIRS = [
     ("Write one sentence about a film you liked.", "The acting was wonderful and the story moved me.",

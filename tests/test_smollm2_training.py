@@ -8,8 +8,8 @@ import os
 import pytest
 
 from sparsepo_lite.data import read_rows
-from sparsepo_lite.modeling import SMOLLM2, ModelConfig, load_policy
-from sparsepo_lite.trainer import SparsePOConfig, SparsePOTrainer
+from sparsepo_lite.models import SMOLLM2, ModelConfig, load_policy
+from sparsepo_lite.training import SparsePOConfig, SparsePOTrainer
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "examples", "data", "polite_pairs.{}.jsonl")
 

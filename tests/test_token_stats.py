@@ -11,64 +11,20 @@ import pytest
 import torch
 
 import sparsepo_lite as sp
-from sparsepo_lite.reference_impl import token_stats_reference
+from sparsepo_lite.testing import token_stats_reference
 
-from conftest import DEVICES, as_float64, leaves, make_problem, sample_tail
+from conftest import DEVICES, compare_with_oracle, leaves, make_problem, sample_tail, upstream_loss
 
 REF_KINDS = ["exact", "topk", "sampled", "label", "none"]
 # (N, H, V, chunk): chunks that do not divide N, a chunk of 1, a chunk larger than N, N = 1
 SHAPES = [(37, 16, 101, 8), (64, 32, 500, 7), (5, 8, 33, 1), (1, 8, 10, 4), (50, 24, 257, 128)]
-# Tolerances against the float64 oracle, per input dtype: (rtol, atol) for per-token values and
-# sums, and for gradients (atol scaled by the largest gradient). bf16/fp16 round the GEMM inputs
-# and outputs (logits) to 8/11 bits. Worst errors seen over 20 seeds (logit scale 1, H = 32,
-# V = 211): logp 8e-3 / 1e-3 / 9e-7 and relative hidden grad 1e-2 / 1e-3 / 8e-7 (bf16/fp16/fp32).
-TOL = {
-    torch.float32: dict(val=(1e-5, 1e-5), grad=(1e-4, 1e-5)),
-    torch.float16: dict(val=(5e-3, 3e-3), grad=(1e-2, 3e-3)),
-    torch.bfloat16: dict(val=(2e-2, 2e-2), grad=(5e-2, 2e-2)),
-}
-
-
-def _loss(seq_sums):
-    # A non-linear function of the sums so every sequence gets a different upstream gradient.
-    w = torch.linspace(-1.0, 1.5, seq_sums.shape[0], dtype=seq_sums.dtype, device=seq_sums.device)
-    return (w * seq_sums).sum() + 0.1 * (seq_sums**2).sum()
-
-
-def _compare(p, chunk, dtype, seed):
-    out = sp.chunked_token_stats(*p.args(), **p.kwargs(), chunk_size=chunk)
-    p64 = as_float64(p)
-    ora = token_stats_reference(*p64.args(), **p64.kwargs())
-    rtol, atol = TOL[dtype]["val"]
-    msg = lambda what: f"{what} (seed {seed})"
-    for got, want, name in ((out.logp, ora.logp, "logp"), (out.ref_logp, ora.ref_logp, "ref_logp"),
-                            (out.kl, ora.kl, "kl")):
-        if want is None:
-            assert got is None, name
-            continue
-        assert torch.isfinite(got).all(), msg(f"{name} has NaN/inf")
-        torch.testing.assert_close(got.double().cpu(), want.detach().cpu(), rtol=rtol, atol=atol, msg=msg(name))
-    n_max = int(torch.bincount(p.seq_ids.cpu(), minlength=p.num_seqs).max()) if p.labels.numel() else 1
-    torch.testing.assert_close(out.seq_sums.double().cpu(), ora.seq_sums.detach().cpu(), rtol=rtol,
-                               atol=atol * max(n_max, 1), msg=msg("seq_sums"))
-
-    grads = torch.autograd.grad(_loss(out.seq_sums), leaves(p))
-    want = torch.autograd.grad(_loss(ora.seq_sums), leaves(p64))
-    rtol, atol = TOL[dtype]["grad"]
-    for g, w, name in zip(grads, want, ("hidden", "logp_weight", "kl_weight")):
-        assert g.dtype == getattr(p, name if name == "hidden" else name).dtype, name
-        assert torch.isfinite(g).all(), msg(f"grad {name} has NaN/inf")
-        torch.testing.assert_close(g.double().cpu(), w.cpu(), rtol=rtol, atol=atol * (1 + w.abs().max().item()),
-                                   msg=msg(f"grad {name}"))
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("ref_kind", REF_KINDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-H{}-V{}-c{}".format(*s))
 def test_matches_float64_oracle_fp32(shape, ref_kind, device, seed):
     n, h, v, chunk = shape
     p = make_problem(n, h, v, ref_kind, device=device, k=min(9, v))
-    _compare(p, chunk, torch.float32, seed)
+    compare_with_oracle(p, chunk, torch.float32, seed)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -76,7 +32,7 @@ def test_matches_float64_oracle_fp32(shape, ref_kind, device, seed):
 @pytest.mark.parametrize("ref_kind", REF_KINDS)
 def test_matches_float64_oracle_low_precision(ref_kind, dtype, device, seed):
     p = make_problem(45, 32, 211, ref_kind, dtype=dtype, device=device, k=16, logit_scale=1.0)
-    _compare(p, 16, dtype, seed)
+    compare_with_oracle(p, 16, dtype, seed)
 
 
 @pytest.mark.parametrize("ref_kind", REF_KINDS)
@@ -85,8 +41,8 @@ def test_float64_matches_oracle_tightly(ref_kind, seed):
     out = sp.chunked_token_stats(*p.args(), **p.kwargs(), chunk_size=6)
     ora = token_stats_reference(*p.args(), **p.kwargs())
     torch.testing.assert_close(out.seq_sums, ora.seq_sums, rtol=1e-10, atol=1e-10)
-    g = torch.autograd.grad(_loss(out.seq_sums), leaves(p))
-    w = torch.autograd.grad(_loss(ora.seq_sums), leaves(p))
+    g = torch.autograd.grad(upstream_loss(out.seq_sums), leaves(p))
+    w = torch.autograd.grad(upstream_loss(ora.seq_sums), leaves(p))
     for a, b in zip(g, w):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
@@ -112,7 +68,7 @@ def test_exact_reference_with_its_own_head(ref_hidden_size, seed):
     ref_hidden = torch.randn(33, ref_hidden_size)
     ref_weight = torch.randn(80, ref_hidden_size) / ref_hidden_size**0.5
     p.ref = sp.ExactReference(ref_hidden, ref_weight)
-    _compare(p, 10, torch.float32, seed)
+    compare_with_oracle(p, 10, torch.float32, seed)
 
 
 def test_results_are_detached_except_seq_sums(seed):
@@ -164,8 +120,8 @@ def test_topk_with_k_equal_v_is_the_exact_kl(dtype, seed):
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(approx.kl, exact.kl, rtol=tol, atol=tol)
     torch.testing.assert_close(approx.ref_logp, exact.ref_logp, rtol=tol, atol=tol)
-    ga = torch.autograd.grad(_loss(approx.seq_sums), [p.hidden, p.kl_weight])
-    ge = torch.autograd.grad(_loss(exact.seq_sums), [p.hidden, p.kl_weight])
+    ga = torch.autograd.grad(upstream_loss(approx.seq_sums), [p.hidden, p.kl_weight])
+    ge = torch.autograd.grad(upstream_loss(exact.seq_sums), [p.hidden, p.kl_weight])
     for a, b in zip(ga, ge):
         torch.testing.assert_close(a, b, rtol=100 * tol, atol=100 * tol)
 
@@ -385,7 +341,7 @@ _MEMORY_PROBE = textwrap.dedent("""
             out = sp.chunked_token_stats(h, W, y, sid, 2, kl_weight=kw, ref=sp.ExactReference(rh, W), chunk_size=128)
             out.seq_sums.sum().backward()
         else:
-            from sparsepo_lite.reference_impl import token_stats_reference
+            from sparsepo_lite.testing import token_stats_reference
             out = token_stats_reference(h, W, y, sid, 2, kl_weight=kw, ref=sp.ExactReference(rh, W))
             out.seq_sums.sum().backward()
     print(pm.peak_bytes)

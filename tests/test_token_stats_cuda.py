@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import sparsepo_lite as sp
+from sparsepo_lite.ops import registration
 from sparsepo_lite.peak_memory import PeakMemory
 
-from conftest import Problem, leaves, make_problem
-from test_token_stats import _compare, _loss  # the CPU suite's oracle comparison and tolerances
+from conftest import Problem, compare_with_oracle, leaves, make_problem, upstream_loss
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -27,7 +27,7 @@ def no_fallback(monkeypatch):
     def refuse(*args):
         raise AssertionError("the pure-PyTorch fallback ran instead of the CUDA kernel")
 
-    monkeypatch.setattr(sp._ops, "token_stats_torch", refuse)
+    monkeypatch.setattr(registration, "token_stats_torch", refuse)
 
 
 def test_extension_has_the_cuda_kernel():
@@ -41,13 +41,13 @@ def test_large_vocabulary_matches_oracle(v, ref_kind, dtype, seed):
     # 37 tokens in chunks of 16: a ragged last chunk; labels at 0 and V-1.
     p = make_problem(37, 64, v, ref_kind, dtype=dtype, device="cuda", k=64, logit_scale=1.0)
     assert p.hidden.is_cuda
-    _compare(p, 16, dtype, seed)
+    compare_with_oracle(p, 16, dtype, seed)
 
 
 @pytest.mark.parametrize("k", [513, 1500])
 def test_topk_longer_than_a_thread_block(k, seed):
     p = make_problem(20, 32, 4_000, "topk", device="cuda", k=k, logit_scale=1.0)
-    _compare(p, 7, torch.float32, seed)
+    compare_with_oracle(p, 7, torch.float32, seed)
 
 
 def test_topk_with_k_equal_v_is_exact_on_gpu(seed):
@@ -64,13 +64,13 @@ def test_topk_with_k_equal_v_is_exact_on_gpu(seed):
 def test_gpu_agrees_with_the_cpu_kernel(seed):
     p = make_problem(80, 48, 5_000, "exact", logit_scale=1.0)
     cpu = sp.chunked_token_stats(*p.args(), **p.kwargs(), chunk_size=24)
-    g_cpu = torch.autograd.grad(_loss(cpu.seq_sums), leaves(p))
+    g_cpu = torch.autograd.grad(upstream_loss(cpu.seq_sums), leaves(p))
     leaf = lambda t: None if t is None else t.detach().cuda().requires_grad_(True)
     w = p.weight.cuda()
     q = Problem(leaf(p.hidden), w, p.labels.cuda(), p.seq_ids.cuda(), p.num_seqs, leaf(p.logp_weight),
                 leaf(p.kl_weight), sp.ExactReference(p.ref.hidden.cuda(), w))  # shared head: stacked GEMM
     gpu = sp.chunked_token_stats(*q.args(), **q.kwargs(), chunk_size=24)
-    g_gpu = torch.autograd.grad(_loss(gpu.seq_sums), leaves(q))
+    g_gpu = torch.autograd.grad(upstream_loss(gpu.seq_sums), leaves(q))
     torch.testing.assert_close(gpu.seq_sums.cpu(), cpu.seq_sums, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gpu.kl.cpu(), cpu.kl, rtol=1e-4, atol=1e-5)
     for a, b in zip(g_gpu, g_cpu):

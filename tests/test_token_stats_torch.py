@@ -12,32 +12,17 @@ import pytest
 import torch
 
 import sparsepo_lite as sp
-from sparsepo_lite.reference_impl import token_stats_reference
-from sparsepo_lite.row_kinds import REF_EXACT, REF_LABEL, REF_NONE, REF_TOPK
-from sparsepo_lite.token_stats_torch import token_stats_torch
+from sparsepo_lite.ops.fallback import token_stats_torch
+from sparsepo_lite.testing import token_stats_reference
 
-from conftest import as_float64, make_problem
-
-KINDS = {"exact": REF_EXACT, "topk": REF_TOPK, "sampled": REF_TOPK, "label": REF_LABEL, "none": REF_NONE}
+from conftest import OP_KINDS, as_float64, make_problem, raw_op_args
 
 
-def _raw_args(p, kind, chunk, need_grad):
-    r = p.ref
-    n = p.hidden.shape[0]
-    kl_w = p.kl_weight.detach() if p.kl_weight is not None else torch.zeros(n, dtype=p.logp_weight.dtype)
-    return (p.hidden.detach(), p.weight, p.labels, p.seq_ids, p.num_seqs, p.logp_weight.detach(), kl_w,
-            KINDS[kind],
-            r.hidden if kind == "exact" else None, r.weight if kind == "exact" else None,
-            r.ids if kind in ("topk", "sampled") else None, r.logprobs if kind in ("topk", "sampled") else None,
-            r.tail_ids if kind == "sampled" else None, r.tail_logprobs if kind == "sampled" else None,
-            r.label_logp if kind in ("topk", "sampled", "label") else None, chunk, need_grad)
-
-
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", list(OP_KINDS))
 @pytest.mark.parametrize("n, chunk", [(29, 6), (7, 1), (3, 50)])
 def test_fallback_values_and_gradient_factor_match_oracle(kind, n, chunk, seed):
     p = make_problem(n, 12, 73, kind, k=9)
-    seq_sums, logp, ref_logp, kl, G = token_stats_torch(*_raw_args(p, kind, chunk, True))
+    seq_sums, logp, ref_logp, kl, G = token_stats_torch(*raw_op_args(p, kind, chunk, True))
     p64 = as_float64(p)
     ora = token_stats_reference(*p64.args(), **p64.kwargs())
     torch.testing.assert_close(logp.double(), ora.logp.detach(), rtol=1e-5, atol=1e-5)
@@ -57,7 +42,7 @@ def test_fallback_and_compiled_kernel_agree(kind, seed):
     if not sp.HAVE_EXTENSION:
         pytest.skip("compiled extension not built")
     p = make_problem(40, 16, 90, kind, k=12)
-    args = _raw_args(p, kind, 9, True)
+    args = raw_op_args(p, kind, 9, True)
     for a, b in zip(token_stats_torch(*args), torch.ops.sparsepo_lite.token_stats(*args)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 

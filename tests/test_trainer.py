@@ -9,12 +9,12 @@ import pytest
 import torch
 import transformers
 
-from sparsepo_lite.modeling import ModelConfig, load_policy
 from sparsepo_lite.errors import TrainingError
-from sparsepo_lite.trainer import SparsePOConfig, SparsePOTrainer, load_masks
+from sparsepo_lite.masks import load_masks
+from sparsepo_lite.models import ModelConfig, load_policy
+from sparsepo_lite.training import SparsePOConfig, SparsePOTrainer
 
 from conftest import review_rows
-
 
 rows = review_rows
 
@@ -118,16 +118,17 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny_dir, tmp_path)
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_model_fields_of_the_config_load_the_policy(tiny_dir, tmp_path):
+def test_a_model_config_beside_the_training_config_loads_the_policy(tiny_dir, tmp_path):
     args = SparsePOConfig(output_dir=str(tmp_path), loss_type="dpo", max_steps=1, report_to=[], use_cpu=True,
-                          max_length=32, max_prompt_length=16, model_name_or_path=tiny_dir, lora_r=4,
-                          lora_target_modules=["q_proj", "v_proj"])
-    trainer = SparsePOTrainer(args=args, train_dataset=rows(4))
+                          max_length=32, max_prompt_length=16)
+    model_config = ModelConfig(tiny_dir, lora_r=4, lora_target_modules=["q_proj", "v_proj"])
+    trainer = SparsePOTrainer(model_config=model_config, args=args, train_dataset=rows(4))
     lora = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert lora and all(("q_proj" in n or "v_proj" in n) and "lora_" in n for n in lora)
     assert trainer.model.peft_config["default"].r == 4
     with pytest.raises(ValueError, match="quantization"):
-        SparsePOConfig(output_dir=str(tmp_path), quantization="8bit", report_to=[])
+        ModelConfig(tiny_dir, quantization="8bit")
+    assert trainer.run_config["lora_target_modules"] == ["q_proj", "v_proj"]  # the run folder records the model
 
 
 def test_two_processes_keep_identical_weights_and_learn(tiny_dir, tmp_path):

@@ -61,7 +61,7 @@ def main():
     import transformers
     from tqdm.auto import tqdm
 
-    from sparsepo_lite.sentiment import Sentiment, sample_continuations
+    from sparsepo_lite.eval.sentiment import Sentiment, sample_continuations
     from sparsepo_lite.smollm2 import smollm2_path
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -13,9 +13,10 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from .data import PreferenceCollator, PreferenceExample, pad_id
-from .objective import LossConfig, compute_loss
-from .ref_cache import CachedExample, CachedReferenceCollator, RefCache
+from ..data import PreferenceCollator, PreferenceExample, pad_id
+from ..objective import LossConfig, compute_loss
+from .collator import CachedExample, CachedReferenceCollator
+from .reader import RefCache
 
 
 def _per_sequence(values: torch.Tensor, seq_ids: torch.Tensor, rows: int) -> torch.Tensor:

@@ -4,7 +4,7 @@ the token-mask viewer of ``sparsepo-lite inspect-masks``."""
 from __future__ import annotations
 
 import html
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,9 +25,60 @@ def _page(title: str, body: str, script: str = "") -> str:
             f"<p id='status' class='small'></p><script>{script}</script></body></html>")
 
 
+#: The report's summary table: a readable name, the :meth:`SentimentEval.summary` key and its
+#: standard error's key (None: none).
+METRIC_ROWS = (
+    ("VADER reward, reference", "reward_reference", "reward_reference_se"),
+    ("VADER reward, policy", "reward_policy", "reward_policy_se"),
+    ("reward gain, policy - reference (paired)", "reward_gain", "reward_gain_se"),
+    ("win rate of the policy (ties count half)", "win_rate", None),
+    ("KL(policy || reference), nats per continuation", "kl", "kl_se"),
+)
+
+
+def sentiment_verdict(summary: Dict[str, float]) -> str:
+    """One sentence: is the policy's reward above the reference's (gain beyond two standard errors),
+    and at what KL."""
+    gain, se = summary["reward_gain"], summary["reward_gain_se"]
+    if gain - 2 * se > 0:
+        side = "higher than the reference's"
+    elif gain + 2 * se < 0:
+        side = "lower than the reference's"
+    else:
+        side = "not distinguishable from the reference's (within two standard errors)"
+    return (f"The policy's VADER reward is {side}: {gain:+.3f} \u00b1 {se:.3f}, win rate {summary['win_rate']:.0%}, "
+            f"at a KL of {summary['kl']:.2f} nats per continuation.")
+
+
+def _reward_chart(summary: Dict[str, float]) -> str:
+    """A small inline SVG: the mean reward of each side with a bar of +- 2 standard errors."""
+    sides = [("reference", summary["reward_reference"], summary.get("reward_reference_se", 0.0), "#8a8a8a"),
+             ("policy", summary["reward_policy"], summary.get("reward_policy_se", 0.0), "#2a9d4a")]
+    lo = min(0.0, min(v - 2 * e for _, v, e, _ in sides))
+    hi = max(0.0, max(v + 2 * e for _, v, e, _ in sides))
+    span = (hi - lo) or 1.0
+    width, row, left, right = 420, 34, 90, 70  # the right margin holds the value labels
+    x = lambda v: left + (v - lo) / span * (width - left - right)
+    parts = [f"<svg id='reward-chart' width='{width}' height='{row * 2 + 24}' role='img' "
+             "aria-label='mean VADER reward per side'>",
+             f"<line x1='{x(0):.1f}' y1='4' x2='{x(0):.1f}' y2='{row * 2 + 4}' stroke='#444'/>"]
+    for i, (name, v, e, colour) in enumerate(sides):
+        y = 8 + i * row
+        x0, x1 = sorted((x(0), x(v)))
+        parts += [f"<text x='0' y='{y + 15}' font-size='13'>{name}</text>",
+                  f"<rect x='{x0:.1f}' y='{y}' width='{max(x1 - x0, 1):.1f}' height='20' fill='{colour}'/>",
+                  f"<line x1='{x(v - 2 * e):.1f}' y1='{y + 10}' x2='{x(v + 2 * e):.1f}' y2='{y + 10}' stroke='#000'/>",
+                  f"<text x='{x(max(v, 0) + 2 * e) + 4:.1f}' y='{y + 15}' font-size='12'>{v:+.3f}</text>"]
+    parts.append(f"<text x='{left}' y='{row * 2 + 20}' font-size='11' fill='#666'>mean reward, bars: \u00b1 2 SE</text>")
+    return "".join(parts) + "</svg>"
+
+
 def sentiment_report_html(summary: Dict[str, float], samples: Sequence[Dict[str, object]], meta: Dict[str, object]) -> str:
-    """The quickstart's report: the summary table, then every held-out sample side by side."""
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td class='num'>{v:.4f}</td></tr>" for k, v in summary.items())
+    """The quickstart's report: a one-line verdict, a chart of the reward per side, the summary table
+    with readable names, the run's settings, then every held-out sample side by side."""
+    rows = "".join(f"<tr><td>{html.escape(name)}</td><td class='num'>{summary[key]:.4f}</td>"
+                   f"<td class='num'>{'' if summary.get(se) is None else f'{summary[se]:.4f}'}</td></tr>"
+                   for name, key, se in METRIC_ROWS)
     info = "".join(f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>" for k, v in meta.items())
     cells = []
     for s in samples:
@@ -36,12 +87,13 @@ def sentiment_report_html(summary: Dict[str, float], samples: Sequence[Dict[str,
             f"<td>{html.escape(str(s['reference']))}<br><span class='small'>VADER {s['reward_reference']:+.3f}</span></td>"
             f"<td>{html.escape(str(s['policy']))}<br><span class='small'>VADER {s['reward_policy']:+.3f}, "
             f"log-ratio {s['kl']:.2f}</span></td></tr>")
-    body = (f"<table><tr><th>metric</th><th>value</th></tr>{rows}</table><ul>{info}</ul>"
+    body = (f"<p id='verdict'><b>{html.escape(sentiment_verdict(summary))}</b></p>{_reward_chart(summary)}"
+            f"<table><tr><th>metric</th><th>value</th><th>standard error</th></tr>{rows}</table><ul>{info}</ul>"
             "<p class='small'>reward = mean VADER compound score of sampled continuations of held-out prompts; "
             "policy and reference are sampled in pairs with common random numbers (the same noise at every step); "
-            "reward_gain = mean paired difference policy - reference, with its standard error (_se); "
-            "win_rate = share of pairs where the policy's reward beats the reference's (ties half); "
-            "kl = mean over the policy's samples of sum_t log pi(y_t) - log pi_ref(y_t).</p>"
+            "the gain is the mean paired difference policy - reference; standard errors treat the samples of "
+            "one prompt as one cluster; KL = mean over the policy's samples of "
+            "sum_t log pi(y_t) - log pi_ref(y_t).</p>"
             f"<h2>Samples</h2><table id='samples'><tr><th>prompt</th><th>reference</th><th>policy</th></tr>"
             f"{''.join(cells)}</table>")
     script = ("document.getElementById('status').textContent='rendered '+"
@@ -123,8 +175,8 @@ def mask_pairs(model, tokenizer, masks, examples, *, beta: float = 0.1, mask_nor
     ``masks``: the run's mask nets (``mask_normalize`` as the run trained them); ``sentiment``: an
     optional :class:`~sparsepo_lite.sentiment.Sentiment` to flag sentiment words.
     """
-    from .data import PreferenceCollator, pad_id
-    from .objective import LossConfig, compute_loss
+    from ..data import PreferenceCollator, pad_id
+    from ..objective import LossConfig, compute_loss
 
     pad = pad_id(tokenizer)
     collate = PreferenceCollator(pad)
@@ -191,3 +243,41 @@ def mask_lift(pairs: Sequence[Dict[str, object]], *, resamples: int = 2000, seed
     # the overall numbers at the top level, as before
     return {**out["all"], "chosen": out["chosen"], "rejected": out["rejected"], "pairs": len(pairs),
             "resamples": resamples}
+
+
+def write_mask_viewer(run_dir: str, data: str, *, pairs: int = 20, out: Optional[str] = None) -> Tuple[str, dict, int]:
+    """Write the mask viewer of a SparsePO run over the first ``pairs`` rows of ``data`` (default file:
+    ``RUN/masks.html``) and, when VADER is installed, ``mask_lift.json`` beside it: the reward mask on
+    sentiment words against other tokens (:func:`mask_lift`). Returns (page path, lift or {}, pairs shown).
+    """
+    import json
+    import os
+
+    from ..data import tokenize_dataset
+    from .runs import load_run
+    from .sentiment import Sentiment
+
+    model, tok, masks, cfg = load_run(run_dir)
+    if masks is None:
+        raise ValueError(f"{run_dir}: no mask network (mask_net.safetensors); inspect-masks needs a SparsePO run")
+    examples, _ = tokenize_dataset(data, tok, max_length=int(cfg.get("max_length", 512)),
+                                   max_prompt_length=int(cfg.get("max_prompt_length", 256)))
+    try:
+        sentiment = Sentiment()
+    except ImportError:
+        sentiment = None
+    items = mask_pairs(model, tok, masks, examples[:pairs], beta=float(cfg.get("beta", 0.1)),
+                       mask_normalize=bool(cfg.get("mask_normalize", False)), sentiment=sentiment)
+    lift = mask_lift(items) if sentiment else {}
+    meta = {"run": run_dir, "data": data, "pairs": len(items)}
+    if lift:
+        meta.update({f"lift ({side})": f"{v['lift']:.3f}x, 95% CI [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+                     for side, v in (("all", lift), ("chosen", lift["chosen"]), ("rejected", lift["rejected"]))})
+        meta["sentiment words"] = Sentiment.LEXICON_RULE
+    out = out or os.path.join(run_dir, "masks.html")
+    with open(out, "w") as f:
+        f.write(mask_viewer_html(items, meta))
+    if lift:
+        with open(os.path.join(os.path.dirname(os.path.abspath(out)), "mask_lift.json"), "w") as f:
+            json.dump(lift, f, indent=1)
+    return out, lift, len(items)

@@ -1,4 +1,4 @@
-"""Run the reference once over tokenised preference data and write the cache (see ref_cache.py).
+"""Run the reference once over tokenised preference data and write the cache (format: ``format.py``).
 
 Shards are independent: each holds ``shard_size`` consecutive examples, batched only within the
 shard, so its bytes do not depend on what ran before it. A shard is written to a temporary file
@@ -9,7 +9,6 @@ last listed shard and ends with the same files as an uninterrupted one.
 from __future__ import annotations
 
 import math
-
 import os
 import re
 import time
@@ -18,10 +17,25 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-from .data import PreferenceCollator, PreferenceExample, pad_id
-from .objective import IGNORE_INDEX, LossConfig, reference_pass
-from .ref_cache import (DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K, FORMAT, FORMAT_VERSION, MANIFEST, CacheError,
-                        compare_fingerprints, dtype_name, read_manifest, sha256_file, shard_name, write_json_atomic)
+from ..data import PreferenceCollator, PreferenceExample, pad_id, response_positions
+from ..masks import MAPO_HOOK_TYPES
+from ..models import unwrap
+from ..reference import reference_pass
+from . import keys
+from .fingerprint import compare_fingerprints
+from .format import (
+    DEFAULT_TAIL_SAMPLES,
+    DEFAULT_TOP_K,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    CacheError,
+    dtype_name,
+    read_manifest,
+    sha256_file,
+    shard_name,
+    write_json_atomic,
+)
 
 #: Rows of [rows, V] fp32 logits formed at once for the top-k (64 MiB at V = 64k).
 TOPK_ROWS = 256
@@ -91,7 +105,7 @@ def _tail_draws(logp: torch.Tensor, top_ids: torch.Tensor, top_vals: torch.Tenso
     return stored.clamp_min(torch.finfo(top_vals.dtype).min).to(top_vals.dtype)  # finite in 16 bits
 
 
-def _shard_tensors(model, config: LossConfig, examples: Sequence[PreferenceExample], collate, batch_size: int,
+def _shard_tensors(model, ref_model, mapo_hooks, mapo_mapping: Optional[str], examples: Sequence[PreferenceExample], collate, batch_size: int,
                    top_k: int, topk_dtype: torch.dtype, store_hidden: bool, mapo: bool, device, tail_samples: int = 0,
                    generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
     per_example = []  # (chosen dict, rejected dict) per example, in order
@@ -99,56 +113,52 @@ def _shard_tensors(model, config: LossConfig, examples: Sequence[PreferenceExamp
         part = examples[a:a + batch_size]
         batch = collate(part)
         ids, att, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-        target = labels[:, 1:]
-        response = target != IGNORE_INDEX
-        seq_ids, pos = response.nonzero(as_tuple=True)
-        y = target[seq_ids, pos]
-        rp = reference_pass(model, config, ids, att, response, seq_ids, pos, need_mapo=mapo)
+        response, seq_ids, pos, y = response_positions(labels)
+        rp = reference_pass(model, ids, att, response, seq_ids, pos, ref_model=ref_model,
+                            mapo_mapping=mapo_mapping if mapo else None, mapo_hooks=mapo_hooks)
         with torch.no_grad():
             label, tk_ids, tk_vals, tl_ids, tl_vals = reference_token_stats(
                 rp.hidden, rp.weight, y, top_k, topk_dtype, tail_samples=tail_samples, generator=generator)
-        cols = {"label_logp": label}
+        cols = {keys.LABEL_LOGP: label}
         if top_k:
-            cols.update(topk_ids=tk_ids, topk_logp=tk_vals)
+            cols.update({keys.TOPK_IDS: tk_ids, keys.TOPK_LOGP: tk_vals})
         if tail_samples:
-            cols.update(tail_ids=tl_ids, tail_logp=tl_vals)
+            cols.update({keys.TAIL_IDS: tl_ids, keys.TAIL_LOGP: tl_vals})
         if store_hidden:
-            cols["hidden"] = rp.hidden
+            cols[keys.HIDDEN] = rp.hidden
         if mapo:
-            cols["mapo_mask"] = rp.mapo_mask.float()
+            cols[keys.MAPO_MASK] = rp.mapo_mask.float()
         counts = response.sum(dim=1).tolist()  # tokens are row-major: one split per row
         parts = {k: v.cpu().split(counts) for k, v in cols.items()}
         rows = [{k: parts[k][r] for k in cols} for r in range(len(counts))]
         b = len(part)
         per_example += list(zip(rows[:b], rows[b:]))
-    out = {"row_index": torch.tensor([e.index for e in examples], dtype=torch.int64),
-           "tokens": torch.tensor([[len(e.chosen_ids), len(e.rejected_ids)] for e in examples], dtype=torch.int64)}
+    out = {keys.ROW_INDEX: torch.tensor([e.index for e in examples], dtype=torch.int64),
+           keys.TOKENS: torch.tensor([[len(e.chosen_ids), len(e.rejected_ids)] for e in examples], dtype=torch.int64)}
     for name in per_example[0][0]:
         out[name] = torch.cat([part[name] for pair in per_example for part in pair]).contiguous()
     return out
 
 
 def precompute_reference(model, tokenizer, splits: Dict[str, Sequence[PreferenceExample]], out_dir: str, *,
-                         fingerprint: Dict[str, object], config: Optional[LossConfig] = None,
+                         fingerprint: Dict[str, object], ref_model=None, mapo_mapping: Optional[str] = None,
+                         mapo_hooks: Sequence[str] = MAPO_HOOK_TYPES,
                          top_k: int = DEFAULT_TOP_K, tail_samples: Optional[int] = None, tail_seed: int = 0,
                          topk_dtype: torch.dtype = torch.float16, store_hidden: bool = False,
                          batch_size: int = 8, shard_size: int = 256, progress: bool = True,
                          on_shard: Optional[Callable[[str, int], None]] = None) -> dict:
     """Write (or finish) the cache for ``splits`` under ``out_dir``; returns the manifest.
 
-    model: the peft policy (the reference is its adapter-off base) or, with ``config.ref_model``,
-    any causal LM. ``top_k`` reference ids per token, plus ``tail_samples`` ids drawn from the rest
+    model: the peft policy (the reference is its adapter-off base), or any causal LM with ``ref_model``
+    (then the reference). ``top_k`` reference ids per token, plus ``tail_samples`` ids drawn from the rest
     of the reference (default: DEFAULT_TAIL_SAMPLES with a top-k, 0 without; seeded by ``tail_seed``, which joins the fingerprint; each shard draws from
-    its own generator, so a resumed precompute writes the same bytes). ``config.loss_type ==
-    "mapo"`` also stores MaPO's token masks. ``on_shard`` is called after each shard is committed
+    its own generator, so a resumed precompute writes the same bytes). ``mapo_mapping``
+    (``"zn_rescale"``, from ``mapo_hooks``) also stores MaPO's token masks. ``on_shard`` is called after each shard is committed
     (split, shard number).
     """
     from tqdm.auto import tqdm
 
-    from .masks import _unwrap
-
-    config = config or LossConfig(loss_type="dpo")
-    lm = _unwrap(config.ref_model if config.ref_model is not None else model)
+    lm = unwrap(ref_model if ref_model is not None else model)
     head = lm.get_output_embeddings().weight
     vocab, hsize = head.shape
     if tail_samples is None:  # the default has tail draws whenever there is a tail to draw from
@@ -163,17 +173,17 @@ def precompute_reference(model, tokenizer, splits: Dict[str, Sequence[Preference
     if top_k > vocab or (tail_samples and top_k == vocab):
         raise ValueError(f"top_k={top_k} must be below the vocabulary ({vocab}) to leave a tail to sample"
                          if top_k <= vocab else f"top_k={top_k} exceeds the vocabulary ({vocab})")
-    if store_hidden and config.ref_model is not None:
+    if store_hidden and ref_model is not None:
         raise ValueError("store_hidden needs the reference to share the policy's head (the adapter-off base), "
                          "not a separate ref_model")
-    mapo = config.loss_type == "mapo" and config.mapo_mapping != "uniform"
+    mapo = mapo_mapping is not None and mapo_mapping != "uniform"
     if tail_samples:
         fingerprint = {**fingerprint, "tail_seed": tail_seed}
     contents = {"top_k": top_k, "tail_samples": tail_samples, "topk_dtype": dtype_name(topk_dtype),
                 "store_hidden": store_hidden,
                 "hidden_dtype": dtype_name(head.dtype) if store_hidden else None, "hidden_size": hsize,
                 "vocab_size": vocab, "mapo_masks": mapo,
-                "mapo": {"mapping": config.mapo_mapping, "hooks": list(config.mapo_hooks)} if mapo else None,
+                "mapo": {"mapping": mapo_mapping, "hooks": list(mapo_hooks)} if mapo else None,
                 "label_dtype": "float32", "shard_size": shard_size, "batch_size": batch_size}
     os.makedirs(out_dir, exist_ok=True)
     for leftover in os.listdir(out_dir):  # a shard or manifest a killed run never committed
@@ -216,7 +226,7 @@ def precompute_reference(model, tokenizer, splits: Dict[str, Sequence[Preference
                 if tail_samples:  # one generator per shard: resuming redraws nothing
                     gen = torch.Generator(device=device).manual_seed(
                         (tail_seed * 1_000_003 + zlib.crc32(split.encode()) * 7919 + i) % 2**63)
-                tensors = _shard_tensors(model, config, part, collate, batch_size, top_k, topk_dtype, store_hidden,
+                tensors = _shard_tensors(model, ref_model, mapo_hooks, mapo_mapping, part, collate, batch_size, top_k, topk_dtype, store_hidden,
                                          mapo, device, tail_samples, gen)
                 name = shard_name(split, i)
                 path = os.path.join(out_dir, name)

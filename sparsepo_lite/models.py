@@ -4,10 +4,11 @@ LoRA adapter. The reference is the same base with the adapter disabled: one copy
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
-from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -17,28 +18,42 @@ from .validation import check_choice, check_number
 
 @dataclass
 class ModelConfig:
-    """How to load the policy.
+    """How to load the policy: the base model, its quantisation and its LoRA adapter.
 
-    quantization: "4bit" (NF4 + double quantisation, QLoRA) or "none".
-    dtype: compute dtype; "auto" = bfloat16 on CUDA, float32 on the CPU (CPU bf16 matmuls are slow).
-    lora_target_modules: "all-linear" (every linear projection but the head) or a list of names.
-    attn_implementation: None = "sdpa" ("flash_attention_2" on CUDA when flash-attn is installed).
-    use_liger: None = on CUDA when liger-kernel is installed (RMSNorm, RoPE, SwiGLU kernels).
+    The reference is the same base with the adapter disabled, so it needs no config of its own.
+    ``sparsepo-lite train`` parses these fields beside :class:`~sparsepo_lite.training.SparsePOConfig`
+    (the "model" group of ``train --help``). ``gradient_checkpointing`` and ``device`` are for direct
+    :func:`load_policy` calls: in training they come from the training config.
     """
 
-    model_name_or_path: str
-    quantization: str = "4bit"
-    dtype: str = "auto"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: Union[str, Tuple[str, ...]] = "all-linear"
-    gradient_checkpointing: bool = True
-    attn_implementation: Optional[str] = None
-    use_liger: Optional[bool] = None
-    device: Optional[str] = None
+    model_name_or_path: Optional[str] = field(default=None, metadata={
+        "group": "model", "help": "local folder, hub name, or 'smollm2-135m-instruct' (the SmolLM2 GGUF package)"})
+    quantization: str = field(default="4bit", metadata={
+        "group": "model", "help": "4bit (NF4 with double quantisation: QLoRA) or none"})
+    dtype: str = field(default="auto", metadata={
+        "group": "model",
+        "help": "compute dtype: auto (bfloat16 on CUDA, float32 on the CPU), bfloat16, float16 or float32"})
+    lora_r: int = field(default=16, metadata={"group": "model", "help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"group": "model", "help": "LoRA scaling numerator (alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"group": "model", "help": "dropout on the LoRA input, in [0, 1)"})
+    lora_target_modules: List[str] = field(default_factory=lambda: ["all-linear"], metadata={
+        "group": "model", "help": "modules that get an adapter: all-linear (every linear projection but the head) "
+                                  "or names such as q_proj v_proj"})
+    attn_implementation: Optional[str] = field(default=None, metadata={
+        "group": "model", "help": "attention kernel; default sdpa (flash_attention_2 on CUDA when flash-attn is "
+                                  "installed)"})
+    use_liger: Optional[bool] = field(default=None, metadata={
+        "group": "model", "help": "Liger RMSNorm, RoPE and SwiGLU kernels; default: on CUDA when liger-kernel is "
+                                  "installed"})
+    gradient_checkpointing: bool = field(default=True, metadata={
+        "cli": False, "help": "recompute activations in backward (training: the training config's field)"})
+    device: Optional[str] = field(default=None, metadata={
+        "cli": False, "help": "where to load (default: cuda if available)"})
 
     def __post_init__(self):
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [self.lora_target_modules]
+        self.lora_target_modules = list(self.lora_target_modules)
         check_choice("quantization", self.quantization, ("4bit", "none"))
         check_choice("dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
         check_number("lora_r", self.lora_r, low=1, integer=True)
@@ -47,16 +62,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict, **overrides) -> "ModelConfig":
-        """The model fields of a config dict (a run's ``sparsepo_config.yaml``, ``SparsePOConfig``'s
-        fields); other keys are ignored. ``lora_target_modules`` may be a list (["all-linear"] means
-        every projection)."""
+        """The model fields of a config dict (a run's ``sparsepo_config.yaml``); other keys are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in values.items() if k in names}
-        kw.update(overrides)
-        targets = kw.get("lora_target_modules")
-        if isinstance(targets, (list, tuple)):
-            kw["lora_target_modules"] = "all-linear" if list(targets) == ["all-linear"] else tuple(targets)
-        return cls(**kw)
+        return cls(**{**{k: v for k, v in values.items() if k in names}, **overrides})
+
+    def to_dict(self) -> dict:
+        """The fields a run folder records (the command-line ones), as plain YAML values."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("cli", True)}
 
 
 def _installed(name: str) -> bool:
@@ -136,6 +148,8 @@ def load_policy(cfg: ModelConfig, *, tokenizer: bool = True):
     """
     import transformers
 
+    if not cfg.model_name_or_path:
+        raise ValueError("no model: set model_name_or_path")
     path = resolve_model_path(cfg.model_name_or_path)
     device, dtype = _device_and_dtype(cfg)
     kwargs = dict(dtype=dtype, attn_implementation=_attention(cfg, device))
@@ -247,9 +261,55 @@ def attach_adapter(model: nn.Module, cfg: ModelConfig):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    targets = cfg.lora_target_modules if isinstance(cfg.lora_target_modules, str) else list(cfg.lora_target_modules)
+    targets = "all-linear" if cfg.lora_target_modules == ["all-linear"] else list(cfg.lora_target_modules)
     model = peft.get_peft_model(model, peft.LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
         task_type="CAUSAL_LM"))
     model.get_output_embeddings().weight.requires_grad_(False)
     return model
+
+
+# --- model access: what the loss needs from a (peft-wrapped) causal LM ---------------------------
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def lm_head(lm: nn.Module) -> torch.Tensor:
+    """The frozen output head ``[V, H]`` of a causal LM (unwrapped); raises ``ValueError`` for heads the
+    op cannot reproduce (a bias, a logit transform) or a head that is being trained."""
+    head = lm.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        raise ValueError(f"{type(lm).__name__}: need an lm_head without bias")
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(lm.config, attr, None) not in (None, 1, 1.0):
+            raise ValueError(f"{type(lm).__name__} transforms its logits ({attr}); not supported")
+    w = head.weight
+    if w.requires_grad:
+        raise ValueError("the lm_head weight requires grad, but sparsepo-lite never trains the head "
+                         "(freeze it: model.get_output_embeddings().weight.requires_grad_(False))")
+    return w
+
+
+def backbone(lm: nn.Module) -> nn.Module:
+    """The decoder without its head (``lm.base_model``): it returns hidden states, never logits."""
+    base = getattr(lm, "base_model", None)
+    if base is None or base is lm:
+        raise ValueError(f"{type(lm).__name__} has no separate backbone (base_model); need a causal LM")
+    return base
+
+
+@contextlib.contextmanager
+def reference_model(model: nn.Module, ref_model: Optional[nn.Module] = None):
+    """Context giving the reference: ``ref_model`` if given, else ``model`` with its peft adapter
+    disabled (the same base weights, so a 4-bit policy costs no second copy)."""
+    if ref_model is not None:
+        yield ref_model
+    elif hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+    else:
+        raise ValueError("no reference model: pass a peft model (the reference is the base with its adapter "
+                         "disabled) or set LossConfig.ref_model")

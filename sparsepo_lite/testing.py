@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .token_stats import ExactReference, LabelReference, Reference, TokenStats, TopKReference
+from .ops import ExactReference, LabelReference, Reference, TokenStats, TopKReference
 
 
 def topk_tail_kl(lq_top: torch.Tensor, lp: torch.Tensor, ids: torch.Tensor, tail_ids: Optional[torch.Tensor] = None,

@@ -16,8 +16,8 @@ import warnings
 
 import torch
 
-from .row_kinds import REF_EXACT, REF_NONE, REF_TOPK
-from .token_stats_torch import token_stats_torch
+from .fallback import token_stats_torch
+from .kinds import RefKind
 
 OP_NAME = "sparsepo_lite::token_stats"
 SCHEMA = (
@@ -35,7 +35,7 @@ if os.environ.get("SPARSEPO_LITE_DISABLE_EXTENSION") == "1":
     EXTENSION_ERROR = "disabled by SPARSEPO_LITE_DISABLE_EXTENSION=1"
 else:
     try:
-        from . import _C  # noqa: F811  (registers the op as a side effect)
+        from .. import _C  # noqa: F811  (registers the op as a side effect)
     except ImportError as exc:
         EXTENSION_ERROR = str(exc)
 
@@ -75,8 +75,8 @@ def _token_stats_fake(hidden, weight, labels, seq_ids, num_seqs, logp_weight, kl
     return (
         hidden.new_empty(num_seqs, dtype=acc),
         hidden.new_empty(n, dtype=acc),
-        hidden.new_empty(0 if ref_kind == REF_NONE else n, dtype=acc),
-        hidden.new_empty(n if ref_kind in (REF_TOPK, REF_EXACT) else 0, dtype=acc),
+        hidden.new_empty(0 if ref_kind == RefKind.NONE else n, dtype=acc),
+        hidden.new_empty(n if ref_kind in (RefKind.TOPK, RefKind.EXACT) else 0, dtype=acc),
         hidden.new_empty((n if need_grad else 0, h)),
     )
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 from typing import Optional, Tuple
 
-from .masks import SparsePOMasks
+from ..masks import SparsePOMasks
 
 
 def run_config(run_dir: str) -> dict:
     """The run's resolved config (``sparsepo_config.yaml``) as a dict."""
     import yaml
 
-    from .trainer import RUN_CONFIG
+    from ..training.config import RUN_CONFIG
 
     path = os.path.join(run_dir, RUN_CONFIG)
     if not os.path.isfile(path):
@@ -38,8 +38,8 @@ def load_run(run_dir: str) -> Tuple[object, object, Optional[SparsePOMasks], dic
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from .modeling import ModelConfig, load_policy
-    from .trainer import MASK_WEIGHTS, load_masks
+    from ..masks import MASK_WEIGHTS, load_masks
+    from ..models import ModelConfig, load_policy
 
     cfg = run_config(run_dir)
     adapter = os.path.join(run_dir, "adapter_model.safetensors")

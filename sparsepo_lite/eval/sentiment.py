@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .data import pad_id
+from ..data import pad_id
 
 
 class Sentiment:
@@ -101,10 +101,10 @@ class SentimentEval:
 def sequence_logratio(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str]) -> List[float]:
     """sum_t [log pi(y_t) - log pi_ref(y_t)] per (prompt, continuation); the reference is the
     adapter-off base. Uses the chunked op, so no [tokens x vocab] tensor is formed."""
-    from .data import PreferenceCollator, PreferenceExample
-    from .objective import IGNORE_INDEX, LossConfig, _backbone, reference_pass
-    from .masks import _unwrap
-    from .token_stats import ExactReference, chunked_token_stats
+    from ..data import PreferenceCollator, PreferenceExample, response_positions
+    from ..models import backbone, unwrap
+    from ..ops import ExactReference, chunked_token_stats
+    from ..reference import reference_pass
 
     examples = []
     for i, (p, c) in enumerate(zip(prompts, continuations)):
@@ -115,16 +115,13 @@ def sequence_logratio(model, tokenizer, prompts: Sequence[str], continuations: S
     batch = PreferenceCollator(pad)(examples)
     n = len(examples)
     ids, att = batch["input_ids"][:n].to(model.device), batch["attention_mask"][:n].to(model.device)
-    target = batch["labels"][:n, 1:].to(model.device)
-    response = target != IGNORE_INDEX
-    seq_ids, pos = response.nonzero(as_tuple=True)
+    response, seq_ids, pos, y = response_positions(batch["labels"][:n].to(model.device))
     was_training = model.training
     model.eval()
     try:
-        ref = reference_pass(model, LossConfig(loss_type="dpo"), ids, att, response, seq_ids, pos)
-        lm = _unwrap(model)
-        hidden = _backbone(lm)(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state[seq_ids, pos]
-        stats = chunked_token_stats(hidden, ref.weight, target[seq_ids, pos], seq_ids, n,
+        ref = reference_pass(model, ids, att, response, seq_ids, pos)
+        hidden = backbone(unwrap(model))(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state[seq_ids, pos]
+        stats = chunked_token_stats(hidden, ref.weight, y, seq_ids, n,
                                     ref=ExactReference(ref.hidden, ref.weight))
     finally:
         model.train(was_training)
@@ -132,7 +129,7 @@ def sequence_logratio(model, tokenizer, prompts: Sequence[str], continuations: S
     return diff.tolist()
 
 
-def _mean_se(values: Sequence[float], per_prompt: int) -> tuple:
+def mean_and_se(values: Sequence[float], per_prompt: int) -> tuple:
     """Mean and its standard error, with the ``per_prompt`` consecutive samples of one prompt as one
     cluster: samples of the same prompt are correlated, so the error is taken over prompt means
     (0 for a single prompt)."""
@@ -186,10 +183,44 @@ def summarize(rows: Sequence[Dict[str, object]], samples_per_prompt: int) -> Sen
     wins = sum(1.0 if r["reward_policy"] > r["reward_reference"] else 0.5 if r["reward_policy"] == r["reward_reference"]
                else 0.0 for r in rows)
     k = samples_per_prompt
-    pol_mean, pol_se = _mean_se([r["reward_policy"] for r in rows], k)
-    ref_mean, ref_se = _mean_se([r["reward_reference"] for r in rows], k)
-    gain, gain_se = _mean_se([r["reward_policy"] - r["reward_reference"] for r in rows], k)
-    kl, kl_se = _mean_se([r["kl"] for r in rows], k)
+    pol_mean, pol_se = mean_and_se([r["reward_policy"] for r in rows], k)
+    ref_mean, ref_se = mean_and_se([r["reward_reference"] for r in rows], k)
+    gain, gain_se = mean_and_se([r["reward_policy"] - r["reward_reference"] for r in rows], k)
+    kl, kl_se = mean_and_se([r["kl"] for r in rows], k)
     return SentimentEval(reward_policy=pol_mean, reward_reference=ref_mean, win_rate=wins / m, kl=kl,
                          reward_gain=gain, reward_gain_se=gain_se, reward_policy_se=pol_se,
                          reward_reference_se=ref_se, kl_se=kl_se, samples=list(rows))
+
+
+#: Files ``evaluate_run`` writes into the run folder.
+EVAL_FILE = "sentiment_eval.json"
+REPORT_FILE = "sentiment_report.html"
+
+
+def evaluate_run(run_dir: str, data: str, *, prompts: int = 64, samples: int = 2, max_new_tokens: int = 24,
+                 seed: int = 0, progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, float]:
+    """Evaluate a training run on the first ``prompts`` held-out prompts of ``data`` and write
+    ``sentiment_eval.json`` (summary, settings, every sample) and ``sentiment_report.html`` into the
+    run folder. Returns the summary (:meth:`SentimentEval.summary`)."""
+    import json
+    import os
+
+    from ..data import read_rows
+    from .runs import load_run
+    from .views import sentiment_report_html
+
+    model, tok, _, cfg = load_run(run_dir)
+    rows = read_rows(data)
+    texts = [r["prompt"] for r in rows if isinstance(r, dict) and isinstance(r.get("prompt"), str)][:prompts]
+    if not texts:
+        raise ValueError(f"{data}: no rows with a string 'prompt'")
+    ev = evaluate_sentiment(model, tok, texts, samples_per_prompt=samples, max_new_tokens=max_new_tokens, seed=seed,
+                            progress=progress)
+    summary = ev.summary()
+    meta = {"run": run_dir, "data": data, "prompts": len(texts), "samples per prompt": samples,
+            "max new tokens": max_new_tokens, "loss_type": cfg.get("loss_type"), "beta": cfg.get("beta")}
+    with open(os.path.join(run_dir, EVAL_FILE), "w") as f:
+        json.dump({"summary": summary, "meta": meta, "samples": ev.samples}, f, indent=1)
+    with open(os.path.join(run_dir, REPORT_FILE), "w") as f:
+        f.write(sentiment_report_html(summary, ev.samples, meta))
+    return summary

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .row_kinds import REF_EXACT, REF_LABEL, REF_NONE, REF_TOPK
+from .kinds import RefKind
 
 
 def _check_range(t: torch.Tensor, hi: int, name: str, bound: str) -> None:
@@ -74,7 +74,7 @@ def token_stats_torch(
     vocab = weight.shape[0]
     _check_range(labels, vocab, "labels", "V")
     _check_range(seq_ids, num_seqs, "seq_ids", "num_seqs")
-    exact, topk = ref_kind == REF_EXACT, ref_kind == REF_TOPK
+    exact, topk = ref_kind == RefKind.EXACT, ref_kind == RefKind.TOPK
     m = 0
     if topk:
         _check_topk(topk_ids, topk_logp, vocab)
@@ -88,7 +88,7 @@ def token_stats_torch(
     logp = hidden.new_empty(n, dtype=acc)
     if exact:
         ref_logp = hidden.new_empty(n, dtype=acc)
-    elif ref_kind == REF_NONE:
+    elif ref_kind == RefKind.NONE:
         ref_logp = hidden.new_empty(0, dtype=acc)
     else:
         ref_logp = ref_label_logp.to(acc, copy=True)
@@ -116,7 +116,7 @@ def token_stats_torch(
             lq_top = topk_logp[sl].to(acc)
             q_top = lq_top.exp()
             lp_top = lp.gather(1, ids)
-            # Coarsened KL over the top-k ids plus one tail bucket (see reference_impl).
+            # Coarsened KL over the top-k ids plus one tail bucket (see testing.topk_tail_kl).
             kl_top = torch.where(q_top > 0, q_top * (lq_top - lp_top), torch.zeros_like(q_top)).sum(-1)
             q_sum = q_top.sum(-1)
             r = (1 - q_sum).clamp_min(0) if ids.shape[1] < vocab else torch.zeros_like(q_sum)
@@ -126,7 +126,7 @@ def token_stats_torch(
             log_tail = log_tail.clamp_min(torch.finfo(acc).min)  # empty tail: finite, r = 0 there
             log_r = r.clamp_min(torch.finfo(acc).tiny).log()
             tail_term = torch.where(r > 0, r * (log_r - log_tail), torch.zeros_like(r))
-            # Sampled-tail correction r mean_j[(rho_j - 1) - log rho_j] (see reference_impl.topk_tail_kl).
+            # Sampled-tail correction r mean_j[(rho_j - 1) - log rho_j] (see testing.topk_tail_kl).
             corr_grad = torch.zeros_like(r)  # c = r/m sum_j (rho_j - 1): its gradient's tail part
             if m:
                 live = (r > 0) & has_tail

@@ -12,8 +12,8 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from ._ops import token_stats_op
-from .row_kinds import REF_EXACT, REF_LABEL, REF_NONE, REF_TOPK
+from .kinds import RefKind
+from .registration import token_stats_op
 
 #: Default budget for the per-chunk [chunk, V] buffers (bytes). Larger chunks make the head GEMMs
 #: more efficient (on 2 CPU cores: ~90 GFLOP/s at 256 rows, ~125 at 768); 384 MiB gives 384 rows
@@ -184,9 +184,9 @@ def chunked_token_stats(
 
     ref_hidden = ref_weight = topk_ids = topk_logp = ref_label_logp = tail_ids = tail_logp = None
     if ref is None:
-        kind = REF_NONE
+        kind = RefKind.NONE
     elif isinstance(ref, ExactReference):
-        kind = REF_EXACT
+        kind = RefKind.EXACT
         ref_hidden, ref_weight = ref.hidden, ref.weight
         for t, name in ((ref_hidden, "ExactReference.hidden"), (ref_weight, "ExactReference.weight")):
             _need(isinstance(t, torch.Tensor) and t.dim() == 2, ValueError, f"{name} must be a 2-D tensor")
@@ -197,7 +197,7 @@ def chunked_token_stats(
         _need(ref_weight.shape == (vocab, ref_hidden.shape[1]), ValueError,
               f"ExactReference.weight must be [V, H'] = [{vocab}, {ref_hidden.shape[1]}], got {list(ref_weight.shape)}")
     elif isinstance(ref, TopKReference):
-        kind = REF_TOPK
+        kind = RefKind.TOPK
         topk_ids, topk_logp, ref_label_logp = ref.ids, ref.logprobs, ref.label_logp
         _need(isinstance(topk_ids, torch.Tensor) and topk_ids.dtype in _INTS and topk_ids.dim() == 2
               and topk_ids.shape[0] == n, ValueError,
@@ -224,7 +224,7 @@ def chunked_token_stats(
                 _need(t.device == device, ValueError, f"{name} is on {t.device} but hidden is on {device}")
                 _check_frozen(t, name)
     elif isinstance(ref, LabelReference):
-        kind = REF_LABEL
+        kind = RefKind.LABEL
         ref_label_logp = ref.label_logp
         _check_1d(ref_label_logp, "LabelReference.label_logp", n, _FLOATS, device)
     else:
@@ -232,7 +232,7 @@ def chunked_token_stats(
     if ref_label_logp is not None:
         _check_frozen(ref_label_logp, "reference label_logp")
 
-    has_kl = kind in (REF_TOPK, REF_EXACT)
+    has_kl = kind in (RefKind.TOPK, RefKind.EXACT)
     if kl_weight is None:
         kl_weight = torch.zeros(n, dtype=acc, device=device)
     else:
@@ -242,17 +242,17 @@ def chunked_token_stats(
         _check_1d(kl_weight, "kl_weight", n, _FLOATS, device)
 
     if chunk_size is None:
-        chunk_size = default_chunk_size(n, vocab, hidden.dtype, kind == REF_EXACT)
+        chunk_size = default_chunk_size(n, vocab, hidden.dtype, kind == RefKind.EXACT)
     _need(isinstance(chunk_size, int) and chunk_size >= 1, ValueError, f"chunk_size must be an int >= 1, got {chunk_size!r}")
 
     need_grad = bool(torch.is_grad_enabled() and hidden.requires_grad)
     seq_sums, logp, ref_logp, kl, _ = token_stats_op(
-        hidden, weight, labels, seq_ids, num_seqs, logp_weight, kl_weight, kind,
+        hidden, weight, labels, seq_ids, num_seqs, logp_weight, kl_weight, int(kind),
         ref_hidden, ref_weight, topk_ids, topk_logp, tail_ids, tail_logp, ref_label_logp, chunk_size, need_grad,
     )
     return TokenStats(
         seq_sums=seq_sums,
         logp=logp.detach(),
-        ref_logp=None if kind == REF_NONE else ref_logp.detach(),
+        ref_logp=None if kind == RefKind.NONE else ref_logp.detach(),
         kl=kl.detach() if has_kl else None,
     )

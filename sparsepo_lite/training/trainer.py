@@ -1,4 +1,4 @@
-"""``SparsePOConfig`` + ``SparsePOTrainer``: compute_loss inside a transformers Trainer.
+"""``SparsePOTrainer``: compute_loss inside a transformers Trainer.
 
 One process, or several under ``accelerate launch`` / ``torchrun`` (data parallel). The mask
 network is trained beside the LoRA adapter with its own learning rate and weight decay and saved
@@ -8,7 +8,6 @@ next to it as ``mask_net.safetensors`` (+ ``mask_net.json``).
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import logging
 import math
@@ -16,27 +15,22 @@ import os
 import shutil
 import tempfile
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import transformers
 
-from .data import PreferenceCollator, PreferenceExample, pad_id, tokenize_dataset
-from .errors import TrainingError
-from .losses import LOSS_TYPES
-from .masks import MASK_INITS, SparsePOMasks
-from .modeling import ModelConfig, load_policy, load_tokenizer
-from .objective import LossConfig, check_loss_settings, compute_loss
-from .ref_cache import CachedExample, CachedReferenceCollator, RefCache, run_fingerprint
-from .validation import check_choice, check_number
+from ..data import PreferenceCollator, PreferenceExample, pad_id, tokenize_dataset
+from ..errors import TrainingError
+from ..masks import MASK_CONFIG, MASK_WEIGHTS, SparsePOMasks, load_masks, save_masks
+from ..models import ModelConfig, load_policy, load_tokenizer
+from ..objective import compute_loss
+from ..refcache import CachedExample, CachedReferenceCollator, RefCache, run_fingerprint
+from .config import RUN_CONFIG, SparsePOConfig
+from .distributed import all_reduce_mean_
 
 logger = logging.getLogger(__name__)
 
-MASK_WEIGHTS = "mask_net.safetensors"
-MASK_CONFIG = "mask_net.json"
-#: The resolved configuration of a run, written into its output_dir before training starts.
-RUN_CONFIG = "sparsepo_config.yaml"
 #: Files a run writes into its output_dir (replaced together by overwrite_output_dir).
 RUN_FILES = ("adapter_model.safetensors", "adapter_config.json", MASK_WEIGHTS, MASK_CONFIG, RUN_CONFIG, "metrics.json",
              "training_args.bin", "README.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -44,136 +38,6 @@ RUN_FILES = ("adapter_model.safetensors", "adapter_config.json", MASK_WEIGHTS, M
              "masks.html", "mask_lift.json")
 #: A run ends with an error when more than this share of its optimizer steps was skipped.
 MAX_SKIPPED_FRACTION = 0.5
-
-
-@dataclass
-class SparsePOConfig(transformers.TrainingArguments):
-    """TrainingArguments plus the loss, mask, data and model options (loss defaults: the official code).
-
-    The model fields are what :class:`~sparsepo_lite.modeling.ModelConfig` takes; they are used
-    when ``SparsePOTrainer`` gets ``model`` as a path or name (or None: ``model_name_or_path``).
-    """
-
-    loss_type: str = field(default="sparsepo", metadata={"help": f"one of {LOSS_TYPES}"})
-    beta: float = 0.1
-    alpha: float = 0.5
-    label_smoothing: float = 0.0
-    independent_masks: bool = False
-    mask_on_reward: bool = True
-    mask_on_kl: bool = True
-    l1_reward: float = 0.0
-    l1_kl: float = 0.0
-    mask_init: str = field(default="ones", metadata={
-        "help": "SparsePO mask net init: 'ones' (masks start near 1: SparsePO starts as TDPO1) or 'official' "
-                "(the paper code's N(0, mask_init_std^2) init: masks start near 0 and can collapse to all-zero)"})
-    mask_init_std: float = 0.02
-    mask_normalize: bool = field(default=False, metadata={
-        "help": "divide each response's SparsePO masks by their mean over its tokens, so a mask can move weight "
-                "between tokens but never remove it all"})
-    mask_learning_rate: Optional[float] = field(default=1e-2, metadata={
-        "help": "learning rate of the mask nets, which need a far higher rate than the adapter to move "
-                "(docs/masks.md); None: learning_rate; 0 freezes them at their init"})
-    mask_weight_decay: float = 0.01
-    mapo_mapping: str = "zn_rescale"
-    max_length: int = 512
-    max_prompt_length: int = 256
-    chunk_size: Optional[int] = None
-    strict_data: bool = False
-    ref_cache: Optional[str] = field(default=None, metadata={
-        "help": "a `sparsepo-lite precompute-ref` directory: use it and run no reference forward"})
-    verify_ref_cache: bool = field(default=True, metadata={
-        "help": "check every shard of ref_cache (checksums, shapes, values) before step 0; "
-                "--no_verify_ref_cache skips it for huge caches (each shard is then checked when first read)"})
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "replace the run in a non-empty output_dir (its adapter, masks, config, metrics and checkpoints)"})
-    resume_fresh_optimizer: bool = field(default=False, metadata={
-        "help": "allow resuming from a checkpoint without optimizer.pt/scheduler.pt (the optimizer restarts)"})
-    remove_unused_columns: bool = False  # our examples are dataclasses, not column dicts
-    # --- the policy (see modeling.ModelConfig) ---
-    model_name_or_path: Optional[str] = None
-    quantization: str = field(default="4bit", metadata={"help": "4bit (NF4 QLoRA) or none"})
-    dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16 or float32"})
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
-    attn_implementation: Optional[str] = None
-    use_liger: Optional[bool] = None
-
-    def __post_init__(self):
-        # Every value is checked before anything loads: a NaN beta or a negative rate would
-        # otherwise train (or silently not train) for the whole run.
-        check_loss_settings(self.loss_type, beta=self.beta, alpha=self.alpha, label_smoothing=self.label_smoothing,
-                            l1_reward=self.l1_reward, l1_kl=self.l1_kl, mapo_mapping=self.mapo_mapping,
-                            chunk_size=self.chunk_size)
-        check_choice("mask_init", self.mask_init, MASK_INITS)
-        check_number("mask_init_std", self.mask_init_std, low=0, low_open=True)
-        check_number("mask_learning_rate", self.mask_learning_rate, low=0, optional=True)
-        check_number("mask_weight_decay", self.mask_weight_decay, low=0)
-        check_number("max_length", self.max_length, low=2, integer=True)
-        check_number("max_prompt_length", self.max_prompt_length, low=1, high=self.max_length, high_open=True,
-                     integer=True)
-        check_number("learning_rate", self.learning_rate, low=0)
-        check_number("weight_decay", self.weight_decay, low=0)
-        check_number("max_grad_norm", self.max_grad_norm, low=0, optional=True)
-        check_number("num_train_epochs", self.num_train_epochs, low=0, low_open=True)
-        check_number("warmup_steps", self.warmup_steps, low=0)
-        super().__post_init__()
-        self.model_config(self.model_name_or_path or "")  # validates the model fields now, not at load time
-
-    def model_config(self, model_name_or_path: Optional[str] = None) -> ModelConfig:
-        """The :class:`ModelConfig` these fields describe (gradient checkpointing as configured here)."""
-        return ModelConfig.from_dict(vars(self), model_name_or_path=model_name_or_path or self.model_name_or_path)
-
-    @classmethod
-    def own_fields(cls) -> List[str]:
-        """The fields this class adds to ``transformers.TrainingArguments`` (model, loss, data, cache)."""
-        base = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
-        return [f.name for f in dataclasses.fields(cls) if f.name not in base]
-
-    def run_config(self, given: Iterable[str] = ()) -> dict:
-        """The resolved configuration a run folder records: every field of this class's own, plus the
-        ``TrainingArguments`` fields named in ``given`` (set by the YAML or the command line), as plain
-        YAML values that ``sparsepo-lite train`` reads back to the same config."""
-        names = list(self.own_fields()) + [n for n in given if n not in self.own_fields()]
-        return {n: _plain(getattr(self, n)) for n in names if hasattr(self, n)}
-
-
-def _plain(value):
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
-def save_masks(masks: SparsePOMasks, out_dir: str) -> None:
-    """Mask net weights (safetensors) and its shape/options (JSON), beside the adapter."""
-    from safetensors.torch import save_file
-
-    os.makedirs(out_dir, exist_ok=True)
-    net = masks.reward_net if masks.independent else masks.common_net
-    meta = {"num_layers": net.layer_weight.shape[0], "hidden_size": net.layer_weight.shape[1],
-            "independent": masks.independent, "eps": net.norm.eps}
-    save_file({k: v.detach().cpu().contiguous() for k, v in masks.state_dict().items()},
-              os.path.join(out_dir, MASK_WEIGHTS))
-    with open(os.path.join(out_dir, MASK_CONFIG), "w") as f:
-        json.dump(meta, f, indent=1)
-
-
-def load_masks(path: str) -> SparsePOMasks:
-    """Inverse of :func:`save_masks` (no pickle: safetensors + JSON)."""
-    from safetensors.torch import load_file
-
-    cfg_path, w_path = os.path.join(path, MASK_CONFIG), os.path.join(path, MASK_WEIGHTS)
-    for p in (cfg_path, w_path):
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"no saved mask network: {p} is missing")
-    with open(cfg_path) as f:
-        meta = json.load(f)
-    masks = SparsePOMasks(meta["num_layers"], meta["hidden_size"], independent=meta["independent"], eps=meta["eps"])
-    masks.load_state_dict(load_file(w_path))
-    return masks
 
 
 class _MaskNetSync(transformers.TrainerCallback):
@@ -229,41 +93,48 @@ class _FiniteWeights(transformers.TrainerCallback):
                                     "learning rate (the adapter was not saved)")
 
 
-def all_reduce_mean_(params: List[torch.nn.Parameter]) -> None:
-    """Average ``p.grad`` over all processes, in place, one collective per dtype.
+def read_splits(tokenizer, args: SparsePOConfig, splits: Dict[str, object]):
+    """Tokenise and check the rows of each split (a file path, a ``datasets`` dataset or a list of dicts)
+    as training does; already tokenised :class:`PreferenceExample` lists and None pass through.
 
-    Every rank must take part with the same tensors in the same order, so a missing gradient
-    (a parameter that got none on this rank, or a skipped non-finite micro-batch) counts as zeros.
+    Returns ``({split: examples}, {split: DataReport})``; bad rows are skipped and reported, or raise
+    with ``args.strict_data``.
     """
-    import torch.distributed as dist
+    data, reports = {}, {}
+    for split, rows in splits.items():
+        if rows is None or (isinstance(rows, list) and rows and isinstance(rows[0], PreferenceExample)):
+            data[split] = rows
+            continue
+        data[split], reports[split] = tokenize_dataset(rows, tokenizer, max_length=args.max_length,
+                                                       max_prompt_length=args.max_prompt_length,
+                                                       strict=args.strict_data)
+        if reports[split].dropped or reports[split].truncated:
+            logger.warning("%s data: %s", split, reports[split].summary())
+    return data, reports
 
-    world = dist.get_world_size()
-    by_dtype: Dict[torch.dtype, List[torch.nn.Parameter]] = defaultdict(list)
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        by_dtype[p.grad.dtype].append(p)
-    for group in by_dtype.values():
-        flat = torch.cat([p.grad.reshape(-1) for p in group])
-        dist.all_reduce(flat)
-        flat.div_(world)
-        offset = 0
-        for p in group:
-            n = p.grad.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-            offset += n
+
+def load_model(model_config: ModelConfig, args: SparsePOConfig):
+    """The policy as training loads it: the training config owns gradient checkpointing and the
+    device (as for any Trainer), and its seed draws the LoRA init."""
+    model_config = dataclasses.replace(model_config, gradient_checkpointing=args.gradient_checkpointing,
+                                       device="cpu" if args.use_cpu else model_config.device)
+    transformers.set_seed(args.seed)  # the LoRA init draws from the global RNG
+    model, _ = load_policy(model_config, tokenizer=False)
+    return model
 
 
 class SparsePOTrainer(transformers.Trainer):
     """Trains a (peft) causal LM with a loss of the family; the reference is the adapter-off base.
 
-    ``model``: a peft model (from :func:`load_policy`), or a path/name (None: the config's
-    ``model_name_or_path``) loaded with the config's model fields; the tokenizer comes with it.
+    ``model``: a peft model (from :func:`load_policy`), or a path/name (None:
+    ``model_config.model_name_or_path``) loaded with ``model_config`` (a
+    :class:`~sparsepo_lite.models.ModelConfig`; default: its defaults); gradient checkpointing and
+    the CPU follow ``args``. The tokenizer comes with a loaded model.
     ``train_dataset``/``eval_dataset``: rows (a file path, a ``datasets`` dataset or a list of
     dicts in TRL's preference formats) or already tokenised :class:`PreferenceExample` lists.
     Bad rows are skipped and reported (``self.data_reports``), or raise with ``strict_data``; the
     data is read and checked before the model loads. ``run_config``: what the run folder records as
-    its configuration (default: ``args.run_config()``).
+    its configuration (default: the model config's and ``args.run_config()``).
 
     Each optimizer step whose gradient norm is not finite (or whose every micro-batch had a
     non-finite loss) is skipped and counted; logged and final losses average the steps that trained.
@@ -273,22 +144,23 @@ class SparsePOTrainer(transformers.Trainer):
 
     def __init__(self, model=None, args: SparsePOConfig = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, masks: Optional[SparsePOMasks] = None, ref_model=None,
-                 run_config: Optional[dict] = None, **kwargs):
+                 model_config: Optional[ModelConfig] = None, run_config: Optional[dict] = None, **kwargs):
         if args is None:
             raise ValueError("SparsePOTrainer needs args=SparsePOConfig(...)")
         load = model is None or isinstance(model, str)
         if load:
-            if not (model or args.model_name_or_path):
-                raise ValueError("no model: pass model= or set model_name_or_path in the config")
-            processing_class = processing_class or load_tokenizer(model or args.model_name_or_path)
+            model_config = model_config or ModelConfig()
+            if model is not None:
+                model_config = dataclasses.replace(model_config, model_name_or_path=model)
+            if not model_config.model_name_or_path:
+                raise ValueError("no model: pass model= or model_config=ModelConfig(model_name_or_path)")
+            processing_class = processing_class or load_tokenizer(model_config.model_name_or_path)
         if processing_class is None:
             raise ValueError("SparsePOTrainer needs the tokenizer as processing_class")
-        self.data_reports = {}
-        train_dataset = self._tokenized(train_dataset, processing_class, args, "train")
-        eval_dataset = self._tokenized(eval_dataset, processing_class, args, "eval")
+        data, self.data_reports = read_splits(processing_class, args, {"train": train_dataset, "eval": eval_dataset})
+        train_dataset, eval_dataset = data["train"], data["eval"]
         if load:  # after the data: a bad file is found in seconds, not after loading a 16 GB model
-            transformers.set_seed(args.seed)  # the LoRA init draws from the global RNG
-            model, _ = load_policy(args.model_config(model), tokenizer=False)
+            model = load_model(model_config, args)
         if args.loss_type == "sparsepo" and masks is None:
             transformers.set_seed(args.seed)  # the mask init is part of the run: same seed, same run
             masks = SparsePOMasks.for_model(model, independent=args.independent_masks, init_std=args.mask_init_std,
@@ -296,12 +168,7 @@ class SparsePOTrainer(transformers.Trainer):
         if masks is not None and args.mask_learning_rate == 0:
             masks.requires_grad_(False)  # frozen at their init: the control that shows what training adds
         self.masks = masks
-        self.loss_config = LossConfig(
-            loss_type=args.loss_type, beta=args.beta, alpha=args.alpha, label_smoothing=args.label_smoothing,
-            masks=masks, mask_on_reward=args.mask_on_reward, mask_on_kl=args.mask_on_kl,
-            l1_reward=args.l1_reward, l1_kl=args.l1_kl, mask_normalize=args.mask_normalize,
-            mapo_mapping=args.mapo_mapping, ref_model=ref_model,
-            chunk_size=args.chunk_size)
+        self.loss_config = args.loss_config(masks=masks, ref_model=ref_model)
         pad = pad_id(processing_class)
         self.ref_cache = None
         if args.ref_cache:
@@ -309,7 +176,8 @@ class SparsePOTrainer(transformers.Trainer):
                 raise ValueError("pass either ref_model or args.ref_cache, not both")
             self.ref_cache = RefCache(args.ref_cache)
             splits = {name: data for name, data in (("train", train_dataset), ("eval", eval_dataset)) if data}
-            self.ref_cache.check_run(run_fingerprint(model, processing_class, splits, model_name=args.model_name_or_path,
+            model_name = model_config.model_name_or_path if model_config is not None else None
+            self.ref_cache.check_run(run_fingerprint(model, processing_class, splits, model_name=model_name,
                                                      max_length=args.max_length,
                                                      max_prompt_length=args.max_prompt_length))
             if args.verify_ref_cache:  # a corrupt shard stops the run now, not at some later step
@@ -328,7 +196,9 @@ class SparsePOTrainer(transformers.Trainer):
         self.add_callback(_FiniteWeights(self))
         self.model_accepts_loss_kwargs = False  # our loss is a mean over pairs: let GA divide it
         self._stored: Dict[str, Dict[str, List[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self.run_config = run_config if run_config is not None else args.run_config()
+        if run_config is None:
+            run_config = {**(model_config.to_dict() if model_config is not None else {}), **args.run_config()}
+        self.run_config = run_config
         # the masks as they start (the drift is measured from here; a resumed run keeps its init)
         self._mask_init = None if masks is None else [p.detach().clone() for p in masks.parameters()]
         self._mask_warned = set()
@@ -336,16 +206,6 @@ class SparsePOTrainer(transformers.Trainer):
         self._micro_losses: List[float] = []  # finite micro-batch losses of the step in progress
         self._step_losses: List[float] = []  # mean loss of every step that trained, this train() call
         self._window: List[float] = []  # the same since the last log
-
-    def _tokenized(self, data, tok, args, split):
-        if data is None or (isinstance(data, list) and data and isinstance(data[0], PreferenceExample)):
-            return data
-        examples, report = tokenize_dataset(data, tok, max_length=args.max_length,
-                                            max_prompt_length=args.max_prompt_length, strict=args.strict_data)
-        self.data_reports[split] = report
-        if report.dropped or report.truncated:
-            logger.warning("%s data: %s", split, report.summary())
-        return examples
 
     # --- optimisation ---------------------------------------------------------------------------
     def create_optimizer(self, model=None):

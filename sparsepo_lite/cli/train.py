@@ -1,0 +1,179 @@
+"""``sparsepo-lite train CONFIG.yaml [--field value ...]``: fine-tune with a YAML config.
+
+The YAML keys are the fields of ``DataConfig`` (train_file, eval_file), ``ModelConfig`` (the policy)
+and ``SparsePOConfig`` (the loss, masks, cache, and every ``transformers.TrainingArguments`` field);
+``--field value`` overrides a key. ``sparsepo-lite train --help`` lists them by group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import types
+from typing import List
+
+HELP = "fine-tune with a YAML config"
+
+
+def config_parser():
+    """An ``HfArgumentParser`` over (DataConfig, ModelConfig, SparsePOConfig) whose help lists our own
+    fields by group (model, data, loss, masks, cache, run) before the TrainingArguments fields."""
+    from transformers import HfArgumentParser
+
+    from ..training.config import GROUPS
+
+    class Parser(HfArgumentParser):
+        """Fields marked ``cli: False`` (ModelConfig's load-time options that the training config owns,
+        such as gradient_checkpointing) get no flag and keep their defaults."""
+
+        @staticmethod
+        def _parse_dataclass_field(parser, field):
+            if not field.metadata.get("cli", True):
+                return
+            # HfArgumentParser passes the metadata on to argparse, which knows no "group"
+            field = copy.copy(field)
+            field.metadata = types.MappingProxyType({k: v for k, v in field.metadata.items() if k != "group"})
+            HfArgumentParser._parse_dataclass_field(parser, field)
+
+        def parse_args_into_dataclasses(self, args):
+            namespace, rest = self.parse_known_args(args=args)
+            if rest:
+                raise ValueError(f"arguments that are no config field: {rest}")
+            values = vars(namespace)
+            return tuple(dc(**{f.name: values[f.name] for f in dataclasses.fields(dc)
+                               if f.init and f.metadata.get("cli", True) and f.name in values})
+                         for dc in self.dataclass_types)
+
+    classes = config_classes()
+    parser = Parser(classes, usage="sparsepo-lite train CONFIG.yaml [--field value ...]",
+                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group_of = {f.name: f.metadata["group"] for dc in classes for f in dataclasses.fields(dc) if "group" in f.metadata}
+    groups = {name: parser.add_argument_group(f"{name}: {title}") for name, title in GROUPS.items()}
+    rest = parser.add_argument_group("training: transformers.TrainingArguments")
+    for action in list(parser._actions):  # argparse has no public API to regroup arguments
+        if action.dest == "help":
+            continue
+        target = groups.get(group_of.get(action.dest), rest)
+        for group in parser._action_groups:
+            if action in group._group_actions and group is not target:
+                group._group_actions.remove(action)
+        target._group_actions.append(action)
+    return parser
+
+
+def config_classes():
+    """The dataclasses a training config fills, in the order the parser returns them."""
+    from ..models import ModelConfig
+    from ..training.config import DataConfig, SparsePOConfig
+
+    return DataConfig, ModelConfig, SparsePOConfig
+
+
+def _to_argv(values: dict) -> List[str]:
+    argv = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)) and not value:
+            if key != "report_to":  # argparse cannot take an empty list; report_to has a word for it
+                raise SystemExit(f"config key {key!r}: an empty list is not a valid value")
+            value = "none"
+        argv.append(f"--{key}")
+        if isinstance(value, (list, tuple)):
+            argv.extend(str(v) for v in value)
+        else:
+            argv.append(str(value))
+    return argv
+
+
+def parse_train_config(config_path: str, overrides: List[str]):
+    """(DataConfig, ModelConfig, SparsePOConfig, resolved dict) from a YAML file plus ``--field value``
+    overrides.
+
+    The resolved dict is what the run folder records (``sparsepo_config.yaml``): the data and model
+    fields, every field of SparsePOConfig's own and the TrainingArguments fields the YAML or the
+    command line set, all with their final values. Reading it back as a config gives the same run.
+    """
+    import yaml
+
+    if not os.path.isfile(config_path):
+        raise SystemExit(f"config file not found: {config_path}")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"{config_path}: not valid YAML: {exc}") from None
+    if not isinstance(values, dict):
+        raise SystemExit(f"{config_path}: expected a mapping of config keys, got {type(values).__name__}")
+    parser = config_parser()
+    known = {f.name for dc in config_classes() for f in dataclasses.fields(dc) if f.metadata.get("cli", True)}
+    unknown = sorted(str(k) for k in set(values) - known)
+    if unknown:
+        raise SystemExit(f"{config_path}: unknown config key(s) {unknown}; see `sparsepo-lite train --help`")
+    try:
+        data_args, model_args, train_args = parser.parse_args_into_dataclasses(args=_to_argv(values) + overrides)
+    except ValueError as exc:
+        raise SystemExit(f"{config_path}: {exc}") from None
+    if not model_args.model_name_or_path:
+        raise SystemExit(f"{config_path}: model_name_or_path is required")
+    if not data_args.train_file:
+        raise SystemExit(f"{config_path}: train_file is required")
+    given = set(values) | {_field_of(arg, known) for arg in overrides if arg.startswith("--")}
+    resolved = {**dataclasses.asdict(data_args), **model_args.to_dict(), **train_args.run_config(given & known)}
+    return data_args, model_args, train_args, resolved
+
+
+def _field_of(arg: str, known) -> str:
+    """The config field a command-line flag sets: ``--lora_r``, ``--lora_r=8``, ``--no_verify_ref_cache``."""
+    name = arg[2:].split("=", 1)[0]
+    return name[3:] if name.startswith("no_") and name not in known and name[3:] in known else name
+
+
+def train(config_path: str, overrides: List[str]) -> str:
+    """Run training from a YAML config; returns the output directory.
+
+    The run folder gets its resolved configuration before step 0, and the adapter (and mask net)
+    before the final evaluation, so a failing evaluation loses no training.
+    """
+    from ..training import SparsePOTrainer
+
+    data_args, model_args, args, resolved = parse_train_config(config_path, overrides)
+    # `--eval_file ""` turns off the config's evaluation split
+    trainer = SparsePOTrainer(model_config=model_args, args=args, train_dataset=data_args.train_file,
+                              eval_dataset=data_args.eval_file or None, run_config=resolved)
+    tok = trainer.processing_class
+    main_process = trainer.is_world_process_zero()
+    for split, report in trainer.data_reports.items():
+        if main_process:
+            print(f"{split} data: {report.summary()}", flush=True)
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model(args.output_dir)  # writes on the main process only
+    if main_process:
+        tok.save_pretrained(args.output_dir)
+    metrics = dict(result.metrics)
+    if data_args.eval_file:
+        metrics.update(trainer.evaluate())
+    if not main_process:
+        return args.output_dir
+    with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
+        json.dump({"final": metrics, "log_history": trainer.state.log_history}, f, indent=1)
+    print(f"saved adapter, mask network, config and metrics to {args.output_dir}", flush=True)
+    return args.output_dir
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help=HELP, add_help=False)
+    p.add_argument("config", nargs="?", help="YAML file whose keys are the config fields")
+    p.add_argument("-h", "--help", action="store_true", help="list every config field, by group")
+
+
+def run(args, rest: List[str]) -> None:
+    if args.help or args.config is None:
+        config_parser().print_help()
+        if not args.help:
+            raise SystemExit("sparsepo-lite train: give a YAML config file")
+        return
+    train(args.config, rest)

@@ -1,0 +1,16 @@
+"""Reference kinds of the ``sparsepo_lite::token_stats`` op (its ``ref_kind`` int argument).
+
+The values are part of the op's schema: they mirror ``enum RefKind`` in ``csrc/row_pass.h``, and a
+test reads that header to keep the two equal.
+"""
+
+import enum
+
+
+class RefKind(enum.IntEnum):
+    """Where the op gets the reference distribution of each response token."""
+
+    NONE = 0  # no reference: label log-probs only
+    LABEL = 1  # reference label log-probs passed through: no KL
+    TOPK = 2  # cached top-k reference log-probs + one tail bucket (+ optional tail draws)
+    EXACT = 3  # reference logits from reference hidden states and head

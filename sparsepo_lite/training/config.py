@@ -1,0 +1,153 @@
+"""Training configuration: ``SparsePOConfig`` (``transformers.TrainingArguments`` plus the loss, mask,
+data and cache fields) and ``DataConfig`` (where the pairs are). The model is configured apart, by
+:class:`~sparsepo_lite.models.ModelConfig`, as TRL configures it beside its trainer configs.
+
+Every field's ``metadata`` holds its help text and its group in ``sparsepo-lite train --help``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Iterable, List, Optional
+
+import transformers
+
+from ..losses import LOSS_TYPES
+from ..masks import MASK_INITS, SparsePOMasks
+from ..objective import MAPO_MAPPINGS, LossConfig, check_loss_settings
+from ..validation import check_choice, check_number
+
+#: The resolved configuration of a run, written into its output_dir before training starts.
+RUN_CONFIG = "sparsepo_config.yaml"
+
+#: Groups of ``train --help``, in order; TrainingArguments' own fields form the last one.
+GROUPS = {
+    "model": "the policy: base model, quantisation, LoRA adapter",
+    "data": "the preference pairs and their truncation",
+    "loss": "the preference loss",
+    "masks": "SparsePO's learned token masks",
+    "cache": "the offline reference cache",
+    "run": "the run folder and resuming",
+}
+
+
+def _field(default=dataclasses.MISSING, *, group: str, help: str, **kw):
+    return field(default=default, metadata={"group": group, "help": help}, **kw)
+
+
+@dataclass
+class DataConfig:
+    """Where the preference pairs are: .jsonl / .json / .parquet files in TRL's preference formats."""
+
+    train_file: str = _field("", group="data", help="training pairs (required)")
+    eval_file: Optional[str] = _field(None, group="data", help="evaluation pairs (optional; \"\" turns it off)")
+
+
+@dataclass
+class SparsePOConfig(transformers.TrainingArguments):
+    """``TrainingArguments`` plus the loss, mask, data and cache fields (loss defaults: the paper's code).
+
+    :meth:`loss_config` builds the :class:`~sparsepo_lite.objective.LossConfig` that
+    ``compute_loss`` takes from these fields. Every value is checked when the config is made,
+    before anything loads.
+    """
+
+    # --- loss ---
+    loss_type: str = _field("sparsepo", group="loss", help=f"one of {', '.join(LOSS_TYPES)}")
+    beta: float = _field(0.1, group="loss", help="strength of the tie to the reference (> 0)")
+    alpha: float = _field(0.5, group="loss", help="TDPO2's weight on the sequence KL difference (>= 0)")
+    label_smoothing: float = _field(0.0, group="loss", help="DPO's conservative label smoothing, in [0, 0.5)")
+    mapo_mapping: str = _field("zn_rescale", group="loss",
+                               help=f"MaPO's token weights: {' or '.join(MAPO_MAPPINGS)} (uniform: TDPO1)")
+    chunk_size: Optional[int] = _field(None, group="loss",
+                                       help="response tokens per chunk of the op (default: from a memory budget)")
+    # --- masks ---
+    independent_masks: bool = _field(False, group="masks",
+                                     help="two mask nets (reward and KL) instead of one shared net")
+    mask_on_reward: bool = _field(True, group="masks", help="weight the reward term by the mask")
+    mask_on_kl: bool = _field(True, group="masks", help="weight the KL term by the mask")
+    l1_reward: float = _field(0.0, group="masks", help="L1 penalty on the reward mask (>= 0)")
+    l1_kl: float = _field(0.0, group="masks", help="L1 penalty on the KL mask (>= 0)")
+    mask_init: str = _field(
+        "ones", group="masks",
+        help="mask net init: 'ones' (masks start near 1: SparsePO starts as TDPO1) or 'official' (the paper "
+             "code's N(0, mask_init_std^2) init: masks start near 0 and can collapse to all-zero)")
+    mask_init_std: float = _field(0.02, group="masks", help="std of the mask net's initial weights (> 0)")
+    mask_normalize: bool = _field(
+        False, group="masks",
+        help="divide each response's masks by their mean over its tokens, so a mask can move weight between "
+             "tokens but never remove it all")
+    mask_learning_rate: Optional[float] = _field(
+        1e-2, group="masks",
+        help="learning rate of the mask nets, which need a far higher rate than the adapter to move "
+             "(docs/masks.md); None: learning_rate; 0 freezes them at their init")
+    mask_weight_decay: float = _field(0.01, group="masks", help="weight decay of the mask nets' weights")
+    # --- data ---
+    max_length: int = _field(512, group="data", help="prompt + response tokens per sequence; longer ones are cut")
+    max_prompt_length: int = _field(256, group="data", help="prompt tokens kept (its end) before the response")
+    strict_data: bool = _field(False, group="data", help="stop at the first bad row instead of skipping it")
+    # --- cache ---
+    ref_cache: Optional[str] = _field(
+        None, group="cache", help="a `sparsepo-lite precompute-ref` directory: use it and run no reference forward")
+    verify_ref_cache: bool = _field(
+        True, group="cache",
+        help="check every shard of ref_cache (checksums, shapes, values) before step 0; --no_verify_ref_cache "
+             "skips it for huge caches (each shard is then checked when first read)")
+    # --- run folder ---
+    overwrite_output_dir: bool = _field(
+        False, group="run",
+        help="replace the run in a non-empty output_dir (its adapter, masks, config, metrics and checkpoints)")
+    resume_fresh_optimizer: bool = _field(
+        False, group="run", help="allow resuming from a checkpoint without optimizer.pt/scheduler.pt (the "
+                                 "optimizer restarts)")
+    remove_unused_columns: bool = field(default=False, metadata={
+        "help": "(fixed at False: the examples are dataclasses, not column dicts)"})
+
+    def __post_init__(self):
+        # Every value is checked before anything loads: a NaN beta or a negative rate would
+        # otherwise train (or silently not train) for the whole run.
+        check_loss_settings(self.loss_type, beta=self.beta, alpha=self.alpha, label_smoothing=self.label_smoothing,
+                            l1_reward=self.l1_reward, l1_kl=self.l1_kl, mapo_mapping=self.mapo_mapping,
+                            chunk_size=self.chunk_size)
+        check_choice("mask_init", self.mask_init, MASK_INITS)
+        check_number("mask_init_std", self.mask_init_std, low=0, low_open=True)
+        check_number("mask_learning_rate", self.mask_learning_rate, low=0, optional=True)
+        check_number("mask_weight_decay", self.mask_weight_decay, low=0)
+        check_number("max_length", self.max_length, low=2, integer=True)
+        check_number("max_prompt_length", self.max_prompt_length, low=1, high=self.max_length, high_open=True,
+                     integer=True)
+        check_number("learning_rate", self.learning_rate, low=0)
+        check_number("weight_decay", self.weight_decay, low=0)
+        check_number("max_grad_norm", self.max_grad_norm, low=0, optional=True)
+        check_number("num_train_epochs", self.num_train_epochs, low=0, low_open=True)
+        check_number("warmup_steps", self.warmup_steps, low=0)
+        super().__post_init__()
+
+    def loss_config(self, masks: Optional[SparsePOMasks] = None, ref_model=None) -> LossConfig:
+        """The :class:`LossConfig` of this run: every ``LossConfig`` field this config has, plus the
+        mask nets and an optional separate reference model."""
+        shared = {f.name for f in dataclasses.fields(LossConfig)} & {f.name for f in dataclasses.fields(self)}
+        return LossConfig(**{name: getattr(self, name) for name in shared}, masks=masks, ref_model=ref_model)
+
+    @classmethod
+    def own_fields(cls) -> List[str]:
+        """The fields this class adds to ``transformers.TrainingArguments`` (loss, masks, data, cache)."""
+        base = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+        return [f.name for f in dataclasses.fields(cls) if f.name not in base]
+
+    def run_config(self, given: Iterable[str] = ()) -> dict:
+        """What a run folder records of this config: every field of this class's own, plus the
+        ``TrainingArguments`` fields named in ``given`` (set by the YAML or the command line), as plain
+        YAML values that ``sparsepo-lite train`` reads back to the same config."""
+        names = list(self.own_fields()) + [n for n in given if n not in self.own_fields()]
+        return {n: _plain(getattr(self, n)) for n in names if hasattr(self, n)}
+
+
+def _plain(value):
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return list(value)
+    return value
