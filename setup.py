@@ -41,10 +41,12 @@ def _extension():
     sources += [os.path.relpath(p, here) for p in sorted(glob.glob(os.path.join(here, "csrc", "cpu", "*.cpp")))]
     cxx = ["-O3", "-fopenmp", "-fdiagnostics-color=always"]
     if not _use_cuda():
-        return CppExtension("sparsepo_lite._C", sources, extra_compile_args={"cxx": cxx},
-                            extra_link_args=["-fopenmp"])
-    sources += [os.path.relpath(p, here) for p in sorted(glob.glob(os.path.join(here, "csrc", "cuda", "*")))
-                if p.endswith((".cu", ".cpp"))]
+        return CppExtension("sparsepo_lite._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    sources += [
+        os.path.relpath(p, here)
+        for p in sorted(glob.glob(os.path.join(here, "csrc", "cuda", "*")))
+        if p.endswith((".cu", ".cpp"))
+    ]
     return CUDAExtension(
         "sparsepo_lite._C",
         sources,

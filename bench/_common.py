@@ -76,9 +76,18 @@ def _evaluated(path: str, prompts: int, samples: int) -> bool:
     return meta.get("prompts") == prompts and meta.get("samples per prompt") == samples
 
 
-def sentiment_run(run: str, overrides: Sequence[str], *, prompts: int = 58, samples: int = 2,
-                  lift_pairs: Optional[int] = 40, config: str = SENTIMENT_CONFIG, data_eval: str = SENTIMENT_EVAL,
-                  eval_loss: bool = False, threads: Optional[int] = None) -> Dict[str, object]:
+def sentiment_run(
+    run: str,
+    overrides: Sequence[str],
+    *,
+    prompts: int = 58,
+    samples: int = 2,
+    lift_pairs: Optional[int] = 40,
+    config: str = SENTIMENT_CONFIG,
+    data_eval: str = SENTIMENT_EVAL,
+    eval_loss: bool = False,
+    threads: Optional[int] = None,
+) -> Dict[str, object]:
     """Train the sentiment recipe with ``overrides`` into ``run`` (unless its adapter is there), then
     the paired evaluation on ``prompts`` held-out prompts x ``samples`` (unless done with the same
     numbers) and, for SparsePO runs with ``lift_pairs``, the mask lift on that many held-out pairs.
@@ -92,11 +101,31 @@ def sentiment_run(run: str, overrides: Sequence[str], *, prompts: int = 58, samp
 
     if not os.path.isfile(os.path.join(run, "adapter_model.safetensors")):
         extra = [] if eval_loss else ["--eval_file", ""]
-        cli("train", config, *overrides, "--output_dir", run, "--overwrite_output_dir", "--eval_strategy", "no",
-            *extra, threads=threads)
+        cli(
+            "train",
+            config,
+            *overrides,
+            "--output_dir",
+            run,
+            "--overwrite_output_dir",
+            "--eval_strategy",
+            "no",
+            *extra,
+            threads=threads,
+        )
     done = os.path.join(run, "sentiment_eval.json")
     if not _evaluated(done, prompts, samples):
-        cli("eval-sentiment", run, "--data", data_eval, "--prompts", str(prompts), "--samples", str(samples), threads=threads)
+        cli(
+            "eval-sentiment",
+            run,
+            "--data",
+            data_eval,
+            "--prompts",
+            str(prompts),
+            "--samples",
+            str(samples),
+            threads=threads,
+        )
     with open(done) as f:  # one summary formula for every run, however old its evaluation
         row: Dict[str, object] = dict(summarize(json.load(f)["samples"], samples).summary())
     with open(os.path.join(run, "metrics.json")) as f:
@@ -108,14 +137,18 @@ def sentiment_run(run: str, overrides: Sequence[str], *, prompts: int = 58, samp
     row["skipped_steps"] = final.get("skipped_steps", 0)
     logged = [h for h in history if "mask/drift" in h and "loss" in h]
     if logged:
-        row["mask"] = {"drift": logged[-1]["mask/drift"], "dead": logged[-1].get("mask/dead"),
-                       "dead_max": max(h.get("mask/dead", 0) for h in logged),
-                       "dead_pairs_max": max(h.get("mask/dead_pairs", 0) for h in logged),
-                       "mean": logged[-1].get("mask/mean")}
+        row["mask"] = {
+            "drift": logged[-1]["mask/drift"],
+            "dead": logged[-1].get("mask/dead"),
+            "dead_max": max(h.get("mask/dead", 0) for h in logged),
+            "dead_pairs_max": max(h.get("mask/dead_pairs", 0) for h in logged),
+            "mean": logged[-1].get("mask/mean"),
+        }
     if lift_pairs and os.path.isfile(os.path.join(run, "mask_net.safetensors")):
         lift = os.path.join(run, "mask_lift.json")
         stale = not os.path.isfile(lift) or os.path.getmtime(lift) < os.path.getmtime(
-            os.path.join(run, "adapter_model.safetensors"))
+            os.path.join(run, "adapter_model.safetensors")
+        )
         if stale or json.load(open(lift)).get("pairs") != lift_pairs:
             cli("inspect-masks", run, "--data", data_eval, "--pairs", str(lift_pairs), threads=threads)
         with open(lift) as f:

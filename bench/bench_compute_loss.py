@@ -37,9 +37,15 @@ def build(T, seed=0):
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = peft.get_peft_model(model, peft.LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
     model.train()
     g = torch.Generator().manual_seed(seed)
     prompt = 64
@@ -62,7 +68,11 @@ def worker(impl, loss_type, T):
     masks = SparsePOMasks.for_model(model) if loss_type == "sparsepo" else None
     small = {k: v[:, :80] for k, v in batch.items()}  # warm-up on a short batch
     cfg = LossConfig(loss_type=loss_type, masks=masks)
-    run = (lambda b: compute_loss(model, b, cfg)[0]) if impl == "op" else (lambda b: eager_loss(model, b, loss_type, masks))
+    run = (
+        (lambda b: compute_loss(model, b, cfg)[0])
+        if impl == "op"
+        else (lambda b: eager_loss(model, b, loss_type, masks))
+    )
     run(small).backward()
     model.zero_grad(set_to_none=True)
     with PeakMemory() as pm:
@@ -70,16 +80,26 @@ def worker(impl, loss_type, T):
         loss = run(batch)
         loss.backward()
         seconds = time.perf_counter() - t0
-    print(json.dumps({"impl": f"{impl}_{loss_type}", "T": T, "peak_mb": pm.peak_bytes / 2**20, "seconds": seconds,
-                      "loss": float(loss)}))
+    print(
+        json.dumps(
+            {
+                "impl": f"{impl}_{loss_type}",
+                "T": T,
+                "peak_mb": pm.peak_bytes / 2**20,
+                "seconds": seconds,
+                "loss": float(loss),
+            }
+        )
+    )
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--T", type=int, default=512)
     ap.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                  "compute_loss_smollm2"))
+    ap.add_argument(
+        "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "compute_loss_smollm2")
+    )
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -90,32 +110,50 @@ def main():
     print(f"{'impl':<16}{'T':>6}{'peak MB':>10}{'seconds':>10}{'loss':>12}")
     for loss_type in args.losses:
         for impl in ("op", "eager"):
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", impl, loss_type,
-                                   "--T", str(args.T)], capture_output=True, text=True)
+            proc = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--worker", impl, loss_type, "--T", str(args.T)],
+                capture_output=True,
+                text=True,
+            )
             lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
             if proc.returncode or not lines:
-                row = {"impl": f"{impl}_{loss_type}", "T": args.T, "peak_mb": None, "seconds": None,
-                       "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+                row = {
+                    "impl": f"{impl}_{loss_type}",
+                    "T": args.T,
+                    "peak_mb": None,
+                    "seconds": None,
+                    "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300],
+                }
                 print(f"{row['impl']:<16}{args.T:>6}  ERROR {row['error']}")
             else:
                 row = json.loads(lines[-1])
-                print(f"{row['impl']:<16}{args.T:>6}{row['peak_mb']:>10.0f}{row['seconds']:>10.2f}{row['loss']:>12.6f}",
-                      flush=True)
+                print(
+                    f"{row['impl']:<16}{args.T:>6}{row['peak_mb']:>10.0f}{row['seconds']:>10.2f}{row['loss']:>12.6f}",
+                    flush=True,
+                )
             rows.append(row)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump({"command": command, "machine": machine_info("cpu"), "rows": rows}, f, indent=1)
     by = {r["impl"]: r for r in rows}
-    md = [f"# compute_loss on SmolLM2-135M-Instruct, one pair, T = {args.T} response tokens per sequence", "",
-          f"Command: `{command}`", "", "fp32 CPU, LoRA r=8 on all projections, gradient checkpointing, "
-          "reference = adapter disabled. Peak = RSS high-water mark above the loaded model.", "",
-          "| loss | op peak MB | eager peak MB | op / eager peak | op s | eager s | op loss | eager loss |",
-          "|---|---|---|---|---|---|---|---|"]
+    md = [
+        f"# compute_loss on SmolLM2-135M-Instruct, one pair, T = {args.T} response tokens per sequence",
+        "",
+        f"Command: `{command}`",
+        "",
+        "fp32 CPU, LoRA r=8 on all projections, gradient checkpointing, "
+        "reference = adapter disabled. Peak = RSS high-water mark above the loaded model.",
+        "",
+        "| loss | op peak MB | eager peak MB | op / eager peak | op s | eager s | op loss | eager loss |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for lt in args.losses:
         o, e = by.get(f"op_{lt}", {}), by.get(f"eager_{lt}", {})
         if o.get("peak_mb") and e.get("peak_mb"):
-            md.append(f"| {lt} | {o['peak_mb']:.0f} | {e['peak_mb']:.0f} | {o['peak_mb'] / e['peak_mb']:.2f}x | "
-                      f"{o['seconds']:.1f} | {e['seconds']:.1f} | {o['loss']:.6f} | {e['loss']:.6f} |")
+            md.append(
+                f"| {lt} | {o['peak_mb']:.0f} | {e['peak_mb']:.0f} | {o['peak_mb'] / e['peak_mb']:.2f}x | "
+                f"{o['seconds']:.1f} | {e['seconds']:.1f} | {o['loss']:.6f} | {e['loss']:.6f} |"
+            )
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(md) + "\n")
     print(f"wrote {args.out}.json, {args.out}.md")

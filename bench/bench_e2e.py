@@ -52,23 +52,52 @@ import time
 from _common import HERE, ROOT, eager_loss, machine_info
 
 #: The CPU model: Llama-3's layout (GQA 4:1, SwiGLU 3.5x) at 1/8 of its width, 4 layers.
-SMALL = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=512, intermediate_size=1792,
-             num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, vocab_size=32000,
-             max_position_embeddings=16384, rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=500000.0)
-VARIANTS = ["op_dpo_online", "op_dpo_cached", "op_tdpo2_online", "op_tdpo2_cached", "op_sparsepo_online",
-            "op_sparsepo_cached", "eager_tdpo2", "eager_sparsepo", "trl_dpo"]
+SMALL = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    hidden_size=512,
+    intermediate_size=1792,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=32000,
+    max_position_embeddings=16384,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    rope_theta=500000.0,
+)
+VARIANTS = [
+    "op_dpo_online",
+    "op_dpo_cached",
+    "op_tdpo2_online",
+    "op_tdpo2_cached",
+    "op_sparsepo_online",
+    "op_sparsepo_cached",
+    "eager_tdpo2",
+    "eager_sparsepo",
+    "trl_dpo",
+]
 
 
 #: The dry-run model of scripts/gpu_check.sh: the same layout, small enough for a CPU test.
-TINY = dict(SMALL, hidden_size=64, intermediate_size=224, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=1, vocab_size=1000)
+TINY = dict(
+    SMALL,
+    hidden_size=64,
+    intermediate_size=224,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    vocab_size=1000,
+)
 #: The GPU check's order: what the acceptance needs first, then longer sequences, then the rest.
-PRIORITY = ([f"{v}@2048" for v in ("op_tdpo2_online", "op_sparsepo_online", "op_dpo_cached", "eager_tdpo2")]
-            + [f"{v}@{T}" for T in (4096, 8192) for v in ("op_tdpo2_online", "op_sparsepo_online", "op_dpo_cached")]
-            + [f"{v}@2048" for v in ("op_dpo_online", "op_tdpo2_cached", "op_sparsepo_cached", "trl_dpo",
-                                      "eager_sparsepo")]
-            + [f"{v}@{T}" for T in (4096, 8192) for v in ("op_dpo_online", "op_tdpo2_cached", "op_sparsepo_cached")]
-            + [f"{v}@1024" for v in VARIANTS] + ["eager_tdpo2@4096", "trl_dpo@4096"])
+PRIORITY = (
+    [f"{v}@2048" for v in ("op_tdpo2_online", "op_sparsepo_online", "op_dpo_cached", "eager_tdpo2")]
+    + [f"{v}@{T}" for T in (4096, 8192) for v in ("op_tdpo2_online", "op_sparsepo_online", "op_dpo_cached")]
+    + [f"{v}@2048" for v in ("op_dpo_online", "op_tdpo2_cached", "op_sparsepo_cached", "trl_dpo", "eager_sparsepo")]
+    + [f"{v}@{T}" for T in (4096, 8192) for v in ("op_dpo_online", "op_tdpo2_cached", "op_sparsepo_cached")]
+    + [f"{v}@1024" for v in VARIANTS]
+    + ["eager_tdpo2@4096", "trl_dpo@4096"]
+)
 
 
 def model_config(name):
@@ -88,7 +117,7 @@ def make_example(T, vocab, seed=0):
     g = torch.Generator().manual_seed(seed)
     prompt = T // 4
     ids = torch.randint(10, vocab, (3 * T,), generator=g).tolist()
-    return PreferenceExample(0, ids[:prompt], ids[T:2 * T - prompt], ids[2 * T:3 * T - prompt - 16])
+    return PreferenceExample(0, ids[:prompt], ids[T : 2 * T - prompt], ids[2 * T : 3 * T - prompt - 16])
 
 
 def trl_dpo_loss(model, batch, beta=0.1):
@@ -138,7 +167,6 @@ def measure(model, spec):
     from sparsepo_lite.objective import LossConfig, compute_loss
     from sparsepo_lite.peak_memory import PeakMemory
 
-
     variant, T, device = spec["variant"], spec["T"], spec["device"]
     impl, loss_type = variant.split("_")[:2]
     loss_type = "dpo" if impl == "trl" else loss_type
@@ -152,18 +180,28 @@ def measure(model, spec):
         from sparsepo_lite.refcache.writer import precompute_reference
 
         out = tempfile.mkdtemp(prefix="e2e_cache_")
-        precompute_reference(model, type("Tok", (), {"pad_token_id": 0})(), {"train": [ex]}, out,
-                             fingerprint={"bench": "e2e"}, mapo_mapping=cfg.mapo_mapping if loss_type == "mapo" else None,
-                             top_k=0 if loss_type == "dpo" else DEFAULT_TOP_K,
-                             batch_size=1, progress=False)
+        precompute_reference(
+            model,
+            type("Tok", (), {"pad_token_id": 0})(),
+            {"train": [ex]},
+            out,
+            fingerprint={"bench": "e2e"},
+            mapo_mapping=cfg.mapo_mapping if loss_type == "mapo" else None,
+            top_k=0 if loss_type == "dpo" else DEFAULT_TOP_K,
+            batch_size=1,
+            progress=False,
+        )
         batch = CachedReferenceCollator(0, RefCache(out))([CachedExample(ex, "train")])
     else:
         batch = collate([ex])
     batch = {k: v.to(device) for k, v in batch.items()}
     params = [p for p in model.parameters() if p.requires_grad] + (list(masks.parameters()) if masks else [])
     opt = torch.optim.AdamW(params, lr=1e-5)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" and spec["dtype"] == "bfloat16" \
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device == "cuda" and spec["dtype"] == "bfloat16"
         else contextlib.nullcontext()
+    )
 
     def loss_on(b):
         with autocast:
@@ -185,8 +223,11 @@ def measure(model, spec):
     try:
         # Load every kernel and library once on a short batch, outside the measurement (the CPU peak
         # is the RSS high-water mark, which counts code pages and allocator pools too).
-        warm = {k: v.to(device) for k, v in collate([make_example(64, model.config.vocab_size)]).items()} \
-            if not variant.endswith("cached") else batch
+        warm = (
+            {k: v.to(device) for k, v in collate([make_example(64, model.config.vocab_size)]).items()}
+            if not variant.endswith("cached")
+            else batch
+        )
         loss_on(warm).backward()
         opt.zero_grad(set_to_none=True)
         del warm
@@ -201,8 +242,12 @@ def measure(model, spec):
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
         peak = pm.peak_bytes + (pm._start if device == "cuda" else model_bytes)
-        result.update(seconds_per_step=seconds / spec["steps"], tokens_per_s=2 * T * spec["steps"] / seconds,
-                      peak_bytes=peak, loss=loss)
+        result.update(
+            seconds_per_step=seconds / spec["steps"],
+            tokens_per_s=2 * T * spec["steps"] / seconds,
+            peak_bytes=peak,
+            loss=loss,
+        )
     except torch.OutOfMemoryError:
         result.update(oom=True)
     except Exception as exc:  # one broken variant must not cost the rows after it (a GPU lease is short)
@@ -255,19 +300,30 @@ def write_results(out, result):
         json.dump(result, f, indent=1)
     gib = 1 << 30
     cap = f", GPU memory capped at {result['gpu_mem']}" if result.get("gpu_mem") else ""
-    md = [f"# End-to-end training step, {result['model']} (random weights, 4-bit NF4 + LoRA r=16), "
-          f"{result['machine'].get('device', '?')}", "",
-          "Commands: " + ", ".join(f"`{c}`" for c in result["commands"]), "",
-          f"Machine: {result['machine'].get('gpu') or result['machine'].get('cpu', '?')}, torch "
-          f"{result['machine']['torch']}{cap}. One pair per step, {result['steps']} timed steps after a warm-up."
-          + (f" Model built in memory in {result['model_build_s']} s." if "model_build_s" in result else ""),
-          "", "| T | variant | tokens/s | peak GiB | planner GiB | planner / measured |", "|---|---|---|---|---|---|"]
+    md = [
+        f"# End-to-end training step, {result['model']} (random weights, 4-bit NF4 + LoRA r=16), "
+        f"{result['machine'].get('device', '?')}",
+        "",
+        "Commands: " + ", ".join(f"`{c}`" for c in result["commands"]),
+        "",
+        f"Machine: {result['machine'].get('gpu') or result['machine'].get('cpu', '?')}, torch "
+        f"{result['machine']['torch']}{cap}. One pair per step, {result['steps']} timed steps after a warm-up."
+        + (f" Model built in memory in {result['model_build_s']} s." if "model_build_s" in result else ""),
+        "",
+        "| T | variant | tokens/s | peak GiB | planner GiB | planner / measured |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in sorted(result["rows"], key=lambda r: (r["T"], VARIANTS.index(r["variant"]))):
         if r.get("peak_bytes"):
             meas = f"{r['tokens_per_s']:.0f} | {r['peak_bytes'] / gib:.2f}"
         else:
-            meas = "OOM | -" if r.get("oom") else f"not run ({r['skipped']}) | -" if r.get("skipped") \
+            meas = (
+                "OOM | -"
+                if r.get("oom")
+                else f"not run ({r['skipped']}) | -"
+                if r.get("skipped")
                 else f"error: {r.get('error', '?')[:60]} | -"
+            )
         plan = f"{r['plan_bytes'] / gib:.2f} ({r['plan_phase']})" if r.get("plan_bytes") else "-"
         ratio = f"{r['plan_over_measured']:.2f}" if r.get("plan_over_measured") else "-"
         md.append(f"| {r['T']} | {r['variant']} | {meas} | {plan} | {ratio} |")
@@ -279,11 +335,16 @@ def run_in_subprocess(spec):
     # glibc keeps freed blocks below its (growing) mmap threshold in the heap, so the RSS would
     # count dead tensors: a fixed 64 KiB threshold returns every tensor's pages when it dies.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                          cwd=ROOT, capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode == 0 and lines:
-        return json.loads(lines[-1][len("RESULT "):])
+        return json.loads(lines[-1][len("RESULT ") :])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     row = {"variant": spec["variant"], "T": spec["T"], "error": " | ".join(tail)}
     if "out of memory" in (proc.stderr or "").lower() or proc.returncode == -9:
@@ -320,31 +381,46 @@ def predicted_seconds(done, T):
 def main():
     started = time.monotonic()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None,
-                    help="'small' (CPU default), 'tiny' (the dry run) or a shipped name (GPU default llama-3-8b)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="'small' (CPU default), 'tiny' (the dry run) or a shipped name (GPU default llama-3-8b)",
+    )
     ap.add_argument("--seq-lens", type=int, nargs="+", default=None)
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
-    ap.add_argument("--rows", nargs="+", default=None,
-                    help="rows in run order, as VARIANT@T, or 'priority' (the GPU check's order); "
-                         "replaces --seq-lens and --variants")
-    ap.add_argument("--deadline", type=float, default=None,
-                    help="seconds from the start: start no row predicted to end later")
+    ap.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        help="rows in run order, as VARIANT@T, or 'priority' (the GPU check's order); "
+        "replaces --seq-lens and --variants",
+    )
+    ap.add_argument(
+        "--deadline", type=float, default=None, help="seconds from the start: start no row predicted to end later"
+    )
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--gpu-mem", default=None, help="cap the GPU memory this run may allocate, e.g. 24GB")
-    ap.add_argument("--one-process", action=argparse.BooleanOptionalAction, default=None,
-                    help="build the model once and measure every variant in this process (GPU default: the "
-                         "CUDA peak resets exactly; CPU default is a process per variant)")
-    ap.add_argument("--merge", action="store_true",
-                    help="keep the rows of an earlier run on the same machine that this run does not redo")
-    ap.add_argument("--out", default=None, help="results path without extension "
-                    "(default bench/results/e2e_<model>_<device>)")
+    ap.add_argument(
+        "--one-process",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="build the model once and measure every variant in this process (GPU default: the "
+        "CUDA peak resets exactly; CPU default is a process per variant)",
+    )
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows of an earlier run on the same machine that this run does not redo",
+    )
+    ap.add_argument(
+        "--out", default=None, help="results path without extension (default bench/results/e2e_<model>_<device>)"
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         return worker(json.loads(a.worker))
 
     import torch
-
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = a.model or ("llama-3-8b" if device == "cuda" else "small")
@@ -357,17 +433,29 @@ def main():
     out = a.out or os.path.join(HERE, "results", f"e2e_{name}_{device}")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     machine = dict(machine_info(device), device=device)
-    result = {"commands": [command], "machine": machine, "model": name, "dtype": dtype, "steps": steps,
-              "gpu_mem": a.gpu_mem, "rows": []}
+    result = {
+        "commands": [command],
+        "machine": machine,
+        "model": name,
+        "dtype": dtype,
+        "steps": steps,
+        "gpu_mem": a.gpu_mem,
+        "rows": [],
+    }
     if a.merge and os.path.isfile(out + ".json"):
         with open(out + ".json") as f:
             old = json.load(f)
-        same = {k: old.get(k) for k in ("model", "dtype", "steps", "gpu_mem")} == \
-            {k: result[k] for k in ("model", "dtype", "steps", "gpu_mem")} \
-            and old["machine"].get("gpu") == machine.get("gpu") and old["machine"].get("cpu") == machine.get("cpu")
+        same = (
+            {k: old.get(k) for k in ("model", "dtype", "steps", "gpu_mem")}
+            == {k: result[k] for k in ("model", "dtype", "steps", "gpu_mem")}
+            and old["machine"].get("gpu") == machine.get("gpu")
+            and old["machine"].get("cpu") == machine.get("cpu")
+        )
         if not same:
-            sys.exit(f"--merge: {out}.json was measured with other settings or on another machine; "
-                     "move it away or run without --merge")
+            sys.exit(
+                f"--merge: {out}.json was measured with other settings or on another machine; "
+                "move it away or run without --merge"
+            )
         redo = set(rows)
         result["rows"] = [r for r in old["rows"] if (r["variant"], r["T"]) not in redo]
         result["commands"] = [c for c in old.get("commands", [old.get("command")]) if c] + [command]

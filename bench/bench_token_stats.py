@@ -102,8 +102,9 @@ def run_liger(inputs, T):
     x = inputs
     H = x.hidden.shape[1]
     loss_fn = LigerFusedLinearDPOLoss(beta=BETA, compiled=False, use_ref_model=True)
-    out = loss_fn(x.weight, x.hidden.view(2, T, H), x.labels.view(2, T), ref_input=x.ref_hidden.view(2, T, H),
-                  ref_weight=x.weight)
+    out = loss_fn(
+        x.weight, x.hidden.view(2, T, H), x.labels.view(2, T), ref_input=x.ref_hidden.view(2, T, H), ref_weight=x.weight
+    )
     loss = out[0] if isinstance(out, tuple) else out
     loss.backward()
     return float(loss)
@@ -136,8 +137,7 @@ def worker(args):
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-    print(json.dumps({"impl": args.impl, "T": T, "peak_mb": pm.peak_bytes / 2**20,
-                      "seconds": seconds, "loss": loss}))
+    print(json.dumps({"impl": args.impl, "T": T, "peak_mb": pm.peak_bytes / 2**20, "seconds": seconds, "loss": loss}))
 
 
 def main():
@@ -160,8 +160,23 @@ def main():
     print(f"{'impl':<12}{'T':>6}{'peak MB':>12}{'seconds':>10}")
     for T in args.T:
         for impl in args.impls:
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl, "--T", str(T),
-                   "--H", str(args.H), "--V", str(args.V), "--dtype", args.dtype, "--device", args.device]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--worker",
+                "--impl",
+                impl,
+                "--T",
+                str(T),
+                "--H",
+                str(args.H),
+                "--V",
+                str(args.V),
+                "--dtype",
+                args.dtype,
+                "--device",
+                args.device,
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
             if proc.returncode == 0 and lines:
@@ -172,30 +187,47 @@ def main():
             rows.append(row)
             pk = "-" if row["peak_mb"] is None else f"{row['peak_mb']:.0f}"
             sec = "-" if row["seconds"] is None else f"{row['seconds']:.2f}"
-            print(f"{impl:<12}{T:>6}{pk:>12}{sec:>10}" + (f"  ERROR {row['error']}" if "error" in row else ""),
-                  flush=True)
+            print(
+                f"{impl:<12}{T:>6}{pk:>12}{sec:>10}" + (f"  ERROR {row['error']}" if "error" in row else ""), flush=True
+            )
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     info = machine_info(args.device)
-    meta = {"command": command, "machine": info, "H": args.H, "V": args.V, "dtype": args.dtype,
-            "device": args.device, "beta": BETA}
+    meta = {
+        "command": command,
+        "machine": info,
+        "H": args.H,
+        "V": args.V,
+        "dtype": args.dtype,
+        "device": args.device,
+        "beta": BETA,
+    }
     with open(args.out + ".json", "w") as f:
         json.dump(rows, f, indent=1)
     with open(args.out + ".meta.json", "w") as f:
         json.dump(meta, f, indent=1)
     by = {(r["impl"], r["T"]): r for r in rows}
-    md = [f"# Loss stage: one pair, H = {args.H}, V = {args.V}, {args.dtype} on {args.device}", "",
-          f"Command: `{command}`", "", "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
-          "| impl | T | peak MB above inputs | seconds (fwd+bwd) | peak vs eager | time vs eager |",
-          "|---|---|---|---|---|---|"]
+    md = [
+        f"# Loss stage: one pair, H = {args.H}, V = {args.V}, {args.dtype} on {args.device}",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
+        "",
+        "| impl | T | peak MB above inputs | seconds (fwd+bwd) | peak vs eager | time vs eager |",
+        "|---|---|---|---|---|---|",
+    ]
+
     def ratio(r, e, k):
         return f"{r[k] / e[k]:.3f}x" if r.get(k) and e.get(k) else "-"
 
     for r in rows:
         e = by.get(("eager_tdpo", r["T"]), {})
-        md.append(f"| {r['impl']} | {r['T']} | {r['peak_mb'] if r['peak_mb'] is None else round(r['peak_mb'])} | "
-                  f"{r['seconds'] if r['seconds'] is None else round(r['seconds'], 2)} | {ratio(r, e, 'peak_mb')} | "
-                  f"{ratio(r, e, 'seconds')} |" + (f" error: {r['error']}" if "error" in r else ""))
+        md.append(
+            f"| {r['impl']} | {r['T']} | {r['peak_mb'] if r['peak_mb'] is None else round(r['peak_mb'])} | "
+            f"{r['seconds'] if r['seconds'] is None else round(r['seconds'], 2)} | {ratio(r, e, 'peak_mb')} | "
+            f"{ratio(r, e, 'seconds')} |" + (f" error: {r['error']}" if "error" in r else "")
+        )
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(md) + "\n")
     print(f"wrote {args.out}.json, {args.out}.md")

@@ -28,12 +28,38 @@ VARIANTS = {
     "official_std0.02_lr1e-2": ["--mask_init", "official", "--mask_init_std", "0.02", "--mask_learning_rate", "1e-2"],
     "ones_lr1e-3": ["--mask_init", "ones", "--mask_init_std", "0.02", "--mask_learning_rate", "1e-3"],
     "ones_lr1e-2": ["--mask_init", "ones", "--mask_init_std", "0.02", "--mask_learning_rate", "1e-2"],
-    "ones_lr1e-2_l1": ["--mask_init", "ones", "--mask_init_std", "0.02", "--mask_learning_rate", "1e-2",
-                       "--l1_reward", "0.01", "--l1_kl", "0.01"],
-    "ones_lr1e-2_norm": ["--mask_init", "ones", "--mask_init_std", "0.02", "--mask_learning_rate", "1e-2",
-                         "--mask_normalize", "true"],
-    "ones_lr3e-2_norm": ["--mask_init", "ones", "--mask_init_std", "0.02", "--mask_learning_rate", "3e-2",
-                         "--mask_normalize", "true"],
+    "ones_lr1e-2_l1": [
+        "--mask_init",
+        "ones",
+        "--mask_init_std",
+        "0.02",
+        "--mask_learning_rate",
+        "1e-2",
+        "--l1_reward",
+        "0.01",
+        "--l1_kl",
+        "0.01",
+    ],
+    "ones_lr1e-2_norm": [
+        "--mask_init",
+        "ones",
+        "--mask_init_std",
+        "0.02",
+        "--mask_learning_rate",
+        "1e-2",
+        "--mask_normalize",
+        "true",
+    ],
+    "ones_lr3e-2_norm": [
+        "--mask_init",
+        "ones",
+        "--mask_init_std",
+        "0.02",
+        "--mask_learning_rate",
+        "3e-2",
+        "--mask_normalize",
+        "true",
+    ],
     "frozen_ones": ["--mask_init", "ones", "--mask_init_std", "0.02", "--mask_learning_rate", "0"],
     "tdpo1": ["--loss_type", "tdpo1"],
 }
@@ -56,22 +82,30 @@ def main():
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out + ".json", "w") as f:
         json.dump({"command": command_line(), "machine": machine_info("cpu"), "rows": rows}, f, indent=1)
-    md = ["# Do the SparsePO masks learn? (sentiment recipe, SmolLM2-135M 4-bit + LoRA, CPU)", "",
-          f"Command: `{command_line()}`", "",
-          "48 steps of 4 pairs, beta 0.8, LoRA lr 5e-4 (examples/sentiment_smollm2.yaml), seed "
-          f"{a.seed}. Gain and KL: 58 held-out prompts x 2 paired samples. Held-out loss and accuracy: the 58 "
-          "eval pairs. Drift: ||theta - theta_0|| / ||theta_0|| of the mask nets at the end; dead: share of "
-          "response tokens whose mask is exactly 0 (last logging window, and the worst window); lift: mean "
-          "reward mask on sentiment words / on other tokens, 40 held-out pairs, 95% bootstrap interval.", "",
-          "| variant | train loss | held-out loss | held-out acc. | gain | KL | drift | dead (last / worst) | "
-          "lift (all) | lift (chosen) | lift (rejected) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    md = [
+        "# Do the SparsePO masks learn? (sentiment recipe, SmolLM2-135M 4-bit + LoRA, CPU)",
+        "",
+        f"Command: `{command_line()}`",
+        "",
+        "48 steps of 4 pairs, beta 0.8, LoRA lr 5e-4 (examples/sentiment_smollm2.yaml), seed "
+        f"{a.seed}. Gain and KL: 58 held-out prompts x 2 paired samples. Held-out loss and accuracy: the 58 "
+        "eval pairs. Drift: ||theta - theta_0|| / ||theta_0|| of the mask nets at the end; dead: share of "
+        "response tokens whose mask is exactly 0 (last logging window, and the worst window); lift: mean "
+        "reward mask on sentiment words / on other tokens, 40 held-out pairs, 95% bootstrap interval.",
+        "",
+        "| variant | train loss | held-out loss | held-out acc. | gain | KL | drift | dead (last / worst) | "
+        "lift (all) | lift (chosen) | lift (rejected) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         m = r.get("mask") or {}
         lift = r.get("mask_lift")
-        mask_cells = (f"{m['drift']:.3f} | {m['dead']:.2f} / {m['dead_max']:.2f}" if m else "- | -")
-        md.append(f"| {r['variant']} | {r['train_loss']:.3f} | {r['eval_loss']:.3f} | {r['eval_reward_accuracy']:.2f} | "
-                  f"{r['reward_gain']:+.3f} +- {r['reward_gain_se']:.3f} | {r['kl']:.2f} | {mask_cells} | "
-                  f"{lift_cell(lift)} | {lift_cell(lift and lift['chosen'])} | {lift_cell(lift and lift['rejected'])} |")
+        mask_cells = f"{m['drift']:.3f} | {m['dead']:.2f} / {m['dead_max']:.2f}" if m else "- | -"
+        md.append(
+            f"| {r['variant']} | {r['train_loss']:.3f} | {r['eval_loss']:.3f} | {r['eval_reward_accuracy']:.2f} | "
+            f"{r['reward_gain']:+.3f} +- {r['reward_gain_se']:.3f} | {r['kl']:.2f} | {mask_cells} | "
+            f"{lift_cell(lift)} | {lift_cell(lift and lift['chosen'])} | {lift_cell(lift and lift['rejected'])} |"
+        )
     write_markdown(a.out + ".md", md)
     print(f"wrote {a.out}.json, .md")
 

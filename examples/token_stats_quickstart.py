@@ -46,14 +46,17 @@ def main():
 
     with PeakMemory() as pm:
         t0 = time.perf_counter()
-        stats = sp.chunked_token_stats(hidden, weight, labels, seq_ids, 2, kl_weight=kl_weight,
-                                       ref=sp.ExactReference(ref_hidden, weight))
+        stats = sp.chunked_token_stats(
+            hidden, weight, labels, seq_ids, 2, kl_weight=kl_weight, ref=sp.ExactReference(ref_hidden, weight)
+        )
         loss = tdpo2_loss(stats, seq_ids)
         loss.backward()
         dt = time.perf_counter() - t0
     kl = torch.zeros(2).index_add(0, seq_ids, stats.kl)
-    print(f"chunked op : loss {loss.item():.6f}  seq KL chosen {kl[0]:.4f} rejected {kl[1]:.4f}  "
-          f"peak {pm.peak_bytes / 2**20:7.1f} MiB  {dt:.2f} s")
+    print(
+        f"chunked op : loss {loss.item():.6f}  seq KL chosen {kl[0]:.4f} rejected {kl[1]:.4f}  "
+        f"peak {pm.peak_bytes / 2**20:7.1f} MiB  {dt:.2f} s"
+    )
 
     h2 = hidden.detach().clone().requires_grad_(True)
     with PeakMemory() as pm:

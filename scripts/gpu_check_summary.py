@@ -88,14 +88,18 @@ def acceptance(result, dry_run):
             elif eager and eager.get("oom"):
                 vs = "; eager OOM"
             verdict = "within" if peak <= bar else "OVER"
-            lines.append(f"- {v} at T = {T}: {peak:.2f} GiB, {verdict} {bar} GiB; "
-                         f"{r['tokens_per_s']:.0f} tokens/s{vs}")
+            lines.append(f"- {v} at T = {T}: {peak:.2f} GiB, {verdict} {bar} GiB; {r['tokens_per_s']:.0f} tokens/s{vs}")
     off = [r for r in result["rows"] if r.get("plan_over_measured") and abs(r["plan_over_measured"] - 1) > 0.10]
     measured = [r for r in result["rows"] if r.get("plan_over_measured")]
     if measured:
-        lines.append(f"- planner within 10% of {len(measured) - len(off)} of {len(measured)} measured peaks"
-                     + ("" if not off else ": off at " + ", ".join(
-                         f"{r['variant']}@{r['T']} ({r['plan_over_measured']:.2f})" for r in off)))
+        lines.append(
+            f"- planner within 10% of {len(measured) - len(off)} of {len(measured)} measured peaks"
+            + (
+                ""
+                if not off
+                else ": off at " + ", ".join(f"{r['variant']}@{r['T']} ({r['plan_over_measured']:.2f})" for r in off)
+            )
+        )
     if dry_run:
         lines = [l + " [dry run: tiny model, no bar applies]" if "GiB" in l else l for l in lines]
     return lines
@@ -116,11 +120,17 @@ def summarize(out, dry_run=False):
     result = bench_rows(out)
     if result is not None:
         m = result["machine"]
-        md += ["", f"## Training step, {result['model']} ({result['dtype']}, NF4 + LoRA r=16, one pair)", "",
-               f"{m.get('gpu') or m.get('cpu', '?')}, torch {m.get('torch')}, GPU memory cap "
-               f"{result.get('gpu_mem') or 'none'}, {result['steps']} timed steps per row; model built in memory "
-               f"in {result.get('model_build_s', '?')} s.", "",
-               "| T | variant | tokens/s | peak GiB | planner GiB | planner / measured |", "|---|---|---|---|---|---|"]
+        md += [
+            "",
+            f"## Training step, {result['model']} ({result['dtype']}, NF4 + LoRA r=16, one pair)",
+            "",
+            f"{m.get('gpu') or m.get('cpu', '?')}, torch {m.get('torch')}, GPU memory cap "
+            f"{result.get('gpu_mem') or 'none'}, {result['steps']} timed steps per row; model built in memory "
+            f"in {result.get('model_build_s', '?')} s.",
+            "",
+            "| T | variant | tokens/s | peak GiB | planner GiB | planner / measured |",
+            "|---|---|---|---|---|---|",
+        ]
         md += [row_cells(r) for r in result["rows"]]
         md += ["", "## Acceptance", ""] + acceptance(result, dry_run)
     text = "\n".join(md) + "\n"

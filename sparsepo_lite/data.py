@@ -162,8 +162,9 @@ def _check_messages(field_name: str, messages) -> None:
         if not isinstance(m.get("role"), str) or not m["role"]:
             raise BadRow(f"{field_name!r} message {j}: 'role' must be a non-empty string, got {m.get('role')!r}")
         if not isinstance(m.get("content"), str):
-            raise BadRow(f"{field_name!r} message {j}: 'content' must be a string, got "
-                         f"{type(m.get('content')).__name__}")
+            raise BadRow(
+                f"{field_name!r} message {j}: 'content' must be a string, got {type(m.get('content')).__name__}"
+            )
         _check_text(f"{field_name} message {j}", m["content"])
 
 
@@ -193,8 +194,10 @@ def split_row(row: Dict[str, Any]) -> Tuple[Any, Any, Any, bool]:
     if conversational != _is_messages(rejected):
         raise BadRow("'chosen' and 'rejected' must both be strings or both be non-empty message lists")
     if not conversational and not (isinstance(chosen, str) and isinstance(rejected, str)):
-        raise BadRow(f"'chosen'/'rejected' must be strings or message lists, got {type(chosen).__name__}/"
-                     f"{type(rejected).__name__}")
+        raise BadRow(
+            f"'chosen'/'rejected' must be strings or message lists, got {type(chosen).__name__}/"
+            f"{type(rejected).__name__}"
+        )
     for name, value in (("chosen", chosen), ("rejected", rejected), ("prompt", row.get("prompt"))):
         if isinstance(value, str):
             _check_text(name, value)
@@ -275,19 +278,22 @@ class PreferenceTokenizer:
         for name, ids in (("chosen", c), ("rejected", r)):
             w = row.get(f"{name}_token_weights")
             if w is not None:
-                if not isinstance(w, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                      for x in w):
+                if not isinstance(w, list) or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in w
+                ):
                     raise BadRow(f"'{name}_token_weights' must be a list of numbers")
                 if not all(math.isfinite(x) for x in w):
                     raise BadRow(f"'{name}_token_weights' holds a non-finite value (NaN or inf)")
                 if len(w) != len(ids):
-                    raise BadRow(f"'{name}_token_weights' has {len(w)} entries but the response has "
-                                 f"{len(ids)} tokens (EOS included)")
+                    raise BadRow(
+                        f"'{name}_token_weights' has {len(w)} entries but the response has "
+                        f"{len(ids)} tokens (EOS included)"
+                    )
             weights[name] = None if w is None else [float(x) for x in w]
         truncated = False
         if len(p) + max(len(c), len(r)) > self.max_length:
             truncated = True
-            p = p[-self.max_prompt_length:]
+            p = p[-self.max_prompt_length :]
             keep = self.max_length - len(p)
             if keep <= 0:
                 raise BadRow("nothing of the responses is left after truncation")
@@ -296,8 +302,9 @@ class PreferenceTokenizer:
         return PreferenceExample(index, p, c, r, weights["chosen"], weights["rejected"]), truncated
 
 
-def tokenize_dataset(source, tokenizer, *, max_length: int = 512, max_prompt_length: int = 256,
-                     strict: bool = False) -> Tuple[List[PreferenceExample], DataReport]:
+def tokenize_dataset(
+    source, tokenizer, *, max_length: int = 512, max_prompt_length: int = 256, strict: bool = False
+) -> Tuple[List[PreferenceExample], DataReport]:
     """Read and tokenise every row; bad rows are reported (and skipped, or raise with ``strict``)."""
     rows = read_rows(source, bad_lines="raise" if strict else "row")
     make = PreferenceTokenizer(tokenizer, max_length, max_prompt_length)
@@ -338,8 +345,9 @@ class PreferenceCollator:
         self.pad = pad_token_id
 
     def __call__(self, examples: Sequence[PreferenceExample]) -> Dict[str, torch.Tensor]:
-        seqs = [(e.prompt_ids, e.chosen_ids, e.chosen_weights) for e in examples] + \
-               [(e.prompt_ids, e.rejected_ids, e.rejected_weights) for e in examples]
+        seqs = [(e.prompt_ids, e.chosen_ids, e.chosen_weights) for e in examples] + [
+            (e.prompt_ids, e.rejected_ids, e.rejected_weights) for e in examples
+        ]
         t = max(len(p) + len(a) for p, a, _ in seqs)
         ids = torch.full((len(seqs), t), self.pad, dtype=torch.long)
         att = torch.zeros_like(ids)
@@ -350,9 +358,9 @@ class PreferenceCollator:
             n = len(p) + len(a)
             ids[i, :n] = torch.tensor(p + a)
             att[i, :n] = 1
-            labels[i, len(p):n] = torch.tensor(a)
+            labels[i, len(p) : n] = torch.tensor(a)
             if any_w:
-                weights[i, len(p):n] = torch.tensor(w) if w is not None else 1.0
+                weights[i, len(p) : n] = torch.tensor(w) if w is not None else 1.0
         batch = {"input_ids": ids, "attention_mask": att, "labels": labels}
         if any_w:
             batch["token_weights"] = weights

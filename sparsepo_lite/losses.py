@@ -53,9 +53,17 @@ class PairStats:
     tokens: Optional[TokenStats] = None
 
 
-def token_weights_for(loss_type: str, num_pairs: int, seq_ids: torch.Tensor, *, alpha: float = 0.5,
-                      reward_mask: Optional[torch.Tensor] = None, kl_mask: Optional[torch.Tensor] = None,
-                      fixed_mask: Optional[torch.Tensor] = None, dtype=torch.float32):
+def token_weights_for(
+    loss_type: str,
+    num_pairs: int,
+    seq_ids: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    reward_mask: Optional[torch.Tensor] = None,
+    kl_mask: Optional[torch.Tensor] = None,
+    fixed_mask: Optional[torch.Tensor] = None,
+    dtype=torch.float32,
+):
     """Per-token (u, d) weights [N] of ``loss_type`` for tokens of sequences ``seq_ids`` [N].
 
     reward_mask / kl_mask: [N] learned SparsePO masks (None: weight 1); fixed_mask: [N] MaPO mask
@@ -88,8 +96,9 @@ def pair_stats(hidden, weight, labels, seq_ids, num_pairs, ref: Reference, u, d,
     hidden [N, H] policy states at response positions, weight [V, H] frozen head, labels [N],
     seq_ids [N] in [0, 2B), u/d [N] token weights (d None: no KL term).
     """
-    stats = chunked_token_stats(hidden, weight, labels, seq_ids, 2 * num_pairs, logp_weight=u, kl_weight=d,
-                                ref=ref, chunk_size=chunk_size)
+    stats = chunked_token_stats(
+        hidden, weight, labels, seq_ids, 2 * num_pairs, logp_weight=u, kl_weight=d, ref=ref, chunk_size=chunk_size
+    )
     acc = stats.seq_sums.dtype
     sums = lambda x: torch.zeros(2 * num_pairs, dtype=acc, device=hidden.device).index_add(0, seq_ids, x)
     # seq_sums = sum u logp + sum d KL. U + D needs - sum u ref_logp: a constant of the policy
@@ -106,8 +115,9 @@ def pair_stats(hidden, weight, labels, seq_ids, num_pairs, ref: Reference, u, d,
     )
 
 
-def preference_loss(ps: PairStats, loss_type: str, beta: float, *, alpha: float = 0.5,
-                    label_smoothing: float = 0.0) -> torch.Tensor:
+def preference_loss(
+    ps: PairStats, loss_type: str, beta: float, *, alpha: float = 0.5, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Per-pair loss [B] from :class:`PairStats` (rows: B chosen, then B rejected)."""
     b = ps.total.shape[0] // 2
     z = ps.total[:b] - ps.total[b:]

@@ -48,8 +48,9 @@ class SparsePOMaskNet(nn.Module):
       weights to grow.
     """
 
-    def __init__(self, num_layers: int, hidden_size: int, eps: float = 1e-5, init_std: float = 0.02,
-                 init: str = "ones"):
+    def __init__(
+        self, num_layers: int, hidden_size: int, eps: float = 1e-5, init_std: float = 0.02, init: str = "ones"
+    ):
         super().__init__()
         if init not in MASK_INITS:
             raise ValueError(f"mask init must be one of {MASK_INITS}, got {init!r}")
@@ -96,8 +97,16 @@ class SparsePOMasks(nn.Module):
     would otherwise freeze it.
     """
 
-    def __init__(self, num_layers: int, hidden_size: int, *, independent: bool = False, eps: float = 1e-5,
-                 init_std: float = 0.02, init: str = "ones"):
+    def __init__(
+        self,
+        num_layers: int,
+        hidden_size: int,
+        *,
+        independent: bool = False,
+        eps: float = 1e-5,
+        init_std: float = 0.02,
+        init: str = "ones",
+    ):
         super().__init__()
         self.independent = independent
         make = lambda: SparsePOMaskNet(num_layers, hidden_size, eps=eps, init_std=init_std, init=init)
@@ -107,8 +116,9 @@ class SparsePOMasks(nn.Module):
             self.common_net = make()
 
     @classmethod
-    def for_model(cls, model, *, independent: bool = False, init_std: float = 0.02,
-                  init: str = "ones") -> "SparsePOMasks":
+    def for_model(
+        cls, model, *, independent: bool = False, init_std: float = 0.02, init: str = "ones"
+    ) -> "SparsePOMasks":
         """Masks sized for a transformers causal LM (or a peft model wrapping one)."""
         config = unwrap(model).config
         layers = getattr(config, "num_hidden_layers", None)
@@ -138,6 +148,7 @@ def normalize_per_sequence(mask: torch.Tensor, seq_ids: torch.Tensor, num_seqs: 
 
 # --- MaPO -------------------------------------------------------------------------------------
 
+
 def minmax_over_response(values: torch.Tensor, response: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Per-row min-max rescaling over response positions (MaPO ``zn_rescale``).
 
@@ -160,8 +171,12 @@ def minmax_over_response(values: torch.Tensor, response: torch.Tensor, eps: floa
 _LLAMA_POINTS = {
     # (module path inside a decoder layer, "in" = the module's input, "out" = its output)
     "mlp": [("mlp.down_proj", "in")],  # the MLP hidden state after the non-linearity
-    "attn": [("self_attn.q_proj", "out"), ("self_attn.k_proj", "out"), ("self_attn.v_proj", "out"),
-             ("self_attn.o_proj", "in")],  # o_proj input = attention output before the projection
+    "attn": [
+        ("self_attn.q_proj", "out"),
+        ("self_attn.k_proj", "out"),
+        ("self_attn.v_proj", "out"),
+        ("self_attn.o_proj", "in"),
+    ],  # o_proj input = attention output before the projection
     "resid": [("input_layernorm", "out"), ("post_attention_layernorm", "out"), ("mlp", "out"), ("", "out")],
 }
 
@@ -181,10 +196,16 @@ def record_activation_means(model, hook_types: Sequence[str] = MAPO_HOOK_TYPES):
     lm = unwrap(model)
     backbone = getattr(lm, "model", None)
     layers = getattr(backbone, "layers", None)
-    if layers is None or not hasattr(layers[0], "mlp") or not hasattr(layers[0].mlp, "down_proj") \
-            or not hasattr(layers[0], "self_attn"):
-        raise ValueError(f"MaPO activation masks support Llama-family models (decoder layers with self_attn "
-                         f"q/k/v/o_proj and mlp.down_proj); got {type(lm).__name__}")
+    if (
+        layers is None
+        or not hasattr(layers[0], "mlp")
+        or not hasattr(layers[0].mlp, "down_proj")
+        or not hasattr(layers[0], "self_attn")
+    ):
+        raise ValueError(
+            f"MaPO activation masks support Llama-family models (decoder layers with self_attn "
+            f"q/k/v/o_proj and mlp.down_proj); got {type(lm).__name__}"
+        )
     unknown = set(hook_types) - set(MAPO_HOOK_TYPES)
     if unknown:
         raise ValueError(f"unknown MaPO hook types {sorted(unknown)}; choose from {MAPO_HOOK_TYPES}")
@@ -214,8 +235,12 @@ def record_activation_means(model, hook_types: Sequence[str] = MAPO_HOOK_TYPES):
             h.remove()
 
 
-def mapo_masks(store: Dict[str, List[torch.Tensor]], response: torch.Tensor,
-               logit_means: Optional[torch.Tensor] = None, mapping: str = "zn_rescale") -> torch.Tensor:
+def mapo_masks(
+    store: Dict[str, List[torch.Tensor]],
+    response: torch.Tensor,
+    logit_means: Optional[torch.Tensor] = None,
+    mapping: str = "zn_rescale",
+) -> torch.Tensor:
     """MaPO mask [R, T-1] from recorded activation means, detached.
 
     store: {type: [R, T] feature means}; response: [R, T-1] response indicator of the shifted
@@ -254,10 +279,15 @@ def save_masks(masks: SparsePOMasks, out_dir: str) -> None:
 
     os.makedirs(out_dir, exist_ok=True)
     net = masks.reward_net if masks.independent else masks.common_net
-    meta = {"num_layers": net.layer_weight.shape[0], "hidden_size": net.layer_weight.shape[1],
-            "independent": masks.independent, "eps": net.norm.eps}
-    save_file({k: v.detach().cpu().contiguous() for k, v in masks.state_dict().items()},
-              os.path.join(out_dir, MASK_WEIGHTS))
+    meta = {
+        "num_layers": net.layer_weight.shape[0],
+        "hidden_size": net.layer_weight.shape[1],
+        "independent": masks.independent,
+        "eps": net.norm.eps,
+    }
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in masks.state_dict().items()}, os.path.join(out_dir, MASK_WEIGHTS)
+    )
     with open(os.path.join(out_dir, MASK_CONFIG), "w") as f:
         json.dump(meta, f, indent=1)
 

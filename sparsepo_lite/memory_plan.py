@@ -62,23 +62,39 @@ class ModelShape:
     def from_config(cls, config: Union[dict, "object"], name: str = "") -> "ModelShape":
         """From a Hugging Face config (a dict or a ``PretrainedConfig``) of a Llama-like model."""
         d = config if isinstance(config, dict) else config.to_dict()
-        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                               "vocab_size") if k not in d]
+        missing = [
+            k
+            for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+            if k not in d
+        ]
         if missing:
             raise ValueError(f"{name or 'model config'}: not a Llama-like decoder config, missing {missing}")
         heads = d["num_attention_heads"]
-        return cls(name=name or d.get("_name_or_path") or d.get("model_type", "model"), hidden=d["hidden_size"],
-                   intermediate=d["intermediate_size"], layers=d["num_hidden_layers"], heads=heads,
-                   kv_heads=d.get("num_key_value_heads") or heads,
-                   head_dim=d.get("head_dim") or d["hidden_size"] // heads, vocab=d["vocab_size"],
-                   tied=bool(d.get("tie_word_embeddings", False)),
-                   qkv_bias=bool(d.get("attention_bias", False)) or d.get("model_type") == "qwen2")
+        return cls(
+            name=name or d.get("_name_or_path") or d.get("model_type", "model"),
+            hidden=d["hidden_size"],
+            intermediate=d["intermediate_size"],
+            layers=d["num_hidden_layers"],
+            heads=heads,
+            kv_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            vocab=d["vocab_size"],
+            tied=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=bool(d.get("attention_bias", False)) or d.get("model_type") == "qwen2",
+        )
 
     def linear_shapes(self) -> Dict[str, tuple]:
         """(in, out) of each projection of one layer."""
         q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
     def linear_params(self) -> int:
         return self.layers * sum(a * b for a, b in self.linear_shapes().values())
@@ -116,8 +132,7 @@ def config_path(model: str) -> str:
     elif _alias(model) in shipped:
         path = shipped[_alias(model)]
     if path is None or not os.path.isfile(path):
-        raise ValueError(f"unknown model {model!r}: give a config.json, a model folder, or one of "
-                         f"{sorted(shipped)}")
+        raise ValueError(f"unknown model {model!r}: give a config.json, a model folder, or one of {sorted(shipped)}")
     return path
 
 
@@ -152,10 +167,13 @@ class MemoryPlan:
         return self.total + (CUDA_RESERVE_BYTES if device == "cuda" else 0) <= budget_bytes
 
     def table(self) -> str:
-        rows = [f"{self.shape.name}: T = {self.seq_len} per sequence, {self.settings['pairs']} pair(s), "
-                f"loss {self.settings['loss']}, reference {self.settings['reference']}, {self.settings['dtype']}, "
-                f"LoRA r = {self.settings['lora_r']}, chunk {self.chunk_size} tokens", "",
-                f"peak in the {self.phase} phase:"]
+        rows = [
+            f"{self.shape.name}: T = {self.seq_len} per sequence, {self.settings['pairs']} pair(s), "
+            f"loss {self.settings['loss']}, reference {self.settings['reference']}, {self.settings['dtype']}, "
+            f"LoRA r = {self.settings['lora_r']}, chunk {self.chunk_size} tokens",
+            "",
+            f"peak in the {self.phase} phase:",
+        ]
         width = max(len(k) for k in self.parts)
         for k, v in self.parts.items():
             rows.append(f"  {k:<{width}}  {v / GiB:7.2f} GiB")
@@ -164,9 +182,16 @@ class MemoryPlan:
         return "\n".join(rows)
 
     def to_dict(self) -> dict:
-        return {"model": dataclasses.asdict(self.shape), "seq_len": self.seq_len, "settings": self.settings,
-                "chunk_size": self.chunk_size, "phase": self.phase, "parts": self.parts, "total": self.total,
-                "phase_totals": self.phase_totals}
+        return {
+            "model": dataclasses.asdict(self.shape),
+            "seq_len": self.seq_len,
+            "settings": self.settings,
+            "chunk_size": self.chunk_size,
+            "phase": self.phase,
+            "parts": self.parts,
+            "total": self.total,
+            "phase_totals": self.phase_totals,
+        }
 
 
 def _lora_params(shape: ModelShape, r: int, targets: Union[str, Sequence[str]]) -> int:
@@ -175,11 +200,23 @@ def _lora_params(shape: ModelShape, r: int, targets: Union[str, Sequence[str]]) 
     return shape.layers * sum(r * (shapes[n][0] + shapes[n][1]) for n in names)
 
 
-def plan_memory(shape: ModelShape, seq_len: int, *, loss: str = "sparsepo", reference: str = "online",
-                top_k: int = DEFAULT_TOP_K, tail_samples: int = DEFAULT_TAIL_SAMPLES, pairs: int = 1, prompt_len: int = 0, lora_r: int = 16,
-                lora_targets: Union[str, Sequence[str]] = "all-linear", dtype: str = "bfloat16",
-                quantization: str = "4bit", independent_masks: bool = False,
-                chunk_bytes: Optional[int] = None) -> MemoryPlan:
+def plan_memory(
+    shape: ModelShape,
+    seq_len: int,
+    *,
+    loss: str = "sparsepo",
+    reference: str = "online",
+    top_k: int = DEFAULT_TOP_K,
+    tail_samples: int = DEFAULT_TAIL_SAMPLES,
+    pairs: int = 1,
+    prompt_len: int = 0,
+    lora_r: int = 16,
+    lora_targets: Union[str, Sequence[str]] = "all-linear",
+    dtype: str = "bfloat16",
+    quantization: str = "4bit",
+    independent_masks: bool = False,
+    chunk_bytes: Optional[int] = None,
+) -> MemoryPlan:
     """Peak memory of one training step at ``seq_len`` tokens per sequence (prompt + response).
 
     reference: "online" (the adapter-off base, run every step), or a cache from
@@ -204,7 +241,7 @@ def plan_memory(shape: ModelShape, seq_len: int, *, loss: str = "sparsepo", refe
     if not 0 <= prompt_len < seq_len:
         raise ValueError(f"prompt_len must be in [0, seq_len), got {prompt_len} with seq_len {seq_len}")
     b = DTYPE_BYTES[dtype]
-    s = 2 * pairs * seq_len                 # token positions in the batch (chosen + rejected rows)
+    s = 2 * pairs * seq_len  # token positions in the batch (chosen + rejected rows)
     n = 2 * pairs * (seq_len - prompt_len)  # response tokens: the op's rows
     h, i, L, q = shape.hidden, shape.intermediate, shape.layers, shape.heads * shape.head_dim
     sparsepo = loss == "sparsepo"
@@ -214,9 +251,11 @@ def plan_memory(shape: ModelShape, seq_len: int, *, loss: str = "sparsepo", refe
 
     # Persistent state.
     base = shape.linear_params() * (NF4_BYTES_PER_PARAM if quantization == "4bit" else b)
-    parts = {"4-bit linear weights" if quantization == "4bit" else "linear weights": int(base),
-             "embeddings, head, norms": shape.other_params() * b,
-             "LoRA + AdamW states": _lora_params(shape, lora_r, lora_targets) * TRAINED_BYTES_PER_PARAM}
+    parts = {
+        "4-bit linear weights" if quantization == "4bit" else "linear weights": int(base),
+        "embeddings, head, norms": shape.other_params() * b,
+        "LoRA + AdamW states": _lora_params(shape, lora_r, lora_targets) * TRAINED_BYTES_PER_PARAM,
+    }
     if sparsepo:
         mask_params = (2 if independent_masks else 1) * (L * h + L + L + 2 * h)
         parts["mask net + AdamW states"] = mask_params * TRAINED_BYTES_PER_PARAM
@@ -238,17 +277,22 @@ def plan_memory(shape: ModelShape, seq_len: int, *, loss: str = "sparsepo", refe
     chunk_rows = default_chunk_size(n, shape.vocab, tdtype, exact, chunk_bytes or DEFAULT_CHUNK_BYTES)
     chunk_buf = chunk_rows * chunk_row_bytes(shape.vocab, tdtype, exact)
     checkpoints = L * s * h * b + s * h * (4 + b)  # layer inputs; final norm input (fp32) and output
-    ref_tensors = {"online": n * h * b, "hidden": n * h * b, "topk": n * (4 + 6 * (top_k + tail_samples)), "label": n * 4}[reference]
+    ref_tensors = {
+        "online": n * h * b,
+        "hidden": n * h * b,
+        "topk": n * (4 + 6 * (top_k + tail_samples)),
+        "label": n * 4,
+    }[reference]
     op_saved = n * h * b + n * 16  # the gradient factor G [N, H] and per-token fp32 outputs
-    forward_phase = (persistent + checkpoints + mask_inputs + ref_tensors + n * h * b + chunk_buf + op_saved)
+    forward_phase = persistent + checkpoints + mask_inputs + ref_tensors + n * h * b + chunk_buf + op_saved
 
     # Backward at the last layer: one layer recomputed with grad (its saved activations, per token),
     # then its gradients (three [s, I] and two [s, H] at once) and a dequantised weight.
-    per_token = (h * 4 if b < 4 else 0) + h * b          # input RMSNorm: fp32 input copy, output
+    per_token = (h * 4 if b < 4 else 0) + h * b  # input RMSNorm: fp32 input copy, output
     per_token += 3 * q * b + q * b + q * b + 4 * shape.heads  # q, k, v (expanded), SDPA output, o_proj input, lse
-    per_token += h * 4 + h * b                            # residual sum (fp32 for the norm), norm output
-    per_token += 4 * i * b                                # gate, SiLU(gate), up, product
-    per_token += 2 * lora_r * 4 * len(LINEARS)            # LoRA A outputs / B inputs
+    per_token += h * 4 + h * b  # residual sum (fp32 for the norm), norm output
+    per_token += 4 * i * b  # gate, SiLU(gate), up, product
+    per_token += 2 * lora_r * 4 * len(LINEARS)  # LoRA A outputs / B inputs
     layer = s * per_token
     grads = s * (3 * i + 2 * h) * b + dequant
     backward_phase = persistent + checkpoints + mask_inputs + op_saved + s * h * b + layer + grads
@@ -269,15 +313,32 @@ def plan_memory(shape: ModelShape, seq_len: int, *, loss: str = "sparsepo", refe
             parts["recomputed layer"] = layer
             parts["layer gradients + dequantised weight"] = grads
             parts["loss per-token tensors"] = op_saved + s * h * b
-    settings = dict(loss=loss, reference=reference, top_k=top_k, tail_samples=tail_samples, pairs=pairs,
-                    prompt_len=prompt_len, lora_r=lora_r, dtype=dtype, quantization=quantization,
-                    independent_masks=independent_masks)
-    return MemoryPlan(shape, seq_len, settings, chunk_rows, peak, {k: int(v) for k, v in parts.items()},
-                      {k: int(v) for k, v in phases.items()})
+    settings = dict(
+        loss=loss,
+        reference=reference,
+        top_k=top_k,
+        tail_samples=tail_samples,
+        pairs=pairs,
+        prompt_len=prompt_len,
+        lora_r=lora_r,
+        dtype=dtype,
+        quantization=quantization,
+        independent_masks=independent_masks,
+    )
+    return MemoryPlan(
+        shape,
+        seq_len,
+        settings,
+        chunk_rows,
+        peak,
+        {k: int(v) for k, v in parts.items()},
+        {k: int(v) for k, v in phases.items()},
+    )
 
 
-def max_seq_len(shape: ModelShape, budget_bytes: int, *, device: str = "cuda", step: int = 256,
-                limit: int = 1 << 17, **kwargs) -> int:
+def max_seq_len(
+    shape: ModelShape, budget_bytes: int, *, device: str = "cuda", step: int = 256, limit: int = 1 << 17, **kwargs
+) -> int:
     """The largest T (a multiple of ``step``) whose plan fits ``budget_bytes``; 0 if none does.
 
     ``prompt_frac`` (default 0) sets each candidate's prompt length to that fraction of T; the

@@ -26,29 +26,57 @@ class ModelConfig:
     :func:`load_policy` calls: in training they come from the training config.
     """
 
-    model_name_or_path: Optional[str] = field(default=None, metadata={
-        "group": "model", "help": "local folder, hub name, or 'smollm2-135m-instruct' (the SmolLM2 GGUF package)"})
-    quantization: str = field(default="4bit", metadata={
-        "group": "model", "help": "4bit (NF4 with double quantisation: QLoRA) or none"})
-    dtype: str = field(default="auto", metadata={
-        "group": "model",
-        "help": "compute dtype: auto (bfloat16 on CUDA, float32 on the CPU), bfloat16, float16 or float32"})
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={
+            "group": "model",
+            "help": "local folder, hub name, or 'smollm2-135m-instruct' (the SmolLM2 GGUF package)",
+        },
+    )
+    quantization: str = field(
+        default="4bit", metadata={"group": "model", "help": "4bit (NF4 with double quantisation: QLoRA) or none"}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "group": "model",
+            "help": "compute dtype: auto (bfloat16 on CUDA, float32 on the CPU), bfloat16, float16 or float32",
+        },
+    )
     lora_r: int = field(default=16, metadata={"group": "model", "help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"group": "model", "help": "LoRA scaling numerator (alpha / r)"})
-    lora_dropout: float = field(default=0.0, metadata={"group": "model", "help": "dropout on the LoRA input, in [0, 1)"})
-    lora_target_modules: List[str] = field(default_factory=lambda: ["all-linear"], metadata={
-        "group": "model", "help": "modules that get an adapter: all-linear (every linear projection but the head) "
-                                  "or names such as q_proj v_proj"})
-    attn_implementation: Optional[str] = field(default=None, metadata={
-        "group": "model", "help": "attention kernel; default sdpa (flash_attention_2 on CUDA when flash-attn is "
-                                  "installed)"})
-    use_liger: Optional[bool] = field(default=None, metadata={
-        "group": "model", "help": "Liger RMSNorm, RoPE and SwiGLU kernels; default: on CUDA when liger-kernel is "
-                                  "installed"})
-    gradient_checkpointing: bool = field(default=True, metadata={
-        "cli": False, "help": "recompute activations in backward (training: the training config's field)"})
-    device: Optional[str] = field(default=None, metadata={
-        "cli": False, "help": "where to load (default: cuda if available)"})
+    lora_dropout: float = field(
+        default=0.0, metadata={"group": "model", "help": "dropout on the LoRA input, in [0, 1)"}
+    )
+    lora_target_modules: List[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={
+            "group": "model",
+            "help": "modules that get an adapter: all-linear (every linear projection but the head) "
+            "or names such as q_proj v_proj",
+        },
+    )
+    attn_implementation: Optional[str] = field(
+        default=None,
+        metadata={
+            "group": "model",
+            "help": "attention kernel; default sdpa (flash_attention_2 on CUDA when flash-attn is installed)",
+        },
+    )
+    use_liger: Optional[bool] = field(
+        default=None,
+        metadata={
+            "group": "model",
+            "help": "Liger RMSNorm, RoPE and SwiGLU kernels; default: on CUDA when liger-kernel is installed",
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=True,
+        metadata={"cli": False, "help": "recompute activations in backward (training: the training config's field)"},
+    )
+    device: Optional[str] = field(
+        default=None, metadata={"cli": False, "help": "where to load (default: cuda if available)"}
+    )
 
     def __post_init__(self):
         if isinstance(self.lora_target_modules, str):
@@ -156,10 +184,9 @@ def load_policy(cfg: ModelConfig, *, tokenizer: bool = True):
     if cfg.quantization == "4bit":
         _require_bitsandbytes()
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else
-                                device.type}
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else device.type}
     model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if cfg.quantization != "4bit":
         model.to(device)
@@ -192,8 +219,9 @@ def random_policy(config: dict, cfg: ModelConfig, *, seed: int = 0):
     model_config = transformers.AutoConfig.for_model(**config)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(model_config, dtype=dtype,
-                                                              attn_implementation=_attention(cfg, device))
+        model = transformers.AutoModelForCausalLM.from_config(
+            model_config, dtype=dtype, attn_implementation=_attention(cfg, device)
+        )
     model.config.name_or_path = cfg.model_name_or_path
     if cfg.quantization == "4bit":
         _require_bitsandbytes()
@@ -216,12 +244,19 @@ def quantize_linears_nf4(model: nn.Module, compute_dtype: torch.dtype) -> int:
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear or child is head:
                 continue
-            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
-                                  device="meta")
+            q = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=compute_dtype,
+                compress_statistics=True,
+                quant_type="nf4",
+                device="meta",
+            )
             weight = child.weight.detach()
-            q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4",
-                                         module=q).to(weight.device)  # .to() quantises
+            q.weight = bnb.nn.Params4bit(
+                weight, requires_grad=False, compress_statistics=True, quant_type="nf4", module=q
+            ).to(weight.device)  # .to() quantises
             if child.bias is not None:
                 q.bias = nn.Parameter(child.bias.detach(), requires_grad=False)
             setattr(parent, name, q)
@@ -233,7 +268,8 @@ def quantize_linears_nf4(model: nn.Module, compute_dtype: torch.dtype) -> int:
 
 def _attention(cfg: ModelConfig, device: torch.device) -> str:
     return cfg.attn_implementation or (
-        "flash_attention_2" if device.type == "cuda" and _installed("flash_attn") else "sdpa")
+        "flash_attention_2" if device.type == "cuda" and _installed("flash_attn") else "sdpa"
+    )
 
 
 def attach_adapter(model: nn.Module, cfg: ModelConfig):
@@ -251,8 +287,9 @@ def attach_adapter(model: nn.Module, cfg: ModelConfig):
     if use_liger:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-        _apply_liger_kernel_to_instance(model=model, rms_norm=True, rope=True, swiglu=True,
-                                        cross_entropy=False, fused_linear_cross_entropy=False)
+        _apply_liger_kernel_to_instance(
+            model=model, rms_norm=True, rope=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+        )
     disable_dropout(model)
     if cfg.quantization == "4bit":
         disable_avx512_bf16_repacking(model)
@@ -262,14 +299,22 @@ def attach_adapter(model: nn.Module, cfg: ModelConfig):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     targets = "all-linear" if cfg.lora_target_modules == ["all-linear"] else list(cfg.lora_target_modules)
-    model = peft.get_peft_model(model, peft.LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-        task_type="CAUSAL_LM"))
+    model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        ),
+    )
     model.get_output_embeddings().weight.requires_grad_(False)
     return model
 
 
 # --- model access: what the loss needs from a (peft-wrapped) causal LM ---------------------------
+
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (or the model itself)."""
@@ -288,8 +333,10 @@ def lm_head(lm: nn.Module) -> torch.Tensor:
             raise ValueError(f"{type(lm).__name__} transforms its logits ({attr}); not supported")
     w = head.weight
     if w.requires_grad:
-        raise ValueError("the lm_head weight requires grad, but sparsepo-lite never trains the head "
-                         "(freeze it: model.get_output_embeddings().weight.requires_grad_(False))")
+        raise ValueError(
+            "the lm_head weight requires grad, but sparsepo-lite never trains the head "
+            "(freeze it: model.get_output_embeddings().weight.requires_grad_(False))"
+        )
     return w
 
 
@@ -311,5 +358,7 @@ def reference_model(model: nn.Module, ref_model: Optional[nn.Module] = None):
         with model.disable_adapter():
             yield model
     else:
-        raise ValueError("no reference model: pass a peft model (the reference is the base with its adapter "
-                         "disabled) or set LossConfig.ref_model")
+        raise ValueError(
+            "no reference model: pass a peft model (the reference is the base with its adapter "
+            "disabled) or set LossConfig.ref_model"
+        )

@@ -59,9 +59,16 @@ class LossConfig:
     chunk_size: Optional[int] = None
 
     def __post_init__(self):
-        check_loss_settings(self.loss_type, beta=self.beta, alpha=self.alpha, label_smoothing=self.label_smoothing,
-                            l1_reward=self.l1_reward, l1_kl=self.l1_kl, mapo_mapping=self.mapo_mapping,
-                            chunk_size=self.chunk_size)
+        check_loss_settings(
+            self.loss_type,
+            beta=self.beta,
+            alpha=self.alpha,
+            label_smoothing=self.label_smoothing,
+            l1_reward=self.l1_reward,
+            l1_kl=self.l1_kl,
+            mapo_mapping=self.mapo_mapping,
+            chunk_size=self.chunk_size,
+        )
         if self.loss_type == "sparsepo" and self.masks is None:
             raise ValueError("loss_type='sparsepo' needs masks=SparsePOMasks.for_model(model)")
 
@@ -69,8 +76,17 @@ class LossConfig:
 MAPO_MAPPINGS = ("zn_rescale", "uniform")
 
 
-def check_loss_settings(loss_type: str, *, beta: float, alpha: float, label_smoothing: float, l1_reward: float,
-                        l1_kl: float, mapo_mapping: str, chunk_size: Optional[int]) -> None:
+def check_loss_settings(
+    loss_type: str,
+    *,
+    beta: float,
+    alpha: float,
+    label_smoothing: float,
+    l1_reward: float,
+    l1_kl: float,
+    mapo_mapping: str,
+    chunk_size: Optional[int],
+) -> None:
     """Raise ``ValueError`` naming the first loss setting that is unknown, non-finite or out of range
     (shared by :class:`LossConfig` and the trainer's config, which checks before loading a model)."""
     check_choice("loss_type", loss_type, LOSS_TYPES)
@@ -89,8 +105,10 @@ def _check_batch(batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             raise KeyError(f"batch is missing {key!r} (needs input_ids, attention_mask, labels)")
     ids, att, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     if ids.dim() != 2 or ids.shape != att.shape or ids.shape != labels.shape:
-        raise ValueError(f"input_ids {list(ids.shape)}, attention_mask {list(att.shape)} and labels "
-                         f"{list(labels.shape)} must all be [2B, T]")
+        raise ValueError(
+            f"input_ids {list(ids.shape)}, attention_mask {list(att.shape)} and labels "
+            f"{list(labels.shape)} must all be [2B, T]"
+        )
     if ids.shape[0] == 0 or ids.shape[0] % 2:
         raise ValueError(f"batch needs an even, non-zero number of rows (B chosen then B rejected), got {ids.shape[0]}")
     return ids, att, labels
@@ -98,6 +116,7 @@ def _check_batch(batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def _cached_reference(batch, config: LossConfig, response, weight, dtype):
     """The op's reference from a batch that carries cached reference tensors (see refcache/)."""
+
     def get(name):
         return batch.get(keys.batch_key(name))
 
@@ -105,14 +124,18 @@ def _cached_reference(batch, config: LossConfig, response, weight, dtype):
     have = response.sum(dim=1)
     if not torch.equal(counts, have):
         bad = (counts != have).nonzero().flatten().tolist()
-        raise ValueError(f"reference cache does not match the batch: rows {bad} have {have[bad].tolist()} "
-                         f"response tokens but the cache holds {counts[bad].tolist()}")
+        raise ValueError(
+            f"reference cache does not match the batch: rows {bad} have {have[bad].tolist()} "
+            f"response tokens but the cache holds {counts[bad].tolist()}"
+        )
     label = get(keys.LABEL_LOGP)
     fixed = None
     if config.loss_type == "mapo" and config.mapo_mapping != "uniform":
         if get(keys.MAPO_MASK) is None:
-            raise ValueError("loss_type='mapo' with a reference cache needs its precomputed MaPO masks; "
-                             "precompute the cache with loss_type: mapo in the config")
+            raise ValueError(
+                "loss_type='mapo' with a reference cache needs its precomputed MaPO masks; "
+                "precompute the cache with loss_type: mapo in the config"
+            )
         fixed = get(keys.MAPO_MASK)
     elif config.loss_type == "mapo":
         fixed = torch.ones_like(label)
@@ -121,18 +144,22 @@ def _cached_reference(batch, config: LossConfig, response, weight, dtype):
     hidden = get(keys.HIDDEN)
     if hidden is not None:
         if hidden.dtype != dtype:
-            raise TypeError(f"cached reference hidden states are {hidden.dtype} but the policy's "
-                            f"are {dtype}; precompute in the training dtype")
+            raise TypeError(
+                f"cached reference hidden states are {hidden.dtype} but the policy's "
+                f"are {dtype}; precompute in the training dtype"
+            )
         return ExactReference(hidden, weight), fixed
     if get(keys.TOPK_IDS) is not None:
-        return TopKReference(get(keys.TOPK_IDS), get(keys.TOPK_LOGP), label, get(keys.TAIL_IDS),
-                             get(keys.TAIL_LOGP)), fixed
-    raise ValueError(f"loss_type={config.loss_type!r} needs the reference distribution, but the cache holds "
-                     "label log-probs only; precompute with --top-k K or --store hidden")
+        return TopKReference(
+            get(keys.TOPK_IDS), get(keys.TOPK_LOGP), label, get(keys.TAIL_IDS), get(keys.TAIL_LOGP)
+        ), fixed
+    raise ValueError(
+        f"loss_type={config.loss_type!r} needs the reference distribution, but the cache holds "
+        "label log-probs only; precompute with --top-k K or --store hidden"
+    )
 
 
-def compute_loss(model, batch: Dict[str, torch.Tensor], config: LossConfig, *,
-                 return_details: bool = False):
+def compute_loss(model, batch: Dict[str, torch.Tensor], config: LossConfig, *, return_details: bool = False):
     """Loss of ``config.loss_type`` on one batch, and metrics (floats).
 
     Returns ``(loss, metrics)``, or ``(loss, metrics, details)`` with ``return_details`` where
@@ -152,14 +179,21 @@ def compute_loss(model, batch: Dict[str, torch.Tensor], config: LossConfig, *,
     need_layers = config.loss_type == "sparsepo"
     cached = keys.batch_key(keys.LABEL_LOGP) in batch
     if not cached:  # the reference first: its activations are freed before the policy's graph grows
-        ref_pass = reference_pass(model, ids, att, response, seq_ids, pos, ref_model=config.ref_model,
-                                  need_layers=need_layers,
-                                  mapo_mapping=config.mapo_mapping if config.loss_type == "mapo" else None,
-                                  mapo_hooks=config.mapo_hooks)
+        ref_pass = reference_pass(
+            model,
+            ids,
+            att,
+            response,
+            seq_ids,
+            pos,
+            ref_model=config.ref_model,
+            need_layers=need_layers,
+            mapo_mapping=config.mapo_mapping if config.loss_type == "mapo" else None,
+            mapo_hooks=config.mapo_hooks,
+        )
     # With a cache (refcache/) there is no reference forward; the mask net then reads the
     # policy's own hidden states, detached: the reference's layers are too large to cache.
-    out = backbone(lm)(input_ids=ids, attention_mask=att, output_hidden_states=cached and need_layers,
-                        use_cache=False)
+    out = backbone(lm)(input_ids=ids, attention_mask=att, output_hidden_states=cached and need_layers, use_cache=False)
     hidden = out.last_hidden_state[seq_ids, pos]
     if cached:
         layer_states = [h[seq_ids, pos].detach() for h in out.hidden_states[1:]] if need_layers else None
@@ -167,8 +201,10 @@ def compute_loss(model, batch: Dict[str, torch.Tensor], config: LossConfig, *,
     else:
         layer_states, fixed = ref_pass.layer_states, ref_pass.mapo_mask
         if hidden.dtype != ref_pass.hidden.dtype:
-            raise TypeError(f"policy hidden states are {hidden.dtype} but the reference's are "
-                            f"{ref_pass.hidden.dtype}; load both in one dtype")
+            raise TypeError(
+                f"policy hidden states are {hidden.dtype} but the reference's are "
+                f"{ref_pass.hidden.dtype}; load both in one dtype"
+            )
         ref = ExactReference(ref_pass.hidden, ref_pass.weight)
     del out
 
@@ -183,17 +219,27 @@ def compute_loss(model, batch: Dict[str, torch.Tensor], config: LossConfig, *,
         if config.loss_type == "tdpo2":
             # TDPO2's chosen KL enters as a detached per-sequence sum; weighting it per token is
             # not implemented, and weighting only the rejected side would be inconsistent.
-            raise ValueError("token_weights are not supported with loss_type='tdpo2' (use tdpo1, dpo, "
-                             "sparsepo or mapo)")
+            raise ValueError(
+                "token_weights are not supported with loss_type='tdpo2' (use tdpo1, dpo, sparsepo or mapo)"
+            )
         tw = batch["token_weights"][:, 1:][seq_ids, pos]
         fixed = tw if fixed is None else fixed * tw
 
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    u, d = token_weights_for(config.loss_type, num_pairs, seq_ids, alpha=config.alpha, reward_mask=reward_mask,
-                             kl_mask=kl_mask, fixed_mask=fixed, dtype=acc)
+    u, d = token_weights_for(
+        config.loss_type,
+        num_pairs,
+        seq_ids,
+        alpha=config.alpha,
+        reward_mask=reward_mask,
+        kl_mask=kl_mask,
+        fixed_mask=fixed,
+        dtype=acc,
+    )
     ps = pair_stats(hidden, weight, y, seq_ids, num_pairs, ref, u, d, chunk_size=config.chunk_size)
-    losses = preference_loss(ps, config.loss_type, config.beta, alpha=config.alpha,
-                             label_smoothing=config.label_smoothing)
+    losses = preference_loss(
+        ps, config.loss_type, config.beta, alpha=config.alpha, label_smoothing=config.label_smoothing
+    )
     l1 = _l1_penalty(config, seq_ids, rows, reward_mask, kl_mask, acc)
     if l1 is not None:
         losses = losses + l1
@@ -203,11 +249,20 @@ def compute_loss(model, batch: Dict[str, torch.Tensor], config: LossConfig, *,
     metrics["loss"] = float(loss.detach())
     if not return_details:
         return loss, metrics
-    details = dict(seq_ids=seq_ids, positions=pos, labels=y, u=u.detach(), d=None if d is None else d.detach(),
-                   reward_mask=None if reward_mask is None else reward_mask.detach(),
-                   kl_mask=None if kl_mask is None else kl_mask.detach(),
-                   fixed_mask=fixed, pair_losses=losses.detach(), logp=ps.tokens.logp, ref_logp=ps.tokens.ref_logp,
-                   kl=ps.tokens.kl)
+    details = dict(
+        seq_ids=seq_ids,
+        positions=pos,
+        labels=y,
+        u=u.detach(),
+        d=None if d is None else d.detach(),
+        reward_mask=None if reward_mask is None else reward_mask.detach(),
+        kl_mask=None if kl_mask is None else kl_mask.detach(),
+        fixed_mask=fixed,
+        pair_losses=losses.detach(),
+        logp=ps.tokens.logp,
+        ref_logp=ps.tokens.ref_logp,
+        kl=ps.tokens.kl,
+    )
     return loss, metrics, details
 
 
@@ -222,7 +277,7 @@ def _l1_penalty(config, seq_ids, rows, reward_mask, kl_mask, acc):
         if mask is None or lam == 0:
             continue
         per_seq = torch.zeros(rows, dtype=acc, device=mask.device).index_add(0, seq_ids, mask.to(acc).abs())
-        term = half * lam * (per_seq[: rows // 2] + per_seq[rows // 2:])
+        term = half * lam * (per_seq[: rows // 2] + per_seq[rows // 2 :])
         total = term if total is None else total + term
     return total
 
@@ -232,8 +287,11 @@ def _mask_health(prefix: str, mask: torch.Tensor, seq_ids: torch.Tensor, b: int)
     whose mask is 0 on every token of both responses (no gradient reaches the policy from them)."""
     alive = torch.zeros(2 * b, device=mask.device).index_add(0, seq_ids, (mask != 0).float())
     pair_alive = alive[:b] + alive[b:]
-    return {prefix + "mean": mask.float().mean().item(), prefix + "dead": (mask == 0).float().mean().item(),
-            prefix + "dead_pairs": (pair_alive == 0).float().mean().item()}
+    return {
+        prefix + "mean": mask.float().mean().item(),
+        prefix + "dead": (mask == 0).float().mean().item(),
+        prefix + "dead_pairs": (pair_alive == 0).float().mean().item(),
+    }
 
 
 def _metrics(ps, config, b, seq_ids, reward_mask, kl_mask, fixed) -> Dict[str, float]:
@@ -251,8 +309,10 @@ def _metrics(ps, config, b, seq_ids, reward_mask, kl_mask, fixed) -> Dict[str, f
         m["kl/chosen"] = ps.kl[:b].mean().item()
         m["kl/rejected"] = ps.kl[b:].mean().item()
     if config.loss_type == "sparsepo":
-        for prefix, mask in (("mask/", reward_mask if reward_mask is not None else kl_mask),
-                             ("mask/kl_", kl_mask if config.masks.independent and reward_mask is not None else None)):
+        for prefix, mask in (
+            ("mask/", reward_mask if reward_mask is not None else kl_mask),
+            ("mask/kl_", kl_mask if config.masks.independent and reward_mask is not None else None),
+        ):
             if mask is not None:
                 m.update(_mask_health(prefix, mask, seq_ids, b))
     elif config.loss_type == "mapo" and fixed is not None:

@@ -27,10 +27,19 @@ class ReferencePass(NamedTuple):
     mapo_mask: Optional[torch.Tensor]
 
 
-def reference_pass(model: nn.Module, ids: torch.Tensor, att: torch.Tensor, response: torch.Tensor,
-                   seq_ids: torch.Tensor, pos: torch.Tensor, *, ref_model: Optional[nn.Module] = None,
-                   need_layers: bool = False, mapo_mapping: Optional[str] = None,
-                   mapo_hooks: Sequence[str] = MAPO_HOOK_TYPES) -> ReferencePass:
+def reference_pass(
+    model: nn.Module,
+    ids: torch.Tensor,
+    att: torch.Tensor,
+    response: torch.Tensor,
+    seq_ids: torch.Tensor,
+    pos: torch.Tensor,
+    *,
+    ref_model: Optional[nn.Module] = None,
+    need_layers: bool = False,
+    mapo_mapping: Optional[str] = None,
+    mapo_hooks: Sequence[str] = MAPO_HOOK_TYPES,
+) -> ReferencePass:
     """One no-grad forward of the reference (``ref_model``, or ``model`` with its adapter disabled).
 
     ids, att [2B, T] int; response [2B, T] bool (the response tokens); seq_ids, pos [N] int: the row
@@ -45,8 +54,9 @@ def reference_pass(model: nn.Module, ids: torch.Tensor, att: torch.Tensor, respo
         ref_weight = lm_head(lm) if ref_lm is lm else lm_head(ref_lm)
         hooks = record_activation_means(ref, mapo_hooks) if use_hooks else contextlib.nullcontext({})
         with hooks as store:
-            ref_out = backbone(ref_lm)(input_ids=ids, attention_mask=att, output_hidden_states=need_layers,
-                                       use_cache=False)
+            ref_out = backbone(ref_lm)(
+                input_ids=ids, attention_mask=att, output_hidden_states=need_layers, use_cache=False
+            )
         ref_last = ref_out.last_hidden_state
         layer_states = [h[seq_ids, pos] for h in ref_out.hidden_states[1:]] if need_layers else None
         mapo = None
@@ -54,6 +64,6 @@ def reference_pass(model: nn.Module, ids: torch.Tensor, att: torch.Tensor, respo
             logit_means = None
             if use_hooks and "logits" in mapo_hooks:
                 # mean_v (W h)_v = h . mean_v W_v: the logits' feature mean without [T, V]
-                logit_means = (ref_last.float() @ ref_weight.float().mean(0))
+                logit_means = ref_last.float() @ ref_weight.float().mean(0)
             mapo = mapo_masks(store, response, logit_means, mapo_mapping)[seq_ids, pos]
         return ReferencePass(ref_last[seq_ids, pos], ref_weight, layer_states, mapo)

@@ -14,8 +14,13 @@ import torch
 from .ops import ExactReference, LabelReference, Reference, TokenStats, TopKReference
 
 
-def topk_tail_kl(lq_top: torch.Tensor, lp: torch.Tensor, ids: torch.Tensor, tail_ids: Optional[torch.Tensor] = None,
-                 tail_lq: Optional[torch.Tensor] = None) -> torch.Tensor:
+def topk_tail_kl(
+    lq_top: torch.Tensor,
+    lp: torch.Tensor,
+    ids: torch.Tensor,
+    tail_ids: Optional[torch.Tensor] = None,
+    tail_lq: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """KL from a top-k reference: the k ids plus one "other" bucket, plus (with tail samples) the
     bucket's unbiased correction.
 

@@ -7,9 +7,17 @@ import math
 from typing import Optional
 
 
-def check_number(name: str, value, *, low: Optional[float] = None, high: Optional[float] = None,
-                 low_open: bool = False, high_open: bool = False, integer: bool = False,
-                 optional: bool = False) -> None:
+def check_number(
+    name: str,
+    value,
+    *,
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+    optional: bool = False,
+) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite number in the range.
 
     ``low``/``high`` bound it (inclusive, or exclusive with ``low_open``/``high_open``);

@@ -60,8 +60,9 @@ def sample_tail(lq: torch.Tensor, ids: torch.Tensor, m: int, generator=None) -> 
     return torch.multinomial(tail.cpu(), m, replacement=True, generator=generator).to(lq.device)
 
 
-def make_problem(n, h, v, ref_kind, *, dtype=torch.float32, device="cpu", k=8, num_seqs=None,
-                 ref_noise=0.5, logit_scale=2.0, m=6):
+def make_problem(
+    n, h, v, ref_kind, *, dtype=torch.float32, device="cpu", k=8, num_seqs=None, ref_noise=0.5, logit_scale=2.0, m=6
+):
     """Random tokens in unequal sequences (one of length 1, one empty), labels hitting 0 and V-1,
     some zero weights (masked tokens), and a reference near the policy. ``ref_kind`` "sampled" is a
     top-k reference with ``m`` tail samples."""
@@ -72,9 +73,11 @@ def make_problem(n, h, v, ref_kind, *, dtype=torch.float32, device="cpu", k=8, n
     labels = torch.randint(0, v, (n,))
     labels[0], labels[-1] = 0, v - 1
     # sequence 0 has exactly one token, the others unequal lengths (the last empty if num_seqs > 2)
-    seq_ids = torch.cat([torch.zeros(1, dtype=torch.long),
-                         torch.randint(1, max(2, num_seqs - 1), (n - 1,)).sort().values]) if n else \
-        torch.zeros(0, dtype=torch.long)
+    seq_ids = (
+        torch.cat([torch.zeros(1, dtype=torch.long), torch.randint(1, max(2, num_seqs - 1), (n - 1,)).sort().values])
+        if n
+        else torch.zeros(0, dtype=torch.long)
+    )
     logp_weight = torch.randn(n, dtype=torch.float64)
     logp_weight[torch.rand(n) < 0.2] = 0.0
     kl_weight = torch.rand(n, dtype=torch.float64) if ref_kind in ("exact", "topk", "sampled") else None
@@ -98,9 +101,16 @@ def make_problem(n, h, v, ref_kind, *, dtype=torch.float32, device="cpu", k=8, n
     else:
         ref = None
     wdt = torch.float64 if dtype == torch.float64 else torch.float32  # token weights: fp32 or fp64
-    return Problem(hidden.requires_grad_(True), weight, labels.to(device), seq_ids.to(device), num_seqs,
-                   logp_weight.to(wdt).to(device).requires_grad_(True),
-                   None if kl_weight is None else kl_weight.to(wdt).to(device).requires_grad_(True), ref)
+    return Problem(
+        hidden.requires_grad_(True),
+        weight,
+        labels.to(device),
+        seq_ids.to(device),
+        num_seqs,
+        logp_weight.to(wdt).to(device).requires_grad_(True),
+        None if kl_weight is None else kl_weight.to(wdt).to(device).requires_grad_(True),
+        ref,
+    )
 
 
 def as_float64(p: Problem) -> Problem:
@@ -110,12 +120,18 @@ def as_float64(p: Problem) -> Problem:
     if isinstance(ref, sp.ExactReference):
         ref = sp.ExactReference(ref.hidden.double(), ref.weight.double())
     elif isinstance(ref, sp.TopKReference):
-        ref = sp.TopKReference(ref.ids, ref.logprobs.double(), ref.label_logp.double(), ref.tail_ids,
-                               None if ref.tail_logprobs is None else ref.tail_logprobs.double())
+        ref = sp.TopKReference(
+            ref.ids,
+            ref.logprobs.double(),
+            ref.label_logp.double(),
+            ref.tail_ids,
+            None if ref.tail_logprobs is None else ref.tail_logprobs.double(),
+        )
     elif isinstance(ref, sp.LabelReference):
         ref = sp.LabelReference(ref.label_logp.double())
-    return Problem(d(p.hidden), p.weight.double(), p.labels, p.seq_ids, p.num_seqs, d(p.logp_weight),
-                   d(p.kl_weight), ref)
+    return Problem(
+        d(p.hidden), p.weight.double(), p.labels, p.seq_ids, p.num_seqs, d(p.logp_weight), d(p.kl_weight), ref
+    )
 
 
 def leaves(p: Problem):
@@ -130,8 +146,15 @@ def save_tiny_llama(path, seed: int = 0) -> str:
 
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_path())
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
@@ -146,8 +169,14 @@ def review_rows(n, offset=0):
     """Toy preference rows: a film review prompt, a positive chosen and a negative rejected word."""
     good = [" great", " wonderful", " superb", " lovely"]
     bad = [" awful", " terrible", " boring", " dreadful"]
-    return [{"prompt": f"Review {i + offset}: the film was", "chosen": good[i % 4] + ".", "rejected": bad[(i + 1) % 4] + "."}
-            for i in range(n)]
+    return [
+        {
+            "prompt": f"Review {i + offset}: the film was",
+            "chosen": good[i % 4] + ".",
+            "rejected": bad[(i + 1) % 4] + ".",
+        }
+        for i in range(n)
+    ]
 
 
 def bench_module(name: str):
@@ -160,8 +189,13 @@ def bench_module(name: str):
 
 
 #: The op's reference kinds by the names make_problem takes ("sampled": top-k plus tail draws).
-OP_KINDS = {"exact": RefKind.EXACT, "topk": RefKind.TOPK, "sampled": RefKind.TOPK, "label": RefKind.LABEL,
-            "none": RefKind.NONE}
+OP_KINDS = {
+    "exact": RefKind.EXACT,
+    "topk": RefKind.TOPK,
+    "sampled": RefKind.TOPK,
+    "label": RefKind.LABEL,
+    "none": RefKind.NONE,
+}
 
 
 def raw_op_args(p, kind, chunk, need_grad):
@@ -169,12 +203,25 @@ def raw_op_args(p, kind, chunk, need_grad):
     r = p.ref
     n = p.hidden.shape[0]
     kl_w = p.kl_weight.detach() if p.kl_weight is not None else torch.zeros(n, dtype=p.logp_weight.dtype)
-    return (p.hidden.detach(), p.weight, p.labels, p.seq_ids, p.num_seqs, p.logp_weight.detach(), kl_w,
-            OP_KINDS[kind],
-            r.hidden if kind == "exact" else None, r.weight if kind == "exact" else None,
-            r.ids if kind in ("topk", "sampled") else None, r.logprobs if kind in ("topk", "sampled") else None,
-            r.tail_ids if kind == "sampled" else None, r.tail_logprobs if kind == "sampled" else None,
-            r.label_logp if kind in ("topk", "sampled", "label") else None, chunk, need_grad)
+    return (
+        p.hidden.detach(),
+        p.weight,
+        p.labels,
+        p.seq_ids,
+        p.num_seqs,
+        p.logp_weight.detach(),
+        kl_w,
+        OP_KINDS[kind],
+        r.hidden if kind == "exact" else None,
+        r.weight if kind == "exact" else None,
+        r.ids if kind in ("topk", "sampled") else None,
+        r.logprobs if kind in ("topk", "sampled") else None,
+        r.tail_ids if kind == "sampled" else None,
+        r.tail_logprobs if kind == "sampled" else None,
+        r.label_logp if kind in ("topk", "sampled", "label") else None,
+        chunk,
+        need_grad,
+    )
 
 
 # Tolerances against the float64 oracle, per input dtype: (rtol, atol) for per-token values and
@@ -202,16 +249,24 @@ def compare_with_oracle(p, chunk, dtype, seed):
     ora = token_stats_reference(*p64.args(), **p64.kwargs())
     rtol, atol = OP_TOL[dtype]["val"]
     msg = lambda what: f"{what} (seed {seed})"
-    for got, want, name in ((out.logp, ora.logp, "logp"), (out.ref_logp, ora.ref_logp, "ref_logp"),
-                            (out.kl, ora.kl, "kl")):
+    for got, want, name in (
+        (out.logp, ora.logp, "logp"),
+        (out.ref_logp, ora.ref_logp, "ref_logp"),
+        (out.kl, ora.kl, "kl"),
+    ):
         if want is None:
             assert got is None, name
             continue
         assert torch.isfinite(got).all(), msg(f"{name} has NaN/inf")
         torch.testing.assert_close(got.double().cpu(), want.detach().cpu(), rtol=rtol, atol=atol, msg=msg(name))
     n_max = int(torch.bincount(p.seq_ids.cpu(), minlength=p.num_seqs).max()) if p.labels.numel() else 1
-    torch.testing.assert_close(out.seq_sums.double().cpu(), ora.seq_sums.detach().cpu(), rtol=rtol,
-                               atol=atol * max(n_max, 1), msg=msg("seq_sums"))
+    torch.testing.assert_close(
+        out.seq_sums.double().cpu(),
+        ora.seq_sums.detach().cpu(),
+        rtol=rtol,
+        atol=atol * max(n_max, 1),
+        msg=msg("seq_sums"),
+    )
 
     grads = torch.autograd.grad(upstream_loss(out.seq_sums), leaves(p))
     want = torch.autograd.grad(upstream_loss(ora.seq_sums), leaves(p64))
@@ -219,5 +274,6 @@ def compare_with_oracle(p, chunk, dtype, seed):
     for g, w, name in zip(grads, want, ("hidden", "logp_weight", "kl_weight")):
         assert g.dtype == getattr(p, name if name == "hidden" else name).dtype, name
         assert torch.isfinite(g).all(), msg(f"grad {name} has NaN/inf")
-        torch.testing.assert_close(g.double().cpu(), w.cpu(), rtol=rtol, atol=atol * (1 + w.abs().max().item()),
-                                   msg=msg(f"grad {name}"))
+        torch.testing.assert_close(
+            g.double().cpu(), w.cpu(), rtol=rtol, atol=atol * (1 + w.abs().max().item()), msg=msg(f"grad {name}")
+        )

@@ -38,5 +38,6 @@ if a.kill_in_shard is not None:
 
     real_save, pre._save_atomic = pre._save_atomic, save_then_die
 
-pre.precompute_reference(model, tok, {"train": examples}, a.out, fingerprint=fp, top_k=8, batch_size=3, shard_size=4,
-                         progress=False)
+pre.precompute_reference(
+    model, tok, {"train": examples}, a.out, fingerprint=fp, top_k=8, batch_size=3, shard_size=4, progress=False
+)

@@ -87,16 +87,48 @@ def test_merge_keeps_rows_of_the_same_machine_only(bench_e2e, small_model, tmp_p
 def test_rows_in_the_given_order_and_a_deadline_skips_what_cannot_finish(bench_e2e, tmp_path, monkeypatch):
     out = str(tmp_path / "e2e")
     rows = ["op_sparsepo_online@40", "op_dpo_cached@24"]
-    monkeypatch.setattr(sys, "argv", ["bench_e2e.py", "--model", "tiny", "--out", out, "--one-process", "--steps", "1",
-                                      "--rows", *rows, "--deadline", "1e6"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "bench_e2e.py",
+            "--model",
+            "tiny",
+            "--out",
+            out,
+            "--one-process",
+            "--steps",
+            "1",
+            "--rows",
+            *rows,
+            "--deadline",
+            "1e6",
+        ],
+    )
     bench_e2e.main()
     result = json.load(open(out + ".json"))
     assert [f"{r['variant']}@{r['T']}" for r in result["rows"]] == rows  # not re-sorted
     assert all(r["peak_bytes"] > 0 and r["wall_s"] >= 0 for r in result["rows"])
     assert result["model_build_s"] >= 0 and "Model built in memory" in open(out + ".md").read()
     # past the deadline nothing starts, and each row says why
-    monkeypatch.setattr(sys, "argv", ["bench_e2e.py", "--model", "tiny", "--out", out, "--one-process", "--steps", "1",
-                                      "--rows", *rows, "--deadline", "0"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "bench_e2e.py",
+            "--model",
+            "tiny",
+            "--out",
+            out,
+            "--one-process",
+            "--steps",
+            "1",
+            "--rows",
+            *rows,
+            "--deadline",
+            "0",
+        ],
+    )
     bench_e2e.main()
     result = json.load(open(out + ".json"))
     assert all(r["skipped"].startswith("time") and "peak_bytes" not in r for r in result["rows"])
@@ -106,10 +138,14 @@ def test_rows_in_the_given_order_and_a_deadline_skips_what_cannot_finish(bench_e
 def test_row_time_prediction_and_row_parsing(bench_e2e):
     done = [{"T": 1024, "wall_s": 10.0}, {"T": 1024, "wall_s": 20.0}, {"T": 2048, "oom": True}]
     assert bench_e2e.predicted_seconds(done, 1024) == 20.0
-    assert bench_e2e.predicted_seconds(done, 4096) == pytest.approx(20.0 * 4 ** 1.3)
+    assert bench_e2e.predicted_seconds(done, 4096) == pytest.approx(20.0 * 4**1.3)
     assert bench_e2e.predicted_seconds(done, 512) == 0.0  # nothing shorter measured: run it
     assert bench_e2e.parse_rows(["priority"], None, None)[:4] == [
-        ("op_tdpo2_online", 2048), ("op_sparsepo_online", 2048), ("op_dpo_cached", 2048), ("eager_tdpo2", 2048)]
+        ("op_tdpo2_online", 2048),
+        ("op_sparsepo_online", 2048),
+        ("op_dpo_cached", 2048),
+        ("eager_tdpo2", 2048),
+    ]
     assert len(set(bench_e2e.PRIORITY)) == len(bench_e2e.PRIORITY)
     with pytest.raises(SystemExit, match="VARIANT@T"):
         bench_e2e.parse_rows(["op_dpo@12"], None, None)

@@ -13,8 +13,16 @@ def frontier():
 
 
 def _row(method, beta, seed, reward, kl, lift=None):
-    r = {"method": method, "beta": beta, "seed": seed, "reward_policy": reward, "reward_gain": reward - 0.1, "kl": kl,
-         "win_rate": 0.6, "reward_reference": 0.1}
+    r = {
+        "method": method,
+        "beta": beta,
+        "seed": seed,
+        "reward_policy": reward,
+        "reward_gain": reward - 0.1,
+        "kl": kl,
+        "win_rate": 0.6,
+        "reward_reference": 0.1,
+    }
     if lift is not None:
         r["mask_lift"] = {"lift": lift, "chosen": {"lift": lift + 0.1}, "rejected": {"lift": lift - 0.1}}
         r["mask"] = {"drift": 0.5}

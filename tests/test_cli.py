@@ -29,11 +29,23 @@ def setup(tmp_path_factory):
     rows = [{"prompt": f"Review {i}:", "chosen": " great.", "rejected": " awful."} for i in range(8)]
     rows.append({"prompt": "bad row", "chosen": "same", "rejected": "same"})
     (d / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    config = {"model_name_or_path": str(d / "model"), "train_file": str(d / "train.jsonl"),
-              "eval_file": str(d / "train.jsonl"), "output_dir": str(d / "out"), "loss_type": "sparsepo",
-              "lora_r": 4, "max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-3,
-              "max_length": 32, "max_prompt_length": 16, "report_to": "none", "use_cpu": True,
-              "save_strategy": "no", "gradient_checkpointing": False}
+    config = {
+        "model_name_or_path": str(d / "model"),
+        "train_file": str(d / "train.jsonl"),
+        "eval_file": str(d / "train.jsonl"),
+        "output_dir": str(d / "out"),
+        "loss_type": "sparsepo",
+        "lora_r": 4,
+        "max_steps": 2,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 1e-3,
+        "max_length": 32,
+        "max_prompt_length": 16,
+        "report_to": "none",
+        "use_cpu": True,
+        "save_strategy": "no",
+        "gradient_checkpointing": False,
+    }
     (d / "cfg.yaml").write_text(yaml.safe_dump(config))
     return d
 
@@ -42,8 +54,15 @@ def test_train_round_trip(setup):
     main(["train", str(setup / "cfg.yaml"), "--beta", "0.2"])
     out = setup / "out"
     files = set(os.listdir(out))
-    assert {"adapter_model.safetensors", "adapter_config.json", "mask_net.safetensors", "mask_net.json",
-            "sparsepo_config.yaml", "metrics.json", "data_report_train.json"} <= files
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "mask_net.safetensors",
+        "mask_net.json",
+        "sparsepo_config.yaml",
+        "metrics.json",
+        "data_report_train.json",
+    } <= files
     saved = yaml.safe_load((out / "sparsepo_config.yaml").read_text())
     assert saved["loss_type"] == "sparsepo" and saved["lora_r"] == 4
     metrics = json.loads((out / "metrics.json").read_text())
@@ -61,19 +80,23 @@ def test_empty_eval_file_turns_evaluation_off(setup, tmp_path):
     assert "train_loss" in metrics["final"] and not any(k.startswith("eval_") for k in metrics["final"])
 
 
-@pytest.mark.parametrize("edit, message", [
-    ({"lerning_rate": 1e-4}, "unknown config key(s) ['lerning_rate']"),
-    ({"loss_type": "orpo"}, "loss_type must be one of"),
-    ({"beta": "high"}, "argument --beta: invalid float value: 'high'"),
-    ({"train_file": ""}, "train_file is required"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"lerning_rate": 1e-4}, "unknown config key(s) ['lerning_rate']"),
+        ({"loss_type": "orpo"}, "loss_type must be one of"),
+        ({"beta": "high"}, "argument --beta: invalid float value: 'high'"),
+        ({"train_file": ""}, "train_file is required"),
+    ],
+)
 def test_bad_configs_give_clear_errors(setup, tmp_path, edit, message):
     cfg = yaml.safe_load((setup / "cfg.yaml").read_text())
     cfg.update(edit)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    res = subprocess.run([sys.executable, "-m", "sparsepo_lite.cli", "train", str(path)], capture_output=True,
-                         text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "sparsepo_lite.cli", "train", str(path)], capture_output=True, text=True
+    )
     assert res.returncode != 0
     assert message in res.stderr, res.stderr[-2000:]
 
@@ -81,8 +104,11 @@ def test_bad_configs_give_clear_errors(setup, tmp_path, edit, message):
 def test_precompute_verify_and_train_with_the_cache(setup, tmp_path):
     cache = tmp_path / "ref"
     cli = [sys.executable, "-m", "sparsepo_lite.cli"]
-    res = subprocess.run(cli + ["precompute-ref", str(setup / "cfg.yaml"), "--out", str(cache), "--top-k", "16",
-                                "--shard-size", "3"], capture_output=True, text=True)
+    res = subprocess.run(
+        cli + ["precompute-ref", str(setup / "cfg.yaml"), "--out", str(cache), "--top-k", "16", "--shard-size", "3"],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "bytes/token" in res.stdout and "reference train" in res.stderr  # summary and progress bar
     res = subprocess.run(cli + ["verify-ref", str(cache)], capture_output=True, text=True)
@@ -92,8 +118,11 @@ def test_precompute_verify_and_train_with_the_cache(setup, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["final"]["eval_kl/chosen"] >= 0 and "eval_loss" in metrics["final"]
     # a cache made with other truncation stops the run, naming the field
-    res = subprocess.run(cli + ["train", str(setup / "cfg.yaml"), "--ref_cache", str(cache), "--max_length", "30"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        cli + ["train", str(setup / "cfg.yaml"), "--ref_cache", str(cache), "--max_length", "30"],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode != 0 and "max_length is 32 in the cache but 30 now" in res.stderr, res.stderr[-2000:]
     shard = next(cache.glob("train-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:100])
@@ -101,8 +130,10 @@ def test_precompute_verify_and_train_with_the_cache(setup, tmp_path):
     assert res.returncode != 0 and shard.name in res.stderr, res.stderr[-2000:]
 
 
-@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "examples"))
-                                        if f.endswith(".yaml")))
+@pytest.mark.parametrize(
+    "name",
+    sorted(f for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "examples")) if f.endswith(".yaml")),
+)
 def test_shipped_example_configs_parse(name, monkeypatch):
     root = os.path.join(os.path.dirname(__file__), "..")
     monkeypatch.chdir(root)  # their data paths are relative to the repository root

@@ -20,9 +20,11 @@ def tok():
 
 def test_standard_and_conversational_formats(tok):
     std = {"prompt": "The film was", "chosen": " wonderful.", "rejected": " dull."}
-    conv = {"prompt": [{"role": "user", "content": "Rate the film."}],
-            "chosen": [{"role": "assistant", "content": "Wonderful."}],
-            "rejected": [{"role": "assistant", "content": "Dull."}]}
+    conv = {
+        "prompt": [{"role": "user", "content": "Rate the film."}],
+        "chosen": [{"role": "assistant", "content": "Wonderful."}],
+        "rejected": [{"role": "assistant", "content": "Dull."}],
+    }
     implicit_conv = {"chosen": conv["prompt"] + conv["chosen"], "rejected": conv["prompt"] + conv["rejected"]}
     make = PreferenceTokenizer(tok, max_length=64, max_prompt_length=32)
     ex, _ = make(0, std)
@@ -33,7 +35,11 @@ def test_standard_and_conversational_formats(tok):
     assert ex_c.prompt_ids == tok(templ, add_special_tokens=False).input_ids
     assert ex_c.chosen_ids[-1] == tok.eos_token_id and ex_c.rejected_ids[-1] == tok.eos_token_id
     ex_i, _ = make(2, implicit_conv)
-    assert (ex_i.prompt_ids, ex_i.chosen_ids, ex_i.rejected_ids) == (ex_c.prompt_ids, ex_c.chosen_ids, ex_c.rejected_ids)
+    assert (ex_i.prompt_ids, ex_i.chosen_ids, ex_i.rejected_ids) == (
+        ex_c.prompt_ids,
+        ex_c.chosen_ids,
+        ex_c.rejected_ids,
+    )
 
 
 def test_implicit_standard_prompt_is_the_shared_prefix():
@@ -95,20 +101,34 @@ def test_file_errors_name_the_file_and_line(tmp_path):
 
 def test_collator_pads_and_marks_responses(tok):
     make = PreferenceTokenizer(tok, max_length=64, max_prompt_length=32)
-    exs = [make(0, {"prompt": "A film", "chosen": " good", "rejected": " very very bad",
-                    "rejected_token_weights": None})[0],
-           make(1, {"prompt": "Another longer film prompt", "chosen": " fine", "rejected": " poor",
-                    "chosen_token_weights": [0.5, 2.0]})[0]]
+    exs = [
+        make(0, {"prompt": "A film", "chosen": " good", "rejected": " very very bad", "rejected_token_weights": None})[
+            0
+        ],
+        make(
+            1,
+            {
+                "prompt": "Another longer film prompt",
+                "chosen": " fine",
+                "rejected": " poor",
+                "chosen_token_weights": [0.5, 2.0],
+            },
+        )[0],
+    ]
     batch = PreferenceCollator(tok.pad_token_id)(exs)
     ids, att, labels, w = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["token_weights"]
     assert ids.shape[0] == 4
-    rows = [(exs[0], exs[0].chosen_ids), (exs[1], exs[1].chosen_ids), (exs[0], exs[0].rejected_ids),
-            (exs[1], exs[1].rejected_ids)]
+    rows = [
+        (exs[0], exs[0].chosen_ids),
+        (exs[1], exs[1].chosen_ids),
+        (exs[0], exs[0].rejected_ids),
+        (exs[1], exs[1].rejected_ids),
+    ]
     for i, (ex, resp) in enumerate(rows):
         n_p, n = len(ex.prompt_ids), len(ex.prompt_ids) + len(resp)
         assert ids[i, :n].tolist() == ex.prompt_ids + resp and att[i, :n].all() and not att[i, n:].any()
         assert (labels[i, :n_p] == -100).all() and labels[i, n_p:n].tolist() == resp and (labels[i, n:] == -100).all()
-    assert w[1, len(exs[1].prompt_ids):len(exs[1].prompt_ids) + 2].tolist() == [0.5, 2.0]
+    assert w[1, len(exs[1].prompt_ids) : len(exs[1].prompt_ids) + 2].tolist() == [0.5, 2.0]
     assert (w[0][labels[0] != -100] == 1).all() and (w[labels == -100] == 0).all()
 
 
@@ -118,13 +138,19 @@ def test_collated_batch_runs_through_compute_loss(tok):
 
     from sparsepo_lite import LossConfig, SparsePOMasks, compute_loss
 
-    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32),
-                                peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    rows = [{"prompt": [{"role": "user", "content": "Describe the film."}],
-             "chosen": [{"role": "assistant", "content": "A moving, beautiful story."}],
-             "rejected": [{"role": "assistant", "content": "Boring."}],
-             "rejected_token_weights": [1.0] * len(tok("Boring.", add_special_tokens=False).input_ids + [0])},
-            {"prompt": "The acting was", "chosen": " superb.", "rejected": " awful."}]
+    model = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32),
+        peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    )
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "Describe the film."}],
+            "chosen": [{"role": "assistant", "content": "A moving, beautiful story."}],
+            "rejected": [{"role": "assistant", "content": "Boring."}],
+            "rejected_token_weights": [1.0] * len(tok("Boring.", add_special_tokens=False).input_ids + [0]),
+        },
+        {"prompt": "The acting was", "chosen": " superb.", "rejected": " awful."},
+    ]
     examples, report = tokenize_dataset(rows, tok, max_length=64, max_prompt_length=32)
     assert report.kept == 2
     batch = PreferenceCollator(tok.pad_token_id)(examples)
@@ -138,8 +164,10 @@ def test_parquet_json_and_jsonl_files_give_the_same_rows(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [{"prompt": "Q1", "chosen": " yes", "rejected": " no"},
-            {"prompt": "Q2", "chosen": " fine", "rejected": " bad"}]
+    rows = [
+        {"prompt": "Q1", "chosen": " yes", "rejected": " no"},
+        {"prompt": "Q2", "chosen": " fine", "rejected": " bad"},
+    ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     (tmp_path / "d.json").write_text(json.dumps(rows))
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -157,14 +185,38 @@ NEW_BAD_ROWS = [  # each a class of bad row that once passed validation or abort
     ({"prompt": "p", "chosen": " a", "rejected": " b", "rejected_token_weights": [1.0, float("inf")]}, "non-finite"),
     ({"prompt": "p\ud800", "chosen": " a", "rejected": " b"}, "not valid Unicode"),
     ({"prompt": "p", "chosen": " a\udfff", "rejected": " b"}, "not valid Unicode"),
-    ({"prompt": [{"role": "user", "content": None}], "chosen": [{"role": "assistant", "content": "a"}],
-      "rejected": [{"role": "assistant", "content": "b"}]}, "'content' must be a string"),
-    ({"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": None, "content": "a"}],
-      "rejected": [{"role": "assistant", "content": "b"}]}, "'role' must be a non-empty string"),
-    ({"prompt": [{"role": "user", "content": 3}], "chosen": [{"role": "assistant", "content": "a"}],
-      "rejected": [{"role": "assistant", "content": "b"}]}, "'content' must be a string"),
-    ({"prompt": [], "chosen": [{"role": "assistant", "content": "a"}],
-      "rejected": [{"role": "assistant", "content": "b"}]}, "non-empty message list"),
+    (
+        {
+            "prompt": [{"role": "user", "content": None}],
+            "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}],
+        },
+        "'content' must be a string",
+    ),
+    (
+        {
+            "prompt": [{"role": "user", "content": "hi"}],
+            "chosen": [{"role": None, "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}],
+        },
+        "'role' must be a non-empty string",
+    ),
+    (
+        {
+            "prompt": [{"role": "user", "content": 3}],
+            "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}],
+        },
+        "'content' must be a string",
+    ),
+    (
+        {
+            "prompt": [],
+            "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}],
+        },
+        "non-empty message list",
+    ),
     ({"prompt": "p", "chosen": [], "rejected": []}, "empty 'chosen'"),
 ]
 

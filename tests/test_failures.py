@@ -32,11 +32,26 @@ CLI = [sys.executable, "-m", "sparsepo_lite.cli"]
 def make_trainer(tiny_dir, out, loss_type="dpo", steps=6, **kw):
     transformers.set_seed(0)
     model, tok = load_policy(ModelConfig(tiny_dir, lora_r=4, gradient_checkpointing=False))
-    opts = dict(output_dir=str(out), loss_type=loss_type, beta=0.5, learning_rate=1e-2, mask_init_std=0.3,
-                per_device_train_batch_size=4, max_steps=steps, logging_steps=2, eval_strategy="no",
-                save_strategy="no", report_to=[], max_length=32, max_prompt_length=16, seed=0, use_cpu=True)
-    return SparsePOTrainer(model=model, args=SparsePOConfig(**{**opts, **kw}), train_dataset=review_rows(24),
-                           processing_class=tok)
+    opts = dict(
+        output_dir=str(out),
+        loss_type=loss_type,
+        beta=0.5,
+        learning_rate=1e-2,
+        mask_init_std=0.3,
+        per_device_train_batch_size=4,
+        max_steps=steps,
+        logging_steps=2,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        max_length=32,
+        max_prompt_length=16,
+        seed=0,
+        use_cpu=True,
+    )
+    return SparsePOTrainer(
+        model=model, args=SparsePOConfig(**{**opts, **kw}), train_dataset=review_rows(24), processing_class=tok
+    )
 
 
 def lora_weights(trainer):
@@ -66,8 +81,8 @@ class PoisonGradients(transformers.TrainerCallback):
 
 # --- non-finite steps ------------------------------------------------------------------------------
 
-def test_a_finite_loss_with_nan_gradients_skips_the_step_and_the_reported_loss_counts_trained_steps(tiny_dir,
-                                                                                                    tmp_path):
+
+def test_a_finite_loss_with_nan_gradients_skips_the_step_and_the_reported_loss_counts_trained_steps(tiny_dir, tmp_path):
     trainer = make_trainer(tiny_dir, tmp_path)
     spy = PoisonGradients(trainer, steps=[2, 5])
     trainer.add_callback(spy)
@@ -122,11 +137,23 @@ def cli_setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("failures")
     save_tiny_llama(d / "model")
     (d / "train.jsonl").write_text("\n".join(json.dumps(r) for r in review_rows(8)) + "\n")
-    config = {"model_name_or_path": str(d / "model"), "train_file": str(d / "train.jsonl"),
-              "output_dir": str(d / "out"), "loss_type": "sparsepo", "lora_r": 4, "max_steps": 4,
-              "per_device_train_batch_size": 2, "learning_rate": 1e-3, "max_length": 32, "max_prompt_length": 16,
-              "report_to": "none", "use_cpu": True, "save_strategy": "no", "gradient_checkpointing": False,
-              "mask_init_std": 0.3}
+    config = {
+        "model_name_or_path": str(d / "model"),
+        "train_file": str(d / "train.jsonl"),
+        "output_dir": str(d / "out"),
+        "loss_type": "sparsepo",
+        "lora_r": 4,
+        "max_steps": 4,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 1e-3,
+        "max_length": 32,
+        "max_prompt_length": 16,
+        "report_to": "none",
+        "use_cpu": True,
+        "save_strategy": "no",
+        "gradient_checkpointing": False,
+        "mask_init_std": 0.3,
+    }
     (d / "cfg.yaml").write_text(yaml.safe_dump(config))
     return d
 
@@ -142,19 +169,22 @@ def test_a_huge_learning_rate_ends_with_an_error_and_saves_no_adapter(cli_setup,
     assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("beta", ".nan", "beta must be finite"),
-    ("beta", "0", "beta must be > 0"),
-    ("alpha", "-1", "alpha must be >= 0"),
-    ("label_smoothing", "0.5", "label_smoothing must be < 0.5"),
-    ("l1_reward", ".inf", "l1_reward must be finite"),
-    ("learning_rate", "-0.1", "learning_rate must be >= 0"),
-    ("mask_init_std", "0", "mask_init_std must be > 0"),
-    ("mask_learning_rate", ".nan", "mask_learning_rate must be finite"),
-    ("max_prompt_length", "0", "max_prompt_length must be >= 1"),
-    ("lora_dropout", "1.0", "lora_dropout must be < 1"),
-    ("chunk_size", "0", "chunk_size must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("beta", ".nan", "beta must be finite"),
+        ("beta", "0", "beta must be > 0"),
+        ("alpha", "-1", "alpha must be >= 0"),
+        ("label_smoothing", "0.5", "label_smoothing must be < 0.5"),
+        ("l1_reward", ".inf", "l1_reward must be finite"),
+        ("learning_rate", "-0.1", "learning_rate must be >= 0"),
+        ("mask_init_std", "0", "mask_init_std must be > 0"),
+        ("mask_learning_rate", ".nan", "mask_learning_rate must be finite"),
+        ("max_prompt_length", "0", "max_prompt_length must be >= 1"),
+        ("lora_dropout", "1.0", "lora_dropout must be < 1"),
+        ("chunk_size", "0", "chunk_size must be >= 1"),
+    ],
+)
 def test_config_values_are_checked_before_the_model_loads(cli_setup, tmp_path, key, value, message):
     cfg = yaml.safe_load((cli_setup / "cfg.yaml").read_text())
     cfg["model_name_or_path"] = str(tmp_path / "no-such-model")  # never reached
@@ -171,6 +201,7 @@ def test_config_values_are_checked_before_the_model_loads(cli_setup, tmp_path, k
 
 
 # --- the run folder ----------------------------------------------------------------------------------
+
 
 def test_the_run_folder_records_command_line_overrides_and_readers_use_them(cli_setup, tmp_path):
     out = tmp_path / "run"
@@ -199,8 +230,19 @@ def test_a_non_empty_output_dir_is_refused_unless_overwritten_and_nothing_stale_
     assert res.returncode != 0 and "is not empty" in res.stderr and "--overwrite_output_dir" in res.stderr
     assert (out / "adapter_model.safetensors").read_bytes() == adapter  # the earlier run is intact
     (out / "notes.txt").write_text("mine")
-    main(["train", str(cli_setup / "cfg.yaml"), "--output_dir", str(out), "--loss_type", "dpo", "--max_steps", "1",
-          "--overwrite_output_dir"])
+    main(
+        [
+            "train",
+            str(cli_setup / "cfg.yaml"),
+            "--output_dir",
+            str(out),
+            "--loss_type",
+            "dpo",
+            "--max_steps",
+            "1",
+            "--overwrite_output_dir",
+        ]
+    )
     files = set(os.listdir(out))
     assert "mask_net.safetensors" not in files and "mask_net.json" not in files  # the DPO run has none
     assert "notes.txt" in files and yaml.safe_load((out / "sparsepo_config.yaml").read_text())["loss_type"] == "dpo"
@@ -233,8 +275,18 @@ def test_the_adapter_is_saved_before_the_final_evaluation(cli_setup, tmp_path, m
     monkeypatch.setattr(SparsePOTrainer, "evaluate", broken_eval)
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match="checksum mismatch"):
-        main(["train", str(cli_setup / "cfg.yaml"), "--output_dir", str(out), "--max_steps", "1",
-              "--eval_file", str(cli_setup / "train.jsonl")])
+        main(
+            [
+                "train",
+                str(cli_setup / "cfg.yaml"),
+                "--output_dir",
+                str(out),
+                "--max_steps",
+                "1",
+                "--eval_file",
+                str(cli_setup / "train.jsonl"),
+            ]
+        )
     assert (out / "adapter_model.safetensors").is_file() and (out / "mask_net.safetensors").is_file()
 
 
@@ -253,6 +305,7 @@ def test_resuming_without_optimizer_state_is_an_error_unless_asked(tiny_dir, tmp
 
 # --- the reference cache is untrusted input --------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def cache_setup(tiny_dir):
     from sparsepo_lite.data import tokenize_dataset
@@ -266,8 +319,18 @@ def cache_setup(tiny_dir):
 def build_cache(cache_setup, out, **kw):
     model, tok, examples = cache_setup
     fp = run_fingerprint(model, tok, {"train": examples}, model_name=None, max_length=32, max_prompt_length=16)
-    precompute_reference(model, tok, {"train": examples}, str(out), fingerprint=fp, top_k=8, batch_size=8,
-                         shard_size=8, progress=False, **kw)
+    precompute_reference(
+        model,
+        tok,
+        {"train": examples},
+        str(out),
+        fingerprint=fp,
+        top_k=8,
+        batch_size=8,
+        shard_size=8,
+        progress=False,
+        **kw,
+    )
     return out
 
 
@@ -291,20 +354,23 @@ def _edit_manifest(cache, edit):
     (cache / "manifest.json").write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("edit, field", [
-    (lambda m: m["splits"]["train"]["shards"][0].update(file="../../x"), "'splits.train.shards[0].file' must be"),
-    (lambda m: m["splits"]["train"]["shards"][1].update(file="/etc/hostname"), "'splits.train.shards[1].file'"),
-    (lambda m: m["splits"]["train"]["shards"][0].pop("sha256"), "'splits.train.shards[0].sha256' must be"),
-    (lambda m: m["splits"]["train"]["shards"][0].update(bytes="12"), "'splits.train.shards[0].bytes' must be"),
-    (lambda m: m["splits"]["train"].update(shards="all"), "'splits.train.shards' must be a list"),
-    (lambda m: m["splits"].update(train=[1]), "'splits.train' must be an object"),
-    (lambda m: m.update(splits=[]), "'splits' must be an object"),
-    (lambda m: m["contents"].pop("top_k"), "'contents.top_k' must be"),
-    (lambda m: m["contents"].update(topk_dtype="int8"), "'contents.topk_dtype' must be"),
-    (lambda m: m.update(fingerprint={"model": {"nested": 1}}), "'fingerprint' must be an object of plain values"),
-    (lambda m: m["splits"].update({"../up": m["splits"]["train"]}), "split name '../up'"),
-    (lambda m: m.update(format_version="1"), "format version"),
-])
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda m: m["splits"]["train"]["shards"][0].update(file="../../x"), "'splits.train.shards[0].file' must be"),
+        (lambda m: m["splits"]["train"]["shards"][1].update(file="/etc/hostname"), "'splits.train.shards[1].file'"),
+        (lambda m: m["splits"]["train"]["shards"][0].pop("sha256"), "'splits.train.shards[0].sha256' must be"),
+        (lambda m: m["splits"]["train"]["shards"][0].update(bytes="12"), "'splits.train.shards[0].bytes' must be"),
+        (lambda m: m["splits"]["train"].update(shards="all"), "'splits.train.shards' must be a list"),
+        (lambda m: m["splits"].update(train=[1]), "'splits.train' must be an object"),
+        (lambda m: m.update(splits=[]), "'splits' must be an object"),
+        (lambda m: m["contents"].pop("top_k"), "'contents.top_k' must be"),
+        (lambda m: m["contents"].update(topk_dtype="int8"), "'contents.topk_dtype' must be"),
+        (lambda m: m.update(fingerprint={"model": {"nested": 1}}), "'fingerprint' must be an object of plain values"),
+        (lambda m: m["splits"].update({"../up": m["splits"]["train"]}), "split name '../up'"),
+        (lambda m: m.update(format_version="1"), "format version"),
+    ],
+)
 def test_a_malformed_manifest_is_one_line_naming_the_file_and_field(cache_setup, tmp_path, edit, field):
     cache = build_cache(cache_setup, tmp_path / "cache")
     _edit_manifest(cache, edit)

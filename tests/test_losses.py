@@ -21,8 +21,9 @@ def _pairs(seed_n=24, pairs=3, h=8, v=40):
 
 
 def _loss(p, loss_type, alpha=0.5, **kw):
-    u, d = token_weights_for(loss_type, p.seq_ids.max().item() // 2 + 1, p.seq_ids, alpha=alpha,
-                             dtype=torch.float64, **kw)
+    u, d = token_weights_for(
+        loss_type, p.seq_ids.max().item() // 2 + 1, p.seq_ids, alpha=alpha, dtype=torch.float64, **kw
+    )
     ps = pair_stats(p.hidden, p.weight, p.labels, p.seq_ids, p.seq_ids.max().item() // 2 + 1, p.ref, u, d)
     return preference_loss(ps, loss_type, 0.1, alpha=alpha), ps
 

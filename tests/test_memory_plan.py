@@ -27,8 +27,12 @@ from sparsepo_lite.memory_plan import (
 from sparsepo_lite.models import ModelConfig, load_policy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PUBLISHED = {"llama-3-8b": 8_030_261_248, "llama-3.1-8b": 8_030_261_248, "mistral-7b-v0.3": 7_248_023_552,
-             "qwen2.5-7b": 7_615_616_512}
+PUBLISHED = {
+    "llama-3-8b": 8_030_261_248,
+    "llama-3.1-8b": 8_030_261_248,
+    "mistral-7b-v0.3": 7_248_023_552,
+    "qwen2.5-7b": 7_615_616_512,
+}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -47,9 +51,17 @@ def test_shipped_configs_build_the_published_models(name):
 def test_hub_names_and_files_resolve(tmp_path):
     assert load_shape("meta-llama/Meta-Llama-3-8B-Instruct").name == "llama-3-8b"
     assert load_shape("Qwen/Qwen2.5-7B-Instruct").name == "qwen2.5-7b"
-    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128,
-                                                      "num_hidden_layers": 2, "num_attention_heads": 4,
-                                                      "vocab_size": 1000}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "vocab_size": 1000,
+            }
+        )
+    )
     assert load_shape(str(tmp_path)).kv_heads == 4
     with pytest.raises(ValueError, match="llama-3-8b"):  # the error lists what is shipped
         load_shape("gpt-5")
@@ -61,8 +73,15 @@ def test_hub_names_and_files_resolve(tmp_path):
 @pytest.fixture(scope="module")
 def small_dir(tmp_path_factory):
     """A Llama whose projections are 4-bit quantizable in whole blocks, random weights."""
-    cfg = transformers.LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     d = tmp_path_factory.mktemp("small")
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(d)
@@ -80,8 +99,9 @@ def test_persistent_parts_equal_the_loaded_model(small_dir):
             qbytes += m.weight.numel() + qs.absmax.numel() * qs.absmax.element_size()
             qbytes += qs.state2.absmax.numel() * qs.state2.absmax.element_size()
     assert plan.parts["4-bit linear weights"] == pytest.approx(qbytes, rel=0.01)
-    other = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                if p.dtype != torch.uint8 and "lora_" not in n)
+    other = sum(
+        p.numel() * p.element_size() for n, p in model.named_parameters() if p.dtype != torch.uint8 and "lora_" not in n
+    )
     assert plan.parts["embeddings, head, norms"] == other
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert plan.parts["LoRA + AdamW states"] == lora * TRAINED_BYTES_PER_PARAM
@@ -101,8 +121,14 @@ def test_plan_within_10_percent_of_a_measured_cpu_peak(variant, T, tmp_path):
     finally:
         sys.path.pop(0)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_e2e.py"), "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "bench_e2e.py"), "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
     plan = bench_e2e.plan_for("small", variant, T, "float32")
@@ -140,8 +166,14 @@ def test_bad_settings_are_refused():
 def test_cli_plan(capsys):
     cli_main(["plan", "--model", "llama-3-8b", "--seq-len", "2048", "--loss", "tdpo2"])
     out = capsys.readouterr().out
-    for part in ("4-bit linear weights", "embeddings, head, norms", "LoRA + AdamW states", "checkpointed activations",
-                 "largest T that fits", "chunk_size"):
+    for part in (
+        "4-bit linear weights",
+        "embeddings, head, norms",
+        "LoRA + AdamW states",
+        "checkpointed activations",
+        "largest T that fits",
+        "chunk_size",
+    ):
         assert part in out
     cli_main(["plan", "--model", "qwen2.5-7b", "--gpu-mem", "24GB", "--reference", "topk", "--json"])
     d = json.loads(capsys.readouterr().out)

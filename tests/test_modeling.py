@@ -18,9 +18,16 @@ def tiny_dir(tmp_path_factory):
     """A tiny Llama with SmolLM2's tokenizer, saved as a model folder."""
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_path())
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
-                                   attention_dropout=0.1)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+        attention_dropout=0.1,
+    )
     d = tmp_path_factory.mktemp("tiny")
     transformers.LlamaForCausalLM(cfg).save_pretrained(d)
     tok.save_pretrained(d)
@@ -30,8 +37,10 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def batch(tiny_dir):
     tok = transformers.AutoTokenizer.from_pretrained(tiny_dir)
-    rows = [{"prompt": "The film was", "chosen": " a delight from start to end.", "rejected": " dull."},
-            {"prompt": "Service:", "chosen": " friendly and fast.", "rejected": " slow and rude, avoid."}]
+    rows = [
+        {"prompt": "The film was", "chosen": " a delight from start to end.", "rejected": " dull."},
+        {"prompt": "Service:", "chosen": " friendly and fast.", "rejected": " slow and rude, avoid."},
+    ]
     examples, _ = tokenize_dataset(rows, tok, max_length=32, max_prompt_length=16)
     return PreferenceCollator(tok.pad_token_id)(examples)
 
@@ -129,14 +138,23 @@ def test_random_policy_in_memory_equals_save_and_load(tmp_path, quantization):
     layout as saving the seeded model and loading it with load_policy."""
     from sparsepo_lite.models import random_policy
 
-    config = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=300, hidden_size=64,
-                  intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  tie_word_embeddings=False)
+    config = dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     cfg = ModelConfig(str(tmp_path), quantization=quantization, lora_r=4, device="cpu")
     built = random_policy(config, cfg, seed=3)
     torch.manual_seed(3)
-    transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config),
-                                                  dtype=torch.float32).save_pretrained(tmp_path)
+    transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(**config), dtype=torch.float32
+    ).save_pretrained(tmp_path)
     loaded, _ = load_policy(cfg, tokenizer=False)
     a, b = built.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys()
@@ -145,8 +163,9 @@ def test_random_policy_in_memory_equals_save_and_load(tmp_path, quantization):
     if quantization == "4bit":
         assert sum(isinstance(m, bnb.nn.Linear4bit) for m in built.modules()) == 2 * 7
         assert built.get_base_model().is_loaded_in_4bit
-    assert {n for n, p in built.named_parameters() if p.requires_grad} == \
-        {n for n, p in loaded.named_parameters() if p.requires_grad}
+    assert {n for n, p in built.named_parameters() if p.requires_grad} == {
+        n for n, p in loaded.named_parameters() if p.requires_grad
+    }
     ids = torch.randint(0, 300, (2, 12))
     built.eval(), loaded.eval()
     with torch.no_grad():

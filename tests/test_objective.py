@@ -19,13 +19,24 @@ METHODS = ["dpo", "tdpo1", "tdpo2", "sparsepo", "sparsepo_indp", "mapo"]
 
 def tiny_llama(seed=0, lora_scale=0.3):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                                   tie_word_embeddings=False, attn_implementation="eager")
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
     model = transformers.LlamaForCausalLM(cfg).double()
-    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                           "down_proj"])
+    lora = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     model = peft.get_peft_model(model, lora)
     if lora_scale:
         with torch.no_grad():  # move the policy away from the reference
@@ -46,7 +57,7 @@ def make_batch(prompts, chosen, rejected, pad_to=None):
         seq = torch.tensor(p + a)
         ids[i, : len(seq)] = seq
         att[i, : len(seq)] = 1
-        labels[i, len(p): len(seq)] = torch.tensor(a)
+        labels[i, len(p) : len(seq)] = torch.tensor(a)
     return {"input_ids": ids, "attention_mask": att, "labels": labels}
 
 
@@ -102,8 +113,9 @@ def oracle(model, batch, cfg, mapo_mask=None):
         u = mu if cfg.mask_on_reward else one
         d = md if cfg.mask_on_kl else one
         half = 0.5 if (not cfg.masks.independent and cfg.mask_on_reward and cfg.mask_on_kl) else 1.0
-        l1_seq = half * (cfg.l1_reward * (r * mu).sum(-1) * cfg.mask_on_reward
-                         + cfg.l1_kl * (r * md).sum(-1) * cfg.mask_on_kl)
+        l1_seq = half * (
+            cfg.l1_reward * (r * mu).sum(-1) * cfg.mask_on_reward + cfg.l1_kl * (r * md).sum(-1) * cfg.mask_on_kl
+        )
         l1 = l1_seq[:b] + l1_seq[b:]
     elif cfg.loss_type == "mapo":
         u = d = mapo_mask
@@ -160,8 +172,11 @@ def check_against_oracle(model, batch, cfg, rtol=1e-6, grad_rtol=1e-5):
 def test_loss_and_gradients_match_full_logits_float64(method):
     model = tiny_llama()
     batch = random_batch(b=3)
-    cfg = config_for(method, model, l1_reward=0.01, l1_kl=0.02) if method.startswith("sparsepo") else \
-        config_for(method, model)
+    cfg = (
+        config_for(method, model, l1_reward=0.01, l1_kl=0.02)
+        if method.startswith("sparsepo")
+        else config_for(method, model)
+    )
     metrics = check_against_oracle(model, batch, cfg)
     assert math.isfinite(metrics["loss"]) and 0 <= metrics["rewards/accuracies"] <= 1
 
@@ -175,7 +190,7 @@ def test_normalized_masks_match_full_logits_float64(method, init):
     batch = random_batch(b=3)
     cfg = config_for(method, model, l1_reward=0.01, mask_normalize=True)
     torch.manual_seed(7)
-    for net in ([cfg.masks.reward_net, cfg.masks.kl_net] if cfg.masks.independent else [cfg.masks.common_net]):
+    for net in [cfg.masks.reward_net, cfg.masks.kl_net] if cfg.masks.independent else [cfg.masks.common_net]:
         net.init = init
         net.reset_parameters()
     check_against_oracle(model, batch, cfg)
@@ -311,8 +326,8 @@ def test_mapo_mask_matches_hand_recorded_activations():
     lm = model.get_base_model()
     handles = []
     for layer in lm.model.layers:
-        pre = lambda kind: (lambda m, args: acts[kind].append(args[0].detach()))
-        post = lambda kind: (lambda m, args, out: acts[kind].append((out[0] if isinstance(out, tuple) else out).detach()))
+        pre = lambda kind: lambda m, args: acts[kind].append(args[0].detach())
+        post = lambda kind: lambda m, args, out: acts[kind].append((out[0] if isinstance(out, tuple) else out).detach())
         handles.append(layer.mlp.down_proj.register_forward_pre_hook(pre("mlp")))
         for proj in ("q_proj", "k_proj", "v_proj"):
             handles.append(getattr(layer.self_attn, proj).register_forward_hook(post("attn")))
@@ -391,22 +406,40 @@ def _tiny(family):
     common = dict(vocab_size=VOCAB, max_position_embeddings=64)
     if family == "gpt2":
         # dropout off, as the official trainers do (disable_dropout)
-        cfg = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=64,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        cfg = transformers.GPT2Config(
+            n_embd=16,
+            n_layer=2,
+            n_head=2,
+            vocab_size=VOCAB,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
         targets = ["c_attn", "c_proj", "c_fc"]
     elif family == "gpt_neox":
-        cfg = transformers.GPTNeoXConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, **common)
+        cfg = transformers.GPTNeoXConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, **common
+        )
         targets = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
     else:
         cls = {"qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}[family]
-        cfg = cls(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, tie_word_embeddings=False, **common)
+        cfg = cls(
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=False,
+            **common,
+        )
         targets = ["q_proj", "v_proj", "up_proj"]
     cfg._attn_implementation = "eager"
     model = transformers.AutoModelForCausalLM.from_config(cfg).double()
-    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
-                                                       fan_in_fan_out=family == "gpt2"))
+    model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, fan_in_fan_out=family == "gpt2"),
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

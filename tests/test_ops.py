@@ -33,4 +33,3 @@ def test_opcheck(kind, need_grad, seed):
         for i in (0, 5, 6):
             args[i] = args[i].clone().requires_grad_(True)
     torch.library.opcheck(torch.ops.sparsepo_lite.token_stats.default, tuple(args))
-

@@ -33,12 +33,16 @@ def setup(tiny_dir, tmp_path_factory):
     examples, _ = tokenize_dataset(review_rows(6), tok, max_length=32, max_prompt_length=16)
     fp = run_fingerprint(model, tok, {"train": examples}, model_name="tiny", max_length=32, max_prompt_length=16)
     caches = {}
-    for mode, kw in {"label": dict(top_k=0), "hidden": dict(top_k=0, store_hidden=True),
-                     "topk_all": dict(top_k=len(tok), topk_dtype=torch.float32),
-                     "mapo": dict(top_k=0, store_hidden=True, mapo_mapping="zn_rescale")}.items():
+    for mode, kw in {
+        "label": dict(top_k=0),
+        "hidden": dict(top_k=0, store_hidden=True),
+        "topk_all": dict(top_k=len(tok), topk_dtype=torch.float32),
+        "mapo": dict(top_k=0, store_hidden=True, mapo_mapping="zn_rescale"),
+    }.items():
         out = str(tmp_path_factory.mktemp(f"cache_{mode}"))
-        precompute_reference(model, tok, {"train": examples}, out, fingerprint=fp, batch_size=4, shard_size=4,
-                             progress=False, **kw)
+        precompute_reference(
+            model, tok, {"train": examples}, out, fingerprint=fp, batch_size=4, shard_size=4, progress=False, **kw
+        )
         caches[mode] = RefCache(out)
     # Move the policy away from the reference, so the KL terms and their gradients are not trivial.
     torch.manual_seed(1)
@@ -64,8 +68,17 @@ def loss_and_grads(model, batch, config):
     return loss.detach(), metrics, grads
 
 
-@pytest.mark.parametrize("mode,loss_type", [("label", "dpo"), ("hidden", "dpo"), ("hidden", "tdpo1"),
-                                            ("hidden", "tdpo2"), ("hidden", "mapo"), ("mapo", "mapo")])
+@pytest.mark.parametrize(
+    "mode,loss_type",
+    [
+        ("label", "dpo"),
+        ("hidden", "dpo"),
+        ("hidden", "tdpo1"),
+        ("hidden", "tdpo2"),
+        ("hidden", "mapo"),
+        ("mapo", "mapo"),
+    ],
+)
 def test_cached_loss_and_gradients_equal_online(setup, mode, loss_type):
     model, tok, examples, caches = setup
     part = examples[1:6]  # crosses a shard boundary; the batch pads differently than the precompute
@@ -95,7 +108,9 @@ def test_cached_loss_and_gradients_equal_online(setup, mode, loss_type):
 
 def test_label_only_cache_refuses_kl_losses(setup):
     model, tok, examples, caches = setup
-    cached = CachedReferenceCollator(tok.pad_token_id, caches["label"])([CachedExample(e, "train") for e in examples[:2]])
+    cached = CachedReferenceCollator(tok.pad_token_id, caches["label"])(
+        [CachedExample(e, "train") for e in examples[:2]]
+    )
     with pytest.raises(ValueError, match="holds label log-probs only"):
         compute_loss(model, cached, LossConfig(loss_type="tdpo2"))
 
@@ -103,7 +118,9 @@ def test_label_only_cache_refuses_kl_losses(setup):
 def test_topk_with_k_equal_to_vocab_gives_the_exact_kl(setup):
     model, tok, examples, caches = setup
     online = PreferenceCollator(tok.pad_token_id)(examples)
-    cached = CachedReferenceCollator(tok.pad_token_id, caches["topk_all"])([CachedExample(e, "train") for e in examples])
+    cached = CachedReferenceCollator(tok.pad_token_id, caches["topk_all"])(
+        [CachedExample(e, "train") for e in examples]
+    )
     config = LossConfig(loss_type="tdpo2", beta=0.5)
     l_on, m_on, g_on = loss_and_grads(model, online, config)
     l_ca, m_ca, g_ca = loss_and_grads(model, cached, config)
@@ -128,7 +145,9 @@ def test_sparsepo_masks_read_the_policy_states_in_cached_mode(setup):
         masks = SparsePOMasks.for_model(model, init_std=0.3)
         config = LossConfig(loss_type="sparsepo", beta=0.5, masks=masks)
         online = PreferenceCollator(tok.pad_token_id)(examples)
-        cached = CachedReferenceCollator(tok.pad_token_id, caches["hidden"])([CachedExample(e, "train") for e in examples])
+        cached = CachedReferenceCollator(tok.pad_token_id, caches["hidden"])(
+            [CachedExample(e, "train") for e in examples]
+        )
         l_on, m_on, g_on = loss_and_grads(model, online, config)
         mask_g_on = [p.grad.clone() for p in masks.parameters()]
         masks.zero_grad()
@@ -171,19 +190,39 @@ def test_cached_training_reproduces_online_training(tiny_dir, tmp_path):
     def run(out, ref_cache=None):
         transformers.set_seed(0)
         model, tok = load_policy(ModelConfig(tiny_dir, lora_r=4, gradient_checkpointing=False))
-        args = SparsePOConfig(output_dir=str(out), loss_type="dpo", beta=0.5, learning_rate=0.5, max_steps=4, optim="sgd",
-                              per_device_train_batch_size=4, report_to=[], use_cpu=True, save_strategy="no",
-                              max_length=32, max_prompt_length=16, seed=0, ref_cache=ref_cache, logging_steps=1)
-        trainer = SparsePOTrainer(model=model, args=args, train_dataset=review_rows(16),
-                                  eval_dataset=review_rows(8, offset=50), processing_class=tok)
+        args = SparsePOConfig(
+            output_dir=str(out),
+            loss_type="dpo",
+            beta=0.5,
+            learning_rate=0.5,
+            max_steps=4,
+            optim="sgd",
+            per_device_train_batch_size=4,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            max_length=32,
+            max_prompt_length=16,
+            seed=0,
+            ref_cache=ref_cache,
+            logging_steps=1,
+        )
+        trainer = SparsePOTrainer(
+            model=model,
+            args=args,
+            train_dataset=review_rows(16),
+            eval_dataset=review_rows(8, offset=50),
+            processing_class=tok,
+        )
         if ref_cache is None:  # precompute from this very setup
             from sparsepo_lite.data import tokenize_dataset as tk
 
-            splits = {"train": tk(review_rows(16), tok, max_length=32, max_prompt_length=16)[0],
-                      "eval": tk(review_rows(8, offset=50), tok, max_length=32, max_prompt_length=16)[0]}
+            splits = {
+                "train": tk(review_rows(16), tok, max_length=32, max_prompt_length=16)[0],
+                "eval": tk(review_rows(8, offset=50), tok, max_length=32, max_prompt_length=16)[0],
+            }
             fp = run_fingerprint(model, tok, splits, model_name=None, max_length=32, max_prompt_length=16)
-            precompute_reference(model, tok, splits, str(tmp_path / "cache"), fingerprint=fp, top_k=0,
-                                 progress=False)
+            precompute_reference(model, tok, splits, str(tmp_path / "cache"), fingerprint=fp, top_k=0, progress=False)
         trainer.train()
         metrics = trainer.evaluate()
         return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}, metrics
@@ -209,10 +248,20 @@ def test_cached_training_reproduces_online_training(tiny_dir, tmp_path):
     with pytest.raises(CacheError, match="data_sha256/train"):
         transformers.set_seed(0)
         model, tok = load_policy(ModelConfig(tiny_dir, lora_r=4, gradient_checkpointing=False))
-        SparsePOTrainer(model=model, args=SparsePOConfig(output_dir=str(tmp_path / "x"), report_to=[], use_cpu=True,
-                                                         loss_type="dpo", max_length=32, max_prompt_length=16,
-                                                         ref_cache=str(tmp_path / "cache")),
-                        train_dataset=review_rows(15), processing_class=tok)
+        SparsePOTrainer(
+            model=model,
+            args=SparsePOConfig(
+                output_dir=str(tmp_path / "x"),
+                report_to=[],
+                use_cpu=True,
+                loss_type="dpo",
+                max_length=32,
+                max_prompt_length=16,
+                ref_cache=str(tmp_path / "cache"),
+            ),
+            train_dataset=review_rows(15),
+            processing_class=tok,
+        )
 
 
 def test_tail_samples_are_reference_draws_outside_the_top_k(tiny_dir, tmp_path):
@@ -224,8 +273,18 @@ def test_tail_samples_are_reference_draws_outside_the_top_k(tiny_dir, tmp_path):
     examples, _ = tokenize_dataset(review_rows(4), tok, max_length=32, max_prompt_length=16)
     fp = run_fingerprint(model, tok, {"train": examples}, model_name="tiny", max_length=32, max_prompt_length=16)
     m = 4000
-    man = precompute_reference(model, tok, {"train": examples}, str(tmp_path / "a"), fingerprint=fp, top_k=5,
-                               tail_samples=m, topk_dtype=torch.float32, batch_size=4, progress=False)
+    man = precompute_reference(
+        model,
+        tok,
+        {"train": examples},
+        str(tmp_path / "a"),
+        fingerprint=fp,
+        top_k=5,
+        tail_samples=m,
+        topk_dtype=torch.float32,
+        batch_size=4,
+        progress=False,
+    )
     assert man["contents"]["tail_samples"] == m and man["fingerprint"]["tail_seed"] == 0
     from safetensors.torch import load_file
 
@@ -240,24 +299,45 @@ def test_tail_samples_are_reference_draws_outside_the_top_k(tiny_dir, tmp_path):
     seq_ids, pos = response.nonzero(as_tuple=True)
     from sparsepo_lite.reference import reference_pass
 
-    rp = reference_pass(model, batch["input_ids"], batch["attention_mask"], response,
-                        seq_ids, pos)
+    rp = reference_pass(model, batch["input_ids"], batch["attention_mask"], response, seq_ids, pos)
     lq = torch.log_softmax(rp.hidden[0].double() @ rp.weight.double().T, -1)
     torch.testing.assert_close(lp[0].double(), lq[ids[0]], rtol=1e-5, atol=1e-5)
     tail = lq.exp().scatter(0, top[0], 0.0)
     tail /= tail.sum()
     freq = torch.bincount(ids[0], minlength=tail.shape[0]).double() / m
     assert (freq - tail).abs().max() < 5 * (tail * (1 - tail) / m).sqrt().max() + 1e-3
-    again = precompute_reference(model, tok, {"train": examples}, str(tmp_path / "b"), fingerprint=fp, top_k=5,
-                                 tail_samples=m, topk_dtype=torch.float32, batch_size=4, progress=False)
-    assert (tmp_path / "a" / "train-00000.safetensors").read_bytes() == \
-        (tmp_path / "b" / "train-00000.safetensors").read_bytes()
+    again = precompute_reference(
+        model,
+        tok,
+        {"train": examples},
+        str(tmp_path / "b"),
+        fingerprint=fp,
+        top_k=5,
+        tail_samples=m,
+        topk_dtype=torch.float32,
+        batch_size=4,
+        progress=False,
+    )
+    assert (tmp_path / "a" / "train-00000.safetensors").read_bytes() == (
+        tmp_path / "b" / "train-00000.safetensors"
+    ).read_bytes()
     assert again["fingerprint"] == man["fingerprint"]
     from sparsepo_lite.refcache import CacheError
 
     with pytest.raises(CacheError, match="tail_seed is 0 in the cache but 1 now"):  # a resume with another seed
-        precompute_reference(model, tok, {"train": examples}, str(tmp_path / "a"), fingerprint=fp, top_k=5,
-                             tail_samples=m, tail_seed=1, topk_dtype=torch.float32, batch_size=4, progress=False)
+        precompute_reference(
+            model,
+            tok,
+            {"train": examples},
+            str(tmp_path / "a"),
+            fingerprint=fp,
+            top_k=5,
+            tail_samples=m,
+            tail_seed=1,
+            topk_dtype=torch.float32,
+            batch_size=4,
+            progress=False,
+        )
 
 
 def test_cached_tail_kl_is_unbiased_against_the_live_reference(tiny_dir, tmp_path):
@@ -277,12 +357,33 @@ def test_cached_tail_kl_is_unbiased_against_the_live_reference(tiny_dir, tmp_pat
     signed = []
     for seed in range(12):
         out = str(tmp_path / f"s{seed}")
-        precompute_reference(model, tok, {"train": examples}, out, fingerprint=fp, top_k=3, tail_samples=64,
-                             tail_seed=seed, topk_dtype=torch.float32, batch_size=4, progress=False)
+        precompute_reference(
+            model,
+            tok,
+            {"train": examples},
+            out,
+            fingerprint=fp,
+            top_k=3,
+            tail_samples=64,
+            tail_seed=seed,
+            topk_dtype=torch.float32,
+            batch_size=4,
+            progress=False,
+        )
         acc = cache_accuracy(model, tok, RefCache(out), examples, batches=1, batch_size=4)
         signed.append(acc["sequence_kl"]["mean_signed_rel_error"])
-    precompute_reference(model, tok, {"train": examples}, str(tmp_path / "bucket"), fingerprint=fp, top_k=3,
-                         tail_samples=0, topk_dtype=torch.float32, batch_size=4, progress=False)
+    precompute_reference(
+        model,
+        tok,
+        {"train": examples},
+        str(tmp_path / "bucket"),
+        fingerprint=fp,
+        top_k=3,
+        tail_samples=0,
+        topk_dtype=torch.float32,
+        batch_size=4,
+        progress=False,
+    )
     bucket = cache_accuracy(model, tok, RefCache(str(tmp_path / "bucket")), examples, batches=1, batch_size=4)
     mean = sum(signed) / len(signed)
     sd = (sum((s - mean) ** 2 for s in signed) / (len(signed) - 1)) ** 0.5
@@ -295,25 +396,52 @@ def test_verify_ref_against_live_reports_the_cache_error(tiny_dir, tmp_path):
 
     rows = tmp_path / "train.jsonl"
     rows.write_text("".join(json.dumps(r) + "\n" for r in review_rows(8)))
-    cfg = {"model_name_or_path": tiny_dir, "train_file": str(rows), "output_dir": str(tmp_path / "run"),
-           "loss_type": "tdpo2", "lora_r": 4, "max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 0.05,
-           "max_length": 32, "max_prompt_length": 16, "report_to": "none", "use_cpu": True, "save_strategy": "no",
-           "gradient_checkpointing": False}
+    cfg = {
+        "model_name_or_path": tiny_dir,
+        "train_file": str(rows),
+        "output_dir": str(tmp_path / "run"),
+        "loss_type": "tdpo2",
+        "lora_r": 4,
+        "max_steps": 3,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 0.05,
+        "max_length": 32,
+        "max_prompt_length": 16,
+        "report_to": "none",
+        "use_cpu": True,
+        "save_strategy": "no",
+        "gradient_checkpointing": False,
+    }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     cli = [sys.executable, "-m", "sparsepo_lite.cli"]
-    for args in (["train", str(tmp_path / "cfg.yaml")],
-                 ["precompute-ref", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "ref"), "--top-k", "4",
-                  "--tail-samples", "8"]):
+    for args in (
+        ["train", str(tmp_path / "cfg.yaml")],
+        [
+            "precompute-ref",
+            str(tmp_path / "cfg.yaml"),
+            "--out",
+            str(tmp_path / "ref"),
+            "--top-k",
+            "4",
+            "--tail-samples",
+            "8",
+        ],
+    ):
         res = subprocess.run(cli + args, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-2000:]
-    res = subprocess.run(cli + ["verify-ref", str(tmp_path / "ref"), "--against-live", "2", "--policy",
-                                str(tmp_path / "run")], capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        cli + ["verify-ref", str(tmp_path / "ref"), "--against-live", "2", "--policy", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     out = res.stdout
     assert "4 + 6 x 4 top-k + 6 x 8 tail samples = 76 payload bytes" in out
     assert "8 pairs" in out and "per sequence: mean relative error" in out and "chosen - rejected KL" in out
-    res = subprocess.run(cli + ["verify-ref", str(tmp_path / "ref"), "--against-live", "2"], capture_output=True,
-                         text=True, timeout=600)
+    res = subprocess.run(
+        cli + ["verify-ref", str(tmp_path / "ref"), "--against-live", "2"], capture_output=True, text=True, timeout=600
+    )
     assert res.returncode != 0 and "--against-live needs --policy" in res.stderr
 
 
@@ -335,10 +463,18 @@ def test_tail_draws_stay_unbiased_when_the_top_k_is_rounded(topk_dtype):
     exact = (lq.exp() * (lq - lp)).sum(-1)
     draws = []
     for seed in range(300):
-        label, ids, vals, tids, tvals = reference_token_stats(ref, eye, labels, k, topk_dtype, tail_samples=m,
-                                                              generator=torch.Generator().manual_seed(seed))
-        out = sp.chunked_token_stats(pol, eye, labels, seq_ids=torch.arange(n), num_seqs=n,
-                                     kl_weight=torch.ones(n), ref=sp.TopKReference(ids, vals, label, tids, tvals))
+        label, ids, vals, tids, tvals = reference_token_stats(
+            ref, eye, labels, k, topk_dtype, tail_samples=m, generator=torch.Generator().manual_seed(seed)
+        )
+        out = sp.chunked_token_stats(
+            pol,
+            eye,
+            labels,
+            seq_ids=torch.arange(n),
+            num_seqs=n,
+            kl_weight=torch.ones(n),
+            ref=sp.TopKReference(ids, vals, label, tids, tvals),
+        )
         draws.append(out.kl.double())
     kl = torch.stack(draws)
     se = kl.std(0) / kl.shape[0] ** 0.5
@@ -353,7 +489,8 @@ def test_tail_draws_stay_unbiased_when_the_top_k_is_rounded(topk_dtype):
     p_t = lp.exp().masked_fill(in_top, 0) / s_tail[:, None]
     kl_tails = torch.where(q_t > 0, q_t * (q_t.log() - p_t.log()), torch.zeros_like(q_t)).sum(-1)
     target = (q_hat * (q_hat.log() - lp.gather(1, ids.long()))).sum(-1) + torch.where(
-        r_hat > 0, r_hat * ((r_hat.clamp_min(1e-300).log() - s_tail.log()) + kl_tails), torch.zeros_like(r_hat))
+        r_hat > 0, r_hat * ((r_hat.clamp_min(1e-300).log() - s_tail.log()) + kl_tails), torch.zeros_like(r_hat)
+    )
     assert ((kl.mean(0) - target).abs() <= 4 * se + 1e-6).all(), (kl.mean(0) - target, se)
     assert (r_hat > 0).any()  # some rows exercise the correction
     assert ((target - exact).abs() < 5e-3).all()  # what the 16-bit top-k costs, tail or not

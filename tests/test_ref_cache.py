@@ -58,11 +58,11 @@ def test_round_trip_holds_the_online_reference_per_token(setup, tmp_path):
     target = plain["labels"][:, 1:]
     response = target != IGNORE_INDEX
     seq_ids, pos = response.nonzero(as_tuple=True)
-    rp = reference_pass(model, plain["input_ids"], plain["attention_mask"], response,
-                        seq_ids, pos)
+    rp = reference_pass(model, plain["input_ids"], plain["attention_mask"], response, seq_ids, pos)
     logq = torch.log_softmax(rp.hidden.double() @ rp.weight.double().T, dim=-1)
-    torch.testing.assert_close(batch["ref_label_logp"].double(), logq.gather(1, target[seq_ids, pos][:, None])[:, 0],
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        batch["ref_label_logp"].double(), logq.gather(1, target[seq_ids, pos][:, None])[:, 0], rtol=1e-5, atol=1e-5
+    )
     top = logq.topk(8, dim=-1)
     assert torch.equal(batch["ref_topk_ids"].long(), top.indices)
     torch.testing.assert_close(batch["ref_topk_logp"].double(), top.values, rtol=2e-3, atol=2e-3)  # float16
@@ -76,8 +76,9 @@ def test_fingerprint_mismatch_names_the_field(setup, tmp_path):
     cache = RefCache(str(tmp_path))
     with pytest.raises(CacheError, match="max_length is 32 in the cache but 64 now"):
         cache.check_run({**fp, "max_length": 64})
-    other = run_fingerprint(model, tok, {"train": examples[:-1]}, model_name="tiny", max_length=32,
-                            max_prompt_length=16)
+    other = run_fingerprint(
+        model, tok, {"train": examples[:-1]}, model_name="tiny", max_length=32, max_prompt_length=16
+    )
     with pytest.raises(CacheError, match="data_sha256/train"):
         cache.check_run(other)
     with pytest.raises(CacheError, match="no 'data_sha256/eval'"):
@@ -147,11 +148,14 @@ def _tail_above_its_mass(t):
     t["tail_logp"][0, 0] = torch.log(r).to(t["tail_logp"].dtype)  # a draw still holding the whole former tail
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (_label_above_zero, "label_logp has non-finite or positive"),
-    (_in_top_k, "tail_ids include a token of the same row's top-k"),
-    (_tail_above_its_mass, "tail_logp exceeds the tail mass its row's top-k leave"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (_label_above_zero, "label_logp has non-finite or positive"),
+        (_in_top_k, "tail_ids include a token of the same row's top-k"),
+        (_tail_above_its_mass, "tail_logp exceeds the tail mass its row's top-k leave"),
+    ],
+)
 def test_bad_values_behind_a_valid_checksum_are_caught(setup, tmp_path, mutate, message):
     """A shard rewritten with a consistent checksum but impossible values (a buggy writer)."""
     from safetensors.torch import load_file, save_file

@@ -18,7 +18,9 @@ def test_logp_and_exact_kl_match_torch_functional(seed):
     w = torch.randn(v, h, dtype=torch.float64)
     y = torch.randint(0, v, (n,))
     sid = torch.zeros(n, dtype=torch.long)
-    out = token_stats_reference(hid, w, y, sid, 1, ref=sp.ExactReference(rh, w), kl_weight=torch.ones(n, dtype=torch.float64))
+    out = token_stats_reference(
+        hid, w, y, sid, 1, ref=sp.ExactReference(rh, w), kl_weight=torch.ones(n, dtype=torch.float64)
+    )
     torch.testing.assert_close(out.logp, -F.cross_entropy(hid @ w.T, y, reduction="none"))
     lp, lq = F.log_softmax(hid @ w.T, -1), F.log_softmax(rh @ w.T, -1)
     kl = F.kl_div(lp, lq, log_target=True, reduction="none").sum(-1)  # KL(q || p)

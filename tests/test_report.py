@@ -30,8 +30,12 @@ def render(path) -> str:
         if os.environ.get("CI"):
             pytest.fail("Chromium is required in CI (scripts/test.sh installs Debian's chromium)")
         pytest.skip("no Chromium here (apt-get install chromium)")
-    res = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
-                          f"file://{os.path.abspath(path)}"], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", f"file://{os.path.abspath(path)}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     return res.stdout
 
@@ -40,10 +44,22 @@ def render(path) -> str:
 def run_dir(tiny_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("report_run")
     (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in review_rows(12)))
-    cfg = {"model_name_or_path": tiny_dir, "train_file": str(d / "train.jsonl"), "output_dir": str(d / "run"),
-           "loss_type": "sparsepo", "lora_r": 4, "max_steps": 3, "per_device_train_batch_size": 4,
-           "learning_rate": 1e-2, "mask_init_std": 0.3, "max_length": 32, "max_prompt_length": 16,
-           "report_to": "none", "use_cpu": True, "save_strategy": "no"}
+    cfg = {
+        "model_name_or_path": tiny_dir,
+        "train_file": str(d / "train.jsonl"),
+        "output_dir": str(d / "run"),
+        "loss_type": "sparsepo",
+        "lora_r": 4,
+        "max_steps": 3,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-2,
+        "mask_init_std": 0.3,
+        "max_length": 32,
+        "max_prompt_length": 16,
+        "report_to": "none",
+        "use_cpu": True,
+        "save_strategy": "no",
+    }
     (d / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     main(["train", str(d / "cfg.yaml")])
     return d
@@ -92,11 +108,32 @@ def test_inspect_masks_page_renders(run_dir):
 
 def test_sentiment_report_renders(run_dir):
     (run_dir / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in review_rows(3, offset=40)))
-    main(["eval-sentiment", str(run_dir / "run"), "--data", str(run_dir / "eval.jsonl"), "--prompts", "3",
-          "--samples", "1", "--max-new-tokens", "4"])
+    main(
+        [
+            "eval-sentiment",
+            str(run_dir / "run"),
+            "--data",
+            str(run_dir / "eval.jsonl"),
+            "--prompts",
+            "3",
+            "--samples",
+            "1",
+            "--max-new-tokens",
+            "4",
+        ]
+    )
     result = json.loads((run_dir / "run" / "sentiment_eval.json").read_text())
-    assert set(result["summary"]) == {"reward_policy", "reward_reference", "win_rate", "kl", "reward_gain",
-                                      "reward_gain_se", "reward_policy_se", "reward_reference_se", "kl_se"}
+    assert set(result["summary"]) == {
+        "reward_policy",
+        "reward_reference",
+        "win_rate",
+        "kl",
+        "reward_gain",
+        "reward_gain_se",
+        "reward_policy_se",
+        "reward_reference_se",
+        "kl_se",
+    }
     assert result["summary"]["kl_se"] >= 0  # 3 prompts: the spread of their mean KLs
     assert len(result["samples"]) == 3
     dom = render(run_dir / "run" / "sentiment_report.html")
@@ -105,8 +142,9 @@ def test_sentiment_report_renders(run_dir):
     assert "win rate of the policy" in dom and "reward_gain_se" not in dom  # readable names, not keys
 
 
-@pytest.mark.parametrize("gain, se, says", [(0.2, 0.05, "higher than"), (-0.2, 0.05, "lower than"),
-                                           (0.05, 0.05, "not distinguishable")])
+@pytest.mark.parametrize(
+    "gain, se, says", [(0.2, 0.05, "higher than"), (-0.2, 0.05, "lower than"), (0.05, 0.05, "not distinguishable")]
+)
 def test_the_report_verdict_follows_the_gain_and_its_error(gain, se, says):
     summary = {"reward_gain": gain, "reward_gain_se": se, "win_rate": 0.5, "kl": 1.25}
     verdict = sentiment_verdict(summary)
@@ -118,8 +156,14 @@ def _tok(text, u, sentiment=False, d=None, kl=0.1):
 
 
 def test_mask_lift_splits_sides_and_has_a_bootstrap_interval():
-    pairs = [{"prompt": "p", "chosen": [_tok(" great", 2.0, True), _tok(" the", 1.0)],
-              "rejected": [_tok(" awful", 0.5, True), _tok(" a", 1.0)]} for _ in range(10)]
+    pairs = [
+        {
+            "prompt": "p",
+            "chosen": [_tok(" great", 2.0, True), _tok(" the", 1.0)],
+            "rejected": [_tok(" awful", 0.5, True), _tok(" a", 1.0)],
+        }
+        for _ in range(10)
+    ]
     pairs[3]["chosen"][0]["reward_mask"] = 3.0  # some spread between pairs, for the interval
     lift = mask_lift(pairs, resamples=500)
     on = (2.0 * 9 + 3.0 + 0.5 * 10) / 20

@@ -35,10 +35,26 @@ def kernel(tmp_path_factory):
     if cxx is None:
         pytest.fail("a C++20 compiler (g++) is needed to build the emulated CUDA kernel")
     lib = tmp_path_factory.mktemp("cuda_emu") / "row_pass_emu.so"
-    cmd = [cxx, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-Wall", "-Werror",
-           "-I", os.path.join(ROOT, "tests", "cuda_emu"),
-           "-x", "c++", os.path.join(ROOT, "csrc", "cuda", "row_pass.cu"),
-           "-x", "none", os.path.join(ROOT, "tests", "cuda_emu", "row_pass_emu.cpp"), "-o", str(lib)]
+    cmd = [
+        cxx,
+        "-std=c++20",
+        "-O2",
+        "-fPIC",
+        "-shared",
+        "-pthread",
+        "-Wall",
+        "-Werror",
+        "-I",
+        os.path.join(ROOT, "tests", "cuda_emu"),
+        "-x",
+        "c++",
+        os.path.join(ROOT, "csrc", "cuda", "row_pass.cu"),
+        "-x",
+        "none",
+        os.path.join(ROOT, "tests", "cuda_emu", "row_pass_emu.cpp"),
+        "-o",
+        str(lib),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     return ctypes.CDLL(str(lib))
@@ -61,9 +77,27 @@ def run_kernel(kernel, dtype, z, zr, labels, a, b, kind, ids=None, lq=None, writ
     out = [torch.full((rows,), float("nan"), dtype=dtype) for _ in range(3)]
     ptr = lambda t: ctypes.c_void_p(None if t is None else t.data_ptr())
     fn = kernel.row_pass_emu_f64 if dtype == torch.float64 else kernel.row_pass_emu_f32
-    fn(ptr(z), ptr(zr), ctypes.c_int64(rows), ctypes.c_int64(vocab), ptr(labels), ptr(a), ptr(b),
-       ctypes.c_int(OP_KINDS[kind]), ptr(ids), ptr(lq), ctypes.c_int64(k), ptr(tids), ptr(tlq), ctypes.c_int64(m),
-       ptr(scratch), ptr(out[0]), ptr(out[1]), ptr(out[2]), ctypes.c_int(int(write_grad)))
+    fn(
+        ptr(z),
+        ptr(zr),
+        ctypes.c_int64(rows),
+        ctypes.c_int64(vocab),
+        ptr(labels),
+        ptr(a),
+        ptr(b),
+        ctypes.c_int(OP_KINDS[kind]),
+        ptr(ids),
+        ptr(lq),
+        ctypes.c_int64(k),
+        ptr(tids),
+        ptr(tlq),
+        ctypes.c_int64(m),
+        ptr(scratch),
+        ptr(out[0]),
+        ptr(out[1]),
+        ptr(out[2]),
+        ctypes.c_int(int(write_grad)),
+    )
     return out[0], out[1], out[2], z
 
 
@@ -97,8 +131,16 @@ def problem(rows, vocab, kind, k, scale=3.0):
 def oracle(z, labels, a, b, ref, eye, kind):
     h = z.clone().requires_grad_(True)
     rows = z.shape[0]
-    out = token_stats_reference(h, eye, labels, torch.arange(rows), rows, logp_weight=a,
-                                kl_weight=b if kind in ("exact", "topk", "sampled") else None, ref=ref)
+    out = token_stats_reference(
+        h,
+        eye,
+        labels,
+        torch.arange(rows),
+        rows,
+        logp_weight=a,
+        kl_weight=b if kind in ("exact", "topk", "sampled") else None,
+        ref=ref,
+    )
     (g,) = torch.autograd.grad(out.seq_sums.sum(), h)  # W = I: d(a logp + b KL)/dz per row
     return out, g
 
@@ -111,8 +153,9 @@ def test_emulated_cuda_kernel_matches_oracle(kernel, vocab, k, kind, dtype, seed
     # top-k loops stride past one block.
     rows = 5
     z, zr, labels, a, b, ids, lq, ref, eye, tail = problem(rows, vocab, kind, k)
-    logp, ref_logp, kl, g = run_kernel(kernel, dtype, z, zr if kind == "exact" else None, labels, a, b, kind, ids, lq,
-                                       tail=tail)
+    logp, ref_logp, kl, g = run_kernel(
+        kernel, dtype, z, zr if kind == "exact" else None, labels, a, b, kind, ids, lq, tail=tail
+    )
     want, want_g = oracle(z, labels, a, b, ref, eye, kind)
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(logp.double(), want.logp.detach(), rtol=rtol, atol=atol)
@@ -127,8 +170,20 @@ def test_emulated_cuda_kernel_matches_oracle(kernel, vocab, k, kind, dtype, seed
 @pytest.mark.parametrize("kind", ["exact", "topk", "sampled", "label"])
 def test_emulated_kernel_without_gradient_leaves_logits_alone(kernel, kind, seed):
     z, zr, labels, a, b, ids, lq, ref, eye, tail = problem(3, 900, kind, 40)
-    logp, _, kl, untouched = run_kernel(kernel, torch.float64, z, zr if kind == "exact" else None, labels, a, b,
-                                        kind, ids, lq, write_grad=False, tail=tail)
+    logp, _, kl, untouched = run_kernel(
+        kernel,
+        torch.float64,
+        z,
+        zr if kind == "exact" else None,
+        labels,
+        a,
+        b,
+        kind,
+        ids,
+        lq,
+        write_grad=False,
+        tail=tail,
+    )
     want, _ = oracle(z, labels, a, b, ref, eye, kind)
     assert torch.equal(untouched, z)
     torch.testing.assert_close(logp, want.logp.detach(), rtol=1e-10, atol=1e-12)
@@ -153,8 +208,15 @@ def test_emulated_extreme_logits_stay_finite(kernel):
     labels = torch.tensor([7, 3])
     a, b = torch.ones(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
     logp, ref_logp, kl, g = run_kernel(kernel, torch.float32, z, zr, labels, a, b, "exact")
-    want, want_g = oracle(z, labels, a, b, sp.ExactReference(zr, torch.eye(1000, dtype=torch.float64)),
-                          torch.eye(1000, dtype=torch.float64), "exact")
+    want, want_g = oracle(
+        z,
+        labels,
+        a,
+        b,
+        sp.ExactReference(zr, torch.eye(1000, dtype=torch.float64)),
+        torch.eye(1000, dtype=torch.float64),
+        "exact",
+    )
     for t in (logp, ref_logp, kl, g):
         assert torch.isfinite(t).all()
     torch.testing.assert_close(kl.double(), want.kl.detach(), rtol=1e-5, atol=1e-4)

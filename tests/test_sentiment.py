@@ -55,7 +55,7 @@ def test_sequence_logratio_matches_full_logits(policy):
             lp = torch.log_softmax(model(input_ids=ids).logits.double(), -1)
             with model.disable_adapter():
                 lq = torch.log_softmax(model(input_ids=ids).logits.double(), -1)
-        tgt = ids[0, len(p_ids):]
+        tgt = ids[0, len(p_ids) :]
         rows = torch.arange(len(p_ids) - 1, ids.shape[1] - 1)
         want.append((lp[0, rows, tgt] - lq[0, rows, tgt]).sum().item())
     assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
@@ -64,12 +64,22 @@ def test_sequence_logratio_matches_full_logits(policy):
 
 def test_evaluate_reports_rewards_win_rate_and_kl(policy):
     model, tok = policy
-    ev = evaluate_sentiment(model, tok, ["The film was", "Overall the acting"], samples_per_prompt=2,
-                            max_new_tokens=4, batch_size=1)
+    ev = evaluate_sentiment(
+        model, tok, ["The film was", "Overall the acting"], samples_per_prompt=2, max_new_tokens=4, batch_size=1
+    )
     assert len(ev.samples) == 4 and 0.0 <= ev.win_rate <= 1.0
     assert ev.reward_policy == pytest.approx(sum(r["reward_policy"] for r in ev.samples) / 4)
-    assert set(ev.summary()) == {"reward_policy", "reward_reference", "win_rate", "kl", "reward_gain",
-                                 "reward_gain_se", "reward_policy_se", "reward_reference_se", "kl_se"}
+    assert set(ev.summary()) == {
+        "reward_policy",
+        "reward_reference",
+        "win_rate",
+        "kl",
+        "reward_gain",
+        "reward_gain_se",
+        "reward_policy_se",
+        "reward_reference_se",
+        "kl_se",
+    }
     diffs = torch.tensor([r["reward_policy"] - r["reward_reference"] for r in ev.samples], dtype=torch.float64)
     assert ev.reward_gain == pytest.approx(diffs.mean().item(), abs=1e-12)
     per_prompt = diffs.view(2, 2).mean(1)  # rows are prompt-major: the 2 samples of a prompt together
@@ -90,8 +100,15 @@ def test_policy_and_reference_are_sampled_with_common_random_numbers(tiny_dir):
     assert all(p.abs().sum() == 0 for n, p in model.named_parameters() if "lora_B" in n)  # peft's init
     prompts = ["The film was", "Overall the acting", "I left the cinema", "The plot"]
     calls = []
-    ev = evaluate_sentiment(model, tok, prompts, samples_per_prompt=3, max_new_tokens=6, batch_size=3,
-                            progress=lambda done, total: calls.append((done, total)))
+    ev = evaluate_sentiment(
+        model,
+        tok,
+        prompts,
+        samples_per_prompt=3,
+        max_new_tokens=6,
+        batch_size=3,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     assert calls == [(3, 4), (4, 4)]
     assert all(r["policy"] == r["reference"] for r in ev.samples)
     assert len({r["policy"] for r in ev.samples}) > 1  # still random across samples and prompts

@@ -19,12 +19,31 @@ def test_each_loss_learns_on_smollm2(loss_type, tmp_path):
     model, tok = load_policy(ModelConfig(SMOLLM2, lora_r=8, gradient_checkpointing=False))
     # Kept short for CI (4-bit matmuls on the CPU de-quantise on every call): 8 steps of 4 pairs,
     # 8 held-out pairs.
-    args = SparsePOConfig(output_dir=str(tmp_path), loss_type=loss_type, beta=0.1, learning_rate=3e-4,
-                          mask_learning_rate=1e-3, per_device_train_batch_size=4, per_device_eval_batch_size=8,
-                          max_steps=8, logging_steps=4, eval_strategy="no", save_strategy="no", report_to=[],
-                          max_length=80, max_prompt_length=40, seed=0, use_cpu=True)
-    trainer = SparsePOTrainer(model=model, args=args, train_dataset=DATA.format("train"),
-                              eval_dataset=read_rows(DATA.format("eval"))[:8], processing_class=tok)
+    args = SparsePOConfig(
+        output_dir=str(tmp_path),
+        loss_type=loss_type,
+        beta=0.1,
+        learning_rate=3e-4,
+        mask_learning_rate=1e-3,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        max_steps=8,
+        logging_steps=4,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        max_length=80,
+        max_prompt_length=40,
+        seed=0,
+        use_cpu=True,
+    )
+    trainer = SparsePOTrainer(
+        model=model,
+        args=args,
+        train_dataset=DATA.format("train"),
+        eval_dataset=read_rows(DATA.format("eval"))[:8],
+        processing_class=tok,
+    )
     before = trainer.evaluate()
     trainer.train()
     after = trainer.evaluate()

@@ -18,6 +18,8 @@ from conftest import DEVICES, compare_with_oracle, leaves, make_problem, sample_
 REF_KINDS = ["exact", "topk", "sampled", "label", "none"]
 # (N, H, V, chunk): chunks that do not divide N, a chunk of 1, a chunk larger than N, N = 1
 SHAPES = [(37, 16, 101, 8), (64, 32, 500, 7), (5, 8, 33, 1), (1, 8, 10, 4), (50, 24, 257, 128)]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("ref_kind", REF_KINDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-H{}-V{}-c{}".format(*s))
@@ -85,15 +87,35 @@ def test_no_grad_mode_skips_the_gradient_gemm(seed):
         out = sp.chunked_token_stats(*p.args(), **p.kwargs())
     assert not out.seq_sums.requires_grad
     raw = torch.ops.sparsepo_lite.token_stats(
-        p.hidden.detach(), p.weight, p.labels, p.seq_ids, p.num_seqs, p.logp_weight.detach(),
-        p.kl_weight.detach(), 3, p.ref.hidden, p.ref.weight, None, None, None, None, None, 4, False)
+        p.hidden.detach(),
+        p.weight,
+        p.labels,
+        p.seq_ids,
+        p.num_seqs,
+        p.logp_weight.detach(),
+        p.kl_weight.detach(),
+        3,
+        p.ref.hidden,
+        p.ref.weight,
+        None,
+        None,
+        None,
+        None,
+        None,
+        4,
+        False,
+    )
     assert raw[4].shape == (0, 8)  # no [N, H] gradient factor formed
 
 
 def test_default_chunk_size_respects_budget():
     V, budget = 128_256, sp.DEFAULT_CHUNK_BYTES
-    for dtype, exact, per_row in [(torch.float32, True, 8 * V), (torch.float32, False, 4 * V),
-                                  (torch.bfloat16, True, 10 * V), (torch.float64, True, 16 * V)]:
+    for dtype, exact, per_row in [
+        (torch.float32, True, 8 * V),
+        (torch.float32, False, 4 * V),
+        (torch.bfloat16, True, 10 * V),
+        (torch.float64, True, 16 * V),
+    ]:
         rows = sp.default_chunk_size(10_000, V, dtype, exact=exact)
         assert rows % 16 == 0 and rows * per_row <= budget < (rows + 16) * per_row, (dtype, exact, rows)
     assert sp.default_chunk_size(10_000, V, torch.float32, exact=True) == 384  # documented in docs/op.md
@@ -102,6 +124,7 @@ def test_default_chunk_size_respects_budget():
 
 
 # --- the top-k (tail bucket) reference -------------------------------------------------------
+
 
 def _topk_vs_exact(n, h, v, k, dtype=torch.float64, noise=1.0):
     p = make_problem(n, h, v, "exact", dtype=dtype, ref_noise=noise)
@@ -150,10 +173,14 @@ def test_topk_tail_with_vanishing_policy_mass_stays_finite():
     # some outside: the KL is large but finite, and so is the gradient.
     h = torch.tensor([[1.0]], dtype=torch.float64, requires_grad=True)
     w = torch.tensor([[0.0], [0.0], [-2000.0], [-2000.0]], dtype=torch.float64)
-    ref = sp.TopKReference(torch.tensor([[0, 1]]), torch.log(torch.tensor([[0.45, 0.45]], dtype=torch.float64)),
-                           torch.tensor([-0.8], dtype=torch.float64))
-    out = sp.chunked_token_stats(h, w, torch.tensor([0]), torch.tensor([0]), 1, ref=ref,
-                                 kl_weight=torch.ones(1, dtype=torch.float64))
+    ref = sp.TopKReference(
+        torch.tensor([[0, 1]]),
+        torch.log(torch.tensor([[0.45, 0.45]], dtype=torch.float64)),
+        torch.tensor([-0.8], dtype=torch.float64),
+    )
+    out = sp.chunked_token_stats(
+        h, w, torch.tensor([0]), torch.tensor([0]), 1, ref=ref, kl_weight=torch.ones(1, dtype=torch.float64)
+    )
     assert torch.isfinite(out.kl).all() and out.kl.item() > 10
     (g,) = torch.autograd.grad(out.seq_sums.sum(), [h])
     assert torch.isfinite(g).all()
@@ -180,20 +207,41 @@ def test_sampled_tail_kl_is_unbiased(n, h, v, k, m, seed):
     draws = 3000
     p, ref, hidden = _tail_problem(n, h, v, k, m, draws, torch.Generator().manual_seed(seed))
     h0 = p.hidden.detach().requires_grad_(True)
-    exact = sp.chunked_token_stats(h0, p.weight, p.labels, torch.arange(n), n,
-                                   logp_weight=torch.zeros(n, dtype=torch.float64),
-                                   kl_weight=torch.ones(n, dtype=torch.float64), ref=p.ref)
+    exact = sp.chunked_token_stats(
+        h0,
+        p.weight,
+        p.labels,
+        torch.arange(n),
+        n,
+        logp_weight=torch.zeros(n, dtype=torch.float64),
+        kl_weight=torch.ones(n, dtype=torch.float64),
+        ref=p.ref,
+    )
     (g_exact,) = torch.autograd.grad(exact.seq_sums.sum(), [h0])
     rows = n * draws
-    est = sp.chunked_token_stats(hidden, p.weight, p.labels.repeat(draws), torch.arange(rows), rows,
-                                 logp_weight=torch.zeros(rows, dtype=torch.float64),
-                                 kl_weight=torch.ones(rows, dtype=torch.float64), ref=ref, chunk_size=997)
+    est = sp.chunked_token_stats(
+        hidden,
+        p.weight,
+        p.labels.repeat(draws),
+        torch.arange(rows),
+        rows,
+        logp_weight=torch.zeros(rows, dtype=torch.float64),
+        kl_weight=torch.ones(rows, dtype=torch.float64),
+        ref=ref,
+        chunk_size=997,
+    )
     (g_est,) = torch.autograd.grad(est.seq_sums.sum(), [hidden])
     kl = est.kl.view(draws, n)
     mean, se = kl.mean(0), kl.std(0) / draws**0.5
     assert ((mean - exact.kl).abs() <= 4.5 * se + 1e-12).all(), (mean, exact.kl, se)
-    bucket = sp.chunked_token_stats(p.hidden.detach(), p.weight, p.labels, torch.arange(n), n,
-                                    ref=sp.TopKReference(ref.ids[:n], ref.logprobs[:n], ref.label_logp[:n])).kl
+    bucket = sp.chunked_token_stats(
+        p.hidden.detach(),
+        p.weight,
+        p.labels,
+        torch.arange(n),
+        n,
+        ref=sp.TopKReference(ref.ids[:n], ref.logprobs[:n], ref.label_logp[:n]),
+    ).kl
     assert (bucket <= exact.kl + 1e-12).all() and ((exact.kl - bucket) > 10 * se).any()  # the bias it removes
     g = g_est.view(draws, n, h)
     g_mean, g_se = g.mean(0), g.std(0) / draws**0.5
@@ -214,35 +262,64 @@ def test_no_tail_samples_is_the_bucket_exactly(seed):
 
 # --- bad input gets a clear error ------------------------------------------------------------
 
+
 def _base(ref_kind="exact"):
     return make_problem(12, 8, 20, ref_kind)
 
 
-@pytest.mark.parametrize("mutate, exc, match", [
-    (lambda p: p.__setattr__("labels", p.labels.clone().index_fill_(0, torch.tensor([3]), 20)), ValueError,
-     r"labels must lie in \[0, V\) with V = 20; got values in \[0, 20\]"),
-    (lambda p: p.__setattr__("labels", p.labels.clone().index_fill_(0, torch.tensor([3]), -1)), ValueError,
-     r"labels must lie in \[0, V\)"),
-    (lambda p: p.__setattr__("seq_ids", p.seq_ids.clone().index_fill_(0, torch.tensor([2]), 99)), ValueError,
-     r"seq_ids must lie in \[0, num_seqs\)"),
-    (lambda p: p.__setattr__("labels", p.labels.float()), TypeError, r"labels must have dtype"),
-    (lambda p: p.__setattr__("labels", p.labels[:-1]), ValueError, r"labels must have shape \[N\] = \[12\]"),
-    (lambda p: p.__setattr__("weight", p.weight.double()), TypeError, r"weight dtype torch.float64 differs"),
-    (lambda p: p.__setattr__("weight", p.weight[:, :-1]), ValueError, r"weight must be \[V, H\] with H = 8"),
-    (lambda p: p.__setattr__("weight", p.weight.to("meta")), ValueError, r"weight is on meta but hidden is on cpu"),
-    (lambda p: p.__setattr__("weight", p.weight.clone().requires_grad_(True)), ValueError, r"weight requires grad"),
-    (lambda p: p.__setattr__("hidden", p.hidden.detach().long()), TypeError, r"hidden must be floating point"),
-    (lambda p: p.__setattr__("logp_weight", p.logp_weight.detach()[:5]), ValueError, r"logp_weight must have shape"),
-    (lambda p: p.__setattr__("ref", sp.ExactReference(p.ref.hidden[:-1], p.ref.weight)), ValueError,
-     r"ExactReference.hidden must have N = 12 rows"),
-    (lambda p: p.__setattr__("ref", sp.ExactReference(p.ref.hidden.clone().requires_grad_(True), p.ref.weight)),
-     ValueError, r"ExactReference.hidden requires grad"),
-    (lambda p: p.__setattr__("ref", sp.ExactReference(p.ref.hidden, p.ref.weight[:7])), ValueError,
-     r"ExactReference.weight must be \[V, H'\]"),
-    (lambda p: p.__setattr__("ref", sp.LabelReference(p.labels.float())), ValueError,
-     r"kl_weight needs a reference distribution"),
-    (lambda p: p.__setattr__("ref", "exact"), TypeError, r"ref must be ExactReference"),
-])
+@pytest.mark.parametrize(
+    "mutate, exc, match",
+    [
+        (
+            lambda p: p.__setattr__("labels", p.labels.clone().index_fill_(0, torch.tensor([3]), 20)),
+            ValueError,
+            r"labels must lie in \[0, V\) with V = 20; got values in \[0, 20\]",
+        ),
+        (
+            lambda p: p.__setattr__("labels", p.labels.clone().index_fill_(0, torch.tensor([3]), -1)),
+            ValueError,
+            r"labels must lie in \[0, V\)",
+        ),
+        (
+            lambda p: p.__setattr__("seq_ids", p.seq_ids.clone().index_fill_(0, torch.tensor([2]), 99)),
+            ValueError,
+            r"seq_ids must lie in \[0, num_seqs\)",
+        ),
+        (lambda p: p.__setattr__("labels", p.labels.float()), TypeError, r"labels must have dtype"),
+        (lambda p: p.__setattr__("labels", p.labels[:-1]), ValueError, r"labels must have shape \[N\] = \[12\]"),
+        (lambda p: p.__setattr__("weight", p.weight.double()), TypeError, r"weight dtype torch.float64 differs"),
+        (lambda p: p.__setattr__("weight", p.weight[:, :-1]), ValueError, r"weight must be \[V, H\] with H = 8"),
+        (lambda p: p.__setattr__("weight", p.weight.to("meta")), ValueError, r"weight is on meta but hidden is on cpu"),
+        (lambda p: p.__setattr__("weight", p.weight.clone().requires_grad_(True)), ValueError, r"weight requires grad"),
+        (lambda p: p.__setattr__("hidden", p.hidden.detach().long()), TypeError, r"hidden must be floating point"),
+        (
+            lambda p: p.__setattr__("logp_weight", p.logp_weight.detach()[:5]),
+            ValueError,
+            r"logp_weight must have shape",
+        ),
+        (
+            lambda p: p.__setattr__("ref", sp.ExactReference(p.ref.hidden[:-1], p.ref.weight)),
+            ValueError,
+            r"ExactReference.hidden must have N = 12 rows",
+        ),
+        (
+            lambda p: p.__setattr__("ref", sp.ExactReference(p.ref.hidden.clone().requires_grad_(True), p.ref.weight)),
+            ValueError,
+            r"ExactReference.hidden requires grad",
+        ),
+        (
+            lambda p: p.__setattr__("ref", sp.ExactReference(p.ref.hidden, p.ref.weight[:7])),
+            ValueError,
+            r"ExactReference.weight must be \[V, H'\]",
+        ),
+        (
+            lambda p: p.__setattr__("ref", sp.LabelReference(p.labels.float())),
+            ValueError,
+            r"kl_weight needs a reference distribution",
+        ),
+        (lambda p: p.__setattr__("ref", "exact"), TypeError, r"ref must be ExactReference"),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(mutate, exc, match):
     p = _base()
     mutate(p)
@@ -256,23 +333,46 @@ def _outside(r):
     return free.float().multinomial(2).to(r.ids.dtype)
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda r: sp.TopKReference(r.ids.clone().index_fill_(1, torch.tensor([1]), 0).index_fill_(1, torch.tensor([0]), 0),
-                                r.logprobs, r.label_logp), r"distinct within each token; token 0 repeats"),
-    (lambda r: sp.TopKReference(r.ids + 20, r.logprobs, r.label_logp), r"topk ids must lie in \[0, V\)"),
-    (lambda r: sp.TopKReference(r.ids, r.logprobs.clone().fill_(float("nan")), r.label_logp), r"contain NaN"),
-    (lambda r: sp.TopKReference(r.ids, -r.logprobs, r.label_logp), r"must be log-probabilities"),
-    (lambda r: sp.TopKReference(r.ids[:, :0], r.logprobs[:, :0], r.label_logp), r"1 <= k <= V"),
-    (lambda r: sp.TopKReference(r.ids, r.logprobs, r.label_logp, r.ids[:, :2], r.logprobs[:, :2]),
-     r"tail ids must lie outside the top-k ids of their token.*token 0"),
-    (lambda r: sp.TopKReference(r.ids, r.logprobs, r.label_logp, _outside(r), None), r"come together"),
-    (lambda r: sp.TopKReference(r.ids, r.logprobs, r.label_logp, _outside(r), torch.full(_outside(r).shape, float("-inf"))),
-     r"tail log-probs must be finite"),
-    (lambda r: sp.TopKReference(r.ids, r.logprobs, r.label_logp, _outside(r) + 20, torch.full(_outside(r).shape, -3.0)),
-     r"tail ids must lie in \[0, V\)"),
-    (lambda r: sp.TopKReference(r.ids, r.logprobs, r.label_logp, _outside(r)[:-1], torch.full(_outside(r)[:-1].shape, -3.0)),
-     r"tail_ids must be an int \[N, m\] tensor"),
-])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (
+            lambda r: sp.TopKReference(
+                r.ids.clone().index_fill_(1, torch.tensor([1]), 0).index_fill_(1, torch.tensor([0]), 0),
+                r.logprobs,
+                r.label_logp,
+            ),
+            r"distinct within each token; token 0 repeats",
+        ),
+        (lambda r: sp.TopKReference(r.ids + 20, r.logprobs, r.label_logp), r"topk ids must lie in \[0, V\)"),
+        (lambda r: sp.TopKReference(r.ids, r.logprobs.clone().fill_(float("nan")), r.label_logp), r"contain NaN"),
+        (lambda r: sp.TopKReference(r.ids, -r.logprobs, r.label_logp), r"must be log-probabilities"),
+        (lambda r: sp.TopKReference(r.ids[:, :0], r.logprobs[:, :0], r.label_logp), r"1 <= k <= V"),
+        (
+            lambda r: sp.TopKReference(r.ids, r.logprobs, r.label_logp, r.ids[:, :2], r.logprobs[:, :2]),
+            r"tail ids must lie outside the top-k ids of their token.*token 0",
+        ),
+        (lambda r: sp.TopKReference(r.ids, r.logprobs, r.label_logp, _outside(r), None), r"come together"),
+        (
+            lambda r: sp.TopKReference(
+                r.ids, r.logprobs, r.label_logp, _outside(r), torch.full(_outside(r).shape, float("-inf"))
+            ),
+            r"tail log-probs must be finite",
+        ),
+        (
+            lambda r: sp.TopKReference(
+                r.ids, r.logprobs, r.label_logp, _outside(r) + 20, torch.full(_outside(r).shape, -3.0)
+            ),
+            r"tail ids must lie in \[0, V\)",
+        ),
+        (
+            lambda r: sp.TopKReference(
+                r.ids, r.logprobs, r.label_logp, _outside(r)[:-1], torch.full(_outside(r)[:-1].shape, -3.0)
+            ),
+            r"tail_ids must be an int \[N, m\] tensor",
+        ),
+    ],
+)
 def test_bad_topk_cache_raises_clear_errors(mutate, match):
     p = _base("topk")
     p.ref = mutate(p.ref)
@@ -286,15 +386,32 @@ def test_raw_op_checks_values_too():
     bad = p.labels.clone()
     bad[0] = 20
     with pytest.raises(ValueError, match=r"labels must lie in \[0, V\)"):
-        torch.ops.sparsepo_lite.token_stats(p.hidden.detach(), p.weight, bad, p.seq_ids, p.num_seqs,
-                                            p.logp_weight.detach(), p.kl_weight.detach(), 3, p.ref.hidden,
-                                            p.ref.weight, None, None, None, None, None, 4, False)
+        torch.ops.sparsepo_lite.token_stats(
+            p.hidden.detach(),
+            p.weight,
+            bad,
+            p.seq_ids,
+            p.num_seqs,
+            p.logp_weight.detach(),
+            p.kl_weight.detach(),
+            3,
+            p.ref.hidden,
+            p.ref.weight,
+            None,
+            None,
+            None,
+            None,
+            None,
+            4,
+            False,
+        )
 
 
 def test_empty_input_gives_zero_sums():
     h = torch.zeros(0, 8, requires_grad=True)
-    out = sp.chunked_token_stats(h, torch.randn(20, 8), torch.zeros(0, dtype=torch.long),
-                                 torch.zeros(0, dtype=torch.long), 3)
+    out = sp.chunked_token_stats(
+        h, torch.randn(20, 8), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 3
+    )
     assert out.seq_sums.tolist() == [0.0, 0.0, 0.0] and out.logp.shape == (0,)
     out.seq_sums.sum().backward()
     assert h.grad.shape == (0, 8)
@@ -311,8 +428,16 @@ def test_torch_compile_smoke(seed):
     p = make_problem(30, 16, 64, "exact")
 
     def tdpo_like(hidden, ref_hidden, weight, labels, seq_ids, kl_weight):
-        out = sp.chunked_token_stats(hidden, weight, labels, seq_ids, 2, kl_weight=kl_weight,
-                                     ref=sp.ExactReference(ref_hidden, weight), chunk_size=8)
+        out = sp.chunked_token_stats(
+            hidden,
+            weight,
+            labels,
+            seq_ids,
+            2,
+            kl_weight=kl_weight,
+            ref=sp.ExactReference(ref_hidden, weight),
+            chunk_size=8,
+        )
         return -torch.nn.functional.logsigmoid(0.1 * (out.seq_sums[0] - out.seq_sums[1]))
 
     seq_ids = (torch.arange(30) >= 12).long()
@@ -349,8 +474,9 @@ _MEMORY_PROBE = textwrap.dedent("""
 
 
 def _peak(impl, n):
-    res = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, impl, str(n)], capture_output=True, text=True,
-                         check=True)
+    res = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE, impl, str(n)], capture_output=True, text=True, check=True
+    )
     return int(res.stdout.split()[-1])
 
 

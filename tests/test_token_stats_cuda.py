@@ -18,12 +18,13 @@ from sparsepo_lite.peak_memory import PeakMemory
 
 from conftest import Problem, compare_with_oracle, leaves, make_problem, upstream_loss
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
 
 @pytest.fixture(autouse=True)
 def no_fallback(monkeypatch):
     """Every case here must run the compiled kernel, never the pure-PyTorch fallback."""
+
     def refuse(*args):
         raise AssertionError("the pure-PyTorch fallback ran instead of the CUDA kernel")
 
@@ -56,8 +57,13 @@ def test_topk_with_k_equal_v_is_exact_on_gpu(seed):
     vals, ids = lq.topk(700, dim=-1)
     label_logp = lq.gather(1, p.labels[:, None]).squeeze(1).float()
     exact = sp.chunked_token_stats(*p.args(), **p.kwargs(), chunk_size=9)
-    topk = sp.chunked_token_stats(*p.args(), logp_weight=p.logp_weight, kl_weight=p.kl_weight,
-                                  ref=sp.TopKReference(ids, vals.float(), label_logp), chunk_size=9)
+    topk = sp.chunked_token_stats(
+        *p.args(),
+        logp_weight=p.logp_weight,
+        kl_weight=p.kl_weight,
+        ref=sp.TopKReference(ids, vals.float(), label_logp),
+        chunk_size=9,
+    )
     torch.testing.assert_close(topk.kl, exact.kl, rtol=1e-4, atol=1e-5)
 
 
@@ -67,8 +73,16 @@ def test_gpu_agrees_with_the_cpu_kernel(seed):
     g_cpu = torch.autograd.grad(upstream_loss(cpu.seq_sums), leaves(p))
     leaf = lambda t: None if t is None else t.detach().cuda().requires_grad_(True)
     w = p.weight.cuda()
-    q = Problem(leaf(p.hidden), w, p.labels.cuda(), p.seq_ids.cuda(), p.num_seqs, leaf(p.logp_weight),
-                leaf(p.kl_weight), sp.ExactReference(p.ref.hidden.cuda(), w))  # shared head: stacked GEMM
+    q = Problem(
+        leaf(p.hidden),
+        w,
+        p.labels.cuda(),
+        p.seq_ids.cuda(),
+        p.num_seqs,
+        leaf(p.logp_weight),
+        leaf(p.kl_weight),
+        sp.ExactReference(p.ref.hidden.cuda(), w),
+    )  # shared head: stacked GEMM
     gpu = sp.chunked_token_stats(*q.args(), **q.kwargs(), chunk_size=24)
     g_gpu = torch.autograd.grad(upstream_loss(gpu.seq_sums), leaves(q))
     torch.testing.assert_close(gpu.seq_sums.cpu(), cpu.seq_sums, rtol=1e-4, atol=1e-4)

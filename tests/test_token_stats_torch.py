@@ -67,8 +67,7 @@ _FALLBACK_PROBE = textwrap.dedent("""
 
 def _probe(disable):
     env = dict(os.environ, SPARSEPO_LITE_DISABLE_EXTENSION="1" if disable else "0")
-    res = subprocess.run([sys.executable, "-c", _FALLBACK_PROBE], capture_output=True, text=True, env=env,
-                         check=True)
+    res = subprocess.run([sys.executable, "-c", _FALLBACK_PROBE], capture_output=True, text=True, env=env, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 

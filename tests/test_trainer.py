@@ -22,13 +22,33 @@ rows = review_rows
 def make_trainer(tiny_dir, out, loss_type="sparsepo", steps=30, callbacks=None, **kw):
     transformers.set_seed(0)  # LoRA init
     model, tok = load_policy(ModelConfig(tiny_dir, lora_r=8, gradient_checkpointing=False))
-    opts = dict(output_dir=str(out), loss_type=loss_type, beta=0.5, learning_rate=1e-2, mask_init_std=0.3,
-                per_device_train_batch_size=4, per_device_eval_batch_size=8, max_steps=steps, logging_steps=5,
-                eval_strategy="no", save_strategy="no", report_to=[], max_length=32, max_prompt_length=16, seed=0,
-                use_cpu=True)
+    opts = dict(
+        output_dir=str(out),
+        loss_type=loss_type,
+        beta=0.5,
+        learning_rate=1e-2,
+        mask_init_std=0.3,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        max_steps=steps,
+        logging_steps=5,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        max_length=32,
+        max_prompt_length=16,
+        seed=0,
+        use_cpu=True,
+    )
     args = SparsePOConfig(**{**opts, **kw})
-    return SparsePOTrainer(model=model, args=args, train_dataset=rows(32), eval_dataset=rows(16, offset=100),
-                           processing_class=tok, callbacks=callbacks)
+    return SparsePOTrainer(
+        model=model,
+        args=args,
+        train_dataset=rows(32),
+        eval_dataset=rows(16, offset=100),
+        processing_class=tok,
+        callbacks=callbacks,
+    )
 
 
 @pytest.mark.parametrize("loss_type", ["sparsepo", "tdpo2"])
@@ -83,8 +103,15 @@ def test_non_finite_loss_skips_the_step(tiny_dir, tmp_path):
 
 def test_bad_rows_are_reported_not_fatal(tiny_dir, tmp_path):
     model, tok = load_policy(ModelConfig(tiny_dir, lora_r=4, gradient_checkpointing=False))
-    args = SparsePOConfig(output_dir=str(tmp_path), loss_type="dpo", max_steps=1, report_to=[], use_cpu=True,
-                          max_length=32, max_prompt_length=16)
+    args = SparsePOConfig(
+        output_dir=str(tmp_path),
+        loss_type="dpo",
+        max_steps=1,
+        report_to=[],
+        use_cpu=True,
+        max_length=32,
+        max_prompt_length=16,
+    )
     data = rows(4) + [{"prompt": "x", "chosen": "same", "rejected": "same"}, {"chosen": 1}]
     trainer = SparsePOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
     rep = trainer.data_reports["train"]
@@ -100,8 +127,15 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny_dir, tmp_path)
                 control.should_training_stop = True
 
     def run(out, resume=None, stop=False):
-        trainer = make_trainer(tiny_dir, out, "sparsepo", steps=4, save_strategy="steps", save_steps=2,
-                               callbacks=[StopAt2()] if stop else None)
+        trainer = make_trainer(
+            tiny_dir,
+            out,
+            "sparsepo",
+            steps=4,
+            save_strategy="steps",
+            save_steps=2,
+            callbacks=[StopAt2()] if stop else None,
+        )
         trainer.train(resume_from_checkpoint=resume)
         lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
         return lora, [p.detach().clone() for p in trainer.masks.parameters()], trainer.state.global_step
@@ -119,8 +153,15 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny_dir, tmp_path)
 
 
 def test_a_model_config_beside_the_training_config_loads_the_policy(tiny_dir, tmp_path):
-    args = SparsePOConfig(output_dir=str(tmp_path), loss_type="dpo", max_steps=1, report_to=[], use_cpu=True,
-                          max_length=32, max_prompt_length=16)
+    args = SparsePOConfig(
+        output_dir=str(tmp_path),
+        loss_type="dpo",
+        max_steps=1,
+        report_to=[],
+        use_cpu=True,
+        max_length=32,
+        max_prompt_length=16,
+    )
     model_config = ModelConfig(tiny_dir, lora_r=4, lora_target_modules=["q_proj", "v_proj"])
     trainer = SparsePOTrainer(model_config=model_config, args=args, train_dataset=rows(4))
     lora = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
@@ -145,9 +186,25 @@ def test_two_processes_keep_identical_weights_and_learn(tiny_dir, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port), worker, tiny_dir, str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        worker,
+        tiny_dir,
+        str(tmp_path),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -37,9 +37,11 @@ TASKS = [
     ("organise a desk", "removing everything and keeping only daily items"),
 ]
 ASK = ["How do I {t}?", "Can you tell me how to {t}?", "What's a good way to {t}?", "Any tips to {t}?"]
-GOOD = ["Happy to help! To {t}, start by {s}. Take it step by step and you'll get there.",
-        "Great question. A good first step to {t} is {s}. Let me know if you want more detail.",
-        "Sure! Try {s}. That makes it much easier to {t}, and you can build from there."]
+GOOD = [
+    "Happy to help! To {t}, start by {s}. Take it step by step and you'll get there.",
+    "Great question. A good first step to {t} is {s}. Let me know if you want more detail.",
+    "Sure! Try {s}. That makes it much easier to {t}, and you can build from there.",
+]
 BAD = ["Figure it out yourself.", "Why would I know? Look it up.", "Not my problem.", "That's a boring question."]
 
 
@@ -48,9 +50,13 @@ def main():
     rows = []
     for t, s in TASKS:
         for ask in ASK:
-            rows.append({"prompt": [{"role": "user", "content": ask.format(t=t)}],
-                         "chosen": [{"role": "assistant", "content": rng.choice(GOOD).format(t=t, s=s)}],
-                         "rejected": [{"role": "assistant", "content": rng.choice(BAD)}]})
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": ask.format(t=t)}],
+                    "chosen": [{"role": "assistant", "content": rng.choice(GOOD).format(t=t, s=s)}],
+                    "rejected": [{"role": "assistant", "content": rng.choice(BAD)}],
+                }
+            )
     rng.shuffle(rows)
     here = os.path.dirname(os.path.abspath(__file__))
     split = int(0.8 * len(rows))

@@ -23,20 +23,44 @@ import os
 import random
 
 SUBJECTS = [
-    "the new science-fiction film", "this period drama", "the latest superhero movie", "that romantic comedy",
-    "the documentary about the ocean", "this low-budget horror film", "the animated family movie",
-    "the war epic everyone is talking about", "this courtroom thriller", "the musical remake",
-    "the director's debut feature", "this slow-burning mystery", "the sequel to last year's hit",
-    "the black-and-white art film", "this heist movie", "the biopic of the famous singer",
-    "the space adventure", "this coming-of-age story", "the western", "the two-hour crime saga",
+    "the new science-fiction film",
+    "this period drama",
+    "the latest superhero movie",
+    "that romantic comedy",
+    "the documentary about the ocean",
+    "this low-budget horror film",
+    "the animated family movie",
+    "the war epic everyone is talking about",
+    "this courtroom thriller",
+    "the musical remake",
+    "the director's debut feature",
+    "this slow-burning mystery",
+    "the sequel to last year's hit",
+    "the black-and-white art film",
+    "this heist movie",
+    "the biopic of the famous singer",
+    "the space adventure",
+    "this coming-of-age story",
+    "the western",
+    "the two-hour crime saga",
 ]
 OPENINGS = [
-    "I watched {s} last night, and", "After seeing {s}, I have to say that", "My honest review of {s}:",
-    "Going into {s}, I expected little, but", "The first thing you notice about {s} is that",
-    "I took my family to {s} and", "Critics have argued about {s}, but in my view", "Halfway through {s},",
-    "If you are deciding whether to see {s},", "Ten minutes into {s}, I realised that",
-    "The acting in {s}", "What stayed with me after {s} was", "Compared with the book, {s}",
-    "The soundtrack of {s}", "I bought a ticket for {s} on a whim, and", "The ending of {s}",
+    "I watched {s} last night, and",
+    "After seeing {s}, I have to say that",
+    "My honest review of {s}:",
+    "Going into {s}, I expected little, but",
+    "The first thing you notice about {s} is that",
+    "I took my family to {s} and",
+    "Critics have argued about {s}, but in my view",
+    "Halfway through {s},",
+    "If you are deciding whether to see {s},",
+    "Ten minutes into {s}, I realised that",
+    "The acting in {s}",
+    "What stayed with me after {s} was",
+    "Compared with the book, {s}",
+    "The soundtrack of {s}",
+    "I bought a ticket for {s} on a whim, and",
+    "The ending of {s}",
 ]
 
 
@@ -74,7 +98,7 @@ def main():
     rows, dropped = [], 0
     batch = 16
     for i in tqdm(range(0, len(all_prompts), batch), desc="sampling", unit="batch"):
-        part = all_prompts[i:i + batch]
+        part = all_prompts[i : i + batch]
         outs = sample_continuations(model, tok, part, num_samples=a.samples, max_new_tokens=a.max_new_tokens)
         for prompt, conts in zip(part, outs):
             scored = sorted(((score(c), c) for c in conts if c.strip()), key=lambda x: x[0])
@@ -84,13 +108,15 @@ def main():
                 continue
             (lo, rej), (hi, cho) = scored[0], scored[-1]
             rows.append({"prompt": prompt, "chosen": cho, "rejected": rej, "chosen_vader": hi, "rejected_vader": lo})
-    splits = {"train": [r for r in rows[: a.train] if r], "eval": [r for r in rows[a.train:] if r]}
+    splits = {"train": [r for r in rows[: a.train] if r], "eval": [r for r in rows[a.train :] if r]}
     for split, items in splits.items():
         with open(os.path.join(a.out_dir, f"sentiment_pairs.{split}.jsonl"), "w") as f:
             for r in items:
                 f.write(json.dumps(r) + "\n")
-    print(f"wrote {len(splits['train'])} train and {len(splits['eval'])} eval pairs to {a.out_dir} "
-          f"({dropped} prompts dropped: VADER gap below {a.min_gap})")
+    print(
+        f"wrote {len(splits['train'])} train and {len(splits['eval'])} eval pairs to {a.out_dir} "
+        f"({dropped} prompts dropped: VADER gap below {a.min_gap})"
+    )
 
 
 if __name__ == "__main__":

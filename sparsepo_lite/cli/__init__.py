@@ -22,8 +22,14 @@ from ..errors import TrainingError
 from . import eval_sentiment, inspect_masks, plan, precompute_ref, train, verify_ref
 
 #: The commands, in the order ``--help`` lists them.
-COMMANDS = {"train": train, "precompute-ref": precompute_ref, "verify-ref": verify_ref,
-            "eval-sentiment": eval_sentiment, "inspect-masks": inspect_masks, "plan": plan}
+COMMANDS = {
+    "train": train,
+    "precompute-ref": precompute_ref,
+    "verify-ref": verify_ref,
+    "eval-sentiment": eval_sentiment,
+    "inspect-masks": inspect_masks,
+    "plan": plan,
+}
 #: Commands that pass unknown ``--field value`` arguments on as config overrides.
 TAKES_OVERRIDES = ("train", "precompute-ref")
 
@@ -35,8 +41,9 @@ USER_ERRORS = (ValueError, OSError, ImportError, TrainingError)
 def parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    p = argparse.ArgumentParser(prog="sparsepo-lite", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="sparsepo-lite", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--version", action="version", version=f"sparsepo-lite {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for module in COMMANDS.values():

@@ -22,9 +22,15 @@ def add_parser(sub) -> None:
 def run(args, rest: List[str]) -> dict:
     from ..eval.sentiment import REPORT_FILE, evaluate_run
 
-    summary = evaluate_run(args.run_dir, args.data, prompts=args.prompts, samples=args.samples,
-                           max_new_tokens=args.max_new_tokens, seed=args.seed,
-                           progress=lambda done, total: print(f"  sampled {done}/{total} prompts", flush=True))
+    summary = evaluate_run(
+        args.run_dir,
+        args.data,
+        prompts=args.prompts,
+        samples=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        progress=lambda done, total: print(f"  sampled {done}/{total} prompts", flush=True),
+    )
     print(f"{'':<12}{'reference':>12}{'policy':>12}")
     print(f"{'VADER':<12}{summary['reward_reference']:>12.3f}{summary['reward_policy']:>12.3f}")
     print(f"{'(SE)':<12}{summary['reward_reference_se']:>12.3f}{summary['reward_policy_se']:>12.3f}")

@@ -21,9 +21,11 @@ def run(args, rest: List[str]) -> str:
 
     out, lift, shown = write_mask_viewer(args.run_dir, args.data, pairs=args.pairs, out=args.out)
     if lift:
-        print(f"reward mask on VADER words {lift['mask_mean_sentiment']:.4f} vs other tokens "
-              f"{lift['mask_mean_other']:.4f}: lift {lift['lift']:.2f}x (95% CI {lift['ci95'][0]:.2f}-"
-              f"{lift['ci95'][1]:.2f}; chosen {lift['chosen']['lift']:.2f}x, rejected {lift['rejected']['lift']:.2f}x)",
-              flush=True)
+        print(
+            f"reward mask on VADER words {lift['mask_mean_sentiment']:.4f} vs other tokens "
+            f"{lift['mask_mean_other']:.4f}: lift {lift['lift']:.2f}x (95% CI {lift['ci95'][0]:.2f}-"
+            f"{lift['ci95'][1]:.2f}; chosen {lift['chosen']['lift']:.2f}x, rejected {lift['rejected']['lift']:.2f}x)",
+            flush=True,
+        )
     print(f"mask viewer: {out} ({shown} pairs)", flush=True)
     return out

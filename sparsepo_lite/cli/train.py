@@ -43,13 +43,24 @@ def config_parser():
             if rest:
                 raise ValueError(f"arguments that are no config field: {rest}")
             values = vars(namespace)
-            return tuple(dc(**{f.name: values[f.name] for f in dataclasses.fields(dc)
-                               if f.init and f.metadata.get("cli", True) and f.name in values})
-                         for dc in self.dataclass_types)
+            return tuple(
+                dc(
+                    **{
+                        f.name: values[f.name]
+                        for f in dataclasses.fields(dc)
+                        if f.init and f.metadata.get("cli", True) and f.name in values
+                    }
+                )
+                for dc in self.dataclass_types
+            )
 
     classes = config_classes()
-    parser = Parser(classes, usage="sparsepo-lite train CONFIG.yaml [--field value ...]",
-                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(
+        classes,
+        usage="sparsepo-lite train CONFIG.yaml [--field value ...]",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     group_of = {f.name: f.metadata["group"] for dc in classes for f in dataclasses.fields(dc) if "group" in f.metadata}
     groups = {name: parser.add_argument_group(f"{name}: {title}") for name, title in GROUPS.items()}
     rest = parser.add_argument_group("training: transformers.TrainingArguments")
@@ -142,8 +153,13 @@ def train(config_path: str, overrides: List[str]) -> str:
 
     data_args, model_args, args, resolved = parse_train_config(config_path, overrides)
     # `--eval_file ""` turns off the config's evaluation split
-    trainer = SparsePOTrainer(model_config=model_args, args=args, train_dataset=data_args.train_file,
-                              eval_dataset=data_args.eval_file or None, run_config=resolved)
+    trainer = SparsePOTrainer(
+        model_config=model_args,
+        args=args,
+        train_dataset=data_args.train_file,
+        eval_dataset=data_args.eval_file or None,
+        run_config=resolved,
+    )
     tok = trainer.processing_class
     main_process = trainer.is_world_process_zero()
     for split, report in trainer.data_reports.items():

@@ -17,24 +17,40 @@ def verify_ref(cache_dir: str, against_live: int = 0, policy: Optional[str] = No
     totals = verify_cache(cache_dir)
     cache = RefCache(cache_dir)
     per_token, formula = storage_per_token(cache, totals)
-    print(f"{cache_dir}: OK ({totals['shards']} shards, {totals['examples']} pairs, {totals['tokens']} tokens, "
-          f"{totals['bytes']} bytes: {per_token:.1f} bytes per response token, {formula})")
+    print(
+        f"{cache_dir}: OK ({totals['shards']} shards, {totals['examples']} pairs, {totals['tokens']} tokens, "
+        f"{totals['bytes']} bytes: {per_token:.1f} bytes per response token, {formula})"
+    )
     if not against_live:
         return {"totals": totals}
     if policy is None:
-        raise ValueError("--against-live needs --policy RUN: a trained run whose adapter is the policy (against the "
-                         "reference itself every KL is 0)")
+        raise ValueError(
+            "--against-live needs --policy RUN: a trained run whose adapter is the policy (against the "
+            "reference itself every KL is 0)"
+        )
     from ..data import tokenize_dataset
     from ..eval.runs import load_run
     from ..refcache import run_fingerprint
     from ..refcache.accuracy import cache_accuracy, format_accuracy
 
     model, tok, _, cfg = load_run(policy)
-    examples, _ = tokenize_dataset(cfg["train_file"], tok, max_length=int(cfg["max_length"]),
-                                   max_prompt_length=int(cfg["max_prompt_length"]),
-                                   strict=bool(cfg.get("strict_data", False)))
-    cache.check_run(run_fingerprint(model, tok, {"train": examples}, model_name=cfg["model_name_or_path"],
-                                    max_length=int(cfg["max_length"]), max_prompt_length=int(cfg["max_prompt_length"])))
+    examples, _ = tokenize_dataset(
+        cfg["train_file"],
+        tok,
+        max_length=int(cfg["max_length"]),
+        max_prompt_length=int(cfg["max_prompt_length"]),
+        strict=bool(cfg.get("strict_data", False)),
+    )
+    cache.check_run(
+        run_fingerprint(
+            model,
+            tok,
+            {"train": examples},
+            model_name=cfg["model_name_or_path"],
+            max_length=int(cfg["max_length"]),
+            max_prompt_length=int(cfg["max_prompt_length"]),
+        )
+    )
     acc = cache_accuracy(model, tok, cache, examples, batches=against_live, batch_size=batch_size)
     print(format_accuracy(acc), flush=True)
     return {"totals": totals, "accuracy": acc}
@@ -43,11 +59,20 @@ def verify_ref(cache_dir: str, against_live: int = 0, policy: Optional[str] = No
 def add_parser(sub) -> None:
     p = sub.add_parser("verify-ref", help=HELP, description=__doc__)
     p.add_argument("dir", help="the cache directory")
-    p.add_argument("--against-live", type=int, default=0, metavar="N",
-                   help="also run N batches of the cache's train split through a trained policy (--policy) with "
-                        "the cache and with the live reference, and report the cache's KL errors")
-    p.add_argument("--policy", default=None, help="a training run folder (its adapter is the policy, its config "
-                                                   "names the model and data the cache was made for)")
+    p.add_argument(
+        "--against-live",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run N batches of the cache's train split through a trained policy (--policy) with "
+        "the cache and with the live reference, and report the cache's KL errors",
+    )
+    p.add_argument(
+        "--policy",
+        default=None,
+        help="a training run folder (its adapter is the policy, its config "
+        "names the model and data the cache was made for)",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="pairs per batch for --against-live")
 
 

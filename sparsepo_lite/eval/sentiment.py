@@ -43,8 +43,10 @@ class Sentiment:
     #: of the punctuation around it and lower-cased, is an entry of VADER's lexicon made of at least two
     #: letters. One-letter entries ("l", "x") and emoticons are left out: they rate sub-word pieces and
     #: symbols, not words.
-    LEXICON_RULE = ("token text stripped of spaces and surrounding punctuation, lower-cased, in VADER's lexicon, "
-                    "alphabetic, at least 2 letters")
+    LEXICON_RULE = (
+        "token text stripped of spaces and surrounding punctuation, lower-cased, in VADER's lexicon, "
+        "alphabetic, at least 2 letters"
+    )
 
     def is_sentiment_word(self, token_text: str) -> bool:
         """Whether this token is a sentiment word by :attr:`LEXICON_RULE`."""
@@ -53,8 +55,16 @@ class Sentiment:
 
 
 @torch.no_grad()
-def sample_continuations(model, tokenizer, prompts: Sequence[str], *, num_samples: int = 1,
-                         max_new_tokens: int = 24, temperature: float = 1.0, top_p: float = 0.95) -> List[List[str]]:
+def sample_continuations(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    num_samples: int = 1,
+    max_new_tokens: int = 24,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+) -> List[List[str]]:
     """``num_samples`` sampled continuations (text, special tokens dropped) per prompt."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right end
@@ -65,14 +75,21 @@ def sample_continuations(model, tokenizer, prompts: Sequence[str], *, num_sample
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                             max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-                             pad_token_id=pad_id(tokenizer))
+        out = model.generate(
+            **enc,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=num_samples,
+            pad_token_id=pad_id(tokenizer),
+        )
     finally:
         model.train(was_training)
-    new = out[:, enc["input_ids"].shape[1]:]
+    new = out[:, enc["input_ids"].shape[1] :]
     texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-    return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+    return [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
 
 
 @dataclass
@@ -91,10 +108,17 @@ class SentimentEval:
     samples: List[Dict[str, object]] = field(default_factory=list)
 
     def summary(self) -> Dict[str, float]:
-        return {"reward_policy": self.reward_policy, "reward_reference": self.reward_reference,
-                "win_rate": self.win_rate, "kl": self.kl, "reward_gain": self.reward_gain,
-                "reward_gain_se": self.reward_gain_se, "reward_policy_se": self.reward_policy_se,
-                "reward_reference_se": self.reward_reference_se, "kl_se": self.kl_se}
+        return {
+            "reward_policy": self.reward_policy,
+            "reward_reference": self.reward_reference,
+            "win_rate": self.win_rate,
+            "kl": self.kl,
+            "reward_gain": self.reward_gain,
+            "reward_gain_se": self.reward_gain_se,
+            "reward_policy_se": self.reward_policy_se,
+            "reward_reference_se": self.reward_reference_se,
+            "kl_se": self.kl_se,
+        }
 
 
 @torch.no_grad()
@@ -120,9 +144,10 @@ def sequence_logratio(model, tokenizer, prompts: Sequence[str], continuations: S
     model.eval()
     try:
         ref = reference_pass(model, ids, att, response, seq_ids, pos)
-        hidden = backbone(unwrap(model))(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state[seq_ids, pos]
-        stats = chunked_token_stats(hidden, ref.weight, y, seq_ids, n,
-                                    ref=ExactReference(ref.hidden, ref.weight))
+        hidden = backbone(unwrap(model))(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state[
+            seq_ids, pos
+        ]
+        stats = chunked_token_stats(hidden, ref.weight, y, seq_ids, n, ref=ExactReference(ref.hidden, ref.weight))
     finally:
         model.train(was_training)
     diff = torch.zeros(n, dtype=torch.float64).index_add(0, seq_ids.cpu(), (stats.logp - stats.ref_logp).double().cpu())
@@ -133,7 +158,7 @@ def mean_and_se(values: Sequence[float], per_prompt: int) -> tuple:
     """Mean and its standard error, with the ``per_prompt`` consecutive samples of one prompt as one
     cluster: samples of the same prompt are correlated, so the error is taken over prompt means
     (0 for a single prompt)."""
-    means = [sum(values[i:i + per_prompt]) / per_prompt for i in range(0, len(values), per_prompt)]
+    means = [sum(values[i : i + per_prompt]) / per_prompt for i in range(0, len(values), per_prompt)]
     m = len(means)
     mean = sum(means) / m
     if m < 2:
@@ -142,9 +167,18 @@ def mean_and_se(values: Sequence[float], per_prompt: int) -> tuple:
     return mean, math.sqrt(var / m)
 
 
-def evaluate_sentiment(model, tokenizer, prompts: Sequence[str], *, score: Sentiment = None, samples_per_prompt: int = 2,
-                       max_new_tokens: int = 24, batch_size: int = 16, seed: int = 0,
-                       progress: Optional[Callable[[int, int], None]] = None) -> SentimentEval:
+def evaluate_sentiment(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    score: Sentiment = None,
+    samples_per_prompt: int = 2,
+    max_new_tokens: int = 24,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> SentimentEval:
     """Sample from the policy and from its reference on ``prompts`` (paired, common random numbers);
     reward, win rate, KL. ``progress(done, total)`` is called after each batch of prompts."""
     if not prompts:
@@ -153,22 +187,31 @@ def evaluate_sentiment(model, tokenizer, prompts: Sequence[str], *, score: Senti
     rows = []
     with torch.random.fork_rng(devices=[]):  # sampling draws from the CPU generator
         for i in range(0, len(prompts), batch_size):
-            part = list(prompts[i:i + batch_size])
+            part = list(prompts[i : i + batch_size])
             torch.manual_seed(seed * 1_000_003 + i)
-            pol = sample_continuations(model, tokenizer, part, num_samples=samples_per_prompt,
-                                       max_new_tokens=max_new_tokens)
+            pol = sample_continuations(
+                model, tokenizer, part, num_samples=samples_per_prompt, max_new_tokens=max_new_tokens
+            )
             torch.manual_seed(seed * 1_000_003 + i)  # the same noise for the reference: paired samples
             with model.disable_adapter():
-                ref = sample_continuations(model, tokenizer, part, num_samples=samples_per_prompt,
-                                           max_new_tokens=max_new_tokens)
+                ref = sample_continuations(
+                    model, tokenizer, part, num_samples=samples_per_prompt, max_new_tokens=max_new_tokens
+                )
             flat_p = [p for p, cs in zip(part, pol) for _ in cs]
             flat_c = [c for cs in pol for c in cs]
             kls = sequence_logratio(model, tokenizer, flat_p, flat_c)
             for j, p in enumerate(part):
                 for s in range(samples_per_prompt):
-                    rows.append({"prompt": p, "policy": pol[j][s], "reference": ref[j][s],
-                                 "reward_policy": score(pol[j][s]), "reward_reference": score(ref[j][s]),
-                                 "kl": kls[j * samples_per_prompt + s]})
+                    rows.append(
+                        {
+                            "prompt": p,
+                            "policy": pol[j][s],
+                            "reference": ref[j][s],
+                            "reward_policy": score(pol[j][s]),
+                            "reward_reference": score(ref[j][s]),
+                            "kl": kls[j * samples_per_prompt + s],
+                        }
+                    )
             if progress is not None:
                 progress(min(i + batch_size, len(prompts)), len(prompts))
     return summarize(rows, samples_per_prompt)
@@ -180,16 +223,31 @@ def summarize(rows: Sequence[Dict[str, object]], samples_per_prompt: int) -> Sen
     m = len(rows)
     if m == 0 or m % samples_per_prompt:
         raise ValueError(f"summarize: {m} samples do not split into prompts of {samples_per_prompt}")
-    wins = sum(1.0 if r["reward_policy"] > r["reward_reference"] else 0.5 if r["reward_policy"] == r["reward_reference"]
-               else 0.0 for r in rows)
+    wins = sum(
+        1.0
+        if r["reward_policy"] > r["reward_reference"]
+        else 0.5
+        if r["reward_policy"] == r["reward_reference"]
+        else 0.0
+        for r in rows
+    )
     k = samples_per_prompt
     pol_mean, pol_se = mean_and_se([r["reward_policy"] for r in rows], k)
     ref_mean, ref_se = mean_and_se([r["reward_reference"] for r in rows], k)
     gain, gain_se = mean_and_se([r["reward_policy"] - r["reward_reference"] for r in rows], k)
     kl, kl_se = mean_and_se([r["kl"] for r in rows], k)
-    return SentimentEval(reward_policy=pol_mean, reward_reference=ref_mean, win_rate=wins / m, kl=kl,
-                         reward_gain=gain, reward_gain_se=gain_se, reward_policy_se=pol_se,
-                         reward_reference_se=ref_se, kl_se=kl_se, samples=list(rows))
+    return SentimentEval(
+        reward_policy=pol_mean,
+        reward_reference=ref_mean,
+        win_rate=wins / m,
+        kl=kl,
+        reward_gain=gain,
+        reward_gain_se=gain_se,
+        reward_policy_se=pol_se,
+        reward_reference_se=ref_se,
+        kl_se=kl_se,
+        samples=list(rows),
+    )
 
 
 #: Files ``evaluate_run`` writes into the run folder.
@@ -197,8 +255,16 @@ EVAL_FILE = "sentiment_eval.json"
 REPORT_FILE = "sentiment_report.html"
 
 
-def evaluate_run(run_dir: str, data: str, *, prompts: int = 64, samples: int = 2, max_new_tokens: int = 24,
-                 seed: int = 0, progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, float]:
+def evaluate_run(
+    run_dir: str,
+    data: str,
+    *,
+    prompts: int = 64,
+    samples: int = 2,
+    max_new_tokens: int = 24,
+    seed: int = 0,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> Dict[str, float]:
     """Evaluate a training run on the first ``prompts`` held-out prompts of ``data`` and write
     ``sentiment_eval.json`` (summary, settings, every sample) and ``sentiment_report.html`` into the
     run folder. Returns the summary (:meth:`SentimentEval.summary`)."""
@@ -214,11 +280,19 @@ def evaluate_run(run_dir: str, data: str, *, prompts: int = 64, samples: int = 2
     texts = [r["prompt"] for r in rows if isinstance(r, dict) and isinstance(r.get("prompt"), str)][:prompts]
     if not texts:
         raise ValueError(f"{data}: no rows with a string 'prompt'")
-    ev = evaluate_sentiment(model, tok, texts, samples_per_prompt=samples, max_new_tokens=max_new_tokens, seed=seed,
-                            progress=progress)
+    ev = evaluate_sentiment(
+        model, tok, texts, samples_per_prompt=samples, max_new_tokens=max_new_tokens, seed=seed, progress=progress
+    )
     summary = ev.summary()
-    meta = {"run": run_dir, "data": data, "prompts": len(texts), "samples per prompt": samples,
-            "max new tokens": max_new_tokens, "loss_type": cfg.get("loss_type"), "beta": cfg.get("beta")}
+    meta = {
+        "run": run_dir,
+        "data": data,
+        "prompts": len(texts),
+        "samples per prompt": samples,
+        "max new tokens": max_new_tokens,
+        "loss_type": cfg.get("loss_type"),
+        "beta": cfg.get("beta"),
+    }
     with open(os.path.join(run_dir, EVAL_FILE), "w") as f:
         json.dump({"summary": summary, "meta": meta, "samples": ev.samples}, f, indent=1)
     with open(os.path.join(run_dir, REPORT_FILE), "w") as f:

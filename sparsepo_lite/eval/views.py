@@ -20,9 +20,11 @@ th{background:#f3f3f3}.num{text-align:right;font-variant-numeric:tabular-nums}
 
 
 def _page(title: str, body: str, script: str = "") -> str:
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}"
-            f"<p id='status' class='small'></p><script>{script}</script></body></html>")
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}"
+        f"<p id='status' class='small'></p><script>{script}</script></body></html>"
+    )
 
 
 #: The report's summary table: a readable name, the :meth:`SentimentEval.summary` key and its
@@ -46,39 +48,53 @@ def sentiment_verdict(summary: Dict[str, float]) -> str:
         side = "lower than the reference's"
     else:
         side = "not distinguishable from the reference's (within two standard errors)"
-    return (f"The policy's VADER reward is {side}: {gain:+.3f} \u00b1 {se:.3f}, win rate {summary['win_rate']:.0%}, "
-            f"at a KL of {summary['kl']:.2f} nats per continuation.")
+    return (
+        f"The policy's VADER reward is {side}: {gain:+.3f} \u00b1 {se:.3f}, win rate {summary['win_rate']:.0%}, "
+        f"at a KL of {summary['kl']:.2f} nats per continuation."
+    )
 
 
 def _reward_chart(summary: Dict[str, float]) -> str:
     """A small inline SVG: the mean reward of each side with a bar of +- 2 standard errors."""
-    sides = [("reference", summary["reward_reference"], summary.get("reward_reference_se", 0.0), "#8a8a8a"),
-             ("policy", summary["reward_policy"], summary.get("reward_policy_se", 0.0), "#2a9d4a")]
+    sides = [
+        ("reference", summary["reward_reference"], summary.get("reward_reference_se", 0.0), "#8a8a8a"),
+        ("policy", summary["reward_policy"], summary.get("reward_policy_se", 0.0), "#2a9d4a"),
+    ]
     lo = min(0.0, min(v - 2 * e for _, v, e, _ in sides))
     hi = max(0.0, max(v + 2 * e for _, v, e, _ in sides))
     span = (hi - lo) or 1.0
     width, row, left, right = 420, 34, 90, 70  # the right margin holds the value labels
     x = lambda v: left + (v - lo) / span * (width - left - right)
-    parts = [f"<svg id='reward-chart' width='{width}' height='{row * 2 + 24}' role='img' "
-             "aria-label='mean VADER reward per side'>",
-             f"<line x1='{x(0):.1f}' y1='4' x2='{x(0):.1f}' y2='{row * 2 + 4}' stroke='#444'/>"]
+    parts = [
+        f"<svg id='reward-chart' width='{width}' height='{row * 2 + 24}' role='img' "
+        "aria-label='mean VADER reward per side'>",
+        f"<line x1='{x(0):.1f}' y1='4' x2='{x(0):.1f}' y2='{row * 2 + 4}' stroke='#444'/>",
+    ]
     for i, (name, v, e, colour) in enumerate(sides):
         y = 8 + i * row
         x0, x1 = sorted((x(0), x(v)))
-        parts += [f"<text x='0' y='{y + 15}' font-size='13'>{name}</text>",
-                  f"<rect x='{x0:.1f}' y='{y}' width='{max(x1 - x0, 1):.1f}' height='20' fill='{colour}'/>",
-                  f"<line x1='{x(v - 2 * e):.1f}' y1='{y + 10}' x2='{x(v + 2 * e):.1f}' y2='{y + 10}' stroke='#000'/>",
-                  f"<text x='{x(max(v, 0) + 2 * e) + 4:.1f}' y='{y + 15}' font-size='12'>{v:+.3f}</text>"]
-    parts.append(f"<text x='{left}' y='{row * 2 + 20}' font-size='11' fill='#666'>mean reward, bars: \u00b1 2 SE</text>")
+        parts += [
+            f"<text x='0' y='{y + 15}' font-size='13'>{name}</text>",
+            f"<rect x='{x0:.1f}' y='{y}' width='{max(x1 - x0, 1):.1f}' height='20' fill='{colour}'/>",
+            f"<line x1='{x(v - 2 * e):.1f}' y1='{y + 10}' x2='{x(v + 2 * e):.1f}' y2='{y + 10}' stroke='#000'/>",
+            f"<text x='{x(max(v, 0) + 2 * e) + 4:.1f}' y='{y + 15}' font-size='12'>{v:+.3f}</text>",
+        ]
+    parts.append(
+        f"<text x='{left}' y='{row * 2 + 20}' font-size='11' fill='#666'>mean reward, bars: \u00b1 2 SE</text>"
+    )
     return "".join(parts) + "</svg>"
 
 
-def sentiment_report_html(summary: Dict[str, float], samples: Sequence[Dict[str, object]], meta: Dict[str, object]) -> str:
+def sentiment_report_html(
+    summary: Dict[str, float], samples: Sequence[Dict[str, object]], meta: Dict[str, object]
+) -> str:
     """The quickstart's report: a one-line verdict, a chart of the reward per side, the summary table
     with readable names, the run's settings, then every held-out sample side by side."""
-    rows = "".join(f"<tr><td>{html.escape(name)}</td><td class='num'>{summary[key]:.4f}</td>"
-                   f"<td class='num'>{'' if summary.get(se) is None else f'{summary[se]:.4f}'}</td></tr>"
-                   for name, key, se in METRIC_ROWS)
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td class='num'>{summary[key]:.4f}</td>"
+        f"<td class='num'>{'' if summary.get(se) is None else f'{summary[se]:.4f}'}</td></tr>"
+        for name, key, se in METRIC_ROWS
+    )
     info = "".join(f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>" for k, v in meta.items())
     cells = []
     for s in samples:
@@ -86,18 +102,23 @@ def sentiment_report_html(summary: Dict[str, float], samples: Sequence[Dict[str,
             f"<tr><td>{html.escape(str(s['prompt']))}</td>"
             f"<td>{html.escape(str(s['reference']))}<br><span class='small'>VADER {s['reward_reference']:+.3f}</span></td>"
             f"<td>{html.escape(str(s['policy']))}<br><span class='small'>VADER {s['reward_policy']:+.3f}, "
-            f"log-ratio {s['kl']:.2f}</span></td></tr>")
-    body = (f"<p id='verdict'><b>{html.escape(sentiment_verdict(summary))}</b></p>{_reward_chart(summary)}"
-            f"<table><tr><th>metric</th><th>value</th><th>standard error</th></tr>{rows}</table><ul>{info}</ul>"
-            "<p class='small'>reward = mean VADER compound score of sampled continuations of held-out prompts; "
-            "policy and reference are sampled in pairs with common random numbers (the same noise at every step); "
-            "the gain is the mean paired difference policy - reference; standard errors treat the samples of "
-            "one prompt as one cluster; KL = mean over the policy's samples of "
-            "sum_t log pi(y_t) - log pi_ref(y_t).</p>"
-            f"<h2>Samples</h2><table id='samples'><tr><th>prompt</th><th>reference</th><th>policy</th></tr>"
-            f"{''.join(cells)}</table>")
-    script = ("document.getElementById('status').textContent='rendered '+"
-              "(document.querySelectorAll('#samples tr').length-1)+' samples';")
+            f"log-ratio {s['kl']:.2f}</span></td></tr>"
+        )
+    body = (
+        f"<p id='verdict'><b>{html.escape(sentiment_verdict(summary))}</b></p>{_reward_chart(summary)}"
+        f"<table><tr><th>metric</th><th>value</th><th>standard error</th></tr>{rows}</table><ul>{info}</ul>"
+        "<p class='small'>reward = mean VADER compound score of sampled continuations of held-out prompts; "
+        "policy and reference are sampled in pairs with common random numbers (the same noise at every step); "
+        "the gain is the mean paired difference policy - reference; standard errors treat the samples of "
+        "one prompt as one cluster; KL = mean over the policy's samples of "
+        "sum_t log pi(y_t) - log pi_ref(y_t).</p>"
+        f"<h2>Samples</h2><table id='samples'><tr><th>prompt</th><th>reference</th><th>policy</th></tr>"
+        f"{''.join(cells)}</table>"
+    )
+    script = (
+        "document.getElementById('status').textContent='rendered '+"
+        "(document.querySelectorAll('#samples tr').length-1)+' samples';"
+    )
     return _page("Sentiment control: policy vs reference", body, script)
 
 
@@ -134,7 +155,9 @@ def mask_viewer_html(pairs: Sequence[Dict[str, object]], meta: Dict[str, object]
         return "".join(
             f"<span class='tok{' lex' if t['sentiment'] else ''}' style='{_colour(t[key], top, rgb)}' "
             f"title='reward mask {t['reward_mask']:.3f}, KL mask {t['kl_mask']:.3f}, KL {t['kl']:.4f}"
-            f"{', sentiment word' if t['sentiment'] else ''}'>{html.escape(t['text'])}</span>" for t in tokens)
+            f"{', sentiment word' if t['sentiment'] else ''}'>{html.escape(t['text'])}</span>"
+            for t in tokens
+        )
 
     blocks = []
     for i, p in enumerate(pairs):
@@ -146,30 +169,45 @@ def mask_viewer_html(pairs: Sequence[Dict[str, object]], meta: Dict[str, object]
                 f"<tr><td><span class='tok{' lex' if t['sentiment'] else ''}' "
                 f"style='{_colour(t['reward_mask'], top_u, '40,160,60')}'>{html.escape(t['text'])}</span></td>"
                 f"<td class='num'>{t['reward_mask']:.3f}</td><td class='num'>{t['kl_mask']:.3f}</td>"
-                f"<td class='num'>{t['kl']:.4f}</td></tr>" for t in ranked)
-            kl_mask_line = (f"<div>KL mask: {line(toks, 'kl_mask', top_d, '230,140,20')}</div>" if show_kl_mask
-                            else "")
+                f"<td class='num'>{t['kl']:.4f}</td></tr>"
+                for t in ranked
+            )
+            kl_mask_line = f"<div>KL mask: {line(toks, 'kl_mask', top_d, '230,140,20')}</div>" if show_kl_mask else ""
             parts.append(
                 f"<p><b>{side}</b></p><div>reward mask: {line(toks, 'reward_mask', top_u, '40,160,60')}</div>"
                 f"{kl_mask_line}<div>per-token KL: {line(toks, 'kl', top_k, '40,90,220')}</div>"
                 f"<details><summary>tokens by reward-mask weight</summary><table><tr><th>token</th>"
-                f"<th>reward mask</th><th>KL mask</th><th>KL</th></tr>{ranked_cells}</table></details>")
+                f"<th>reward mask</th><th>KL mask</th><th>KL</th></tr>{ranked_cells}</table></details>"
+            )
         parts.append("</div>")
         blocks.append("".join(parts))
     info = "".join(f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>" for k, v in meta.items())
     kl_legend = "<span style='background:rgba(230,140,20,.6)'>KL mask</span>" if show_kl_mask else ""
-    body = (f"<ul>{info}</ul><p class='legend'><span style='background:rgba(40,160,60,.6)'>reward mask</span>"
-            f"{kl_legend}<span style='background:rgba(40,90,220,.6)'>KL(ref || policy) per token</span>"
-            "<span class='tok lex'>sentiment word</span> colour = value / the page's 95th percentile "
-            f"(reward mask {top_u:.3g}, KL {top_k:.3g}); hover a token for its numbers"
-            f"{'' if show_kl_mask else '; one mask serves reward and KL (common net)'}.</p>" + "".join(blocks))
-    script = ("document.getElementById('status').textContent='rendered '+document.querySelectorAll('.pair').length+"
-              "' pairs, '+document.querySelectorAll('.pair table .tok').length+' tokens';")
+    body = (
+        f"<ul>{info}</ul><p class='legend'><span style='background:rgba(40,160,60,.6)'>reward mask</span>"
+        f"{kl_legend}<span style='background:rgba(40,90,220,.6)'>KL(ref || policy) per token</span>"
+        "<span class='tok lex'>sentiment word</span> colour = value / the page's 95th percentile "
+        f"(reward mask {top_u:.3g}, KL {top_k:.3g}); hover a token for its numbers"
+        f"{'' if show_kl_mask else '; one mask serves reward and KL (common net)'}.</p>" + "".join(blocks)
+    )
+    script = (
+        "document.getElementById('status').textContent='rendered '+document.querySelectorAll('.pair').length+"
+        "' pairs, '+document.querySelectorAll('.pair table .tok').length+' tokens';"
+    )
     return _page("SparsePO token masks", body, script)
 
 
-def mask_pairs(model, tokenizer, masks, examples, *, beta: float = 0.1, mask_normalize: bool = False, sentiment=None,
-               batch_pairs: int = 4) -> List[dict]:
+def mask_pairs(
+    model,
+    tokenizer,
+    masks,
+    examples,
+    *,
+    beta: float = 0.1,
+    mask_normalize: bool = False,
+    sentiment=None,
+    batch_pairs: int = 4,
+) -> List[dict]:
     """Per-token reward/KL masks and KL of each example, from the online reference (as the paper).
 
     ``masks``: the run's mask nets (``mask_normalize`` as the run trained them); ``sentiment``: an
@@ -183,7 +221,7 @@ def mask_pairs(model, tokenizer, masks, examples, *, beta: float = 0.1, mask_nor
     config = LossConfig(loss_type="sparsepo", beta=beta, masks=masks, mask_normalize=mask_normalize)
     out = []
     for a in range(0, len(examples), batch_pairs):
-        part = examples[a:a + batch_pairs]
+        part = examples[a : a + batch_pairs]
         batch = {k: v.to(model.device) for k, v in collate(part).items()}
         with torch.no_grad():
             _, _, det = compute_loss(model, batch, config, return_details=True)
@@ -196,8 +234,15 @@ def mask_pairs(model, tokenizer, masks, examples, *, beta: float = 0.1, mask_nor
         rows = [[] for _ in range(2 * b)]
         for i, s in enumerate(seq):
             text = tokenizer.decode([labels[i]])
-            rows[s].append({"text": text, "reward_mask": u[i], "kl_mask": d[i], "kl": kl[i],
-                            "sentiment": bool(sentiment and sentiment.is_sentiment_word(text))})
+            rows[s].append(
+                {
+                    "text": text,
+                    "reward_mask": u[i],
+                    "kl_mask": d[i],
+                    "kl": kl[i],
+                    "sentiment": bool(sentiment and sentiment.is_sentiment_word(text)),
+                }
+            )
         for j, e in enumerate(part):
             out.append({"prompt": tokenizer.decode(e.prompt_ids), "chosen": rows[j], "rejected": rows[b + j]})
     return out
@@ -235,14 +280,27 @@ def mask_lift(pairs: Sequence[Dict[str, object]], *, resamples: int = 2000, seed
     for name, sides in (("all", ("chosen", "rejected")), ("chosen", ("chosen",)), ("rejected", ("rejected",))):
         on, n_on, off, n_off = sums(pairs, sides)
         boot = sorted(r for r in (ratio(*sums([pairs[i] for i in d], sides)) for d in draws) if r == r)
-        lo, hi = (boot[int(0.025 * len(boot))], boot[min(len(boot) - 1, int(0.975 * len(boot)))]) if boot \
+        lo, hi = (
+            (boot[int(0.025 * len(boot))], boot[min(len(boot) - 1, int(0.975 * len(boot)))])
+            if boot
             else (float("nan"), float("nan"))
-        out[name] = {"lift": ratio(on, n_on, off, n_off), "ci95": [lo, hi], "sentiment_tokens": int(n_on),
-                     "other_tokens": int(n_off), "mask_mean_sentiment": on / n_on if n_on else float("nan"),
-                     "mask_mean_other": off / n_off if n_off else float("nan")}
+        )
+        out[name] = {
+            "lift": ratio(on, n_on, off, n_off),
+            "ci95": [lo, hi],
+            "sentiment_tokens": int(n_on),
+            "other_tokens": int(n_off),
+            "mask_mean_sentiment": on / n_on if n_on else float("nan"),
+            "mask_mean_other": off / n_off if n_off else float("nan"),
+        }
     # the overall numbers at the top level, as before
-    return {**out["all"], "chosen": out["chosen"], "rejected": out["rejected"], "pairs": len(pairs),
-            "resamples": resamples}
+    return {
+        **out["all"],
+        "chosen": out["chosen"],
+        "rejected": out["rejected"],
+        "pairs": len(pairs),
+        "resamples": resamples,
+    }
 
 
 def write_mask_viewer(run_dir: str, data: str, *, pairs: int = 20, out: Optional[str] = None) -> Tuple[str, dict, int]:
@@ -260,19 +318,31 @@ def write_mask_viewer(run_dir: str, data: str, *, pairs: int = 20, out: Optional
     model, tok, masks, cfg = load_run(run_dir)
     if masks is None:
         raise ValueError(f"{run_dir}: no mask network (mask_net.safetensors); inspect-masks needs a SparsePO run")
-    examples, _ = tokenize_dataset(data, tok, max_length=int(cfg.get("max_length", 512)),
-                                   max_prompt_length=int(cfg.get("max_prompt_length", 256)))
+    examples, _ = tokenize_dataset(
+        data, tok, max_length=int(cfg.get("max_length", 512)), max_prompt_length=int(cfg.get("max_prompt_length", 256))
+    )
     try:
         sentiment = Sentiment()
     except ImportError:
         sentiment = None
-    items = mask_pairs(model, tok, masks, examples[:pairs], beta=float(cfg.get("beta", 0.1)),
-                       mask_normalize=bool(cfg.get("mask_normalize", False)), sentiment=sentiment)
+    items = mask_pairs(
+        model,
+        tok,
+        masks,
+        examples[:pairs],
+        beta=float(cfg.get("beta", 0.1)),
+        mask_normalize=bool(cfg.get("mask_normalize", False)),
+        sentiment=sentiment,
+    )
     lift = mask_lift(items) if sentiment else {}
     meta = {"run": run_dir, "data": data, "pairs": len(items)}
     if lift:
-        meta.update({f"lift ({side})": f"{v['lift']:.3f}x, 95% CI [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
-                     for side, v in (("all", lift), ("chosen", lift["chosen"]), ("rejected", lift["rejected"]))})
+        meta.update(
+            {
+                f"lift ({side})": f"{v['lift']:.3f}x, 95% CI [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+                for side, v in (("all", lift), ("chosen", lift["chosen"]), ("rejected", lift["rejected"]))
+            }
+        )
         meta["sentiment words"] = Sentiment.LEXICON_RULE
     out = out or os.path.join(run_dir, "masks.html")
     with open(out, "w") as f:

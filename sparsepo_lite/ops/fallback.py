@@ -17,9 +17,7 @@ def _check_range(t: torch.Tensor, hi: int, name: str, bound: str) -> None:
         return
     lo, top = int(t.min()), int(t.max())
     if lo < 0 or top >= hi:
-        raise ValueError(
-            f"{name} must lie in [0, {bound}) with {bound} = {hi}; got values in [{lo}, {top}]"
-        )
+        raise ValueError(f"{name} must lie in [0, {bound}) with {bound} = {hi}; got values in [{lo}, {top}]")
 
 
 def _check_tail(ids: torch.Tensor, tail_ids: torch.Tensor, tail_logp: torch.Tensor, vocab: int) -> None:
@@ -31,8 +29,10 @@ def _check_tail(ids: torch.Tensor, tail_ids: torch.Tensor, tail_logp: torch.Tens
     hit = (srt.gather(1, pos) == tail_ids.long()).any(dim=1)
     if bool(hit.any()):
         row = int(hit.nonzero()[0, 0])
-        raise ValueError(f"tail ids must lie outside the top-k ids of their token (they are samples of the "
-                         f"reference's tail); token {row} has one in its top-k")
+        raise ValueError(
+            f"tail ids must lie outside the top-k ids of their token (they are samples of the "
+            f"reference's tail); token {row} has one in its top-k"
+        )
     if not bool(torch.isfinite(tail_logp).all()):
         raise ValueError("tail log-probs must be finite (a sampled token has reference probability > 0)")
     top = float(tail_logp.max())
@@ -61,8 +61,23 @@ def _check_topk(ids: torch.Tensor, logp: torch.Tensor, vocab: int) -> None:
 
 
 def token_stats_torch(
-    hidden, weight, labels, seq_ids, num_seqs, logp_weight, kl_weight, ref_kind,
-    ref_hidden, ref_weight, topk_ids, topk_logp, tail_ids, tail_logp, ref_label_logp, chunk_size, need_grad,
+    hidden,
+    weight,
+    labels,
+    seq_ids,
+    num_seqs,
+    logp_weight,
+    kl_weight,
+    ref_kind,
+    ref_hidden,
+    ref_weight,
+    topk_ids,
+    topk_logp,
+    tail_ids,
+    tail_logp,
+    ref_label_logp,
+    chunk_size,
+    need_grad,
 ):
     """Same arguments and results as ``torch.ops.sparsepo_lite.token_stats``.
 
@@ -140,13 +155,15 @@ def token_stats_torch(
             if need_grad:
                 # d/dz_u for u outside the top-k: the bucket's -r p_u / s and the correction's -c p_u / s,
                 # plus (r / m)(rho_j - 1) at each sampled id.
-                tail_share = torch.where(r[:, None] > 0, (r + corr_grad)[:, None] * (lp - log_tail[:, None]).exp(),
-                                         torch.zeros_like(p)).masked_fill(in_top, 0)
+                tail_share = torch.where(
+                    r[:, None] > 0, (r + corr_grad)[:, None] * (lp - log_tail[:, None]).exp(), torch.zeros_like(p)
+                ).masked_fill(in_top, 0)
                 dkl = (q_sum + r)[:, None] * p - tail_share
                 dkl.scatter_add_(1, ids, -q_top)
                 if m:
-                    dkl.scatter_add_(1, tids, torch.where(live[:, None], r[:, None] * (rho - 1) / m,
-                                                          torch.zeros_like(rho)))
+                    dkl.scatter_add_(
+                        1, tids, torch.where(live[:, None], r[:, None] * (rho - 1) / m, torch.zeros_like(rho))
+                    )
                 g += b[sl, None] * dkl
         if need_grad:
             g.scatter_add_(1, y[:, None], a[sl, None])

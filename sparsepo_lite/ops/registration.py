@@ -52,7 +52,7 @@ def _fallback_kernel(*args):
         where = "built without CUDA" if HAVE_EXTENSION else f"not available ({EXTENSION_ERROR})"
         warnings.warn(
             f"sparsepo_lite._C is {where}; token_stats runs the slower pure-PyTorch kernel. "
-            'Build it with: pip install --no-build-isolation -e .',
+            "Build it with: pip install --no-build-isolation -e .",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -67,9 +67,25 @@ if not EXTENSION_HAS_CUDA:
 
 
 @torch.library.register_fake(OP_NAME)
-def _token_stats_fake(hidden, weight, labels, seq_ids, num_seqs, logp_weight, kl_weight, ref_kind,
-                      ref_hidden, ref_weight, topk_ids, topk_logp, tail_ids, tail_logp, ref_label_logp,
-                      chunk_size, need_grad):
+def _token_stats_fake(
+    hidden,
+    weight,
+    labels,
+    seq_ids,
+    num_seqs,
+    logp_weight,
+    kl_weight,
+    ref_kind,
+    ref_hidden,
+    ref_weight,
+    topk_ids,
+    topk_logp,
+    tail_ids,
+    tail_logp,
+    ref_label_logp,
+    chunk_size,
+    need_grad,
+):
     n, h = hidden.shape
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     return (

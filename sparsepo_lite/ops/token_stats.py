@@ -100,8 +100,9 @@ def chunk_row_bytes(vocab: int, dtype: torch.dtype, exact: bool) -> int:
     return per_row
 
 
-def default_chunk_size(num_tokens: int, vocab: int, dtype: torch.dtype, exact: bool,
-                       budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+def default_chunk_size(
+    num_tokens: int, vocab: int, dtype: torch.dtype, exact: bool, budget_bytes: int = DEFAULT_CHUNK_BYTES
+) -> int:
     """Rows per chunk so that the [chunk, V] buffers stay within ``budget_bytes``."""
     rows = max(1, budget_bytes // chunk_row_bytes(vocab, dtype, exact))
     if rows >= 16:
@@ -122,9 +123,12 @@ def _check_1d(t, name: str, n: int, dtypes, device) -> None:
 
 
 def _check_frozen(t: torch.Tensor, name: str) -> None:
-    _need(not (t.requires_grad and torch.is_grad_enabled()), ValueError,
-          f"{name} requires grad, but chunked_token_stats never computes its gradient (the head "
-          f"and the reference are frozen); pass {name}.detach() or freeze it")
+    _need(
+        not (t.requires_grad and torch.is_grad_enabled()),
+        ValueError,
+        f"{name} requires grad, but chunked_token_stats never computes its gradient (the head "
+        f"and the reference are frozen); pass {name}.detach() or freeze it",
+    )
 
 
 def chunked_token_stats(
@@ -160,15 +164,25 @@ def chunked_token_stats(
     Returns:
         :class:`TokenStats`.
     """
-    _need(isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor), TypeError,
-          "hidden and weight must be torch.Tensors")
-    _need(hidden.dtype in _FLOATS, TypeError, f"hidden must be floating point (fp32/bf16/fp16/fp64), got {hidden.dtype}")
+    _need(
+        isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor),
+        TypeError,
+        "hidden and weight must be torch.Tensors",
+    )
+    _need(
+        hidden.dtype in _FLOATS, TypeError, f"hidden must be floating point (fp32/bf16/fp16/fp64), got {hidden.dtype}"
+    )
     _need(hidden.dim() == 2, ValueError, f"hidden must be [N, H], got shape {list(hidden.shape)}")
     n, h = hidden.shape
     device = hidden.device
-    _need(weight.dim() == 2 and weight.shape[1] == h, ValueError,
-          f"weight must be [V, H] with H = {h} (hidden's last dim), got {list(weight.shape)}")
-    _need(weight.dtype == hidden.dtype, TypeError, f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    _need(
+        weight.dim() == 2 and weight.shape[1] == h,
+        ValueError,
+        f"weight must be [V, H] with H = {h} (hidden's last dim), got {list(weight.shape)}",
+    )
+    _need(
+        weight.dtype == hidden.dtype, TypeError, f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}"
+    )
     _need(weight.device == device, ValueError, f"weight is on {weight.device} but hidden is on {device}")
     _check_frozen(weight, "weight")
     vocab = weight.shape[0]
@@ -190,36 +204,73 @@ def chunked_token_stats(
         ref_hidden, ref_weight = ref.hidden, ref.weight
         for t, name in ((ref_hidden, "ExactReference.hidden"), (ref_weight, "ExactReference.weight")):
             _need(isinstance(t, torch.Tensor) and t.dim() == 2, ValueError, f"{name} must be a 2-D tensor")
-            _need(t.dtype == hidden.dtype, TypeError, f"{name} dtype {t.dtype} differs from hidden dtype {hidden.dtype}")
+            _need(
+                t.dtype == hidden.dtype, TypeError, f"{name} dtype {t.dtype} differs from hidden dtype {hidden.dtype}"
+            )
             _need(t.device == device, ValueError, f"{name} is on {t.device} but hidden is on {device}")
             _check_frozen(t, name)
-        _need(ref_hidden.shape[0] == n, ValueError, f"ExactReference.hidden must have N = {n} rows, got {ref_hidden.shape[0]}")
-        _need(ref_weight.shape == (vocab, ref_hidden.shape[1]), ValueError,
-              f"ExactReference.weight must be [V, H'] = [{vocab}, {ref_hidden.shape[1]}], got {list(ref_weight.shape)}")
+        _need(
+            ref_hidden.shape[0] == n,
+            ValueError,
+            f"ExactReference.hidden must have N = {n} rows, got {ref_hidden.shape[0]}",
+        )
+        _need(
+            ref_weight.shape == (vocab, ref_hidden.shape[1]),
+            ValueError,
+            f"ExactReference.weight must be [V, H'] = [{vocab}, {ref_hidden.shape[1]}], got {list(ref_weight.shape)}",
+        )
     elif isinstance(ref, TopKReference):
         kind = RefKind.TOPK
         topk_ids, topk_logp, ref_label_logp = ref.ids, ref.logprobs, ref.label_logp
-        _need(isinstance(topk_ids, torch.Tensor) and topk_ids.dtype in _INTS and topk_ids.dim() == 2
-              and topk_ids.shape[0] == n, ValueError,
-              f"TopKReference.ids must be an int [N, k] tensor with N = {n}")
-        _need(1 <= topk_ids.shape[1] <= vocab, ValueError, f"TopKReference needs 1 <= k <= V = {vocab}, got k = {topk_ids.shape[1]}")
-        _need(isinstance(topk_logp, torch.Tensor) and topk_logp.dtype in _FLOATS and topk_logp.shape == topk_ids.shape,
-              ValueError, f"TopKReference.logprobs must be a float tensor shaped like ids {list(topk_ids.shape)}")
+        _need(
+            isinstance(topk_ids, torch.Tensor)
+            and topk_ids.dtype in _INTS
+            and topk_ids.dim() == 2
+            and topk_ids.shape[0] == n,
+            ValueError,
+            f"TopKReference.ids must be an int [N, k] tensor with N = {n}",
+        )
+        _need(
+            1 <= topk_ids.shape[1] <= vocab,
+            ValueError,
+            f"TopKReference needs 1 <= k <= V = {vocab}, got k = {topk_ids.shape[1]}",
+        )
+        _need(
+            isinstance(topk_logp, torch.Tensor) and topk_logp.dtype in _FLOATS and topk_logp.shape == topk_ids.shape,
+            ValueError,
+            f"TopKReference.logprobs must be a float tensor shaped like ids {list(topk_ids.shape)}",
+        )
         for t, name in ((topk_ids, "TopKReference.ids"), (topk_logp, "TopKReference.logprobs")):
             _need(t.device == device, ValueError, f"{name} is on {t.device} but hidden is on {device}")
             _check_frozen(t, name)
         _check_1d(ref_label_logp, "TopKReference.label_logp", n, _FLOATS, device)
         tail_ids, tail_logp = ref.tail_ids, ref.tail_logprobs
-        _need((tail_ids is None) == (tail_logp is None), ValueError,
-              "TopKReference.tail_ids and tail_logprobs come together (both or neither)")
+        _need(
+            (tail_ids is None) == (tail_logp is None),
+            ValueError,
+            "TopKReference.tail_ids and tail_logprobs come together (both or neither)",
+        )
         if tail_ids is not None:
-            _need(isinstance(tail_ids, torch.Tensor) and tail_ids.dtype in _INTS and tail_ids.dim() == 2
-                  and tail_ids.shape[0] == n, ValueError, f"TopKReference.tail_ids must be an int [N, m] tensor with N = {n}")
-            _need(isinstance(tail_logp, torch.Tensor) and tail_logp.dtype in _FLOATS
-                  and tail_logp.shape == tail_ids.shape, ValueError,
-                  f"TopKReference.tail_logprobs must be a float tensor shaped like tail_ids {list(tail_ids.shape)}")
-            _need(tail_ids.shape[1] == 0 or topk_ids.shape[1] < vocab, ValueError,
-                  "TopKReference with k = V has no tail to sample from (m must be 0)")
+            _need(
+                isinstance(tail_ids, torch.Tensor)
+                and tail_ids.dtype in _INTS
+                and tail_ids.dim() == 2
+                and tail_ids.shape[0] == n,
+                ValueError,
+                f"TopKReference.tail_ids must be an int [N, m] tensor with N = {n}",
+            )
+            _need(
+                isinstance(tail_logp, torch.Tensor)
+                and tail_logp.dtype in _FLOATS
+                and tail_logp.shape == tail_ids.shape,
+                ValueError,
+                f"TopKReference.tail_logprobs must be a float tensor shaped like tail_ids {list(tail_ids.shape)}",
+            )
+            _need(
+                tail_ids.shape[1] == 0 or topk_ids.shape[1] < vocab,
+                ValueError,
+                "TopKReference with k = V has no tail to sample from (m must be 0)",
+            )
             for t, name in ((tail_ids, "TopKReference.tail_ids"), (tail_logp, "TopKReference.tail_logprobs")):
                 _need(t.device == device, ValueError, f"{name} is on {t.device} but hidden is on {device}")
                 _check_frozen(t, name)
@@ -236,19 +287,40 @@ def chunked_token_stats(
     if kl_weight is None:
         kl_weight = torch.zeros(n, dtype=acc, device=device)
     else:
-        _need(has_kl, ValueError,
-              "kl_weight needs a reference distribution (ExactReference or TopKReference); "
-              f"got ref={type(ref).__name__}")
+        _need(
+            has_kl,
+            ValueError,
+            f"kl_weight needs a reference distribution (ExactReference or TopKReference); got ref={type(ref).__name__}",
+        )
         _check_1d(kl_weight, "kl_weight", n, _FLOATS, device)
 
     if chunk_size is None:
         chunk_size = default_chunk_size(n, vocab, hidden.dtype, kind == RefKind.EXACT)
-    _need(isinstance(chunk_size, int) and chunk_size >= 1, ValueError, f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    _need(
+        isinstance(chunk_size, int) and chunk_size >= 1,
+        ValueError,
+        f"chunk_size must be an int >= 1, got {chunk_size!r}",
+    )
 
     need_grad = bool(torch.is_grad_enabled() and hidden.requires_grad)
     seq_sums, logp, ref_logp, kl, _ = token_stats_op(
-        hidden, weight, labels, seq_ids, num_seqs, logp_weight, kl_weight, int(kind),
-        ref_hidden, ref_weight, topk_ids, topk_logp, tail_ids, tail_logp, ref_label_logp, chunk_size, need_grad,
+        hidden,
+        weight,
+        labels,
+        seq_ids,
+        num_seqs,
+        logp_weight,
+        kl_weight,
+        int(kind),
+        ref_hidden,
+        ref_weight,
+        topk_ids,
+        topk_logp,
+        tail_ids,
+        tail_logp,
+        ref_label_logp,
+        chunk_size,
+        need_grad,
     )
     return TokenStats(
         seq_sums=seq_sums,

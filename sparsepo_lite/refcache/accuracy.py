@@ -24,9 +24,17 @@ def _per_sequence(values: torch.Tensor, seq_ids: torch.Tensor, rows: int) -> tor
 
 
 @torch.no_grad()
-def cache_accuracy(model, tokenizer, cache: RefCache, examples: Sequence[PreferenceExample], *, split: str = "train",
-                   batches: int = 4, batch_size: int = 4,
-                   losses: Optional[Dict[str, LossConfig]] = None) -> Dict[str, object]:
+def cache_accuracy(
+    model,
+    tokenizer,
+    cache: RefCache,
+    examples: Sequence[PreferenceExample],
+    *,
+    split: str = "train",
+    batches: int = 4,
+    batch_size: int = 4,
+    losses: Optional[Dict[str, LossConfig]] = None,
+) -> Dict[str, object]:
     """Errors of ``cache``'s KL against the live reference, with ``model`` (a peft policy) as the policy,
     over the first ``batches`` x ``batch_size`` pairs of ``examples`` (the cache's ``split``).
 
@@ -39,14 +47,30 @@ def cache_accuracy(model, tokenizer, cache: RefCache, examples: Sequence[Prefere
     - losses: for each of ``losses`` (default TDPO2), the mean |loss_cache - loss_live| / |loss_live|.
     """
     losses = {"tdpo2": LossConfig(loss_type="tdpo2")} if losses is None else losses
-    return caches_accuracy(model, tokenizer, {"cache": cache}, examples, split=split, batches=batches,
-                           batch_size=batch_size, losses={"cache": losses})["cache"]
+    return caches_accuracy(
+        model,
+        tokenizer,
+        {"cache": cache},
+        examples,
+        split=split,
+        batches=batches,
+        batch_size=batch_size,
+        losses={"cache": losses},
+    )["cache"]
 
 
 @torch.no_grad()
-def caches_accuracy(model, tokenizer, caches: Dict[str, RefCache], examples: Sequence[PreferenceExample], *,
-                    split: str = "train", batches: int = 4, batch_size: int = 4,
-                    losses: Optional[Dict[str, Dict[str, LossConfig]]] = None) -> Dict[str, Dict[str, object]]:
+def caches_accuracy(
+    model,
+    tokenizer,
+    caches: Dict[str, RefCache],
+    examples: Sequence[PreferenceExample],
+    *,
+    split: str = "train",
+    batches: int = 4,
+    batch_size: int = 4,
+    losses: Optional[Dict[str, Dict[str, LossConfig]]] = None,
+) -> Dict[str, Dict[str, object]]:
     """:func:`cache_accuracy` for several caches of the same examples at once: the live reference runs
     once per batch for all of them. ``losses`` maps a cache's name to the losses whose error it
     reports (none for a name left out). Returns one :func:`cache_accuracy` result per cache."""
@@ -57,12 +81,14 @@ def caches_accuracy(model, tokenizer, caches: Dict[str, RefCache], examples: Seq
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    acc = {name: {"tok_err": [], "seq_err": [], "margin_err": [], "loss_err": {n: [] for n in losses.get(name, {})}}
-           for name in caches}
+    acc = {
+        name: {"tok_err": [], "seq_err": [], "margin_err": [], "loss_err": {n: [] for n in losses.get(name, {})}}
+        for name in caches
+    }
     tok_live, seq_live, margin_live = [], [], []
     try:
         for i in range(batches):
-            part = list(examples[i * batch_size:(i + 1) * batch_size])
+            part = list(examples[i * batch_size : (i + 1) * batch_size])
             if not part:
                 break
             live_b = {k: v.to(device) for k, v in plain(part).items()}
@@ -76,8 +102,10 @@ def caches_accuracy(model, tokenizer, caches: Dict[str, RefCache], examples: Seq
             live_loss = {}
             for name, cache in caches.items():
                 a = acc[name]
-                cache_b = {k: v.to(device) for k, v in
-                           CachedReferenceCollator(pad, cache)([CachedExample(e, split) for e in part]).items()}
+                cache_b = {
+                    k: v.to(device)
+                    for k, v in CachedReferenceCollator(pad, cache)([CachedExample(e, split) for e in part]).items()
+                }
                 _, _, approx = compute_loss(model, cache_b, probe, return_details=True)
                 kl_cache = approx["kl"].double().cpu()
                 s_cache = _per_sequence(kl_cache, approx["seq_ids"], rows)
@@ -97,17 +125,25 @@ def caches_accuracy(model, tokenizer, caches: Dict[str, RefCache], examples: Seq
         tok_err, seq_err, margin_err = torch.cat(a["tok_err"]), torch.cat(a["seq_err"]), torch.cat(a["margin_err"])
         rel = seq_err.abs() / seq_live.clamp_min(1e-12)
         out[name] = {
-            "pairs": int(margin_live.numel()), "tokens": int(tok_live.numel()),
-            "token_kl": {"mean_abs_error": tok_err.mean().item(), "worst_abs_error": tok_err.max().item(),
-                         "mean_kl": tok_live.mean().item()},
-            "sequence_kl": {"mean_rel_error": rel.mean().item(),
-                            "total_rel_error": (seq_err.abs().sum() / seq_live.sum()).item(),
-                            "worst_rel_error": rel.max().item(),
-                            "mean_signed_rel_error": (seq_err.sum() / seq_live.sum()).item(),
-                            "mean_kl": seq_live.mean().item()},
-            "margin": {"rel_error": (margin_err.abs().mean() / margin_live.abs().mean().clamp_min(1e-12)).item(),
-                       "worst_abs_error": margin_err.abs().max().item(),
-                       "mean_abs_margin": margin_live.abs().mean().item()},
+            "pairs": int(margin_live.numel()),
+            "tokens": int(tok_live.numel()),
+            "token_kl": {
+                "mean_abs_error": tok_err.mean().item(),
+                "worst_abs_error": tok_err.max().item(),
+                "mean_kl": tok_live.mean().item(),
+            },
+            "sequence_kl": {
+                "mean_rel_error": rel.mean().item(),
+                "total_rel_error": (seq_err.abs().sum() / seq_live.sum()).item(),
+                "worst_rel_error": rel.max().item(),
+                "mean_signed_rel_error": (seq_err.sum() / seq_live.sum()).item(),
+                "mean_kl": seq_live.mean().item(),
+            },
+            "margin": {
+                "rel_error": (margin_err.abs().mean() / margin_live.abs().mean().clamp_min(1e-12)).item(),
+                "worst_abs_error": margin_err.abs().max().item(),
+                "mean_abs_margin": margin_live.abs().mean().item(),
+            },
             "losses": {lname: statistics.mean(v) for lname, v in a["loss_err"].items()},
         }
     return out
@@ -116,12 +152,14 @@ def caches_accuracy(model, tokenizer, caches: Dict[str, RefCache], examples: Seq
 def format_accuracy(acc: Dict[str, object]) -> str:
     """A few lines for the terminal."""
     t, s, m = acc["token_kl"], acc["sequence_kl"], acc["margin"]
-    lines = [f"{acc['pairs']} pairs, {acc['tokens']} response tokens; live KL {t['mean_kl']:.4f} nats per token, "
-             f"{s['mean_kl']:.3f} per sequence",
-             f"per token: mean |error| {t['mean_abs_error']:.4f}, worst {t['worst_abs_error']:.4f} nats",
-             f"per sequence: mean relative error {s['mean_rel_error']:.2%} (total {s['total_rel_error']:.2%}, "
-             f"bias {s['mean_signed_rel_error']:+.2%}), worst {s['worst_rel_error']:.2%}",
-             f"chosen - rejected KL: mean |error| / mean |difference| {m['rel_error']:.2%}, worst |error| "
-             f"{m['worst_abs_error']:.4f} nats"]
+    lines = [
+        f"{acc['pairs']} pairs, {acc['tokens']} response tokens; live KL {t['mean_kl']:.4f} nats per token, "
+        f"{s['mean_kl']:.3f} per sequence",
+        f"per token: mean |error| {t['mean_abs_error']:.4f}, worst {t['worst_abs_error']:.4f} nats",
+        f"per sequence: mean relative error {s['mean_rel_error']:.2%} (total {s['total_rel_error']:.2%}, "
+        f"bias {s['mean_signed_rel_error']:+.2%}), worst {s['worst_rel_error']:.2%}",
+        f"chosen - rejected KL: mean |error| / mean |difference| {m['rel_error']:.2%}, worst |error| "
+        f"{m['worst_abs_error']:.4f} nats",
+    ]
     lines += [f"{name} loss: mean relative error {v:.2e}" for name, v in acc["losses"].items()]
     return "\n".join(lines)

@@ -43,7 +43,7 @@ class CachedReferenceCollator:
             counts_c.append(nc)
             counts_r.append(nr)
             chosen_parts.append({k: v[:nc] for k, v in e.items() if k != TOKENS})
-            rejected_parts.append({k: v[nc:nc + nr] for k, v in e.items() if k != TOKENS})
+            rejected_parts.append({k: v[nc : nc + nr] for k, v in e.items() if k != TOKENS})
         parts = chosen_parts + rejected_parts
         for name in parts[0]:
             batch[batch_key(name)] = torch.cat([p[name] for p in parts])

@@ -42,11 +42,16 @@ DEFAULT_TOP_K = 16
 DEFAULT_TAIL_SAMPLES = 64
 FORMAT = "sparsepo-lite-ref-cache"
 FORMAT_VERSION = 1
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-           "float64": torch.float64}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
-SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-              "I32": torch.int32, "I64": torch.int64}  # safetensors' dtype names
+SAFETENSORS_DTYPES = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I32": torch.int32,
+    "I64": torch.int64,
+}  # safetensors' dtype names
 
 
 class CacheError(ValueError):
@@ -71,6 +76,7 @@ def sha256_json(obj) -> str:
 
 # --- manifest ------------------------------------------------------------------------------------
 
+
 def shard_name(split: str, i: int) -> str:
     return f"{split}-{i:05d}.safetensors"
 
@@ -92,8 +98,9 @@ def read_manifest(cache_dir: str) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CacheError(f"{path}: not a {FORMAT} manifest (field 'format')")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise CacheError(f"{path}: format version {manifest.get('format_version')!r}, this package reads "
-                         f"{FORMAT_VERSION}")
+        raise CacheError(
+            f"{path}: format version {manifest.get('format_version')!r}, this package reads {FORMAT_VERSION}"
+        )
     _check_manifest_fields(path, manifest)
     return manifest
 
@@ -132,8 +139,9 @@ def _check_fields(path: str, where: str, obj, spec) -> None:
 
 def _check_manifest_fields(path: str, manifest: dict) -> None:
     fp = manifest.get("fingerprint")
-    if not isinstance(fp, dict) or not all(isinstance(k, str) and isinstance(v, (str, int, float, bool, type(None)))
-                                           for k, v in fp.items()):
+    if not isinstance(fp, dict) or not all(
+        isinstance(k, str) and isinstance(v, (str, int, float, bool, type(None))) for k, v in fp.items()
+    ):
         raise CacheError(f"{path}: field 'fingerprint' must be an object of plain values")
     contents = manifest.get("contents")
     if isinstance(contents, dict):
@@ -157,8 +165,10 @@ def _check_manifest_fields(path: str, manifest: dict) -> None:
             where = f"splits.{split}.shards[{i}]"
             _check_fields(path, where, shard, _SHARD)
             if shard.get("file") != shard_name(split, i):
-                raise CacheError(f"{path}: field '{where}.file' must be {shard_name(split, i)!r}, got "
-                                 f"{str(shard.get('file'))[:100]!r}")
+                raise CacheError(
+                    f"{path}: field '{where}.file' must be {shard_name(split, i)!r}, got "
+                    f"{str(shard.get('file'))[:100]!r}"
+                )
 
 
 def write_json_atomic(path: str, obj) -> None:

@@ -30,9 +30,11 @@ class CacheSplit:
         self.dir, self.split, self.contents = cache_dir, split, contents
         self.shards_info = info["shards"]
         if len(self.shards_info) != info.get("num_shards"):
-            raise CacheError(f"{os.path.join(cache_dir, MANIFEST)}: split {split!r} is incomplete "
-                             f"({len(self.shards_info)} of {info.get('num_shards')} shards); finish the "
-                             "precompute (run it again with the same --out: it resumes)")
+            raise CacheError(
+                f"{os.path.join(cache_dir, MANIFEST)}: split {split!r} is incomplete "
+                f"({len(self.shards_info)} of {info.get('num_shards')} shards); finish the "
+                "precompute (run it again with the same --out: it resumes)"
+            )
         self._first_rows = [s["first_row"] for s in self.shards_info]
         self._open: Dict[int, _Shard] = {}
         self.verified = False  # set once verify_cache has checked every shard: no second hashing
@@ -56,8 +58,9 @@ class CacheSplit:
         raise CacheError(f"{self.dir}: split {self.split!r} has no entry for dataset row {row}")
 
 
-def open_shard(cache_dir: str, info: dict, contents: dict, check_values: bool = False,
-               check_sum: bool = True) -> _Shard:
+def open_shard(
+    cache_dir: str, info: dict, contents: dict, check_values: bool = False, check_sum: bool = True
+) -> _Shard:
     """Open one shard after checking its checksum (unless ``check_sum`` is False: the cache was
     verified whole), tensors, shapes and dtypes (and, with ``check_values``, its value ranges).
     Any problem raises :class:`CacheError` naming the file."""
@@ -94,7 +97,9 @@ def open_shard(cache_dir: str, info: dict, contents: dict, check_values: bool = 
     for name, (shape, dtype) in expect.items():
         sl = handle.get_slice(name)
         if list(sl.get_shape()) != shape or SAFETENSORS_DTYPES.get(sl.get_dtype()) != dtype:
-            raise CacheError(f"{path}: {name} has shape {sl.get_shape()} / {sl.get_dtype()}, expected {shape} / {dtype}")
+            raise CacheError(
+                f"{path}: {name} has shape {sl.get_shape()} / {sl.get_dtype()}, expected {shape} / {dtype}"
+            )
     tokens = handle.get_tensor("tokens")
     row_index = handle.get_tensor("row_index").tolist()
     if int(tokens.sum()) != n or bool((tokens < 1).any()):
@@ -107,8 +112,10 @@ def open_shard(cache_dir: str, info: dict, contents: dict, check_values: bool = 
             header = int.from_bytes(f.read(8), "little")
         payload = info["bytes"] - 8 - header
         if payload != n * token_bytes(contents) + e * 3 * 8:  # + row_index [E] and tokens [E, 2] int64
-            raise CacheError(f"{path}: {payload} payload bytes for {n} tokens and {e} pairs; the contents say "
-                             f"{n * token_bytes(contents) + e * 24}")
+            raise CacheError(
+                f"{path}: {payload} payload bytes for {n} tokens and {e} pairs; the contents say "
+                f"{n * token_bytes(contents) + e * 24}"
+            )
         _check_values(path, handle, contents)
     return _Shard(path, handle, row_index, offsets, tokens)
 
@@ -147,8 +154,7 @@ def _check_values(path: str, handle, contents: dict) -> None:
             r_hat = (1.0 - lp.double().exp().sum(1, keepdim=True)).clamp_min(0.0)
             live = (r_hat > 1e-6).expand_as(tlp)
             if (live & (tlp.double() > r_hat.clamp_min(1e-300).log() + 0.05)).any():
-                bad("tail_logp exceeds the tail mass its row's top-k leave (misaligned rows or another cache's "
-                    "values)")
+                bad("tail_logp exceeds the tail mass its row's top-k leave (misaligned rows or another cache's values)")
     if contents["store_hidden"] and not torch.isfinite(handle.get_tensor("hidden")).all():
         bad("hidden has non-finite values")
     if contents["mapo_masks"]:
@@ -182,8 +188,9 @@ class RefCache:
         if name not in self._splits:
             info = self.manifest["splits"].get(name)
             if info is None:
-                raise CacheError(f"{self.dir}: no {name!r} split in the cache (it has "
-                                 f"{sorted(self.manifest['splits'])})")
+                raise CacheError(
+                    f"{self.dir}: no {name!r} split in the cache (it has {sorted(self.manifest['splits'])})"
+                )
             self._splits[name] = CacheSplit(self.dir, name, info, self.contents)
         return self._splits[name]
 
@@ -212,7 +219,9 @@ def verify_cache(cache_dir: str, splits: Optional[Sequence[str]] = None) -> Dict
             totals["tokens"] += sinfo["tokens"]
             totals["bytes"] += sinfo["bytes"]
         if sum(s["examples"] for s in info["shards"]) != info["examples"]:
-            raise CacheError(f"{cache_dir}: split {split!r} holds a different number of examples than its manifest says")
+            raise CacheError(
+                f"{cache_dir}: split {split!r} holds a different number of examples than its manifest says"
+            )
     return totals
 
 

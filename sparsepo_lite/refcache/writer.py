@@ -45,9 +45,16 @@ TOPK_ROWS = 256
 _OWN_TEMP = re.compile(r"(manifest\.json|[A-Za-z0-9_]+-\d{5}\.safetensors)\.tmp-\d+")
 
 
-def reference_token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, top_k: int,
-                          topk_dtype: torch.dtype, rows: int = TOPK_ROWS, tail_samples: int = 0,
-                          generator: Optional[torch.Generator] = None):
+def reference_token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    top_k: int,
+    topk_dtype: torch.dtype,
+    rows: int = TOPK_ROWS,
+    tail_samples: int = 0,
+    generator: Optional[torch.Generator] = None,
+):
     """Exact label log-probs [N] fp32, top-k (ids [N, k] int32, log-probs [N, k] topk_dtype) and
     ``tail_samples`` ids per token drawn with replacement from the reference restricted to the
     tokens outside its top-k (ids [N, m] int32 and their log-probs [N, m] topk_dtype, see below).
@@ -71,19 +78,26 @@ def reference_token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     tail_vals = torch.empty(n, tail_samples, dtype=topk_dtype, device=dev)
     w = weight.float()
     for a in range(0, n, rows):
-        logp = torch.log_softmax(hidden[a:a + rows].float() @ w.T, dim=-1)
-        label[a:a + rows] = logp.gather(1, labels[a:a + rows, None]).squeeze(1)
+        logp = torch.log_softmax(hidden[a : a + rows].float() @ w.T, dim=-1)
+        label[a : a + rows] = logp.gather(1, labels[a : a + rows, None]).squeeze(1)
         if top_k:
             v, i = logp.topk(top_k, dim=-1, sorted=True)
-            ids[a:a + rows], vals[a:a + rows] = i.to(torch.int32), v.to(topk_dtype)
+            ids[a : a + rows], vals[a : a + rows] = i.to(torch.int32), v.to(topk_dtype)
             if tail_samples:
-                tail_vals[a:a + rows] = _tail_draws(logp, i, vals[a:a + rows], tail_samples, generator,
-                                                    tail_ids[a:a + rows])
+                tail_vals[a : a + rows] = _tail_draws(
+                    logp, i, vals[a : a + rows], tail_samples, generator, tail_ids[a : a + rows]
+                )
     return label, ids, vals, tail_ids, tail_vals
 
 
-def _tail_draws(logp: torch.Tensor, top_ids: torch.Tensor, top_vals: torch.Tensor, m: int,
-                generator: Optional[torch.Generator], out_ids: torch.Tensor) -> torch.Tensor:
+def _tail_draws(
+    logp: torch.Tensor,
+    top_ids: torch.Tensor,
+    top_vals: torch.Tensor,
+    m: int,
+    generator: Optional[torch.Generator],
+    out_ids: torch.Tensor,
+) -> torch.Tensor:
     """Draw ``m`` tail ids per row of ``logp`` [n, V] fp32 into ``out_ids`` [n, m]; return their
     stored log-probs log(q(v) / r * r_hat) [n, m] (see reference_token_stats)."""
     vocab = logp.shape[1]
@@ -96,8 +110,9 @@ def _tail_draws(logp: torch.Tensor, top_ids: torch.Tensor, top_vals: torch.Tenso
     tail = torch.where(empty, torch.ones_like(tail).scatter_(1, top_ids, 0.0), tail)
     t = torch.multinomial(tail.float(), m, replacement=True, generator=generator)
     out_ids.copy_(t.to(torch.int32))
-    within = torch.where(empty, torch.full_like(r, -math.log(vocab - top_ids.shape[1])),
-                         logp64.gather(1, t) - r.clamp_min(1e-300).log())
+    within = torch.where(
+        empty, torch.full_like(r, -math.log(vocab - top_ids.shape[1])), logp64.gather(1, t) - r.clamp_min(1e-300).log()
+    )
     # r_hat as the op computes it, in float64 from the stored (rounded) top-k; where it is 0 the op
     # skips the correction and any finite value will do.
     r_hat = (1.0 - top_vals.double().exp().sum(1, keepdim=True)).clamp_min(0.0)
@@ -105,20 +120,43 @@ def _tail_draws(logp: torch.Tensor, top_ids: torch.Tensor, top_vals: torch.Tenso
     return stored.clamp_min(torch.finfo(top_vals.dtype).min).to(top_vals.dtype)  # finite in 16 bits
 
 
-def _shard_tensors(model, ref_model, mapo_hooks, mapo_mapping: Optional[str], examples: Sequence[PreferenceExample], collate, batch_size: int,
-                   top_k: int, topk_dtype: torch.dtype, store_hidden: bool, mapo: bool, device, tail_samples: int = 0,
-                   generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+def _shard_tensors(
+    model,
+    ref_model,
+    mapo_hooks,
+    mapo_mapping: Optional[str],
+    examples: Sequence[PreferenceExample],
+    collate,
+    batch_size: int,
+    top_k: int,
+    topk_dtype: torch.dtype,
+    store_hidden: bool,
+    mapo: bool,
+    device,
+    tail_samples: int = 0,
+    generator: Optional[torch.Generator] = None,
+) -> Dict[str, torch.Tensor]:
     per_example = []  # (chosen dict, rejected dict) per example, in order
     for a in range(0, len(examples), batch_size):
-        part = examples[a:a + batch_size]
+        part = examples[a : a + batch_size]
         batch = collate(part)
         ids, att, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
         response, seq_ids, pos, y = response_positions(labels)
-        rp = reference_pass(model, ids, att, response, seq_ids, pos, ref_model=ref_model,
-                            mapo_mapping=mapo_mapping if mapo else None, mapo_hooks=mapo_hooks)
+        rp = reference_pass(
+            model,
+            ids,
+            att,
+            response,
+            seq_ids,
+            pos,
+            ref_model=ref_model,
+            mapo_mapping=mapo_mapping if mapo else None,
+            mapo_hooks=mapo_hooks,
+        )
         with torch.no_grad():
             label, tk_ids, tk_vals, tl_ids, tl_vals = reference_token_stats(
-                rp.hidden, rp.weight, y, top_k, topk_dtype, tail_samples=tail_samples, generator=generator)
+                rp.hidden, rp.weight, y, top_k, topk_dtype, tail_samples=tail_samples, generator=generator
+            )
         cols = {keys.LABEL_LOGP: label}
         if top_k:
             cols.update({keys.TOPK_IDS: tk_ids, keys.TOPK_LOGP: tk_vals})
@@ -133,20 +171,35 @@ def _shard_tensors(model, ref_model, mapo_hooks, mapo_mapping: Optional[str], ex
         rows = [{k: parts[k][r] for k in cols} for r in range(len(counts))]
         b = len(part)
         per_example += list(zip(rows[:b], rows[b:]))
-    out = {keys.ROW_INDEX: torch.tensor([e.index for e in examples], dtype=torch.int64),
-           keys.TOKENS: torch.tensor([[len(e.chosen_ids), len(e.rejected_ids)] for e in examples], dtype=torch.int64)}
+    out = {
+        keys.ROW_INDEX: torch.tensor([e.index for e in examples], dtype=torch.int64),
+        keys.TOKENS: torch.tensor([[len(e.chosen_ids), len(e.rejected_ids)] for e in examples], dtype=torch.int64),
+    }
     for name in per_example[0][0]:
         out[name] = torch.cat([part[name] for pair in per_example for part in pair]).contiguous()
     return out
 
 
-def precompute_reference(model, tokenizer, splits: Dict[str, Sequence[PreferenceExample]], out_dir: str, *,
-                         fingerprint: Dict[str, object], ref_model=None, mapo_mapping: Optional[str] = None,
-                         mapo_hooks: Sequence[str] = MAPO_HOOK_TYPES,
-                         top_k: int = DEFAULT_TOP_K, tail_samples: Optional[int] = None, tail_seed: int = 0,
-                         topk_dtype: torch.dtype = torch.float16, store_hidden: bool = False,
-                         batch_size: int = 8, shard_size: int = 256, progress: bool = True,
-                         on_shard: Optional[Callable[[str, int], None]] = None) -> dict:
+def precompute_reference(
+    model,
+    tokenizer,
+    splits: Dict[str, Sequence[PreferenceExample]],
+    out_dir: str,
+    *,
+    fingerprint: Dict[str, object],
+    ref_model=None,
+    mapo_mapping: Optional[str] = None,
+    mapo_hooks: Sequence[str] = MAPO_HOOK_TYPES,
+    top_k: int = DEFAULT_TOP_K,
+    tail_samples: Optional[int] = None,
+    tail_seed: int = 0,
+    topk_dtype: torch.dtype = torch.float16,
+    store_hidden: bool = False,
+    batch_size: int = 8,
+    shard_size: int = 256,
+    progress: bool = True,
+    on_shard: Optional[Callable[[str, int], None]] = None,
+) -> dict:
     """Write (or finish) the cache for ``splits`` under ``out_dir``; returns the manifest.
 
     model: the peft policy (the reference is its adapter-off base), or any causal LM with ``ref_model``
@@ -164,33 +217,53 @@ def precompute_reference(model, tokenizer, splits: Dict[str, Sequence[Preference
     if tail_samples is None:  # the default has tail draws whenever there is a tail to draw from
         tail_samples = DEFAULT_TAIL_SAMPLES if 0 < top_k < vocab else 0
     if top_k < 0 or tail_samples < 0 or batch_size < 1 or shard_size < 1:
-        raise ValueError(f"need top_k >= 0, tail_samples >= 0, batch_size >= 1, shard_size >= 1 (got {top_k}, "
-                         f"{tail_samples}, {batch_size}, {shard_size})")
+        raise ValueError(
+            f"need top_k >= 0, tail_samples >= 0, batch_size >= 1, shard_size >= 1 (got {top_k}, "
+            f"{tail_samples}, {batch_size}, {shard_size})"
+        )
     if tail_samples and not top_k:
         raise ValueError("tail_samples need a top-k (the tail is what lies outside it): set top_k > 0")
     if dtype_name(topk_dtype) not in ("float16", "bfloat16", "float32"):
         raise ValueError(f"topk_dtype must be float16, bfloat16 or float32, got {topk_dtype}")
     if top_k > vocab or (tail_samples and top_k == vocab):
-        raise ValueError(f"top_k={top_k} must be below the vocabulary ({vocab}) to leave a tail to sample"
-                         if top_k <= vocab else f"top_k={top_k} exceeds the vocabulary ({vocab})")
+        raise ValueError(
+            f"top_k={top_k} must be below the vocabulary ({vocab}) to leave a tail to sample"
+            if top_k <= vocab
+            else f"top_k={top_k} exceeds the vocabulary ({vocab})"
+        )
     if store_hidden and ref_model is not None:
-        raise ValueError("store_hidden needs the reference to share the policy's head (the adapter-off base), "
-                         "not a separate ref_model")
+        raise ValueError(
+            "store_hidden needs the reference to share the policy's head (the adapter-off base), "
+            "not a separate ref_model"
+        )
     mapo = mapo_mapping is not None and mapo_mapping != "uniform"
     if tail_samples:
         fingerprint = {**fingerprint, "tail_seed": tail_seed}
-    contents = {"top_k": top_k, "tail_samples": tail_samples, "topk_dtype": dtype_name(topk_dtype),
-                "store_hidden": store_hidden,
-                "hidden_dtype": dtype_name(head.dtype) if store_hidden else None, "hidden_size": hsize,
-                "vocab_size": vocab, "mapo_masks": mapo,
-                "mapo": {"mapping": mapo_mapping, "hooks": list(mapo_hooks)} if mapo else None,
-                "label_dtype": "float32", "shard_size": shard_size, "batch_size": batch_size}
+    contents = {
+        "top_k": top_k,
+        "tail_samples": tail_samples,
+        "topk_dtype": dtype_name(topk_dtype),
+        "store_hidden": store_hidden,
+        "hidden_dtype": dtype_name(head.dtype) if store_hidden else None,
+        "hidden_size": hsize,
+        "vocab_size": vocab,
+        "mapo_masks": mapo,
+        "mapo": {"mapping": mapo_mapping, "hooks": list(mapo_hooks)} if mapo else None,
+        "label_dtype": "float32",
+        "shard_size": shard_size,
+        "batch_size": batch_size,
+    }
     os.makedirs(out_dir, exist_ok=True)
     for leftover in os.listdir(out_dir):  # a shard or manifest a killed run never committed
         if _OWN_TEMP.fullmatch(leftover) and os.path.isfile(os.path.join(out_dir, leftover)):
             os.remove(os.path.join(out_dir, leftover))
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": fingerprint,
-                "contents": contents, "splits": {}}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "contents": contents,
+        "splits": {},
+    }
     if os.path.isfile(os.path.join(out_dir, MANIFEST)):  # resume
         old = read_manifest(out_dir)
         # contents first: a cache made with other settings (say without tail samples) is named as
@@ -209,31 +282,55 @@ def precompute_reference(model, tokenizer, splits: Dict[str, Sequence[Preference
         for split, examples in splits.items():
             examples = list(examples)
             num_shards = (len(examples) + shard_size - 1) // shard_size
-            info = manifest["splits"].setdefault(split, {"examples": len(examples), "num_shards": num_shards,
-                                                          "shards": []})
+            info = manifest["splits"].setdefault(
+                split, {"examples": len(examples), "num_shards": num_shards, "shards": []}
+            )
             if info["examples"] != len(examples) or info["num_shards"] != num_shards:
-                raise CacheError(f"{out_dir}: split {split!r} was started with {info['examples']} examples, "
-                                 f"now {len(examples)}")
+                raise CacheError(
+                    f"{out_dir}: split {split!r} was started with {info['examples']} examples, now {len(examples)}"
+                )
             done = len(info["shards"])
             total_tokens = sum(len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
-            bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=f"reference {split}",
-                       disable=not progress)
+            bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=f"reference {split}", disable=not progress)
             bar.update(sum(s["tokens"] for s in info["shards"]))
             for i in range(done, num_shards):
-                part = examples[i * shard_size:(i + 1) * shard_size]
+                part = examples[i * shard_size : (i + 1) * shard_size]
                 t0 = time.perf_counter()
                 gen = None
                 if tail_samples:  # one generator per shard: resuming redraws nothing
                     gen = torch.Generator(device=device).manual_seed(
-                        (tail_seed * 1_000_003 + zlib.crc32(split.encode()) * 7919 + i) % 2**63)
-                tensors = _shard_tensors(model, ref_model, mapo_hooks, mapo_mapping, part, collate, batch_size, top_k, topk_dtype, store_hidden,
-                                         mapo, device, tail_samples, gen)
+                        (tail_seed * 1_000_003 + zlib.crc32(split.encode()) * 7919 + i) % 2**63
+                    )
+                tensors = _shard_tensors(
+                    model,
+                    ref_model,
+                    mapo_hooks,
+                    mapo_mapping,
+                    part,
+                    collate,
+                    batch_size,
+                    top_k,
+                    topk_dtype,
+                    store_hidden,
+                    mapo,
+                    device,
+                    tail_samples,
+                    gen,
+                )
                 name = shard_name(split, i)
                 path = os.path.join(out_dir, name)
                 _save_atomic(tensors, path)
                 n_tok = int(tensors["tokens"].sum())
-                info["shards"].append({"file": name, "sha256": sha256_file(path), "bytes": os.path.getsize(path),
-                                       "examples": len(part), "tokens": n_tok, "first_row": part[0].index})
+                info["shards"].append(
+                    {
+                        "file": name,
+                        "sha256": sha256_file(path),
+                        "bytes": os.path.getsize(path),
+                        "examples": len(part),
+                        "tokens": n_tok,
+                        "first_row": part[0].index,
+                    }
+                )
                 write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
                 bar.update(n_tok)
                 bar.set_postfix(tok_per_s=f"{n_tok / (time.perf_counter() - t0):.0f}")
@@ -253,4 +350,3 @@ def _save_atomic(tensors: Dict[str, torch.Tensor], path: str) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-

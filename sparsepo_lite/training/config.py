@@ -42,7 +42,7 @@ class DataConfig:
     """Where the preference pairs are: .jsonl / .json / .parquet files in TRL's preference formats."""
 
     train_file: str = _field("", group="data", help="training pairs (required)")
-    eval_file: Optional[str] = _field(None, group="data", help="evaluation pairs (optional; \"\" turns it off)")
+    eval_file: Optional[str] = _field(None, group="data", help='evaluation pairs (optional; "" turns it off)')
 
 
 @dataclass
@@ -59,30 +59,39 @@ class SparsePOConfig(transformers.TrainingArguments):
     beta: float = _field(0.1, group="loss", help="strength of the tie to the reference (> 0)")
     alpha: float = _field(0.5, group="loss", help="TDPO2's weight on the sequence KL difference (>= 0)")
     label_smoothing: float = _field(0.0, group="loss", help="DPO's conservative label smoothing, in [0, 0.5)")
-    mapo_mapping: str = _field("zn_rescale", group="loss",
-                               help=f"MaPO's token weights: {' or '.join(MAPO_MAPPINGS)} (uniform: TDPO1)")
-    chunk_size: Optional[int] = _field(None, group="loss",
-                                       help="response tokens per chunk of the op (default: from a memory budget)")
+    mapo_mapping: str = _field(
+        "zn_rescale", group="loss", help=f"MaPO's token weights: {' or '.join(MAPO_MAPPINGS)} (uniform: TDPO1)"
+    )
+    chunk_size: Optional[int] = _field(
+        None, group="loss", help="response tokens per chunk of the op (default: from a memory budget)"
+    )
     # --- masks ---
-    independent_masks: bool = _field(False, group="masks",
-                                     help="two mask nets (reward and KL) instead of one shared net")
+    independent_masks: bool = _field(
+        False, group="masks", help="two mask nets (reward and KL) instead of one shared net"
+    )
     mask_on_reward: bool = _field(True, group="masks", help="weight the reward term by the mask")
     mask_on_kl: bool = _field(True, group="masks", help="weight the KL term by the mask")
     l1_reward: float = _field(0.0, group="masks", help="L1 penalty on the reward mask (>= 0)")
     l1_kl: float = _field(0.0, group="masks", help="L1 penalty on the KL mask (>= 0)")
     mask_init: str = _field(
-        "ones", group="masks",
+        "ones",
+        group="masks",
         help="mask net init: 'ones' (masks start near 1: SparsePO starts as TDPO1) or 'official' (the paper "
-             "code's N(0, mask_init_std^2) init: masks start near 0 and can collapse to all-zero)")
+        "code's N(0, mask_init_std^2) init: masks start near 0 and can collapse to all-zero)",
+    )
     mask_init_std: float = _field(0.02, group="masks", help="std of the mask net's initial weights (> 0)")
     mask_normalize: bool = _field(
-        False, group="masks",
+        False,
+        group="masks",
         help="divide each response's masks by their mean over its tokens, so a mask can move weight between "
-             "tokens but never remove it all")
+        "tokens but never remove it all",
+    )
     mask_learning_rate: Optional[float] = _field(
-        1e-2, group="masks",
+        1e-2,
+        group="masks",
         help="learning rate of the mask nets, which need a far higher rate than the adapter to move "
-             "(docs/masks.md); None: learning_rate; 0 freezes them at their init")
+        "(docs/masks.md); None: learning_rate; 0 freezes them at their init",
+    )
     mask_weight_decay: float = _field(0.01, group="masks", help="weight decay of the mask nets' weights")
     # --- data ---
     max_length: int = _field(512, group="data", help="prompt + response tokens per sequence; longer ones are cut")
@@ -90,34 +99,50 @@ class SparsePOConfig(transformers.TrainingArguments):
     strict_data: bool = _field(False, group="data", help="stop at the first bad row instead of skipping it")
     # --- cache ---
     ref_cache: Optional[str] = _field(
-        None, group="cache", help="a `sparsepo-lite precompute-ref` directory: use it and run no reference forward")
+        None, group="cache", help="a `sparsepo-lite precompute-ref` directory: use it and run no reference forward"
+    )
     verify_ref_cache: bool = _field(
-        True, group="cache",
+        True,
+        group="cache",
         help="check every shard of ref_cache (checksums, shapes, values) before step 0; --no_verify_ref_cache "
-             "skips it for huge caches (each shard is then checked when first read)")
+        "skips it for huge caches (each shard is then checked when first read)",
+    )
     # --- run folder ---
     overwrite_output_dir: bool = _field(
-        False, group="run",
-        help="replace the run in a non-empty output_dir (its adapter, masks, config, metrics and checkpoints)")
+        False,
+        group="run",
+        help="replace the run in a non-empty output_dir (its adapter, masks, config, metrics and checkpoints)",
+    )
     resume_fresh_optimizer: bool = _field(
-        False, group="run", help="allow resuming from a checkpoint without optimizer.pt/scheduler.pt (the "
-                                 "optimizer restarts)")
-    remove_unused_columns: bool = field(default=False, metadata={
-        "help": "(fixed at False: the examples are dataclasses, not column dicts)"})
+        False,
+        group="run",
+        help="allow resuming from a checkpoint without optimizer.pt/scheduler.pt (the optimizer restarts)",
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "(fixed at False: the examples are dataclasses, not column dicts)"}
+    )
 
     def __post_init__(self):
         # Every value is checked before anything loads: a NaN beta or a negative rate would
         # otherwise train (or silently not train) for the whole run.
-        check_loss_settings(self.loss_type, beta=self.beta, alpha=self.alpha, label_smoothing=self.label_smoothing,
-                            l1_reward=self.l1_reward, l1_kl=self.l1_kl, mapo_mapping=self.mapo_mapping,
-                            chunk_size=self.chunk_size)
+        check_loss_settings(
+            self.loss_type,
+            beta=self.beta,
+            alpha=self.alpha,
+            label_smoothing=self.label_smoothing,
+            l1_reward=self.l1_reward,
+            l1_kl=self.l1_kl,
+            mapo_mapping=self.mapo_mapping,
+            chunk_size=self.chunk_size,
+        )
         check_choice("mask_init", self.mask_init, MASK_INITS)
         check_number("mask_init_std", self.mask_init_std, low=0, low_open=True)
         check_number("mask_learning_rate", self.mask_learning_rate, low=0, optional=True)
         check_number("mask_weight_decay", self.mask_weight_decay, low=0)
         check_number("max_length", self.max_length, low=2, integer=True)
-        check_number("max_prompt_length", self.max_prompt_length, low=1, high=self.max_length, high_open=True,
-                     integer=True)
+        check_number(
+            "max_prompt_length", self.max_prompt_length, low=1, high=self.max_length, high_open=True, integer=True
+        )
         check_number("learning_rate", self.learning_rate, low=0)
         check_number("weight_decay", self.weight_decay, low=0)
         check_number("max_grad_norm", self.max_grad_norm, low=0, optional=True)

@@ -30,5 +30,5 @@ def all_reduce_mean_(params: List[torch.nn.Parameter]) -> None:
         offset = 0
         for p in group:
             n = p.grad.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
             offset += n

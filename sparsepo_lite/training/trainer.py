@@ -32,10 +32,26 @@ from .distributed import all_reduce_mean_
 logger = logging.getLogger(__name__)
 
 #: Files a run writes into its output_dir (replaced together by overwrite_output_dir).
-RUN_FILES = ("adapter_model.safetensors", "adapter_config.json", MASK_WEIGHTS, MASK_CONFIG, RUN_CONFIG, "metrics.json",
-             "training_args.bin", "README.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-             "chat_template.jinja", "vocab.json", "merges.txt", "sentiment_eval.json", "sentiment_report.html",
-             "masks.html", "mask_lift.json")
+RUN_FILES = (
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    MASK_WEIGHTS,
+    MASK_CONFIG,
+    RUN_CONFIG,
+    "metrics.json",
+    "training_args.bin",
+    "README.md",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "sentiment_eval.json",
+    "sentiment_report.html",
+    "masks.html",
+    "mask_lift.json",
+)
 #: A run ends with an error when more than this share of its optimizer steps was skipped.
 MAX_SKIPPED_FRACTION = 0.5
 
@@ -89,8 +105,10 @@ class _FiniteWeights(transformers.TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         for p in self.trainer._trained_parameters():
             if not torch.isfinite(p).all():
-                raise TrainingError(f"step {state.global_step}: trained weights are no longer finite; lower the "
-                                    "learning rate (the adapter was not saved)")
+                raise TrainingError(
+                    f"step {state.global_step}: trained weights are no longer finite; lower the "
+                    "learning rate (the adapter was not saved)"
+                )
 
 
 def read_splits(tokenizer, args: SparsePOConfig, splits: Dict[str, object]):
@@ -105,9 +123,13 @@ def read_splits(tokenizer, args: SparsePOConfig, splits: Dict[str, object]):
         if rows is None or (isinstance(rows, list) and rows and isinstance(rows[0], PreferenceExample)):
             data[split] = rows
             continue
-        data[split], reports[split] = tokenize_dataset(rows, tokenizer, max_length=args.max_length,
-                                                       max_prompt_length=args.max_prompt_length,
-                                                       strict=args.strict_data)
+        data[split], reports[split] = tokenize_dataset(
+            rows,
+            tokenizer,
+            max_length=args.max_length,
+            max_prompt_length=args.max_prompt_length,
+            strict=args.strict_data,
+        )
         if reports[split].dropped or reports[split].truncated:
             logger.warning("%s data: %s", split, reports[split].summary())
     return data, reports
@@ -116,8 +138,11 @@ def read_splits(tokenizer, args: SparsePOConfig, splits: Dict[str, object]):
 def load_model(model_config: ModelConfig, args: SparsePOConfig):
     """The policy as training loads it: the training config owns gradient checkpointing and the
     device (as for any Trainer), and its seed draws the LoRA init."""
-    model_config = dataclasses.replace(model_config, gradient_checkpointing=args.gradient_checkpointing,
-                                       device="cpu" if args.use_cpu else model_config.device)
+    model_config = dataclasses.replace(
+        model_config,
+        gradient_checkpointing=args.gradient_checkpointing,
+        device="cpu" if args.use_cpu else model_config.device,
+    )
     transformers.set_seed(args.seed)  # the LoRA init draws from the global RNG
     model, _ = load_policy(model_config, tokenizer=False)
     return model
@@ -142,9 +167,19 @@ class SparsePOTrainer(transformers.Trainer):
     weights stop being finite.
     """
 
-    def __init__(self, model=None, args: SparsePOConfig = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, masks: Optional[SparsePOMasks] = None, ref_model=None,
-                 model_config: Optional[ModelConfig] = None, run_config: Optional[dict] = None, **kwargs):
+    def __init__(
+        self,
+        model=None,
+        args: SparsePOConfig = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        masks: Optional[SparsePOMasks] = None,
+        ref_model=None,
+        model_config: Optional[ModelConfig] = None,
+        run_config: Optional[dict] = None,
+        **kwargs,
+    ):
         if args is None:
             raise ValueError("SparsePOTrainer needs args=SparsePOConfig(...)")
         load = model is None or isinstance(model, str)
@@ -163,8 +198,9 @@ class SparsePOTrainer(transformers.Trainer):
             model = load_model(model_config, args)
         if args.loss_type == "sparsepo" and masks is None:
             transformers.set_seed(args.seed)  # the mask init is part of the run: same seed, same run
-            masks = SparsePOMasks.for_model(model, independent=args.independent_masks, init_std=args.mask_init_std,
-                                            init=args.mask_init)
+            masks = SparsePOMasks.for_model(
+                model, independent=args.independent_masks, init_std=args.mask_init_std, init=args.mask_init
+            )
         if masks is not None and args.mask_learning_rate == 0:
             masks.requires_grad_(False)  # frozen at their init: the control that shows what training adds
         self.masks = masks
@@ -177,9 +213,16 @@ class SparsePOTrainer(transformers.Trainer):
             self.ref_cache = RefCache(args.ref_cache)
             splits = {name: data for name, data in (("train", train_dataset), ("eval", eval_dataset)) if data}
             model_name = model_config.model_name_or_path if model_config is not None else None
-            self.ref_cache.check_run(run_fingerprint(model, processing_class, splits, model_name=model_name,
-                                                     max_length=args.max_length,
-                                                     max_prompt_length=args.max_prompt_length))
+            self.ref_cache.check_run(
+                run_fingerprint(
+                    model,
+                    processing_class,
+                    splits,
+                    model_name=model_name,
+                    max_length=args.max_length,
+                    max_prompt_length=args.max_prompt_length,
+                )
+            )
             if args.verify_ref_cache:  # a corrupt shard stops the run now, not at some later step
                 self.ref_cache.verify(list(splits))
             train_dataset = [CachedExample(e, "train") for e in train_dataset] if train_dataset else train_dataset
@@ -188,8 +231,14 @@ class SparsePOTrainer(transformers.Trainer):
         kwargs.setdefault("data_collator", PreferenceCollator(pad))
         if args.should_save:
             check_writable(args.output_dir)
-        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=processing_class, **kwargs)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
         if self.masks is not None:
             self.masks.to(self.args.device)
             self.add_callback(_MaskNetSync(self.masks))
@@ -222,8 +271,10 @@ class SparsePOTrainer(transformers.Trainer):
             lr = self.args.learning_rate if self.args.mask_learning_rate is None else self.args.mask_learning_rate
             mask_w = [p for n, p in self.masks.named_parameters() if n.endswith(("layer_weight", "mixer"))]
             mask_rest = [p for n, p in self.masks.named_parameters() if not n.endswith(("layer_weight", "mixer"))]
-            groups += [{"params": mask_w, "weight_decay": self.args.mask_weight_decay, "lr": lr},
-                       {"params": mask_rest, "weight_decay": 0.0, "lr": lr}]
+            groups += [
+                {"params": mask_w, "weight_decay": self.args.mask_weight_decay, "lr": lr},
+                {"params": mask_rest, "weight_decay": 0.0, "lr": lr},
+            ]
         groups = [g for g in groups if g["params"]]
         cls, kwargs = transformers.Trainer.get_optimizer_cls_and_kwargs(self.args, model)
         self.optimizer = cls(groups, **kwargs)
@@ -276,9 +327,12 @@ class SparsePOTrainer(transformers.Trainer):
         for p in self._trained_parameters():
             p.grad = None
         self.skipped_steps += 1
-        logger.warning("step %d skipped: %s (%d skipped so far)", self.state.global_step + 1,
-                       "gradient norm %s" % float(grad_norm) if count else "every micro-batch had a non-finite loss",
-                       self.skipped_steps)
+        logger.warning(
+            "step %d skipped: %s (%d skipped so far)",
+            self.state.global_step + 1,
+            "gradient norm %s" % float(grad_norm) if count else "every micro-batch had a non-finite loss",
+            self.skipped_steps,
+        )
 
     # --- loss -----------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -336,15 +390,24 @@ class SparsePOTrainer(transformers.Trainer):
     def _warn_about_masks(self, logs) -> None:
         if logs.get("mask/dead_pairs") == 1.0 and "dead" not in self._mask_warned:
             self._mask_warned.add("dead")
-            logger.warning("the SparsePO masks were 0 on every token of every pair since the last log: no gradient "
-                           "reaches the policy and the ReLU units cannot recover (mask collapse); use mask_init: ones "
-                           "or a lower mask_learning_rate")
+            logger.warning(
+                "the SparsePO masks were 0 on every token of every pair since the last log: no gradient "
+                "reaches the policy and the ReLU units cannot recover (mask collapse); use mask_init: ones "
+                "or a lower mask_learning_rate"
+            )
         warmup = self.args.get_warmup_steps(self.state.max_steps) if self.state.max_steps else 0
-        if self._masks_train() and self.state.global_step > warmup and logs["mask/drift"] < 0.01 \
-                and "still" not in self._mask_warned:
+        if (
+            self._masks_train()
+            and self.state.global_step > warmup
+            and logs["mask/drift"] < 0.01
+            and "still" not in self._mask_warned
+        ):
             self._mask_warned.add("still")
-            logger.warning("the SparsePO mask nets have moved %.2f%% from their init after the warmup: they are "
-                           "not learning (raise mask_learning_rate)", 100 * logs["mask/drift"])
+            logger.warning(
+                "the SparsePO mask nets have moved %.2f%% from their init after the warmup: they are "
+                "not learning (raise mask_learning_rate)",
+                100 * logs["mask/drift"],
+            )
 
     def _train_loss(self) -> float:
         return sum(self._step_losses) / len(self._step_losses) if self._step_losses else float("nan")
@@ -363,8 +426,10 @@ class SparsePOTrainer(transformers.Trainer):
         out = super().train(resume_from_checkpoint=resume, **kwargs)
         steps = len(self._step_losses) + self.skipped_steps
         if steps and self.skipped_steps > MAX_SKIPPED_FRACTION * steps:
-            raise TrainingError(f"{self.skipped_steps} of {steps} optimizer steps were skipped (non-finite gradients "
-                                "or losses): the run did not train; lower the learning rate or check beta and the data")
+            raise TrainingError(
+                f"{self.skipped_steps} of {steps} optimizer steps were skipped (non-finite gradients "
+                "or losses): the run did not train; lower the learning rate or check beta and the data"
+            )
         return transformers.trainer_utils.TrainOutput(out.global_step, self._train_loss(), out.metrics)
 
     def _on_main_then_all(self, fn) -> None:
@@ -389,19 +454,29 @@ class SparsePOTrainer(transformers.Trainer):
         if resume is None or resume is False:
             return None
         if resume is True:
-            resume = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir) \
-                if os.path.isdir(self.args.output_dir) else None
+            resume = (
+                transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
+                if os.path.isdir(self.args.output_dir)
+                else None
+            )
             if resume is None:
                 raise TrainingError(f"resume_from_checkpoint: no checkpoint-* folder in {self.args.output_dir}")
         if not os.path.isfile(os.path.join(resume, transformers.trainer.TRAINER_STATE_NAME)):
-            raise TrainingError(f"resume_from_checkpoint: {resume} is not a training checkpoint "
-                                f"({transformers.trainer.TRAINER_STATE_NAME} is missing)")
-        missing = [f for f in (transformers.trainer.OPTIMIZER_NAME, transformers.trainer.SCHEDULER_NAME)
-                   if not os.path.isfile(os.path.join(resume, f))]
+            raise TrainingError(
+                f"resume_from_checkpoint: {resume} is not a training checkpoint "
+                f"({transformers.trainer.TRAINER_STATE_NAME} is missing)"
+            )
+        missing = [
+            f
+            for f in (transformers.trainer.OPTIMIZER_NAME, transformers.trainer.SCHEDULER_NAME)
+            if not os.path.isfile(os.path.join(resume, f))
+        ]
         if missing and not self.args.resume_fresh_optimizer:
-            raise TrainingError(f"resume_from_checkpoint: {resume} has no {' or '.join(missing)}; resuming would "
-                                "restart the optimizer and end elsewhere than the interrupted run. Pass "
-                                "--resume_fresh_optimizer to accept that")
+            raise TrainingError(
+                f"resume_from_checkpoint: {resume} has no {' or '.join(missing)}; resuming would "
+                "restart the optimizer and end elsewhere than the interrupted run. Pass "
+                "--resume_fresh_optimizer to accept that"
+            )
         if missing:
             logger.warning("resuming from %s without %s: the optimizer starts afresh", resume, missing)
         return resume
@@ -411,9 +486,11 @@ class SparsePOTrainer(transformers.Trainer):
         present = sorted(os.listdir(out)) if os.path.isdir(out) else []
         if present and not resuming:
             if not self.args.overwrite_output_dir:
-                raise TrainingError(f"output_dir {out} is not empty ({', '.join(present[:5])}"
-                                    f"{', ...' if len(present) > 5 else ''}): pass --overwrite_output_dir to replace "
-                                    "the run in it, or --resume_from_checkpoint to continue it")
+                raise TrainingError(
+                    f"output_dir {out} is not empty ({', '.join(present[:5])}"
+                    f"{', ...' if len(present) > 5 else ''}): pass --overwrite_output_dir to replace "
+                    "the run in it, or --resume_from_checkpoint to continue it"
+                )
             for name in present:  # what a run writes, so nothing stale (an old mask net) outlives it
                 path = os.path.join(out, name)
                 if name.startswith(transformers.trainer_utils.PREFIX_CHECKPOINT_DIR + "-") and os.path.isdir(path):
@@ -437,8 +514,16 @@ class SparsePOTrainer(transformers.Trainer):
             save_masks(self.masks, output_dir)
         for split, report in self.data_reports.items():
             with open(os.path.join(output_dir, f"data_report_{split}.json"), "w") as f:
-                json.dump({"total": report.total, "kept": report.kept, "truncated": report.truncated,
-                           "dropped": report.dropped}, f, indent=1)
+                json.dump(
+                    {
+                        "total": report.total,
+                        "kept": report.kept,
+                        "truncated": report.truncated,
+                        "dropped": report.dropped,
+                    },
+                    f,
+                    indent=1,
+                )
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
