@@ -110,6 +110,8 @@ def read_rows(source, *, bad_lines: str = "raise") -> List[Any]:
             rows = []
             with open(path, "rb") as f:
                 for n, raw in enumerate(f, 1):
+                    if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (some editors write one)
+                        raw = raw[3:]
                     if not raw.strip():
                         continue
                     try:
@@ -119,18 +121,22 @@ def read_rows(source, *, bad_lines: str = "raise") -> List[Any]:
                         why = f"not UTF-8 (byte {exc.start})"
                     except (json.JSONDecodeError, RecursionError) as exc:
                         why = f"not valid JSON ({getattr(exc, 'msg', 'nested too deeply')})"
+                    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+                        why = f"not readable JSON ({str(exc).splitlines()[0][:120]})"
                     if bad_lines == "raise":
                         raise ValueError(f"{path}:{n}: {why}")
                     rows.append(UnreadableRow(f"line {n}: {why}"))
             return rows
         if path.endswith(".json"):
             try:
-                with open(path, encoding="utf-8") as f:
+                with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not data
                     data = json.load(f)
             except UnicodeDecodeError as exc:
                 raise ValueError(f"{path}: not UTF-8 (byte {exc.start})") from None
             except (json.JSONDecodeError, RecursionError) as exc:
                 raise ValueError(f"{path}: not valid JSON ({getattr(exc, 'msg', 'nested too deeply')})") from None
+            except ValueError as exc:  # e.g. an integer of more digits than Python converts
+                raise ValueError(f"{path}: not readable JSON ({str(exc).splitlines()[0][:120]})") from None
             if not isinstance(data, list):
                 raise ValueError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
             return data
@@ -203,6 +209,8 @@ def split_row(row: Dict[str, Any]) -> Tuple[Any, Any, Any, bool]:
             _check_text(name, value)
         elif conversational and isinstance(value, list):
             _check_messages(name, value)
+    if "prompt" in row and row["prompt"] is None:  # null, not absent: a broken row, not an implicit prompt
+        raise BadRow("'prompt' is null (leave the field out for an implicit prompt)")
     prompt = row.get("prompt")
     if prompt is None:  # implicit prompt: the shared beginning
         n = _shared_prefix(chosen, rejected)
@@ -282,8 +290,12 @@ class PreferenceTokenizer:
                     isinstance(x, (int, float)) and not isinstance(x, bool) for x in w
                 ):
                     raise BadRow(f"'{name}_token_weights' must be a list of numbers")
-                if not all(math.isfinite(x) for x in w):
-                    raise BadRow(f"'{name}_token_weights' holds a non-finite value (NaN or inf)")
+                try:
+                    finite = all(math.isfinite(x) for x in w)
+                except OverflowError:  # an integer too large for a float
+                    finite = False
+                if not finite:
+                    raise BadRow(f"'{name}_token_weights' holds a non-finite or too large value (NaN, inf, 1e400)")
                 if len(w) != len(ids):
                     raise BadRow(
                         f"'{name}_token_weights' has {len(w)} entries but the response has "
@@ -298,6 +310,8 @@ class PreferenceTokenizer:
             if keep <= 0:
                 raise BadRow("nothing of the responses is left after truncation")
             c, r = c[:keep], r[:keep]
+            if c == r:  # they differed only in the part truncation cut: nothing left to prefer
+                raise BadRow(f"'chosen' and 'rejected' are identical after truncation to max_length {self.max_length}")
             weights = {k: None if v is None else v[:keep] for k, v in weights.items()}
         return PreferenceExample(index, p, c, r, weights["chosen"], weights["rejected"]), truncated
 

@@ -300,8 +300,18 @@ def load_masks(path: str) -> SparsePOMasks:
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"no saved mask network: {p} is missing")
-    with open(cfg_path) as f:
-        meta = json.load(f)
-    masks = SparsePOMasks(meta["num_layers"], meta["hidden_size"], independent=meta["independent"], eps=meta["eps"])
-    masks.load_state_dict(load_file(w_path))
+    try:
+        with open(cfg_path) as f:
+            meta = json.load(f)
+        masks = SparsePOMasks(meta["num_layers"], meta["hidden_size"], independent=meta["independent"], eps=meta["eps"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{cfg_path}: not a mask net description ({type(exc).__name__}: {exc})") from None
+    try:
+        weights = load_file(w_path)
+    except Exception as exc:  # safetensors raises its own error types
+        raise ValueError(f"{w_path}: not a readable safetensors file ({exc})") from None
+    try:
+        masks.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise ValueError(f"{w_path}: does not fit {MASK_CONFIG} ({str(exc).splitlines()[0]})") from None
     return masks

@@ -240,6 +240,9 @@ def plan_memory(
         raise ValueError(f"quantization must be '4bit' or 'none', got {quantization!r}")
     if not 0 <= prompt_len < seq_len:
         raise ValueError(f"prompt_len must be in [0, seq_len), got {prompt_len} with seq_len {seq_len}")
+    for name, value in (("pairs", pairs), ("lora_r", lora_r)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     b = DTYPE_BYTES[dtype]
     s = 2 * pairs * seq_len  # token positions in the batch (chosen + rejected rows)
     n = 2 * pairs * (seq_len - prompt_len)  # response tokens: the op's rows

@@ -50,6 +50,7 @@ def setup(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_train_round_trip(setup):
     main(["train", str(setup / "cfg.yaml"), "--beta", "0.2"])
     out = setup / "out"
@@ -74,12 +75,14 @@ def test_train_round_trip(setup):
     assert args.beta == 0.2
 
 
+@pytest.mark.slow
 def test_empty_eval_file_turns_evaluation_off(setup, tmp_path):
     main(["train", str(setup / "cfg.yaml"), "--eval_file", "", "--output_dir", str(tmp_path / "out")])
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert "train_loss" in metrics["final"] and not any(k.startswith("eval_") for k in metrics["final"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "edit, message",
     [
@@ -101,6 +104,7 @@ def test_bad_configs_give_clear_errors(setup, tmp_path, edit, message):
     assert message in res.stderr, res.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_precompute_verify_and_train_with_the_cache(setup, tmp_path):
     cache = tmp_path / "ref"
     cli = [sys.executable, "-m", "sparsepo_lite.cli"]

@@ -183,6 +183,8 @@ NEW_BAD_ROWS = [  # each a class of bad row that once passed validation or abort
     ({"prompt": "   ", "chosen": " a", "rejected": " b"}, "empty 'prompt'"),
     ({"prompt": "p", "chosen": " a", "rejected": " b", "chosen_token_weights": [float("nan")]}, "non-finite"),
     ({"prompt": "p", "chosen": " a", "rejected": " b", "rejected_token_weights": [1.0, float("inf")]}, "non-finite"),
+    ({"prompt": None, "chosen": "The film was great", "rejected": "The film was grim"}, "'prompt' is null"),
+    ({"prompt": "p", "chosen": " a", "rejected": " b", "chosen_token_weights": [10**400, 1]}, "too large"),
     ({"prompt": "p\ud800", "chosen": " a", "rejected": " b"}, "not valid Unicode"),
     ({"prompt": "p", "chosen": " a\udfff", "rejected": " b"}, "not valid Unicode"),
     (
@@ -259,3 +261,28 @@ def test_a_prompt_without_tokens_is_a_bad_row():
     assert make(0, {"prompt": "ab", "chosen": "x", "rejected": "y"})[0].prompt_ids == [97, 98]
     with pytest.raises(BadRow, match="the prompt has no tokens"):
         make(0, {"prompt": "!?", "chosen": "x", "rejected": "y"})
+
+
+def test_a_byte_order_mark_huge_numbers_and_pairs_equal_after_truncation(tok, tmp_path):
+    good = {"prompt": "The film was", "chosen": " great", "rejected": " awful"}
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + (json.dumps(good) + "\n").encode() * 2)
+    assert len(tokenize_dataset(str(bom), tok, strict=True)[0]) == 2  # the BOM is not part of row 0
+    as_json = tmp_path / "bom.json"
+    as_json.write_bytes(b"\xef\xbb\xbf" + json.dumps([good]).encode())
+    assert len(tokenize_dataset(str(as_json), tok, strict=True)[0]) == 1
+    digits = tmp_path / "digits.jsonl"
+    digits.write_text(
+        json.dumps(good) + "\n" + '{"prompt": "p", "chosen": "a", "rejected": "b", "n": ' + "9" * 5000 + "}\n"
+    )
+    examples, report = tokenize_dataset(str(digits), tok)
+    assert len(examples) == 1 and report.dropped[0][1].startswith("line 2: not readable JSON")
+    with pytest.raises(ValueError, match="digits.jsonl:2: not readable JSON"):
+        tokenize_dataset(str(digits), tok, strict=True)
+    long_json = tmp_path / "digits.json"
+    long_json.write_text("[" + "9" * 5000 + "]")
+    with pytest.raises(ValueError, match="digits.json: not readable JSON"):
+        tokenize_dataset(str(long_json), tok)
+    same = {"prompt": "The film was", "chosen": " really" * 40 + " great", "rejected": " really" * 40 + " awful"}
+    with pytest.raises(BadRow, match="identical after truncation to max_length 32"):
+        tokenize_dataset([same], tok, max_length=32, max_prompt_length=8, strict=True)

@@ -162,6 +162,7 @@ def run_cli(*args):
     return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_a_huge_learning_rate_ends_with_an_error_and_saves_no_adapter(cli_setup, tmp_path):
     res = run_cli("train", cli_setup / "cfg.yaml", "--learning_rate", "1e30", "--output_dir", tmp_path / "run")
     assert res.returncode != 0
@@ -203,6 +204,7 @@ def test_config_values_are_checked_before_the_model_loads(cli_setup, tmp_path, k
 # --- the run folder ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_run_folder_records_command_line_overrides_and_readers_use_them(cli_setup, tmp_path):
     out = tmp_path / "run"
     overrides = ["--lora_r", "8", "--beta", "0.25", "--mask_init_std=0.2", "--max_steps", "1", "--output_dir", str(out)]
@@ -221,6 +223,7 @@ def test_the_run_folder_records_command_line_overrides_and_readers_use_them(cli_
     assert model.peft_config["default"].r == 8 and masks is not None and cfg["beta"] == 0.25
 
 
+@pytest.mark.slow
 def test_a_non_empty_output_dir_is_refused_unless_overwritten_and_nothing_stale_survives(cli_setup, tmp_path):
     out = tmp_path / "run"
     main(["train", str(cli_setup / "cfg.yaml"), "--output_dir", str(out), "--max_steps", "1"])
@@ -268,6 +271,7 @@ def test_an_unwritable_output_dir_is_found_before_training(tiny_dir, tmp_path):
     assert steps == []
 
 
+@pytest.mark.slow
 def test_the_adapter_is_saved_before_the_final_evaluation(cli_setup, tmp_path, monkeypatch):
     def broken_eval(self, *a, **k):
         raise CacheError("eval-00000.safetensors: checksum mismatch (corrupted shard)")
@@ -290,6 +294,7 @@ def test_the_adapter_is_saved_before_the_final_evaluation(cli_setup, tmp_path, m
     assert (out / "adapter_model.safetensors").is_file() and (out / "mask_net.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_resuming_without_optimizer_state_is_an_error_unless_asked(tiny_dir, tmp_path):
     trainer = make_trainer(tiny_dir, tmp_path, steps=2, save_strategy="steps", save_steps=1)
     trainer.train()
@@ -316,30 +321,29 @@ def cache_setup(tiny_dir):
     return model, tok, examples
 
 
-def build_cache(cache_setup, out, **kw):
+def build_cache(cache_setup, out, splits=None, fingerprint=None, **kw):
+    """A top-8 cache of ``splits`` (default: the train examples) in shards of 8 pairs."""
     model, tok, examples = cache_setup
-    fp = run_fingerprint(model, tok, {"train": examples}, model_name=None, max_length=32, max_prompt_length=16)
+    splits = splits or {"train": examples}
+    if fingerprint is None:
+        fingerprint = run_fingerprint(model, tok, splits, model_name=None, max_length=32, max_prompt_length=16)
     precompute_reference(
-        model,
-        tok,
-        {"train": examples},
-        str(out),
-        fingerprint=fp,
-        top_k=8,
-        batch_size=8,
-        shard_size=8,
-        progress=False,
-        **kw,
+        model, tok, splits, str(out), fingerprint=fingerprint, top_k=8, batch_size=8, shard_size=8, progress=False, **kw
     )
     return out
 
 
+def flip_a_byte(path) -> None:
+    """Damage a file in its middle, as a bad disk or an interrupted copy would."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
 def test_a_corrupt_cache_stops_training_before_step_0(tiny_dir, cache_setup, tmp_path):
     cache = build_cache(cache_setup, tmp_path / "cache")
-    shard = cache / "train-00002.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0x10
-    shard.write_bytes(bytes(data))
+    flip_a_byte(cache / "train-00002.safetensors")
     with pytest.raises(CacheError, match="train-00002.safetensors: checksum mismatch"):
         make_trainer(tiny_dir, tmp_path / "run", ref_cache=str(cache))
     # --no_verify_ref_cache: the run starts, and the shard is checked when it is first read
@@ -354,6 +358,7 @@ def _edit_manifest(cache, edit):
     (cache / "manifest.json").write_text(json.dumps(manifest))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "edit, field",
     [
@@ -409,3 +414,266 @@ def test_precompute_deletes_only_temporary_files_it_wrote(cache_setup, tmp_path)
     files = set(os.listdir(cache))
     assert not files & set(mine) and set(theirs) <= files
     assert verify_cache(str(cache))["examples"] == 24
+
+
+# --- the second probe: the classes it found -----------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("beta", '"abc"', "argument --beta: invalid float value: 'abc'"),
+        ("beta", "true", "argument --beta: invalid float value"),
+        ("lora_r", "[4, 8]", "config key 'lora_r': takes one value"),
+        ("max_steps", '"1e3"', "argument --max_steps"),
+        ("beta", "null", "config key 'beta': null is not a value here"),
+        ("per_device_train_batch_size", "0", "per_device_train_batch_size must be >= 1"),
+        ("gradient_accumulation_steps", "0", "gradient_accumulation_steps must be >= 1"),
+        ("gradient_accumulation_steps", "-1", "gradient_accumulation_steps must be >= 1"),
+        ("max_steps", "0", "max_steps must be >= 1"),
+    ],
+)
+def test_a_value_of_the_wrong_kind_is_one_line_naming_the_field(cli_setup, tmp_path, key, value, message):
+    cfg = yaml.safe_load((cli_setup / "cfg.yaml").read_text())
+    cfg[key] = yaml.safe_load(value)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as info:
+        parse_train_config(str(path), [])
+    assert message in str(info.value) and "\n" not in str(info.value), str(info.value)[:500]
+    res = run_cli("train", path, "--output_dir", tmp_path / "run")  # no usage dump, no traceback
+    assert res.returncode != 0 and message in res.stderr and "usage:" not in res.stderr, res.stderr[-1500:]
+
+
+def test_null_sets_a_field_that_takes_none_and_every_override_spelling_is_recorded(cli_setup, tmp_path):
+    cfg = yaml.safe_load((cli_setup / "cfg.yaml").read_text())
+    del cfg["learning_rate"]
+    cfg["mask_learning_rate"] = None  # documented: None means the adapter's learning rate
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    _, _, args, resolved = parse_train_config(str(path), ["--learning-rate", "0.5"])
+    assert args.mask_learning_rate is None and resolved["mask_learning_rate"] is None
+    assert args.learning_rate == 0.5 and resolved["learning_rate"] == 0.5
+    _, _, args, resolved = parse_train_config(str(path), ["--no-verify-ref-cache"])
+    assert args.verify_ref_cache is False and resolved["verify_ref_cache"] is False
+    with pytest.raises(SystemExit, match="no config field: \\['--learning_rat'"):  # no silent abbreviations
+        parse_train_config(str(path), ["--learning_rat", "0.5"])
+
+
+def test_a_run_that_ends_on_a_skipped_step_fails(tiny_dir, tmp_path):
+    trainer = make_trainer(tiny_dir, tmp_path, steps=3)
+    trainer.add_callback(PoisonGradients(trainer, steps=[3]))
+    with pytest.raises(TrainingError, match="the last optimizer step was skipped"):
+        trainer.train()
+
+
+@pytest.mark.slow
+def test_a_huge_learning_rate_over_two_steps_is_not_a_success(cli_setup, tmp_path):
+    res = run_cli(
+        "train", cli_setup / "cfg.yaml", "--learning_rate", "1e30", "--max_steps", "2", "--output_dir", tmp_path / "run"
+    )
+    assert res.returncode != 0, res.stderr[-2000:]
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+def _checkpointed_run(tiny_dir, out, loss_type="sparsepo"):
+    make_trainer(tiny_dir, out, loss_type, steps=2, save_strategy="steps", save_steps=1).train()
+    return out / "checkpoint-1"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda c: (c / "trainer_state.json").write_text('{"global_step": 1,'), "trainer_state.json: unreadable"),
+        (
+            lambda c: (c / "optimizer.pt").write_bytes((c / "optimizer.pt").read_bytes()[:500]),
+            "optimizer.pt: not a complete",
+        ),
+        (
+            lambda c: (c / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{"),
+            "adapter_model.safetensors: not a readable safetensors file",
+        ),
+        (lambda c: (c / "mask_net.json").write_text("{"), "mask_net.json: not a mask net description"),
+    ],
+)
+def test_a_damaged_checkpoint_is_named_before_anything_loads(tiny_dir, tmp_path, damage, message):
+    ckpt = _checkpointed_run(tiny_dir, tmp_path)
+    config_before = (tmp_path / "sparsepo_config.yaml").read_text()
+    damage(ckpt)
+    with pytest.raises(TrainingError, match=message):
+        make_trainer(tiny_dir, tmp_path, "sparsepo", steps=2).train(resume_from_checkpoint=str(ckpt))
+    assert (tmp_path / "sparsepo_config.yaml").read_text() == config_before  # the run's record is untouched
+
+
+@pytest.mark.slow
+def test_resuming_with_other_model_or_loss_settings_is_refused_and_the_run_config_survives(tiny_dir, tmp_path):
+    ckpt = _checkpointed_run(tiny_dir, tmp_path)
+    config_before = (tmp_path / "sparsepo_config.yaml").read_text()
+    with pytest.raises(TrainingError, match="mask_net.safetensors: present, but this run has no SparsePO mask nets"):
+        make_trainer(tiny_dir, tmp_path, "dpo", steps=2).train(resume_from_checkpoint=str(ckpt))
+    transformers.set_seed(0)
+    model, tok = load_policy(ModelConfig(tiny_dir, lora_r=8, gradient_checkpointing=False))
+    other = SparsePOTrainer(
+        model=model,
+        args=SparsePOConfig(
+            output_dir=str(tmp_path),
+            max_steps=2,
+            report_to=[],
+            use_cpu=True,
+            max_length=32,
+            max_prompt_length=16,
+            per_device_train_batch_size=4,
+        ),
+        train_dataset=review_rows(24),
+        processing_class=tok,
+    )
+    with pytest.raises(TrainingError, match="adapter_config.json: r is 4 there but 8 in this run"):
+        other.train(resume_from_checkpoint=str(ckpt))
+    assert (tmp_path / "sparsepo_config.yaml").read_text() == config_before
+    # "true" from a YAML or the command line means the folder's last checkpoint, not a path named "true"
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoint-2")  # so the last checkpoint is checkpoint-1
+    assert make_trainer(tiny_dir, tmp_path, "sparsepo", steps=2).train(resume_from_checkpoint="true").global_step == 2
+
+
+@pytest.mark.slow
+def test_resuming_into_another_runs_folder_and_overwriting_a_non_run_folder_are_refused(tiny_dir, tmp_path):
+    ckpt = _checkpointed_run(tiny_dir, tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("mine")
+    with pytest.raises(TrainingError, match="is not in it: resuming would mix two runs"):
+        make_trainer(tiny_dir, tmp_path / "b", "sparsepo", steps=2).train(resume_from_checkpoint=str(ckpt))
+    with pytest.raises(TrainingError, match="holds no sparsepo_config.yaml, so it is no sparsepo-lite run"):
+        make_trainer(tiny_dir, tmp_path / "b", "sparsepo", steps=2, overwrite_output_dir=True).train()
+    assert (tmp_path / "b" / "notes.txt").read_text() == "mine"
+    with pytest.raises(TrainingError, match="is the model's own folder"):
+        make_trainer(tiny_dir, tiny_dir, "dpo", steps=2, overwrite_output_dir=True).train()
+    assert os.path.isfile(os.path.join(tiny_dir, "config.json"))
+
+
+@pytest.mark.slow
+def test_reading_a_damaged_or_edited_run_names_the_file(cli_setup, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    assert run_cli("train", cli_setup / "cfg.yaml", "--output_dir", run).returncode == 0
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in review_rows(3)))
+
+    def broken(edit):
+        copy = tmp_path / f"copy{len(os.listdir(tmp_path))}"
+        shutil.copytree(run, copy)
+        edit(copy)
+        res = run_cli("inspect-masks", copy, "--data", pairs, "--pairs", "2")
+        assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-1500:]
+        return res.stderr
+
+    assert "sparsepo_config.yaml: not valid YAML" in broken(
+        lambda d: (d / "sparsepo_config.yaml").write_text((d / "sparsepo_config.yaml").read_text() + "beta: [\n")
+    )
+    assert "max_length must be an integer" in broken(
+        lambda d: (d / "sparsepo_config.yaml").write_text(
+            (d / "sparsepo_config.yaml").read_text().replace("max_length: 32", "max_length: abc")
+        )
+    )
+    assert "lora_alpha is 4000 in its configuration but 32 in adapter_config.json" in broken(
+        lambda d: (d / "sparsepo_config.yaml").write_text(
+            (d / "sparsepo_config.yaml").read_text().replace("lora_alpha: 32", "lora_alpha: 4000")
+        )
+    )
+    assert "mask_net.safetensors: not a readable safetensors file" in broken(
+        lambda d: (d / "mask_net.safetensors").write_bytes((d / "mask_net.safetensors").read_bytes()[:40])
+    )
+    assert "adapter_model.safetensors: not a readable safetensors file" in broken(
+        lambda d: (d / "adapter_model.safetensors").write_bytes((d / "adapter_model.safetensors").read_bytes()[:40])
+    )
+    for args, message in (
+        (["inspect-masks", run, "--data", pairs, "--pairs", "-3"], "pairs must be >= 1"),
+        (["eval-sentiment", run, "--data", pairs, "--prompts", "-1"], "prompts must be >= 1"),
+        (["eval-sentiment", run, "--data", pairs, "--samples", "0"], "samples must be >= 1"),
+        (["plan", "--model", "llama-3-8b", "--pairs", "0"], "pairs must be an integer >= 1"),
+    ):
+        res = run_cli(*args)
+        assert res.returncode != 0 and message in res.stderr, (args, res.stderr[-1000:])
+
+
+def _rewrite_shard(cache, edit):
+    """Change a committed shard's tensors and fix its checksum and size in the manifest, as a
+    hostile or buggy writer could: only the value checks can catch it."""
+    from safetensors.torch import load_file, save_file
+
+    from sparsepo_lite.refcache.format import sha256_file
+
+    path = cache / "train-00000.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+    _edit_manifest(
+        cache,
+        lambda m: m["splits"]["train"]["shards"][0].update(sha256=sha256_file(str(path)), bytes=path.stat().st_size),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t["topk_logp"][0].fill_(float("-inf")), "most likely entry has probability below 1/V"),
+        (lambda t: t["label_logp"][:3].fill_(-1e30), "label_logp below -10000"),
+        (lambda t: t["label_logp"][:3].fill_(-1e-6), "label_logp exceeds its token's top-1 log-prob"),
+    ],
+)
+def test_impossible_cache_values_are_refused_with_or_without_the_verify_pass(
+    tiny_dir, cache_setup, tmp_path, edit, message
+):
+    cache = build_cache(cache_setup, tmp_path / "cache")
+    _rewrite_shard(cache, edit)
+    with pytest.raises(CacheError, match=message):
+        verify_cache(str(cache))
+    trainer = make_trainer(tiny_dir, tmp_path / "run", ref_cache=str(cache), verify_ref_cache=False, steps=2)
+    with pytest.raises(CacheError, match=message):  # checked when the shard is first read
+        trainer.train()
+
+
+@pytest.mark.slow
+def test_precompute_never_overwrites_unlisted_shard_files_and_rechecks_what_it_resumes(cache_setup, tmp_path):
+    stranger = tmp_path / "x"
+    stranger.mkdir()
+    (stranger / "train-00000.safetensors").write_text("the user's own file")
+    with pytest.raises(CacheError, match="no manifest.json: not a cache in progress"):
+        build_cache(cache_setup, stranger)
+    assert (stranger / "train-00000.safetensors").read_text() == "the user's own file"
+
+    model, tok, examples = cache_setup
+    cache = tmp_path / "cache"
+    both = {"train": examples, "eval": examples[:8]}
+    fp = run_fingerprint(model, tok, both, model_name=None, max_length=32, max_prompt_length=16)
+
+    def stop(split, i):
+        if (split, i) == ("train", 0):
+            raise KeyboardInterrupt  # killed after the first shard
+
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(cache_setup, cache, splits=both, fingerprint=fp, on_shard=stop)
+    # resumed for the train split alone: the eval split keeps its data hash in the fingerprint
+    train_fp = {k: v for k, v in fp.items() if k != "data_sha256/eval"}
+    build_cache(cache_setup, cache, splits={"train": examples}, fingerprint=train_fp)
+    assert read_manifest(str(cache))["fingerprint"]["data_sha256/eval"] == fp["data_sha256/eval"]
+    # a committed shard damaged before a resume is found, not built on
+    flip_a_byte(cache / "train-00001.safetensors")
+    with pytest.raises(CacheError, match="train-00001.safetensors: checksum mismatch"):
+        build_cache(cache_setup, cache, splits=both, fingerprint=fp)
+
+
+def test_token_weights_with_tdpo2_are_refused_when_the_data_is_read(tiny_dir, tmp_path):
+    from sparsepo_lite.data import PreferenceExample
+
+    weighted = [PreferenceExample(0, [1, 2], [3, 4], [5, 6]), PreferenceExample(7, [1, 2], [3, 4], [5, 6], [1.0, 0.5])]
+    transformers.set_seed(0)
+    model, tok = load_policy(ModelConfig(tiny_dir, lora_r=4, gradient_checkpointing=False))
+    args = SparsePOConfig(output_dir=str(tmp_path), loss_type="tdpo2", report_to=[], use_cpu=True, max_steps=1)
+    with pytest.raises(ValueError, match=r"rows \[7\] have token weights, which loss_type tdpo2 does not support"):
+        SparsePOTrainer(model=model, args=args, train_dataset=weighted, processing_class=tok)

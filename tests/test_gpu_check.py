@@ -9,9 +9,13 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import gpu_check_summary  # noqa: E402
+
+pytestmark = pytest.mark.slow  # trains or runs real models, compiles, or starts processes
 
 sys.path.pop(0)
 

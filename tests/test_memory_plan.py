@@ -111,6 +111,7 @@ def test_persistent_parts_equal_the_loaded_model(small_dir):
     assert indp.parts["mask net + AdamW states"] == 2 * plan.parts["mask net + AdamW states"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,T", [("op_tdpo2_online", 768), ("op_sparsepo_cached", 640)])
 def test_plan_within_10_percent_of_a_measured_cpu_peak(variant, T, tmp_path):
     """One real training step (4-bit small Llama, fp32 on the CPU) measured in its own process."""

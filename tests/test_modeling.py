@@ -92,6 +92,7 @@ def _unquantized_twin(model4, tiny_dir):
     return twin
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", ["dpo", "tdpo2"])
 def test_lora_gradients_through_4bit_equal_an_unquantized_twin(tiny_dir, batch, loss_type):
     model4, _ = load_policy(ModelConfig(tiny_dir, lora_r=4))

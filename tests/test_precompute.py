@@ -165,6 +165,7 @@ def test_sparsepo_masks_read_the_policy_states_in_cached_mode(setup):
                     p.copy_(saved[n])
 
 
+@pytest.mark.slow
 def test_killed_precompute_resumes_to_identical_files(tiny_dir, tmp_path):
     """A real SIGKILL while shard 2's temporary file is written; the rerun finishes the cache."""
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -182,6 +183,7 @@ def test_killed_precompute_resumes_to_identical_files(tiny_dir, tmp_path):
         assert (full / name).read_bytes() == (killed / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_cached_training_reproduces_online_training(tiny_dir, tmp_path):
     """SGD: Adam divides by sqrt(v), which turns ulp-level noise in near-zero gradient
     coordinates into full-size steps; with SGD the runs stay within fp32 noise of each other."""
@@ -391,6 +393,7 @@ def test_cached_tail_kl_is_unbiased_against_the_live_reference(tiny_dir, tmp_pat
     assert bucket["sequence_kl"]["mean_signed_rel_error"] < -0.05  # the bias the samples remove
 
 
+@pytest.mark.slow
 def test_verify_ref_against_live_reports_the_cache_error(tiny_dir, tmp_path):
     import yaml
 

@@ -21,6 +21,8 @@ from sparsepo_lite.objective import LossConfig, compute_loss
 
 from conftest import review_rows
 
+pytestmark = pytest.mark.slow  # trains or runs real models, compiles, or starts processes
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 

@@ -25,6 +25,8 @@ from sparsepo_lite.testing import token_stats_reference
 
 from conftest import OP_KINDS
 
+pytestmark = pytest.mark.slow  # trains or runs real models, compiles, or starts processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6)}
 

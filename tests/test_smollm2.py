@@ -11,6 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sparsepo_lite.smollm2 import smollm2_path
 
+pytestmark = pytest.mark.slow  # trains or runs real models, compiles, or starts processes
+
 PAIRS = [
     (
         "Write one sentence about a film you liked.",

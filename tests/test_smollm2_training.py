@@ -11,6 +11,8 @@ from sparsepo_lite.data import read_rows
 from sparsepo_lite.models import SMOLLM2, ModelConfig, load_policy
 from sparsepo_lite.training import SparsePOConfig, SparsePOTrainer
 
+pytestmark = pytest.mark.slow  # trains or runs real models, compiles, or starts processes
+
 DATA = os.path.join(os.path.dirname(__file__), "..", "examples", "data", "polite_pairs.{}.jsonl")
 
 

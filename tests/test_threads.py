@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # trains or runs real models, compiles, or starts processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = "import os, sparsepo_lite; print(os.environ.get('OMP_WAIT_POLICY', '<unset>'))"
 

@@ -480,6 +480,7 @@ def _peak(impl, n):
     return int(res.stdout.split()[-1])
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_tokens_beyond_n_by_h():
     n1, n2, H = 256, 2048, 64
     growth = _peak("op", n2) - _peak("op", n1)

@@ -51,6 +51,7 @@ def make_trainer(tiny_dir, out, loss_type="sparsepo", steps=30, callbacks=None, 
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", ["sparsepo", "tdpo2"])
 def test_training_learns_the_preference_and_saves_adapter_and_masks(tiny_dir, tmp_path, loss_type):
     trainer = make_trainer(tiny_dir, tmp_path, loss_type)
@@ -120,6 +121,7 @@ def test_bad_rows_are_reported_not_fatal(tiny_dir, tmp_path):
         SparsePOConfig(output_dir=str(tmp_path), loss_type="orpo", report_to=[])
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny_dir, tmp_path):
     class StopAt2(transformers.TrainerCallback):  # an interruption right after the step-2 checkpoint
         def on_step_end(self, args, state, control, **kw):
@@ -172,6 +174,7 @@ def test_a_model_config_beside_the_training_config_loads_the_policy(tiny_dir, tm
     assert trainer.run_config["lora_target_modules"] == ["q_proj", "v_proj"]  # the run folder records the model
 
 
+@pytest.mark.slow
 def test_two_processes_keep_identical_weights_and_learn(tiny_dir, tmp_path):
     """accelerate launch, 2 CPU processes (gloo): compute_loss bypasses DDP's forward, so without
     the trainer's own gradient all-reduce the ranks would drift apart (checked: by ~0.1 here)."""

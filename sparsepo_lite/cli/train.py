@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import types
+import typing
 from typing import List
 
 HELP = "fine-tune with a YAML config"
@@ -38,11 +39,12 @@ def config_parser():
             field.metadata = types.MappingProxyType({k: v for k, v in field.metadata.items() if k != "group"})
             HfArgumentParser._parse_dataclass_field(parser, field)
 
-        def parse_args_into_dataclasses(self, args):
+        def parse_args_into_dataclasses(self, args, nulls=()):
+            """The dataclasses from ``args``; the Optional fields named in ``nulls`` get None."""
             namespace, rest = self.parse_known_args(args=args)
             if rest:
                 raise ValueError(f"arguments that are no config field: {rest}")
-            values = vars(namespace)
+            values = {**vars(namespace), **{name: None for name in nulls}}
             return tuple(
                 dc(
                     **{
@@ -54,12 +56,16 @@ def config_parser():
                 for dc in self.dataclass_types
             )
 
+        def error(self, message):  # argparse would print its usage and exit; one line naming the field instead
+            raise ValueError(message)
+
     classes = config_classes()
     parser = Parser(
         classes,
         usage="sparsepo-lite train CONFIG.yaml [--field value ...]",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # --learning_rat must not silently set learning_rate
     )
     group_of = {f.name: f.metadata["group"] for dc in classes for f in dataclasses.fields(dc) if "group" in f.metadata}
     groups = {name: parser.add_argument_group(f"{name}: {title}") for name, title in GROUPS.items()}
@@ -83,21 +89,46 @@ def config_classes():
     return DataConfig, ModelConfig, SparsePOConfig
 
 
-def _to_argv(values: dict) -> List[str]:
-    argv = []
+def _to_argv(values: dict, parser) -> tuple:
+    """(argv, nulls): the YAML values as command-line arguments, and the keys set to null.
+
+    null is taken only by fields that accept None (it then means None, not the default); a list only
+    by list fields. Either mistake raises ``ValueError`` naming the key.
+    """
+    actions = {a.dest: a for a in parser._actions}
+    argv, nulls = [], []
     for key, value in values.items():
+        action = actions[key]
         if value is None:
+            if action.default is not None and not _takes_none(key):
+                raise ValueError(
+                    f"config key {key!r}: null is not a value here (remove the key for its default, {action.default!r})"
+                )
+            nulls.append(key)
             continue
-        if isinstance(value, (list, tuple)) and not value:
-            if key != "report_to":  # argparse cannot take an empty list; report_to has a word for it
-                raise SystemExit(f"config key {key!r}: an empty list is not a valid value")
-            value = "none"
+        if key == "report_to" and isinstance(value, (list, tuple)) and len(value) <= 1:
+            value = value[0] if value else "none"  # one flag value; "none" is its word for the empty list
+        if isinstance(value, (list, tuple)) and action.nargs not in ("+", "*"):
+            raise ValueError(f"config key {key!r}: takes one value, got a list {value!r}")
+        if isinstance(value, (list, tuple)) and not value:  # argparse cannot take an empty list
+            raise ValueError(f"config key {key!r}: an empty list is not a valid value")
+        if isinstance(value, dict):
+            value = json.dumps(value)  # TrainingArguments' dict fields take JSON text
         argv.append(f"--{key}")
         if isinstance(value, (list, tuple)):
             argv.extend(str(v) for v in value)
         else:
             argv.append(str(value))
-    return argv
+    return argv, nulls
+
+
+def _takes_none(name: str) -> bool:
+    """Whether the config field ``name`` is declared Optional (None is a meaningful value)."""
+    for dc in config_classes():
+        if name in {f.name for f in dataclasses.fields(dc)}:
+            hint = typing.get_type_hints(dc)[name]
+            return type(None) in typing.get_args(hint)
+    return False
 
 
 def parse_train_config(config_path: str, overrides: List[str]):
@@ -125,22 +156,18 @@ def parse_train_config(config_path: str, overrides: List[str]):
     if unknown:
         raise SystemExit(f"{config_path}: unknown config key(s) {unknown}; see `sparsepo-lite train --help`")
     try:
-        data_args, model_args, train_args = parser.parse_args_into_dataclasses(args=_to_argv(values) + overrides)
+        argv, nulls = _to_argv(values, parser)
+        data_args, model_args, train_args = parser.parse_args_into_dataclasses(args=argv + overrides, nulls=nulls)
     except ValueError as exc:
         raise SystemExit(f"{config_path}: {exc}") from None
     if not model_args.model_name_or_path:
         raise SystemExit(f"{config_path}: model_name_or_path is required")
     if not data_args.train_file:
         raise SystemExit(f"{config_path}: train_file is required")
-    given = set(values) | {_field_of(arg, known) for arg in overrides if arg.startswith("--")}
+    flags = parser._option_string_actions  # every spelling of a flag: --lora_r, --lora-r, --no_verify_ref_cache
+    given = set(values) | {flags[a.split("=", 1)[0]].dest for a in overrides if a.split("=", 1)[0] in flags}
     resolved = {**dataclasses.asdict(data_args), **model_args.to_dict(), **train_args.run_config(given & known)}
     return data_args, model_args, train_args, resolved
-
-
-def _field_of(arg: str, known) -> str:
-    """The config field a command-line flag sets: ``--lora_r``, ``--lora_r=8``, ``--no_verify_ref_cache``."""
-    name = arg[2:].split("=", 1)[0]
-    return name[3:] if name.startswith("no_") and name not in known and name[3:] in known else name
 
 
 def train(config_path: str, overrides: List[str]) -> str:

@@ -18,14 +18,25 @@ def run_config(run_dir: str) -> dict:
     import yaml
 
     from ..training.config import RUN_CONFIG
+    from ..validation import check_number
 
     path = os.path.join(run_dir, RUN_CONFIG)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{run_dir} is not a sparsepo-lite run directory: {path} is missing")
-    with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(cfg, dict) or not cfg.get("model_name_or_path"):
         raise ValueError(f"{path}: no model_name_or_path")
+    # what the readers of a run use beyond the model fields (checked by ModelConfig when it loads)
+    try:
+        for name in ("max_length", "max_prompt_length"):
+            check_number(name, cfg.get(name, 1), low=1, integer=True)
+        check_number("beta", cfg.get("beta", 0.1), low=0, low_open=True)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     return cfg
 
 
@@ -46,8 +57,13 @@ def load_run(run_dir: str) -> Tuple[object, object, Optional[SparsePOMasks], dic
     if not os.path.isfile(adapter):
         raise FileNotFoundError(f"{adapter} is missing (did the run finish?)")
     model_cfg = ModelConfig.from_dict(cfg, gradient_checkpointing=False, device="cpu" if cfg.get("use_cpu") else None)
+    _check_adapter_config(run_dir, model_cfg)
     model, tok = load_policy(model_cfg)
-    result = set_peft_model_state_dict(model, load_file(adapter))
+    try:
+        weights = load_file(adapter)
+    except Exception as exc:  # safetensors raises its own error types
+        raise ValueError(f"{adapter}: not a readable safetensors file ({exc})") from None
+    result = set_peft_model_state_dict(model, weights)
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"{adapter}: weights that do not fit this model: {result.unexpected_keys[:5]}")
     model.eval()
@@ -55,3 +71,24 @@ def load_run(run_dir: str) -> Tuple[object, object, Optional[SparsePOMasks], dic
     if os.path.isfile(os.path.join(run_dir, MASK_WEIGHTS)):
         masks = load_masks(run_dir).to(model.device)
     return model, tok, masks, cfg
+
+
+def _check_adapter_config(run_dir: str, model_cfg) -> None:
+    """The run's configuration and the adapter peft saved beside it must agree on the LoRA shape
+    (an edited configuration would load the adapter with another scale)."""
+    import json
+
+    path = os.path.join(run_dir, "adapter_config.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable ({exc})") from None
+    for key, field in (("r", "lora_r"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout")):
+        if key in saved and saved[key] != getattr(model_cfg, field):
+            raise ValueError(
+                f"{run_dir}: {field} is {getattr(model_cfg, field)!r} in its configuration but "
+                f"{saved[key]!r} in adapter_config.json; restore the run's configuration"
+            )

@@ -272,9 +272,12 @@ def evaluate_run(
     import os
 
     from ..data import read_rows
+    from ..validation import check_number
     from .runs import load_run
     from .views import sentiment_report_html
 
+    for name, value in (("prompts", prompts), ("samples", samples), ("max_new_tokens", max_new_tokens)):
+        check_number(name, value, low=1, integer=True)
     model, tok, _, cfg = load_run(run_dir)
     rows = read_rows(data)
     texts = [r["prompt"] for r in rows if isinstance(r, dict) and isinstance(r.get("prompt"), str)][:prompts]

@@ -312,9 +312,11 @@ def write_mask_viewer(run_dir: str, data: str, *, pairs: int = 20, out: Optional
     import os
 
     from ..data import tokenize_dataset
+    from ..validation import check_number
     from .runs import load_run
     from .sentiment import Sentiment
 
+    check_number("pairs", pairs, low=1, integer=True)
     model, tok, masks, cfg = load_run(run_dir)
     if masks is None:
         raise ValueError(f"{run_dir}: no mask network (mask_net.safetensors); inspect-masks needs a SparsePO run")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import math
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -12,6 +13,9 @@ import torch
 from .fingerprint import compare_fingerprints
 from .format import DTYPES, MANIFEST, SAFETENSORS_DTYPES, CacheError, read_manifest, sha256_file, token_bytes
 from .keys import TOKENS, token_tensors
+
+#: No float32 log-softmax of real logits goes this low; a stored log-prob below it is damage.
+LOGP_FLOOR = -1e4
 
 
 @dataclass
@@ -41,7 +45,14 @@ class CacheSplit:
 
     def _shard(self, i: int) -> _Shard:
         if i not in self._open:
-            self._open[i] = open_shard(self.dir, self.shards_info[i], self.contents, check_sum=not self.verified)
+            # unverified (--no_verify_ref_cache): the full check, values included, when first read
+            self._open[i] = open_shard(
+                self.dir,
+                self.shards_info[i],
+                self.contents,
+                check_sum=not self.verified,
+                check_values=not self.verified,
+            )
         return self._open[i]
 
     def lookup(self, row: int) -> Dict[str, torch.Tensor]:
@@ -127,6 +138,8 @@ def _check_values(path: str, handle, contents: dict) -> None:
     label = handle.get_tensor("label_logp")
     if not torch.isfinite(label).all() or (label > 1e-4).any():
         bad("label_logp has non-finite or positive values")
+    if (label < LOGP_FLOOR).any():
+        bad(f"label_logp below {LOGP_FLOOR:g}, which no float32 log-softmax of real logits gives")
     if contents["top_k"]:
         ids, lp = handle.get_tensor("topk_ids"), handle.get_tensor("topk_logp").float()
         if (ids < 0).any() or (ids >= contents["vocab_size"]).any():
@@ -139,6 +152,12 @@ def _check_values(path: str, handle, contents: dict) -> None:
             bad("topk_logp holds more than probability 1 per token")
         if (ids.sort(dim=1).values.diff(dim=1) == 0).any():
             bad("topk_ids repeat within a token")
+        top = lp[:, 0]
+        if (top < -math.log(contents["vocab_size"]) - 1e-2).any():
+            bad("topk_logp: a token's most likely entry has probability below 1/V (rows of -inf or shifted values)")
+        # the label is one of the V tokens, so no more likely than the top one (up to 16-bit rounding)
+        if (label > top + 0.02 + top.abs() * 2**-7).any():
+            bad("label_logp exceeds its token's top-1 log-prob (misaligned rows or another cache's values)")
         if contents["tail_samples"]:
             tids, tlp = handle.get_tensor("tail_ids").long(), handle.get_tensor("tail_logp").float()
             if (tids < 0).any() or (tids >= contents["vocab_size"]).any():

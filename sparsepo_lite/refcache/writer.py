@@ -36,6 +36,7 @@ from .format import (
     shard_name,
     write_json_atomic,
 )
+from .reader import open_shard
 
 #: Rows of [rows, V] fp32 logits formed at once for the top-k (64 MiB at V = 64k).
 TOPK_ROWS = 256
@@ -43,6 +44,7 @@ TOPK_ROWS = 256
 #: The temporary files this module writes (``_save_atomic``, ``write_json_atomic``): the only files a
 #: resumed precompute deletes from the cache directory.
 _OWN_TEMP = re.compile(r"(manifest\.json|[A-Za-z0-9_]+-\d{5}\.safetensors)\.tmp-\d+")
+_SHARD_FILE = re.compile(r"[A-Za-z0-9_]+-\d{5}\.safetensors")
 
 
 def reference_token_stats(
@@ -264,7 +266,14 @@ def precompute_reference(
         "contents": contents,
         "splits": {},
     }
-    if os.path.isfile(os.path.join(out_dir, MANIFEST)):  # resume
+    if not os.path.isfile(os.path.join(out_dir, MANIFEST)):
+        strangers = sorted(f for f in os.listdir(out_dir) if _SHARD_FILE.fullmatch(f))
+        if strangers:  # files named like our shards that no manifest lists: never overwrite them
+            raise CacheError(
+                f"{out_dir} holds {strangers[:3]} but no {MANIFEST}: not a cache in progress this command can "
+                "resume; use another --out (or remove those files)"
+            )
+    else:  # resume
         old = read_manifest(out_dir)
         # contents first: a cache made with other settings (say without tail samples) is named as
         # such, not by the fingerprint key those settings add
@@ -272,7 +281,12 @@ def precompute_reference(
             diff = sorted(k for k in contents if old["contents"].get(k) != contents[k])
             raise CacheError(f"{out_dir} holds a cache with other contents ({diff}); use another --out or delete it")
         compare_fingerprints(old["fingerprint"], fingerprint, out_dir)
+        # a split this call does not compute keeps its data hash: the cache still describes it
+        manifest["fingerprint"] = {**old["fingerprint"], **fingerprint}
         manifest["splits"] = old["splits"]
+        for info in old["splits"].values():  # the shards already listed must be intact to build on
+            for shard in info["shards"]:
+                open_shard(out_dir, shard, old["contents"])
     pad = pad_id(tokenizer)
     collate = PreferenceCollator(pad)
     device = head.device

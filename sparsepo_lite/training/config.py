@@ -148,6 +148,10 @@ class SparsePOConfig(transformers.TrainingArguments):
         check_number("max_grad_norm", self.max_grad_norm, low=0, optional=True)
         check_number("num_train_epochs", self.num_train_epochs, low=0, low_open=True)
         check_number("warmup_steps", self.warmup_steps, low=0)
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            check_number(name, getattr(self, name), low=1, integer=True)
+        if self.max_steps != -1:  # -1: run num_train_epochs
+            check_number("max_steps", self.max_steps, low=1, integer=True)
         super().__post_init__()
 
     def loss_config(self, masks: Optional[SparsePOMasks] = None, ref_model=None) -> LossConfig:

@@ -23,7 +23,7 @@ import transformers
 from ..data import PreferenceCollator, PreferenceExample, pad_id, tokenize_dataset
 from ..errors import TrainingError
 from ..masks import MASK_CONFIG, MASK_WEIGHTS, SparsePOMasks, load_masks, save_masks
-from ..models import ModelConfig, load_policy, load_tokenizer
+from ..models import ModelConfig, load_policy, load_tokenizer, unwrap
 from ..objective import compute_loss
 from ..refcache import CachedExample, CachedReferenceCollator, RefCache, run_fingerprint
 from .config import RUN_CONFIG, SparsePOConfig
@@ -93,6 +93,17 @@ def mask_drift(masks: SparsePOMasks, init: List[torch.Tensor]) -> float:
     now = torch.cat([p.detach().float().flatten().cpu() for p in masks.parameters()])
     start = torch.cat([p.float().flatten().cpu() for p in init])
     return float((now - start).norm() / start.norm().clamp_min(1e-12))
+
+
+class _RunConfigWriter(transformers.TrainerCallback):
+    """Writes the run configuration when training begins (after any checkpoint has loaded)."""
+
+    def __init__(self, trainer: "SparsePOTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.should_save:
+            self.trainer.write_run_config()
 
 
 class _FiniteWeights(transformers.TrainerCallback):
@@ -194,6 +205,15 @@ class SparsePOTrainer(transformers.Trainer):
             raise ValueError("SparsePOTrainer needs the tokenizer as processing_class")
         data, self.data_reports = read_splits(processing_class, args, {"train": train_dataset, "eval": eval_dataset})
         train_dataset, eval_dataset = data["train"], data["eval"]
+        if args.loss_type == "tdpo2":  # found now, not at the first step after the model has loaded
+            weighted = [
+                e.index for e in (train_dataset or []) + (eval_dataset or []) if e.chosen_weights or e.rejected_weights
+            ]
+            if weighted:
+                raise ValueError(
+                    f"rows {weighted[:5]} have token weights, which loss_type tdpo2 does not support "
+                    "(use tdpo1, dpo, sparsepo or mapo)"
+                )
         if load:  # after the data: a bad file is found in seconds, not after loading a 16 GB model
             model = load_model(model_config, args)
         if args.loss_type == "sparsepo" and masks is None:
@@ -243,6 +263,7 @@ class SparsePOTrainer(transformers.Trainer):
             self.masks.to(self.args.device)
             self.add_callback(_MaskNetSync(self.masks))
         self.add_callback(_FiniteWeights(self))
+        self.add_callback(_RunConfigWriter(self))
         self.model_accepts_loss_kwargs = False  # our loss is a mean over pairs: let GA divide it
         self._stored: Dict[str, Dict[str, List[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         if run_config is None:
@@ -251,6 +272,7 @@ class SparsePOTrainer(transformers.Trainer):
         # the masks as they start (the drift is measured from here; a resumed run keeps its init)
         self._mask_init = None if masks is None else [p.detach().clone() for p in masks.parameters()]
         self._mask_warned = set()
+        self._diverged = False  # the last optimizer step was skipped
         self.skipped_steps = 0
         self._micro_losses: List[float] = []  # finite micro-batch losses of the step in progress
         self._step_losses: List[float] = []  # mean loss of every step that trained, this train() call
@@ -323,7 +345,9 @@ class SparsePOTrainer(transformers.Trainer):
         if count and math.isfinite(float(grad_norm)):
             self._step_losses.append(total / count)
             self._window.append(total / count)
+            self._diverged = False
             return
+        self._diverged = True
         for p in self._trained_parameters():
             p.grad = None
         self.skipped_steps += 1
@@ -420,9 +444,9 @@ class SparsePOTrainer(transformers.Trainer):
         ``resume_fresh_optimizer``), and writing the run's configuration. Raises
         :class:`TrainingError` when the run cannot start or did not train (see the class doc)."""
         resume = self._checkpoint_to_resume(resume_from_checkpoint)
-        self._on_main_then_all(lambda: self._prepare_output_dir(resuming=resume is not None))
+        self._on_main_then_all(lambda: self._prepare_output_dir(resume))
         self.skipped_steps, self._micro_losses, self._step_losses, self._window = 0, [], [], []
-        self._mask_warned = set()
+        self._mask_warned, self._diverged = set(), False
         out = super().train(resume_from_checkpoint=resume, **kwargs)
         steps = len(self._step_losses) + self.skipped_steps
         if steps and self.skipped_steps > MAX_SKIPPED_FRACTION * steps:
@@ -430,6 +454,14 @@ class SparsePOTrainer(transformers.Trainer):
                 f"{self.skipped_steps} of {steps} optimizer steps were skipped (non-finite gradients "
                 "or losses): the run did not train; lower the learning rate or check beta and the data"
             )
+        if self._diverged:
+            raise TrainingError(
+                "the last optimizer step was skipped (a non-finite loss or gradient): a run that ends there has "
+                "diverged or ends on broken weights; lower the learning rate or check the data (the adapter was "
+                "not saved)"
+            )
+        if self.state.global_step == 0:
+            raise TrainingError("no optimizer step ran: check max_steps, num_train_epochs and the training data")
         return transformers.trainer_utils.TrainOutput(out.global_step, self._train_loss(), out.metrics)
 
     def _on_main_then_all(self, fn) -> None:
@@ -453,6 +485,8 @@ class SparsePOTrainer(transformers.Trainer):
     def _checkpoint_to_resume(self, resume) -> Optional[str]:
         if resume is None or resume is False:
             return None
+        if isinstance(resume, str) and resume.lower() == "true" and not os.path.exists(resume):
+            resume = True  # --resume_from_checkpoint true: the last checkpoint of output_dir
         if resume is True:
             resume = (
                 transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
@@ -479,12 +513,95 @@ class SparsePOTrainer(transformers.Trainer):
             )
         if missing:
             logger.warning("resuming from %s without %s: the optimizer starts afresh", resume, missing)
+        self._check_checkpoint(resume, missing)
         return resume
 
-    def _prepare_output_dir(self, resuming: bool) -> None:
+    def _check_checkpoint(self, folder: str, missing) -> None:
+        """A checkpoint must be readable and of this run: the same adapter shape and base, mask nets
+        exactly when this run has them. Raises :class:`TrainingError` naming the file and field."""
+        import zipfile
+
+        from safetensors import safe_open
+
+        def bad(name, why):
+            raise TrainingError(f"resume_from_checkpoint: {os.path.join(folder, name)}: {why}")
+
+        try:
+            with open(os.path.join(folder, transformers.trainer.TRAINER_STATE_NAME)) as f:
+                json.load(f)
+        except (OSError, ValueError) as exc:
+            bad(transformers.trainer.TRAINER_STATE_NAME, f"unreadable ({exc})")
+        for name in (transformers.trainer.OPTIMIZER_NAME, transformers.trainer.SCHEDULER_NAME):
+            if name not in missing and not zipfile.is_zipfile(os.path.join(folder, name)):
+                bad(name, "not a complete torch file (truncated?)")
+        for name in ("adapter_model.safetensors", MASK_WEIGHTS):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                try:
+                    with safe_open(path, framework="pt") as f:
+                        list(f.keys())
+                except Exception as exc:  # safetensors raises its own error types
+                    bad(name, f"not a readable safetensors file ({exc})")
+        peft_config = getattr(self.model, "peft_config", {}).get("default")
+        config_path = os.path.join(folder, "adapter_config.json")
+        if peft_config is not None and os.path.isfile(config_path):
+            try:
+                with open(config_path) as f:
+                    saved = json.load(f)
+            except (OSError, ValueError) as exc:
+                bad("adapter_config.json", f"unreadable ({exc})")
+            targets = peft_config.target_modules
+            live = {
+                "r": peft_config.r,
+                "lora_alpha": peft_config.lora_alpha,
+                "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets,
+                "base_model_name_or_path": peft_config.base_model_name_or_path,
+            }
+            for key, value in live.items():
+                old = saved.get(key)
+                old = sorted(old) if isinstance(old, list) else old
+                if old != value:
+                    bad(
+                        "adapter_config.json",
+                        f"{key} is {old!r} there but {value!r} in this run; resume with "
+                        "the checkpoint's model settings",
+                    )
+        has_masks = os.path.isfile(os.path.join(folder, MASK_WEIGHTS))
+        if has_masks != (self.masks is not None):
+            bad(
+                MASK_WEIGHTS,
+                f"{'present' if has_masks else 'missing'}, but this run "
+                f"{'has no' if has_masks else 'has'} SparsePO mask nets (loss_type {self.args.loss_type}); resume "
+                "with the checkpoint's loss settings",
+            )
+        if has_masks:
+            try:
+                saved_masks = load_masks(folder)
+            except (OSError, ValueError) as exc:
+                bad(MASK_CONFIG, str(exc))
+            mine = {k: tuple(v.shape) for k, v in self.masks.state_dict().items()}
+            if {k: tuple(v.shape) for k, v in saved_masks.state_dict().items()} != mine:
+                bad(MASK_WEIGHTS, "mask nets of another shape (independent_masks or the model differ)")
+
+    def _prepare_output_dir(self, resume: Optional[str]) -> None:
         out = self.args.output_dir
         present = sorted(os.listdir(out)) if os.path.isdir(out) else []
-        if present and not resuming:
+        model_dir = getattr(unwrap(self.model).config, "name_or_path", None)
+        if model_dir and os.path.isdir(model_dir) and os.path.realpath(model_dir) == os.path.realpath(out):
+            raise TrainingError(f"output_dir {out} is the model's own folder; write the run elsewhere")
+        if present and resume is not None:
+            inside = os.path.commonpath([os.path.realpath(resume), os.path.realpath(out)]) == os.path.realpath(out)
+            if not inside:
+                raise TrainingError(
+                    f"output_dir {out} is not empty and the checkpoint {resume} is not in it: resuming would mix "
+                    "two runs; resume into the checkpoint's own run folder or an empty one"
+                )
+        if present and resume is None:
+            if self.args.overwrite_output_dir and RUN_CONFIG not in present:
+                raise TrainingError(
+                    f"output_dir {out} is not empty and holds no {RUN_CONFIG}, so it is no sparsepo-lite run: "
+                    "--overwrite_output_dir replaces runs only; choose an empty folder"
+                )
             if not self.args.overwrite_output_dir:
                 raise TrainingError(
                     f"output_dir {out} is not empty ({', '.join(present[:5])}"
@@ -498,10 +615,18 @@ class SparsePOTrainer(transformers.Trainer):
                 elif name in RUN_FILES or name.startswith("data_report_"):
                     os.remove(path)
         check_writable(out)
+
+    def write_run_config(self) -> None:
+        """Write the run's resolved configuration into output_dir (atomically). Called when training
+        begins, after a checkpoint to resume from has loaded: a failed resume leaves the folder's
+        configuration as it was."""
         import yaml
 
-        with open(os.path.join(out, RUN_CONFIG), "w") as f:
+        path = os.path.join(self.args.output_dir, RUN_CONFIG)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
             yaml.safe_dump(self.run_config, f, sort_keys=False)
+        os.replace(tmp, path)
 
     # --- saving ---------------------------------------------------------------------------------
     def _save(self, output_dir=None, state_dict=None):
