@@ -455,8 +455,13 @@ def test_null_sets_a_field_that_takes_none_and_every_override_spelling_is_record
     _, _, args, resolved = parse_train_config(str(path), ["--learning-rate", "0.5"])
     assert args.mask_learning_rate is None and resolved["mask_learning_rate"] is None
     assert args.learning_rate == 0.5 and resolved["learning_rate"] == 0.5
+    _, _, args, resolved = parse_train_config(str(path), ["--mask_learning_rate", "0.05"])  # the flag beats the null
+    assert args.mask_learning_rate == 0.05 and resolved["mask_learning_rate"] == 0.05
     _, _, args, resolved = parse_train_config(str(path), ["--no-verify-ref-cache"])
     assert args.verify_ref_cache is False and resolved["verify_ref_cache"] is False
+    cfg["report_to"] = None  # null for report_to means no reporting
+    path.write_text(yaml.safe_dump(cfg))
+    assert parse_train_config(str(path), [])[2].report_to in ([], "none", ["none"])
     with pytest.raises(SystemExit, match="no config field: \\['--learning_rat'"):  # no silent abbreviations
         parse_train_config(str(path), ["--learning_rat", "0.5"])
 
@@ -496,6 +501,9 @@ def _checkpointed_run(tiny_dir, out, loss_type="sparsepo"):
             "adapter_model.safetensors: not a readable safetensors file",
         ),
         (lambda c: (c / "mask_net.json").write_text("{"), "mask_net.json: not a mask net description"),
+        (lambda c: (c / "trainer_state.json").write_text("[1, 2]"), "trainer_state.json: not a trainer state"),
+        (lambda c: flip_a_byte(c / "optimizer.pt"), "optimizer.pt: damaged"),
+        (lambda c: (c / "rng_state.pth").write_bytes((c / "rng_state.pth").read_bytes()[:30]), "rng_state.pth: not a"),
     ],
 )
 def test_a_damaged_checkpoint_is_named_before_anything_loads(tiny_dir, tmp_path, damage, message):

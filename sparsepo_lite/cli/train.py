@@ -99,6 +99,8 @@ def _to_argv(values: dict, parser) -> tuple:
     argv, nulls = [], []
     for key, value in values.items():
         action = actions[key]
+        if key == "report_to" and value is None:
+            value = "none"  # the Trainer's word for no reporting
         if value is None:
             if action.default is not None and not _takes_none(key):
                 raise ValueError(
@@ -155,8 +157,11 @@ def parse_train_config(config_path: str, overrides: List[str]):
     unknown = sorted(str(k) for k in set(values) - known)
     if unknown:
         raise SystemExit(f"{config_path}: unknown config key(s) {unknown}; see `sparsepo-lite train --help`")
+    flags = parser._option_string_actions  # every spelling of a flag: --lora_r, --lora-r, --no_verify_ref_cache
+    overridden = {flags[a.split("=", 1)[0]].dest for a in overrides if a.split("=", 1)[0] in flags}
     try:
         argv, nulls = _to_argv(values, parser)
+        nulls = [n for n in nulls if n not in overridden]  # the command line wins over the YAML's null
         data_args, model_args, train_args = parser.parse_args_into_dataclasses(args=argv + overrides, nulls=nulls)
     except ValueError as exc:
         raise SystemExit(f"{config_path}: {exc}") from None
@@ -164,8 +169,7 @@ def parse_train_config(config_path: str, overrides: List[str]):
         raise SystemExit(f"{config_path}: model_name_or_path is required")
     if not data_args.train_file:
         raise SystemExit(f"{config_path}: train_file is required")
-    flags = parser._option_string_actions  # every spelling of a flag: --lora_r, --lora-r, --no_verify_ref_cache
-    given = set(values) | {flags[a.split("=", 1)[0]].dest for a in overrides if a.split("=", 1)[0] in flags}
+    given = set(values) | overridden
     resolved = {**dataclasses.asdict(data_args), **model_args.to_dict(), **train_args.run_config(given & known)}
     return data_args, model_args, train_args, resolved
 

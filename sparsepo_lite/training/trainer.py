@@ -528,12 +528,26 @@ class SparsePOTrainer(transformers.Trainer):
 
         try:
             with open(os.path.join(folder, transformers.trainer.TRAINER_STATE_NAME)) as f:
-                json.load(f)
+                state = json.load(f)
         except (OSError, ValueError) as exc:
             bad(transformers.trainer.TRAINER_STATE_NAME, f"unreadable ({exc})")
-        for name in (transformers.trainer.OPTIMIZER_NAME, transformers.trainer.SCHEDULER_NAME):
-            if name not in missing and not zipfile.is_zipfile(os.path.join(folder, name)):
-                bad(name, "not a complete torch file (truncated?)")
+        if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+            bad(transformers.trainer.TRAINER_STATE_NAME, "not a trainer state (no integer global_step)")
+        # torch files are zip archives with a CRC per member: testzip reads them all, so a truncated or
+        # bit-flipped optimizer, scheduler or RNG state is found here, not as garbage moments later
+        torch_files = [
+            n for n in (transformers.trainer.OPTIMIZER_NAME, transformers.trainer.SCHEDULER_NAME) if n not in missing
+        ]
+        torch_files += sorted(n for n in os.listdir(folder) if n.startswith("rng_state") and n.endswith(".pth"))
+        for name in torch_files:
+            path = os.path.join(folder, name)
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    damaged = archive.testzip()
+            except (OSError, zipfile.BadZipFile) as exc:
+                bad(name, f"not a complete torch file ({exc})")
+            if damaged is not None:
+                bad(name, f"damaged (its member {damaged} fails its checksum)")
         for name in ("adapter_model.safetensors", MASK_WEIGHTS):
             path = os.path.join(folder, name)
             if os.path.isfile(path):
