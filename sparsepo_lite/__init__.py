@@ -9,9 +9,9 @@ import os
 
 # OpenMP threads that wait at a barrier spin by default (libgomp, used by torch, bitsandbytes and this
 # package's CPU kernels). When other processes share the cores, a spinning thread burns the time slice
-# its sibling needs to reach the barrier: a 6-step CPU training run took 235 s beside two busy 2-thread
-# processes with libgomp's default and 74 s with passive waiting, and about the same alone (25 s vs
-# 24 s). libgomp reads this once, when torch loads it, so it only takes effect when this package is
+# its sibling needs to reach the barrier: 6 CPU training steps took 337 s beside two busy 2-thread
+# processes with libgomp's default and 85 s with passive waiting (3.1x the time alone, the fair share
+# of 2 cores among 3 processes), and 26 s vs 28 s alone (bench/results/cpu_contention.md). libgomp reads this once, when torch loads it, so it only takes effect when this package is
 # imported first (as the sparsepo-lite command does); an explicit setting is kept, and
 # SPARSEPO_LITE_OMP_PASSIVE=0 leaves libgomp's default alone.
 if os.environ.get("SPARSEPO_LITE_OMP_PASSIVE", "1") != "0":
