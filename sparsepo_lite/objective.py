@@ -59,16 +59,7 @@ class LossConfig:
     chunk_size: Optional[int] = None
 
     def __post_init__(self):
-        check_loss_settings(
-            self.loss_type,
-            beta=self.beta,
-            alpha=self.alpha,
-            label_smoothing=self.label_smoothing,
-            l1_reward=self.l1_reward,
-            l1_kl=self.l1_kl,
-            mapo_mapping=self.mapo_mapping,
-            chunk_size=self.chunk_size,
-        )
+        check_loss_settings(self)
         if self.loss_type == "sparsepo" and self.masks is None:
             raise ValueError("loss_type='sparsepo' needs masks=SparsePOMasks.for_model(model)")
 
@@ -76,19 +67,11 @@ class LossConfig:
 MAPO_MAPPINGS = ("zn_rescale", "uniform")
 
 
-def check_loss_settings(
-    loss_type: str,
-    *,
-    beta: float,
-    alpha: float,
-    label_smoothing: float,
-    l1_reward: float,
-    l1_kl: float,
-    mapo_mapping: str,
-    chunk_size: Optional[int],
-) -> None:
-    """Raise ``ValueError`` naming the first loss setting that is unknown, non-finite or out of range
-    (shared by :class:`LossConfig` and the trainer's config, which checks before loading a model)."""
+def check_loss_settings(c) -> None:
+    """Raise ``ValueError`` naming the first loss setting of ``c`` (a :class:`LossConfig` or the
+    trainer's config, which checks before loading a model) that is unknown, non-finite or out of range."""
+    loss_type, beta, alpha, label_smoothing = c.loss_type, c.beta, c.alpha, c.label_smoothing
+    l1_reward, l1_kl, mapo_mapping, chunk_size = c.l1_reward, c.l1_kl, c.mapo_mapping, c.chunk_size
     check_choice("loss_type", loss_type, LOSS_TYPES)
     check_number("beta", beta, low=0, low_open=True)
     check_number("alpha", alpha, low=0)

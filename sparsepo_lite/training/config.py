@@ -125,16 +125,7 @@ class SparsePOConfig(transformers.TrainingArguments):
     def __post_init__(self):
         # Every value is checked before anything loads: a NaN beta or a negative rate would
         # otherwise train (or silently not train) for the whole run.
-        check_loss_settings(
-            self.loss_type,
-            beta=self.beta,
-            alpha=self.alpha,
-            label_smoothing=self.label_smoothing,
-            l1_reward=self.l1_reward,
-            l1_kl=self.l1_kl,
-            mapo_mapping=self.mapo_mapping,
-            chunk_size=self.chunk_size,
-        )
+        check_loss_settings(self)
         check_choice("mask_init", self.mask_init, MASK_INITS)
         check_number("mask_init_std", self.mask_init_std, low=0, low_open=True)
         check_number("mask_learning_rate", self.mask_learning_rate, low=0, optional=True)
