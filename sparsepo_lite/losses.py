@@ -19,7 +19,7 @@ per-token weights (u_t, d_t) that say which method it is:
 Data-supplied ``token_weights`` multiply u and d as a further fixed mask (cDPO-style weighting).
 
 Rows: 2B sequences, the B chosen rows first, then the B rejected rows in the same pair order.
-All math in fp32 (float64 for float64 inputs); sums over tokens, mean over pairs.
+Per-token math in fp32 (float64 for float64 inputs); sums over tokens formed in float64, mean over pairs.
 """
 
 from __future__ import annotations
@@ -94,23 +94,46 @@ def pair_stats(hidden, weight, labels, seq_ids, num_pairs, ref: Reference, u, d,
     """Run the chunked op and form the per-sequence sums of :class:`PairStats`.
 
     hidden [N, H] policy states at response positions, weight [V, H] frozen head, labels [N],
-    seq_ids [N] in [0, 2B), u/d [N] token weights (d None: no KL term).
+    seq_ids [N] in [0, 2B), u/d [N] token weights (d None: no KL term). The sums are in the op's
+    float dtype, formed in float64.
     """
     stats = chunked_token_stats(
-        hidden, weight, labels, seq_ids, 2 * num_pairs, logp_weight=u, kl_weight=d, ref=ref, chunk_size=chunk_size
+        hidden,
+        weight,
+        labels,
+        seq_ids,
+        2 * num_pairs,
+        logp_weight=u.detach(),
+        kl_weight=None if d is None else d.detach(),
+        ref=ref,
+        chunk_size=chunk_size,
     )
     acc = stats.seq_sums.dtype
-    sums = lambda x: torch.zeros(2 * num_pairs, dtype=acc, device=hidden.device).index_add(0, seq_ids, x)
-    # seq_sums = sum u logp + sum d KL. U + D needs - sum u ref_logp: a constant of the policy
-    # but not of u (learned masks get d/du = logp - ref_logp through the two terms).
-    total = stats.seq_sums - sums(u.to(acc) * stats.ref_logp)
-    masked_kl = sums(d.detach().to(acc) * stats.kl) if d is not None else torch.zeros_like(total).detach()
+
+    def sums(x):
+        return torch.zeros(2 * num_pairs, dtype=torch.float64, device=hidden.device).index_add(
+            0, seq_ids, x.to(torch.float64)
+        )
+
+    # U + D is small (a log-ratio), but the op's seq_sums is a float32 sum of log-probs of a few
+    # units each: subtracting the reference's sum from it would cancel away ~1e-2 of U at 2k
+    # tokens. So the value is summed here per token, in float64, from the op's per-token results;
+    # seq_sums - seq_sums.detach() (zero) carries the gradient to the hidden states, and the masks
+    # get theirs (logp - ref_logp for u, KL for d) from this sum, the op having detached weights.
+    per_token = u.to(torch.float64) * (stats.logp.to(torch.float64) - stats.ref_logp.to(torch.float64))
+    masked_kl = None
+    if d is not None:
+        per_token = per_token + d.to(torch.float64) * stats.kl.to(torch.float64)
+        masked_kl = sums(d.detach() * stats.kl).to(acc)
+    total = (sums(per_token) + (stats.seq_sums - stats.seq_sums.detach())).to(acc)
+    if masked_kl is None:
+        masked_kl = torch.zeros_like(total).detach()
     return PairStats(
         total=total,
         reward=total.detach() - masked_kl,
         masked_kl=masked_kl,
-        logps=sums(stats.logp),
-        kl=None if stats.kl is None else sums(stats.kl),
+        logps=sums(stats.logp).to(acc),
+        kl=None if stats.kl is None else sums(stats.kl).to(acc),
         tokens=stats,
     )
 

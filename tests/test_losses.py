@@ -99,3 +99,29 @@ def test_masks_learn_through_the_reward_and_kl_terms(seed):
 def test_unknown_loss_type():
     with pytest.raises(ValueError, match="unknown loss_type 'ipo'"):
         token_weights_for("ipo", 1, torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "tdpo1"])
+def test_long_sequences_keep_the_small_log_ratio_in_fp32(seed, loss_type):
+    """Two 2048-token responses whose label log-probs are about -8 each: the sums of log-probs are
+    ~-16k, where float32 steps by 1e-3, but U + D is a small log-ratio. Its fp32 value must match
+    float64 to well below what a float32 sum of log-probs minus the reference's sum would lose."""
+    T, h, v = 2048, 16, 3000
+    hidden = torch.randn(2 * T, h, dtype=torch.float64) * 1.5
+    weight = torch.randn(v, h, dtype=torch.float64) / h**0.5
+    ref_hidden = hidden + 0.05 * torch.randn_like(hidden)
+    labels = torch.randint(0, v, (2 * T,))
+    seq_ids = torch.arange(2).repeat_interleave(T)
+    lp = torch.log_softmax(hidden @ weight.T, -1)
+    lq = torch.log_softmax(ref_hidden @ weight.T, -1)
+    per_token = (lp - lq).gather(1, labels[:, None]).squeeze(1)
+    if loss_type == "tdpo1":
+        per_token = per_token + (lq.exp() * (lq - lp)).sum(-1)
+    expected = torch.zeros(2, dtype=torch.float64).index_add(0, seq_ids, per_token)
+    assert lp.gather(1, labels[:, None]).mean() < -7  # the regime where the sums are large
+
+    u, d = token_weights_for(loss_type, 1, seq_ids)
+    ref = sp.ExactReference(ref_hidden.float(), weight.float())
+    ps = pair_stats(hidden.float().requires_grad_(), weight.float(), labels, seq_ids, 1, ref, u, d)
+    assert ps.total.dtype == torch.float32
+    torch.testing.assert_close(ps.total.double(), expected, rtol=0, atol=2e-3)
