@@ -116,9 +116,15 @@ def test_default_chunk_size_respects_budget():
         (torch.bfloat16, True, 10 * V),
         (torch.float64, True, 16 * V),
     ]:
-        rows = sp.default_chunk_size(10_000, V, dtype, exact=exact)
-        assert rows % 16 == 0 and rows * per_row <= budget < (rows + 16) * per_row, (dtype, exact, rows)
+        most = budget // per_row - (budget // per_row) % 16  # the budget's rows, a multiple of 16
+        for n in (10_000, 4096, 1024, most + 1, 3 * most):
+            rows = sp.default_chunk_size(n, V, dtype, exact=exact)
+            chunks = -(-n // rows)
+            assert rows % 16 == 0 and rows * per_row <= budget, (dtype, exact, n, rows)
+            assert chunks == -(-n // most), (dtype, exact, n, rows)  # no more chunks than the budget needs
+            assert n - (chunks - 1) * rows >= rows - 16 * chunks, (dtype, exact, n, rows)  # no short last chunk
     assert sp.default_chunk_size(10_000, V, torch.float32, exact=True) == 384  # documented in docs/op.md
+    assert sp.default_chunk_size(1024, V, torch.float32, exact=False) == 512  # 2 x 512, not 784 + 240
     assert sp.default_chunk_size(3, V, torch.float32, exact=True) == 3
     assert sp.default_chunk_size(0, 10, torch.float32, exact=True) == 1
 
