@@ -5,17 +5,10 @@ Layers, top-down: ``ops/`` (the token_stats op), ``losses`` (pair formulas), ``m
 ``refcache/`` (the offline reference), ``training/``, ``eval/``, ``cli/``; docs/layout.md.
 """
 
-import os
+from .waits import choose_wait_policy
 
-# OpenMP threads that wait at a barrier spin by default (libgomp, used by torch, bitsandbytes and this
-# package's CPU kernels). When other processes share the cores, a spinning thread burns the time slice
-# its sibling needs to reach the barrier: 6 CPU training steps took 337 s beside two busy 2-thread
-# processes with libgomp's default and 85 s with passive waiting (3.1x the time alone, the fair share
-# of 2 cores among 3 processes), and 26 s vs 28 s alone (bench/results/cpu_contention.md). libgomp reads this once, when torch loads it, so it only takes effect when this package is
-# imported first (as the sparsepo-lite command does); an explicit setting is kept, and
-# SPARSEPO_LITE_OMP_PASSIVE=0 leaves libgomp's default alone.
-if os.environ.get("SPARSEPO_LITE_OMP_PASSIVE", "1") != "0":
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before anything loads torch (and with it libgomp, which reads the policy once): see waits.py.
+OMP_WAIT_DECISION = choose_wait_policy()
 
 __version__ = "0.1.0"
 

@@ -447,6 +447,10 @@ class SparsePOTrainer(transformers.Trainer):
         self._on_main_then_all(lambda: self._prepare_output_dir(resume))
         self.skipped_steps, self._micro_losses, self._step_losses, self._window = 0, [], [], []
         self._mask_warned, self._diverged = set(), False
+        if self.args.device.type == "cpu":
+            from .. import OMP_WAIT_DECISION
+
+            logger.info("CPU threads: %s", OMP_WAIT_DECISION)
         out = super().train(resume_from_checkpoint=resume, **kwargs)
         steps = len(self._step_losses) + self.skipped_steps
         if steps and self.skipped_steps > MAX_SKIPPED_FRACTION * steps:
