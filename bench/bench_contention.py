@@ -1,16 +1,18 @@
-"""A CPU training step alone and beside other busy processes, with and without passive OpenMP waits.
+"""A CPU training step alone and beside other busy processes, under three OpenMP wait policies.
 
     python bench/bench_contention.py           # writes bench/results/cpu_contention.{json,md}
+    python bench/bench_contention.py --policies package default --loads 0 1 2 3 --default-loads 0 --merge
 
 Each cell trains the sentiment recipe (SmolLM2-135M-Instruct, 4-bit + LoRA, SparsePO) for
 ``--steps`` steps in its own process and reads the Trainer's ``train_runtime``, while 0 to 3 other
-processes each run 2-thread fp32 GEMMs in a loop (another user's job on a shared machine). Two
-OpenMP wait policies: libgomp's default (worker threads spin between parallel regions before they
-sleep), which is what a process gets unless something sets ``OMP_WAIT_POLICY``, and ``PASSIVE``
-(threads sleep at once), which ``import sparsepo_lite`` sets unless the user set it already. A
+processes each run 2-thread fp32 GEMMs in a loop (another user's job on a shared machine). The
+policies: libgomp's default (worker threads spin between parallel regions before they sleep),
+``PASSIVE`` (threads sleep at once), and the package's choice at import (sparsepo_lite/waits.py:
+passive when other runnable threads would oversubscribe the cores, libgomp's default otherwise). A
 spinning thread holds a core that a competitor needs, and each of torch's, bitsandbytes' and the
 extension's parallel regions then waits for its slowest thread, so the step collapses under
-oversubscription. The cells alternate policies so that drifting load hits both alike.
+oversubscription; alone, spinning is faster. With no competitor every policy is sampled
+``--repeats-alone`` times, alternating, so that drifting load hits all alike.
 """
 
 from __future__ import annotations
@@ -26,8 +28,15 @@ import time
 from _common import HERE, ROOT, SENTIMENT_CONFIG, command_line, machine_info, write_markdown
 
 BUSY = "import torch\ntorch.set_num_threads(2)\na = torch.randn(1500, 1500)\nwhile True:\n    a @ a\n"
-# libgomp's default is OMP_WAIT_POLICY unset, which the package would turn into PASSIVE unless told not to.
-POLICIES = {"default": {"SPARSEPO_LITE_OMP_PASSIVE": "0"}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
+#: The policies compared, by the environment each training process gets: the package's choice
+#: (sparsepo_lite/waits.py: passive waits when the machine is busy at import, libgomp's default
+#: otherwise), passive waits always, and libgomp's default (spinning) always.
+POLICIES = {
+    "package": {"SPARSEPO_LITE_OMP_PASSIVE": "auto"},
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "default": {"SPARSEPO_LITE_OMP_PASSIVE": "0"},
+}
+TITLES = {"package": "package (auto)", "passive": "PASSIVE", "default": "libgomp default"}
 
 
 def train_seconds(policy: str, steps: int, work: str) -> float:
@@ -61,42 +70,57 @@ def train_seconds(policy: str, steps: int, work: str) -> float:
         return float(json.load(f)["final"]["train_runtime"])
 
 
-def write(out: str, steps: int, cells: list) -> None:
+def median(xs):
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+def write(out: str, steps: int, cells: list, commands: list) -> None:
     """The JSON and Markdown of the cells measured so far (after every load level, so an interrupted
-    run keeps its rows)."""
-    base = [c for c in cells if c["competitors"] == 0]
-    alone = {p: base[0][p] for p in POLICIES} if base else None
+    run keeps its rows). A cell holds every sample of each policy at one load; the tables use medians."""
+    alone = {p: median(c[p]) for c in cells if c["competitors"] == 0 for p in POLICIES if c.get(p)}
     result = {
-        "command": command_line(),
+        "commands": commands,
         "machine": machine_info("cpu"),
         "steps": steps,
         "cells": cells,
-        "alone": alone,
+        "alone_median": alone,
     }
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".json", "w") as f:
         json.dump(result, f, indent=1)
+
+    def cell(c, policy):
+        xs = c.get(policy)
+        if not xs:
+            return "not run | -"
+        spread = f" ({min(xs):.1f}-{max(xs):.1f}, n = {len(xs)})" if len(xs) > 1 else ""
+        slow = f"{median(xs) / alone[policy]:.2f}x" if policy in alone else "-"
+        return f"{median(xs):.1f}{spread} | {slow}"
+
+    shown = [p for p in POLICIES if any(c.get(p) for c in cells)]
     md = [
         "# A training step under CPU contention",
         "",
-        f"Command: `{command_line()}`",
+        "Commands: " + ", ".join(f"`{c}`" for c in commands),
         "",
         "Machine: " + ", ".join(f"{k} {v}" for k, v in result["machine"].items()),
         "",
         f"{steps} SparsePO steps of the sentiment recipe (SmolLM2-135M-Instruct, 4-bit + LoRA), seconds "
-        "(Trainer train_runtime), beside N other processes running 2-thread GEMMs. Slowdown: against the "
-        "same policy alone.",
+        "(Trainer train_runtime; the median of the samples, their range and count in brackets), beside N "
+        "other processes running 2-thread GEMMs. Slowdown: against the same policy alone. Policies: the "
+        "package's choice at import (passive waits when the machine is busy, else libgomp's default), "
+        "passive waits always, libgomp's default (spinning) always.",
         "",
-        "| competitors | libgomp default: s | slowdown | PASSIVE (package default): s | slowdown | default / passive |",
-        "|---|---|---|---|---|---|",
+        "| competitors | " + " | ".join(f"{TITLES[p]}: s | slowdown" for p in shown) + " |",
+        "|---|" + "---|---|" * len(shown),
     ]
     for c in cells:
-        sd = f"{c['default'] / alone['default']:.2f}x" if alone else "-"
-        sp = f"{c['passive'] / alone['passive']:.2f}x" if alone else "-"
-        md.append(
-            f"| {c['competitors']} | {c['default']:.1f} | {sd} | {c['passive']:.1f} | {sp} | "
-            f"{c['default'] / c['passive']:.2f} |"
-        )
+        md.append(f"| {c['competitors']} | " + " | ".join(cell(c, p) for p in shown) + " |")
+    md.append("")
+    for p in shown:
+        if p != "default" and p in alone and "default" in alone:
+            md.append(f"Alone, {TITLES[p]} takes {alone[p] / alone['default']:.3f}x libgomp's default (medians).")
     write_markdown(out + ".md", md)
 
 
@@ -104,22 +128,46 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--loads", type=int, nargs="+", default=[0, 1, 2, 3], help="competing 2-thread processes")
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    ap.add_argument(
+        "--default-loads",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="the loads at which libgomp's default is measured (it takes minutes per cell under load)",
+    )
+    ap.add_argument("--repeats-alone", type=int, default=5, help="samples per policy with no competitor")
+    ap.add_argument("--merge", action="store_true", help="add to the cells of an earlier run (same steps)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu_contention"))
     a = ap.parse_args()
 
+    commands, cells = [command_line()], []
+    if a.merge and os.path.isfile(a.out + ".json"):
+        with open(a.out + ".json") as f:
+            old = json.load(f)
+        if old["steps"] != a.steps:
+            sys.exit(f"--merge: {a.out}.json has {old['steps']} steps a cell, this run {a.steps}")
+        commands = old.get("commands", [old.get("command")]) + commands
+        cells = old["cells"]
     work = tempfile.mkdtemp(prefix="bench_contention_")
-    cells = []
     for load in a.loads:
         busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(load)]
         try:
             time.sleep(2 if load else 0)
-            row = {"competitors": load}
-            order = ("default", "passive") if load % 2 == 0 else ("passive", "default")
-            for policy in order:
-                row[policy] = train_seconds(policy, a.steps, work)
-            cells.append(row)
+            row = next((c for c in cells if c["competitors"] == load), None)
+            if row is None:
+                row = {"competitors": load}
+                cells.append(row)
+                cells.sort(key=lambda c: c["competitors"])
+            policies = [p for p in a.policies if p != "default" or load in a.default_loads]
+            for p in policies:
+                row[p] = []
+            # Alternate the order between samples so that a drifting machine load hits all alike.
+            for rep in range(a.repeats_alone if load == 0 else 1):
+                for policy in policies if rep % 2 == 0 else policies[::-1]:
+                    row[policy].append(train_seconds(policy, a.steps, work))
             print(json.dumps(row), flush=True)
-            write(a.out, a.steps, cells)
+            write(a.out, a.steps, cells, commands)
         finally:
             for p in busy:
                 p.kill()

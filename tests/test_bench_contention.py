@@ -1,0 +1,58 @@
+"""bench/bench_contention.py's bookkeeping: the samples of every cell are kept, the tables report
+medians, their range and the slowdown against the same policy alone, and a cell a run did not
+measure says so."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import bench_module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return bench_module("bench_contention")
+
+
+def test_median(bench):
+    assert bench.median([3.0, 1.0, 2.0]) == 2.0
+    assert bench.median([4.0, 1.0, 2.0, 3.0]) == 2.5
+
+
+def test_tables_report_medians_and_slowdowns(bench, tmp_path):
+    cells = [
+        {"competitors": 0, "passive": [10.0, 12.0, 11.0], "default": [10.0, 9.0, 30.0]},
+        {"competitors": 2, "passive": [33.0], "default": [130.0]},
+        {"competitors": 3, "passive": [44.0]},
+    ]
+    out = str(tmp_path / "c")
+    bench.write(out, 6, cells, ["python bench/bench_contention.py"])
+    with open(out + ".json") as f:
+        result = json.load(f)
+    assert result["cells"] == cells and result["alone_median"] == {"passive": 11.0, "default": 10.0}
+    md = open(out + ".md").read()
+    assert "| competitors | PASSIVE: s | slowdown | libgomp default: s | slowdown |" in md  # no package column
+    assert "| 0 | 11.0 (10.0-12.0, n = 3) | 1.00x | 10.0 (9.0-30.0, n = 3) | 1.00x |" in md
+    assert "| 2 | 33.0 | 3.00x | 130.0 | 13.00x |" in md
+    assert "| 3 | 44.0 | 4.00x | not run | - |" in md
+    assert "Alone, PASSIVE takes 1.100x libgomp's default (medians)." in md
+
+
+def test_merge_adds_a_policy_to_an_earlier_run(bench, tmp_path, monkeypatch):
+    out = str(tmp_path / "c")
+    bench.write(out, 6, [{"competitors": 0, "default": [10.0]}, {"competitors": 1, "default": [50.0]}], ["first"])
+    seconds = iter([10.5, 9.0, 20.0])
+    monkeypatch.setattr(bench, "train_seconds", lambda policy, steps, work: next(seconds))
+    argv = ["bench_contention.py", "--policies", "package", "--loads", "0", "1", "--repeats-alone", "2"]
+    monkeypatch.setattr("sys.argv", argv + ["--merge", "--out", out])
+    bench.main()
+    with open(out + ".json") as f:
+        result = json.load(f)
+    assert result["commands"][0] == "first" and len(result["commands"]) == 2
+    assert result["cells"] == [
+        {"competitors": 0, "default": [10.0], "package": [10.5, 9.0]},
+        {"competitors": 1, "default": [50.0], "package": [20.0]},
+    ]
+    assert "| 1 | 20.0 | 2.05x | 50.0 | 5.00x |" in open(out + ".md").read()
