@@ -1,6 +1,8 @@
-"""End to end: training steps of a 4-bit QLoRA model built from a config with random weights.
+"""End to end: training steps of a 4-bit QLoRA model, built from a config with random weights or a
+real pretrained one (SmolLM2-135M-Instruct on the CPU).
 
     python bench/bench_e2e.py                                  # CPU: small Llama, T = 256 512 1024
+    python bench/bench_e2e.py --model smollm2-135m-instruct    # CPU: the real SmolLM2, against TRL 1.16
     python bench/bench_e2e.py --gpu-mem 24GB --seq-lens 1024 2048        # GPU: Llama-3-8B shape
     python bench/bench_e2e.py --gpu-mem 24GB --seq-lens 4096 8192 --merge   # more rows, same table
     python bench/bench_e2e.py --gpu-mem 24GB --rows priority --deadline 240  # the GPU check's order
@@ -29,7 +31,10 @@ context (about 0.5 GB) outside that cap.
   op_<loss>_cached   the same from a reference cache written by precompute_reference (DPO: label
                      log-probs; the others: the default top-64 + 16 tail samples)
   eager_<loss>       the same loss with full [T, V] logits of policy and reference (TDPO/SparsePO code)
-  trl_dpo            sequence-level DPO on full logits, as TRL computes it
+  trl_dpo            sequence-level DPO on full [T, V] logits (TRL before its fused head)
+  trl116_dpo         TRL 1.16's DPOTrainer step: its fused LM head (trl.trainer.utils.
+                     add_fused_lm_head, with the outputs DPOTrainer asks for) for the policy and
+                     the adapter-off reference, then the sigmoid DPO loss (needs trl installed)
 
 Rows run in the order given (``--rows variant@T ...``, or ``--rows priority``: the GPU check's
 order) or as the grid ``--seq-lens`` x ``--variants``. With ``--deadline SECONDS`` a row whose
@@ -76,7 +81,10 @@ VARIANTS = [
     "eager_tdpo2",
     "eager_sparsepo",
     "trl_dpo",
+    "trl116_dpo",
 ]
+#: The per-token outputs TRL 1.16's DPOTrainer asks its fused head for (they feed its metrics).
+TRL_DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
 
 
 #: The dry-run model of scripts/gpu_check.sh: the same layout, small enough for a CPU test.
@@ -102,9 +110,13 @@ PRIORITY = (
 
 def model_config(name):
     from sparsepo_lite.memory_plan import config_path
+    from sparsepo_lite.models import SMOLLM2, resolve_model_path
 
     if name in ("small", "tiny"):
         return dict(SMALL if name == "small" else TINY)
+    if name == SMOLLM2:
+        with open(os.path.join(resolve_model_path(name), "config.json")) as f:
+            return json.load(f)
     with open(config_path(name)) as f:
         return json.load(f)
 
@@ -140,14 +152,37 @@ def trl_dpo_loss(model, batch, beta=0.1):
     return -F.logsigmoid(beta * z)
 
 
+def trl116_dpo_loss(model, batch, beta=0.1):
+    """Sequence-level DPO as TRL 1.16's DPOTrainer computes it: per-token log-probs from its fused LM
+    head (patched onto the base model once, as the trainer does), the reference being the model with
+    its adapter disabled."""
+    import torch
+    import torch.nn.functional as F
+    from trl.trainer.utils import add_fused_lm_head
+
+    base = model.get_base_model()
+    if not getattr(base, "_bench_trl_fused_head", False):
+        add_fused_lm_head(base, outputs=TRL_DPO_OUTPUTS)
+        base._bench_trl_fused_head = True
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    with torch.no_grad(), model.disable_adapter():
+        ref = model(**kw, labels=batch["labels"], fused_lm_head=True).log_probs.sum(1)
+    pol = model(**kw, labels=batch["labels"], fused_lm_head=True).log_probs.sum(1)
+    z = (pol[0] - ref[0]) - (pol[1] - ref[1])
+    return -F.logsigmoid(beta * z)
+
+
 def load_model(spec):
-    """The 4-bit policy of ``spec["model"]`` (random weights, seed 0, built on the device; a LoRA
-    adapter on every projection, r = 16), in train mode. Liger stays off: the planner models the
-    Hugging Face layers."""
-    from sparsepo_lite.models import ModelConfig, random_policy
+    """The 4-bit policy of ``spec["model"]`` (a LoRA adapter on every projection, r = 16), in train
+    mode: SmolLM2-135M-Instruct's real weights, or random weights (seed 0, built on the device) for
+    the other names. Liger stays off: the planner models the Hugging Face layers."""
+    from sparsepo_lite.models import SMOLLM2, ModelConfig, load_policy, random_policy
 
     cfg = ModelConfig(spec["model"], dtype=spec["dtype"], lora_r=16, device=spec["device"], use_liger=False)
-    model = random_policy(model_config(spec["model"]), cfg, seed=0)
+    if spec["model"] == SMOLLM2:
+        model = load_policy(cfg, tokenizer=False)[0]
+    else:
+        model = random_policy(model_config(spec["model"]), cfg, seed=0)
     model.train()
     return model
 
@@ -169,7 +204,7 @@ def measure(model, spec):
 
     variant, T, device = spec["variant"], spec["T"], spec["device"]
     impl, loss_type = variant.split("_")[:2]
-    loss_type = "dpo" if impl == "trl" else loss_type
+    loss_type = "dpo" if impl.startswith("trl") else loss_type
     torch.manual_seed(0)
     ex = make_example(T, model.config.vocab_size)
     collate = PreferenceCollator(0)
@@ -209,7 +244,7 @@ def measure(model, spec):
                 return compute_loss(model, b, cfg)[0]
             if impl == "eager":
                 return eager_loss(model, b, loss_type, masks)
-            return trl_dpo_loss(model, b)
+            return trl_dpo_loss(model, b) if impl == "trl" else trl116_dpo_loss(model, b)
 
     def step():
         loss = loss_on(batch)
@@ -284,11 +319,13 @@ def worker(spec):
 
 def plan_for(name, variant, T, dtype):
     from sparsepo_lite.memory_plan import ModelShape, load_shape, plan_memory
+    from sparsepo_lite.models import SMOLLM2
 
     if not variant.startswith("op_"):
         return None
     _, loss, ref = variant.split("_")
-    shape = ModelShape.from_config(model_config(name), name) if name in ("small", "tiny") else load_shape(name)
+    local = name in ("small", "tiny", SMOLLM2)
+    shape = ModelShape.from_config(model_config(name), name) if local else load_shape(name)
     reference = "online" if ref == "online" else ("label" if loss == "dpo" else "topk")
     return plan_memory(shape, T, loss=loss, reference=reference, prompt_len=T // 4, dtype=dtype, lora_r=16)
 
@@ -299,9 +336,10 @@ def write_results(out, result):
     with open(out + ".json", "w") as f:
         json.dump(result, f, indent=1)
     gib = 1 << 30
+    weights = "pretrained weights" if result["model"] == "smollm2-135m-instruct" else "random weights"
     cap = f", GPU memory capped at {result['gpu_mem']}" if result.get("gpu_mem") else ""
     md = [
-        f"# End-to-end training step, {result['model']} (random weights, 4-bit NF4 + LoRA r=16), "
+        f"# End-to-end training step, {result['model']} ({weights}, 4-bit NF4 + LoRA r=16), "
         f"{result['machine'].get('device', '?')}",
         "",
         "Commands: " + ", ".join(f"`{c}`" for c in result["commands"]),
@@ -310,19 +348,21 @@ def write_results(out, result):
         f"{result['machine']['torch']}{cap}. One pair per step, {result['steps']} timed steps after a warm-up."
         + (f" Model built in memory in {result['model_build_s']} s." if "model_build_s" in result else ""),
         "",
-        "| T | variant | tokens/s | peak GiB | planner GiB | planner / measured |",
-        "|---|---|---|---|---|---|",
+        "| T | variant | tokens/s | vs trl116_dpo | peak GiB | planner GiB | planner / measured |",
+        "|---|---|---|---|---|---|---|",
     ]
+    trl116 = {r["T"]: r["tokens_per_s"] for r in result["rows"] if r["variant"] == "trl116_dpo" and r.get("peak_bytes")}
     for r in sorted(result["rows"], key=lambda r: (r["T"], VARIANTS.index(r["variant"]))):
         if r.get("peak_bytes"):
-            meas = f"{r['tokens_per_s']:.0f} | {r['peak_bytes'] / gib:.2f}"
+            vs = f"{r['tokens_per_s'] / trl116[r['T']]:.2f}x" if r["T"] in trl116 else "-"
+            meas = f"{r['tokens_per_s']:.0f} | {vs} | {r['peak_bytes'] / gib:.2f}"
         else:
             meas = (
-                "OOM | -"
+                "OOM | - | -"
                 if r.get("oom")
-                else f"not run ({r['skipped']}) | -"
+                else f"not run ({r['skipped']}) | - | -"
                 if r.get("skipped")
-                else f"error: {r.get('error', '?')[:60]} | -"
+                else f"error: {r.get('error', '?')[:60]} | - | -"
             )
         plan = f"{r['plan_bytes'] / gib:.2f} ({r['plan_phase']})" if r.get("plan_bytes") else "-"
         ratio = f"{r['plan_over_measured']:.2f}" if r.get("plan_over_measured") else "-"
@@ -384,7 +424,8 @@ def main():
     ap.add_argument(
         "--model",
         default=None,
-        help="'small' (CPU default), 'tiny' (the dry run) or a shipped name (GPU default llama-3-8b)",
+        help="'small' (CPU default), 'tiny' (the dry run), smollm2-135m-instruct (real weights) or a shipped "
+        "name (GPU default llama-3-8b)",
     )
     ap.add_argument("--seq-lens", type=int, nargs="+", default=None)
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)

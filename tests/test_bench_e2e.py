@@ -35,7 +35,7 @@ def _no_grads(model):
 def test_variants_in_turn_on_one_model(bench_e2e, small_model):
     folder, model = small_model
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    for variant in ("op_sparsepo_cached", "eager_tdpo2", "trl_dpo"):
+    for variant in ("op_sparsepo_cached", "eager_tdpo2", "trl_dpo", "trl116_dpo"):
         row = bench_e2e.measure(model, _spec(folder, variant))
         assert row["variant"] == variant and not row.get("oom")
         assert row["peak_bytes"] > 0 and row["tokens_per_s"] > 0 and torch.isfinite(torch.tensor(row["loss"]))
@@ -149,3 +149,33 @@ def test_row_time_prediction_and_row_parsing(bench_e2e):
     assert len(set(bench_e2e.PRIORITY)) == len(bench_e2e.PRIORITY)
     with pytest.raises(SystemExit, match="VARIANT@T"):
         bench_e2e.parse_rows(["op_dpo@12"], None, None)
+
+
+def test_trl116_step_computes_dpo(bench_e2e, small_model):
+    """TRL 1.16's fused-head step (its own add_fused_lm_head, as DPOTrainer patches the model) gives
+    the same DPO loss and LoRA gradients as full logits on a policy that differs from its reference."""
+    import math
+
+    from sparsepo_lite.data import PreferenceCollator
+
+    _, model = small_model
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    batch = PreferenceCollator(0)([bench_e2e.make_example(48, model.config.vocab_size)])
+
+    def loss_and_grads(fn):
+        loss = fn(model, batch)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad(set_to_none=True)
+        return float(loss), grads
+
+    full, g_full = loss_and_grads(bench_e2e.trl_dpo_loss)
+    fused, g_fused = loss_and_grads(bench_e2e.trl116_dpo_loss)
+    assert abs(full - math.log(2)) > 1e-4  # the policy is not its reference
+    assert fused == pytest.approx(full, rel=1e-5)
+    for a, b in zip(g_full, g_fused):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-6)
