@@ -5,8 +5,9 @@ milliseconds before it sleeps. Alone on its cores that is the fastest choice: a 
 sentiment recipe takes about 14% longer when threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``) and
 must be woken for each of its thousands of short parallel regions. Beside other busy processes it is
 the slowest by far: a spinning thread holds a core while the sibling it waits for has been
-preempted, so each region waits out a time slice, and the step ran 13x slower with two busy 2-thread
-processes (3x, the fair share, with passive waits). bench/results/cpu_contention.md has the numbers.
+preempted, so each region waits out a time slice: the step ran 27x slower beside two busy 2-thread
+processes, 3.4x with passive waits (3x is the fair share). bench/results/cpu_contention.md has the
+numbers.
 
 So the choice follows the machine's load when the package is imported, which has to happen before
 torch loads libgomp (libgomp reads the policy once): passive waits when other runnable threads would
