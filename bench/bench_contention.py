@@ -1,18 +1,22 @@
-"""A CPU training step alone and beside other busy processes, under three OpenMP wait policies.
+"""A CPU training step alone and beside other busy processes, under the package's thread handling
+and the alternatives.
 
     python bench/bench_contention.py           # writes bench/results/cpu_contention.{json,md}
-    python bench/bench_contention.py --policies package default --loads 0 1 2 3 --default-loads 0 --merge
 
 Each cell trains the sentiment recipe (SmolLM2-135M-Instruct, 4-bit + LoRA, SparsePO) for
 ``--steps`` steps in its own process and reads the Trainer's ``train_runtime``, while 0 to 3 other
 processes each run 2-thread fp32 GEMMs in a loop (another user's job on a shared machine). The
-policies: libgomp's default (worker threads spin between parallel regions before they sleep),
-``PASSIVE`` (threads sleep at once), and the package's choice at import (sparsepo_lite/waits.py:
-passive when other runnable threads would oversubscribe the cores, libgomp's default otherwise). A
-spinning thread holds a core that a competitor needs, and each of torch's, bitsandbytes' and the
-extension's parallel regions then waits for its slowest thread, so the step collapses under
-oversubscription; alone, spinning is faster. With no competitor every policy is sampled
-``--repeats-alone`` times, alternating, so that drifting load hits all alike.
+policies: the package as it comes (sparsepo_lite/waits.py: passive waits when other runnable
+threads oversubscribe the cores at import, libgomp's spinning default otherwise, and then the
+trainer's load guard, which drops to one thread while the machine is oversubscribed); the package
+after a load that started after the import (spinning waits, the guard on); passive waits always;
+one thread (the control: no barrier to wait at); libgomp's default with the guard off. A spinning
+thread holds a core that a competitor needs, and each of torch's, bitsandbytes' and the extension's
+parallel regions then waits for its slowest thread, so that step collapses under oversubscription;
+alone, spinning is faster. Every policy is sampled ``--repeats-alone`` times alone and
+``--repeats-loaded`` times under each load (libgomp's default once: it takes minutes under load),
+alternating, so that drifting load hits all alike. The share column is the slowdown if each of the
+runnable threads got an equal share of the cores and lost nothing to sharing them.
 """
 
 from __future__ import annotations
@@ -28,21 +32,29 @@ import time
 from _common import HERE, ROOT, SENTIMENT_CONFIG, command_line, machine_info, write_markdown
 
 BUSY = "import torch\ntorch.set_num_threads(2)\na = torch.randn(1500, 1500)\nwhile True:\n    a @ a\n"
-#: The policies compared, by the environment each training process gets: the package's choice
-#: (sparsepo_lite/waits.py: passive waits when the machine is busy at import, libgomp's default
-#: otherwise), passive waits always, and libgomp's default (spinning) always.
+#: The policies compared: the environment and the extra ``train`` arguments of each training process.
 POLICIES = {
-    "package": {"SPARSEPO_LITE_OMP_PASSIVE": "auto"},
-    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
-    "default": {"SPARSEPO_LITE_OMP_PASSIVE": "0"},
+    "package": ({"SPARSEPO_LITE_OMP_PASSIVE": "auto"}, []),
+    "late": ({"SPARSEPO_LITE_OMP_PASSIVE": "0"}, []),
+    "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, []),
+    "one_thread": ({"OMP_NUM_THREADS": "1"}, []),
+    "default": ({"SPARSEPO_LITE_OMP_PASSIVE": "0"}, ["--cpu_load_guard", "false"]),
 }
-TITLES = {"package": "package (auto)", "passive": "PASSIVE", "default": "libgomp default"}
+TITLES = {
+    "package": "package",
+    "late": "package, load after import",
+    "passive": "PASSIVE",
+    "one_thread": "1 thread",
+    "default": "libgomp default",
+}
+#: Threads each policy runs on (the competitors run 2 each).
+THREADS = {"one_thread": 1}
 
 
 def train_seconds(policy: str, steps: int, work: str) -> float:
     out = os.path.join(work, policy)
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    env.update(POLICIES[policy])
+    env.update(POLICIES[policy][0])
     subprocess.run(
         [
             sys.executable,
@@ -59,6 +71,7 @@ def train_seconds(policy: str, steps: int, work: str) -> float:
             "",
             "--save_strategy",
             "no",
+            *POLICIES[policy][1],
         ],
         check=True,
         cwd=ROOT,
@@ -68,6 +81,18 @@ def train_seconds(policy: str, steps: int, work: str) -> float:
     )
     with open(os.path.join(out, "metrics.json")) as f:
         return float(json.load(f)["final"]["train_runtime"])
+
+
+def start_competitors(n: int) -> list:
+    """``n`` processes running 2-thread GEMMs until killed."""
+    return [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(n)]
+
+
+def share(threads: int, competitors: int, cpus: int) -> float:
+    """The slowdown of a process on ``threads`` threads beside ``competitors`` 2-thread processes if
+    every runnable thread got an equal share of the ``cpus`` cores and nothing were lost to sharing."""
+    runnable = threads + 2 * competitors
+    return min(threads, cpus) / min(threads, cpus * threads / runnable)
 
 
 def median(xs):
@@ -99,6 +124,8 @@ def write(out: str, steps: int, cells: list, commands: list) -> None:
         return f"{median(xs):.1f}{spread} | {slow}"
 
     shown = [p for p in POLICIES if any(c.get(p) for c in cells)]
+    cpus = result["machine"]["cpu_cores"]
+    threads = sorted({THREADS.get(p, cpus) for p in shown}, reverse=True)
     md = [
         "# A training step under CPU contention",
         "",
@@ -108,15 +135,23 @@ def write(out: str, steps: int, cells: list, commands: list) -> None:
         "",
         f"{steps} SparsePO steps of the sentiment recipe (SmolLM2-135M-Instruct, 4-bit + LoRA), seconds "
         "(Trainer train_runtime; the median of the samples, their range and count in brackets), beside N "
-        "other processes running 2-thread GEMMs. Slowdown: against the same policy alone. Policies: the "
-        "package's choice at import (passive waits when the machine is busy, else libgomp's default), "
-        "passive waits always, libgomp's default (spinning) always.",
+        "other processes running 2-thread GEMMs. Slowdown: against the same policy alone. Share: the "
+        "slowdown if every runnable thread got an equal share of the cores and lost nothing to sharing "
+        "them. Policies: the package as it comes (passive waits when the machine is busy at import, "
+        "libgomp's default otherwise, and the trainer's load guard); the package when the load starts after "
+        "the import (spinning waits, the guard drops to one thread); passive waits always; one thread "
+        "(the control, no barrier to wait at); libgomp's default with the guard off.",
         "",
-        "| competitors | " + " | ".join(f"{TITLES[p]}: s | slowdown" for p in shown) + " |",
-        "|---|" + "---|---|" * len(shown),
+        "| competitors | share: "
+        + " / ".join(f"{t} thread{'s' * (t > 1)}" for t in threads)
+        + " | "
+        + " | ".join(f"{TITLES[p]}: s | slowdown" for p in shown)
+        + " |",
+        "|---|---|" + "---|---|" * len(shown),
     ]
     for c in cells:
-        md.append(f"| {c['competitors']} | " + " | ".join(cell(c, p) for p in shown) + " |")
+        shares = " / ".join(f"{share(t, c['competitors'], cpus):.2f}x" for t in threads)
+        md.append(f"| {c['competitors']} | {shares} | " + " | ".join(cell(c, p) for p in shown) + " |")
     md.append("")
     for p in shown:
         if p != "default" and p in alone and "default" in alone:
@@ -127,16 +162,19 @@ def write(out: str, steps: int, cells: list, commands: list) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--loads", type=int, nargs="+", default=[0, 1, 2, 3], help="competing 2-thread processes")
+    ap.add_argument("--loads", type=int, nargs="+", default=[0, 1, 2], help="competing 2-thread processes")
     ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     ap.add_argument(
         "--default-loads",
         type=int,
         nargs="+",
-        default=[0, 1, 2],
+        default=[0, 2],
         help="the loads at which libgomp's default is measured (it takes minutes per cell under load)",
     )
-    ap.add_argument("--repeats-alone", type=int, default=5, help="samples per policy with no competitor")
+    ap.add_argument("--repeats-alone", type=int, default=3, help="samples per policy with no competitor")
+    ap.add_argument(
+        "--repeats-loaded", type=int, default=2, help="samples per policy under load (libgomp's default: one)"
+    )
     ap.add_argument("--merge", action="store_true", help="add to the cells of an earlier run (same steps)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu_contention"))
     a = ap.parse_args()
@@ -151,7 +189,7 @@ def main():
         cells = old["cells"]
     work = tempfile.mkdtemp(prefix="bench_contention_")
     for load in a.loads:
-        busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(load)]
+        busy = start_competitors(load)
         try:
             time.sleep(2 if load else 0)
             row = next((c for c in cells if c["competitors"] == load), None)
@@ -163,8 +201,10 @@ def main():
             for p in policies:
                 row[p] = []
             # Alternate the order between samples so that a drifting machine load hits all alike.
-            for rep in range(a.repeats_alone if load == 0 else 1):
+            for rep in range(a.repeats_alone if load == 0 else a.repeats_loaded):
                 for policy in policies if rep % 2 == 0 else policies[::-1]:
+                    if load and rep and policy == "default":
+                        continue
                     row[policy].append(train_seconds(policy, a.steps, work))
             print(json.dumps(row), flush=True)
             write(a.out, a.steps, cells, commands)

@@ -33,11 +33,32 @@ def test_tables_report_medians_and_slowdowns(bench, tmp_path):
         result = json.load(f)
     assert result["cells"] == cells and result["alone_median"] == {"passive": 11.0, "default": 10.0}
     md = open(out + ".md").read()
-    assert "| competitors | PASSIVE: s | slowdown | libgomp default: s | slowdown |" in md  # no package column
-    assert "| 0 | 11.0 (10.0-12.0, n = 3) | 1.00x | 10.0 (9.0-30.0, n = 3) | 1.00x |" in md
-    assert "| 2 | 33.0 | 3.00x | 130.0 | 13.00x |" in md
-    assert "| 3 | 44.0 | 4.00x | not run | - |" in md
+    cpus = result["machine"]["cpu_cores"]
+    header = "| competitors | share: {} threads | PASSIVE: s | slowdown | libgomp default: s | slowdown |"
+    assert header.format(cpus) in md  # no package column
+    assert "| 0 | 1.00x | 11.0 (10.0-12.0, n = 3) | 1.00x | 10.0 (9.0-30.0, n = 3) | 1.00x |" in md
+    assert f"| 2 | {bench.share(cpus, 2, cpus):.2f}x | 33.0 | 3.00x | 130.0 | 13.00x |" in md
+    assert f"| 3 | {bench.share(cpus, 3, cpus):.2f}x | 44.0 | 4.00x | not run | - |" in md
     assert "Alone, PASSIVE takes 1.100x libgomp's default (medians)." in md
+
+
+def test_share_is_the_equal_split_of_the_cores(bench):
+    # two threads beside N 2-thread processes on two cores: (2 + 2N) runnable threads share 2 cores
+    assert [bench.share(2, n, 2) for n in range(4)] == [1.0, 2.0, 3.0, 4.0]
+    # one thread alone already has its core; beside N processes it gets 2 / (1 + 2N) of one
+    assert [bench.share(1, n, 2) for n in range(4)] == [1.0, 1.5, 2.5, 3.5]
+    assert bench.share(2, 1, 8) == 1.0  # room to spare
+
+
+def test_every_policy_runs_under_load_but_spinning_only_once(bench, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "train_seconds", lambda policy, steps, work: calls.append(policy) or 1.0)
+    monkeypatch.setattr(bench, "start_competitors", lambda n: [])
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    argv = ["bench_contention.py", "--policies", "package", "default", "--loads", "2", "--repeats-loaded", "3"]
+    monkeypatch.setattr("sys.argv", argv + ["--default-loads", "2", "--out", str(tmp_path / "c")])
+    bench.main()
+    assert calls == ["package", "default", "package", "package"]
 
 
 def test_merge_adds_a_policy_to_an_earlier_run(bench, tmp_path, monkeypatch):
@@ -46,6 +67,7 @@ def test_merge_adds_a_policy_to_an_earlier_run(bench, tmp_path, monkeypatch):
     seconds = iter([10.5, 9.0, 20.0])
     monkeypatch.setattr(bench, "train_seconds", lambda policy, steps, work: next(seconds))
     argv = ["bench_contention.py", "--policies", "package", "--loads", "0", "1", "--repeats-alone", "2"]
+    argv += ["--repeats-loaded", "1"]
     monkeypatch.setattr("sys.argv", argv + ["--merge", "--out", out])
     bench.main()
     with open(out + ".json") as f:
@@ -55,4 +77,4 @@ def test_merge_adds_a_policy_to_an_earlier_run(bench, tmp_path, monkeypatch):
         {"competitors": 0, "default": [10.0], "package": [10.5, 9.0]},
         {"competitors": 1, "default": [50.0], "package": [20.0]},
     ]
-    assert "| 1 | 20.0 | 2.05x | 50.0 | 5.00x |" in open(out + ".md").read()
+    assert "| 20.0 | 2.05x | 50.0 | 5.00x |" in open(out + ".md").read()

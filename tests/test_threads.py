@@ -12,7 +12,15 @@ import time
 
 import pytest
 
-from sparsepo_lite.waits import choose_wait_policy, cpus_available, other_runnable_threads
+from sparsepo_lite.waits import (
+    LoadGuard,
+    choose_wait_policy,
+    cpus_available,
+    other_runnable_now,
+    other_runnable_threads,
+    our_running_threads,
+    waits_spin,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = "import os, sparsepo_lite; print(os.environ.get('OMP_WAIT_POLICY', '<unset>'))"
@@ -44,6 +52,47 @@ def test_runnable_threads_are_read_from_the_machine():
     assert n is None or n >= 0
 
 
+def test_our_running_threads_count_the_caller():
+    n = our_running_threads()
+    assert n is None or n >= 1  # this thread is running while it reads
+    m = other_runnable_now()
+    assert m is None or m >= 0
+
+
+def test_waits_spin_unless_passive():
+    assert waits_spin({}) and waits_spin({"OMP_WAIT_POLICY": "ACTIVE"})
+    assert not waits_spin({"OMP_WAIT_POLICY": "passive "})
+
+
+def guard_with(readings, threads=2, cpus=2, quiet_checks=3, samples=1):
+    seq = iter(readings)
+    return LoadGuard(threads, cpus, quiet_checks=quiet_checks, samples=samples, interval_s=0, others=lambda: next(seq))
+
+
+def test_guard_drops_at_once_and_restores_after_quiet_checks_in_a_row():
+    #            quiet  busy  busy  quiet quiet busy  quiet quiet quiet quiet
+    g = guard_with([0, 1, 3, 0, 0, 2, 0, 0, 0, 0])
+    assert [g.check() for _ in range(10)] == [None, 1, None, None, None, None, None, None, 2, None]
+    assert g.current == 2
+
+
+def test_guard_reads_several_samples_each_check():
+    # dropping needs every read busy (a blip is not a load); restoring needs every read quiet
+    g = guard_with([3, 0, 3, 3, 3, 3], samples=3, quiet_checks=1)
+    assert g.check() is None and g.check() == 1
+    g = guard_with([3, 3, 3, 0, 0, 1, 0, 0, 0], samples=3, quiet_checks=1)
+    assert g.check() == 1 and g.check() is None and g.check() == 2
+
+
+def test_guard_leaves_room_for_our_threads():
+    g = guard_with([2, 3], threads=2, cpus=4)  # 2 others + our 2 fit on 4 cores; 3 do not
+    assert g.check() is None and g.check() == 1
+
+
+def test_guard_gives_up_when_the_load_cannot_be_read():
+    assert guard_with([None]).check() is None
+
+
 def _import_in_subprocess(env):
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "SPARSEPO_LITE_OMP_PASSIVE")}
     out = subprocess.run(
@@ -61,6 +110,18 @@ def test_import_beside_busy_processes_waits_passively():
         assert _import_in_subprocess({}) == "PASSIVE"
         assert _import_in_subprocess({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
         assert _import_in_subprocess({"SPARSEPO_LITE_OMP_PASSIVE": "0"}) == "<unset>"
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.slow
+def test_guard_sees_real_busy_processes():
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(CPUS)]
+    try:
+        time.sleep(0.5)
+        assert LoadGuard(2, CPUS).check() == 1
     finally:
         for p in busy:
             p.kill()

@@ -223,3 +223,44 @@ def test_two_processes_keep_identical_weights_and_learn(tiny_dir, tmp_path):
         torch.testing.assert_close(v, w0["masks." + k], rtol=0, atol=0)
     for k in w0:
         torch.testing.assert_close(w0[k], w1[k], rtol=0, atol=0, msg=k)
+
+
+class _ThreadLog(transformers.TrainerCallback):
+    def __init__(self):
+        self.threads = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.threads.append(torch.get_num_threads())
+
+
+@pytest.mark.parametrize("guard_on", [True, False])
+def test_cpu_load_guard_runs_on_one_thread_while_the_machine_is_busy(tiny_dir, tmp_path, monkeypatch, guard_on):
+    """The trainer checks the load before each step: one thread from the first busy check, the usual
+    count after three quiet ones in a row, and that count again when training ends."""
+    import sparsepo_lite.training.trainer as trainer_module
+    from sparsepo_lite.waits import LoadGuard
+
+    readings = iter([5, 0, 0, 0, 0])  # others' runnable threads, one read per check
+    monkeypatch.setattr(
+        trainer_module,
+        "LoadGuard",
+        lambda threads, cpus: LoadGuard(threads, 2, samples=1, interval_s=0, others=lambda: next(readings)),
+    )
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # spinning waits, whatever the import chose
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        log = _ThreadLog()
+        trainer = make_trainer(tiny_dir, tmp_path, "dpo", steps=5, callbacks=[log], cpu_load_guard=guard_on)
+        trainer.train()
+        assert log.threads == ([1, 1, 1, 2, 2] if guard_on else [2] * 5)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cpu_load_guard_stays_out_with_passive_waits(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    trainer = make_trainer(tiny_dir, tmp_path, "dpo", steps=1)
+    trainer.train()
+    assert not [cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "_CPULoadGuard"]

@@ -118,6 +118,12 @@ class SparsePOConfig(transformers.TrainingArguments):
         group="run",
         help="allow resuming from a checkpoint without optimizer.pt/scheduler.pt (the optimizer restarts)",
     )
+    cpu_load_guard: bool = _field(
+        True,
+        group="run",
+        help="on the CPU, when OpenMP threads spin (the machine was quiet at import), run torch on one thread "
+        "while other processes oversubscribe the cores, checked before every step (docs/training.md)",
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "(fixed at False: the examples are dataclasses, not column dicts)"}
     )

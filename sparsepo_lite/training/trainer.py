@@ -26,6 +26,7 @@ from ..masks import MASK_CONFIG, MASK_WEIGHTS, SparsePOMasks, load_masks, save_m
 from ..models import ModelConfig, load_policy, load_tokenizer, unwrap
 from ..objective import compute_loss
 from ..refcache import CachedExample, CachedReferenceCollator, RefCache, run_fingerprint
+from ..waits import LoadGuard, cpus_available, waits_spin
 from .config import RUN_CONFIG, SparsePOConfig
 from .distributed import all_reduce_mean_
 
@@ -120,6 +121,30 @@ class _FiniteWeights(transformers.TrainerCallback):
                     f"step {state.global_step}: trained weights are no longer finite; lower the "
                     "learning rate (the adapter was not saved)"
                 )
+
+
+class _CPULoadGuard(transformers.TrainerCallback):
+    """Before every step on the CPU: one torch thread while other processes oversubscribe the cores,
+    the usual count again once they have gone (:class:`~sparsepo_lite.waits.LoadGuard`)."""
+
+    def __init__(self, guard: LoadGuard):
+        self.guard = guard
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        threads = self.guard.check()
+        if threads is not None:
+            torch.set_num_threads(threads)
+            logger.warning(
+                "step %d: %s; torch now runs on %d thread(s)",
+                state.global_step,
+                "other processes oversubscribe the CPU cores" if threads == 1 else "the CPU load has gone",
+                threads,
+            )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.guard.current != self.guard.threads:
+            torch.set_num_threads(self.guard.threads)
+            self.guard.current = self.guard.threads
 
 
 def read_splits(tokenizer, args: SparsePOConfig, splits: Dict[str, object]):
@@ -433,6 +458,13 @@ class SparsePOTrainer(transformers.Trainer):
                 100 * logs["mask/drift"],
             )
 
+    def _guard_cpu_load(self) -> None:
+        """Add the CPU load guard (once) where it can help: spinning waits and more than one thread."""
+        if not self.args.cpu_load_guard or not waits_spin() or torch.get_num_threads() < 2:
+            return
+        if not any(isinstance(cb, _CPULoadGuard) for cb in self.callback_handler.callbacks):
+            self.add_callback(_CPULoadGuard(LoadGuard(torch.get_num_threads(), cpus_available())))
+
     def _train_loss(self) -> float:
         return sum(self._step_losses) / len(self._step_losses) if self._step_losses else float("nan")
 
@@ -451,6 +483,7 @@ class SparsePOTrainer(transformers.Trainer):
             from .. import OMP_WAIT_DECISION
 
             logger.info("CPU threads: %s", OMP_WAIT_DECISION)
+            self._guard_cpu_load()
         out = super().train(resume_from_checkpoint=resume, **kwargs)
         steps = len(self._step_losses) + self.skipped_steps
         if steps and self.skipped_steps > MAX_SKIPPED_FRACTION * steps:
