@@ -268,6 +268,11 @@ def test_a_byte_order_mark_huge_numbers_and_pairs_equal_after_truncation(tok, tm
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b"\xef\xbb\xbf" + (json.dumps(good) + "\n").encode() * 2)
     assert len(tokenize_dataset(str(bom), tok, strict=True)[0]) == 2  # the BOM is not part of row 0
+    for end in (b"\r", b"\r\n", b"\n"):  # old Mac, Windows and Unix line ends, the last line unended
+        lines = tmp_path / "ends.jsonl"
+        lines.write_bytes(end.join([json.dumps(good).encode(), b"{oops}", json.dumps(good).encode()]))
+        examples, report = tokenize_dataset(str(lines), tok)
+        assert len(examples) == 2 and report.dropped[0][1].startswith("line 2: not valid JSON"), end
     as_json = tmp_path / "bom.json"
     as_json.write_bytes(b"\xef\xbb\xbf" + json.dumps([good]).encode())
     assert len(tokenize_dataset(str(as_json), tok, strict=True)[0]) == 1
