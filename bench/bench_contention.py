@@ -16,7 +16,9 @@ parallel regions then waits for its slowest thread, so that step collapses under
 alone, spinning is faster. Every policy is sampled ``--repeats-alone`` times alone and
 ``--repeats-loaded`` times under each load (libgomp's default once: it takes minutes under load),
 alternating, so that drifting load hits all alike. The share column is the slowdown if each of the
-runnable threads got an equal share of the cores and lost nothing to sharing them.
+runnable threads got an equal share of the cores and lost nothing to sharing them; beside it, the
+scheduler's real share: the slowdown of a one-thread pure-Python loop (no memory traffic, no barrier)
+measured for ``--loop-seconds`` at each load.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ import time
 from _common import HERE, ROOT, SENTIMENT_CONFIG, command_line, machine_info, write_markdown
 
 BUSY = "import torch\ntorch.set_num_threads(2)\na = torch.randn(1500, 1500)\nwhile True:\n    a @ a\n"
+#: One thread of pure arithmetic: what the scheduler gives a thread that shares nothing but the cores.
+LOOP = (
+    "import sys, time\nn, end = 0, time.perf_counter() + float(sys.argv[1])\n"
+    "while time.perf_counter() < end:\n    for _ in range(10000):\n        n += 1\nprint(n / float(sys.argv[1]))\n"
+)
 #: The policies compared: the environment and the extra ``train`` arguments of each training process.
 POLICIES = {
     "package": ({"SPARSEPO_LITE_OMP_PASSIVE": "auto"}, []),
@@ -83,6 +90,12 @@ def train_seconds(policy: str, steps: int, work: str) -> float:
         return float(json.load(f)["final"]["train_runtime"])
 
 
+def loop_rate(seconds: float) -> float:
+    """Iterations per second of :data:`LOOP` run for ``seconds`` in its own process."""
+    out = subprocess.run([sys.executable, "-c", LOOP, str(seconds)], check=True, capture_output=True, text=True)
+    return float(out.stdout)
+
+
 def start_competitors(n: int) -> list:
     """``n`` processes running 2-thread GEMMs until killed."""
     return [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(n)]
@@ -104,6 +117,7 @@ def write(out: str, steps: int, cells: list, commands: list) -> None:
     """The JSON and Markdown of the cells measured so far (after every load level, so an interrupted
     run keeps its rows). A cell holds every sample of each policy at one load; the tables use medians."""
     alone = {p: median(c[p]) for c in cells if c["competitors"] == 0 for p in POLICIES if c.get(p)}
+    loop_alone = next((c["loop_rate"] for c in cells if c["competitors"] == 0 and c.get("loop_rate")), None)
     result = {
         "commands": commands,
         "machine": machine_info("cpu"),
@@ -137,21 +151,23 @@ def write(out: str, steps: int, cells: list, commands: list) -> None:
         "(Trainer train_runtime; the median of the samples, their range and count in brackets), beside N "
         "other processes running 2-thread GEMMs. Slowdown: against the same policy alone. Share: the "
         "slowdown if every runnable thread got an equal share of the cores and lost nothing to sharing "
-        "them. Policies: the package as it comes (passive waits when the machine is busy at import, "
+        "them. 1-thread loop: the measured slowdown of one thread of pure-Python arithmetic (no memory "
+        "traffic, no barrier), what the scheduler itself gives. Policies: the package as it comes (passive waits when the machine is busy at import, "
         "libgomp's default otherwise, and the trainer's load guard); the package when the load starts after "
         "the import (spinning waits, the guard drops to one thread); passive waits always; one thread "
         "(the control, no barrier to wait at); libgomp's default with the guard off.",
         "",
         "| competitors | share: "
         + " / ".join(f"{t} thread{'s' * (t > 1)}" for t in threads)
-        + " | "
+        + " | 1-thread loop | "
         + " | ".join(f"{TITLES[p]}: s | slowdown" for p in shown)
         + " |",
-        "|---|---|" + "---|---|" * len(shown),
+        "|---|---|---|" + "---|---|" * len(shown),
     ]
     for c in cells:
         shares = " / ".join(f"{share(t, c['competitors'], cpus):.2f}x" for t in threads)
-        md.append(f"| {c['competitors']} | {shares} | " + " | ".join(cell(c, p) for p in shown) + " |")
+        loop = f"{loop_alone / c['loop_rate']:.2f}x" if loop_alone and c.get("loop_rate") else "-"
+        md.append(f"| {c['competitors']} | {shares} | {loop} | " + " | ".join(cell(c, p) for p in shown) + " |")
     md.append("")
     for p in shown:
         if p != "default" and p in alone and "default" in alone:
@@ -175,6 +191,7 @@ def main():
     ap.add_argument(
         "--repeats-loaded", type=int, default=2, help="samples per policy under load (libgomp's default: one)"
     )
+    ap.add_argument("--loop-seconds", type=float, default=10.0, help="the 1-thread loop at each load (0: none)")
     ap.add_argument("--merge", action="store_true", help="add to the cells of an earlier run (same steps)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu_contention"))
     a = ap.parse_args()
@@ -206,6 +223,8 @@ def main():
                     if load and rep and policy == "default":
                         continue
                     row[policy].append(train_seconds(policy, a.steps, work))
+            if a.loop_seconds > 0:
+                row["loop_rate"] = loop_rate(a.loop_seconds)
             print(json.dumps(row), flush=True)
             write(a.out, a.steps, cells, commands)
         finally:

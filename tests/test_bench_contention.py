@@ -23,8 +23,8 @@ def test_median(bench):
 
 def test_tables_report_medians_and_slowdowns(bench, tmp_path):
     cells = [
-        {"competitors": 0, "passive": [10.0, 12.0, 11.0], "default": [10.0, 9.0, 30.0]},
-        {"competitors": 2, "passive": [33.0], "default": [130.0]},
+        {"competitors": 0, "passive": [10.0, 12.0, 11.0], "default": [10.0, 9.0, 30.0], "loop_rate": 3e7},
+        {"competitors": 2, "passive": [33.0], "default": [130.0], "loop_rate": 1.2e7},
         {"competitors": 3, "passive": [44.0]},
     ]
     out = str(tmp_path / "c")
@@ -34,11 +34,11 @@ def test_tables_report_medians_and_slowdowns(bench, tmp_path):
     assert result["cells"] == cells and result["alone_median"] == {"passive": 11.0, "default": 10.0}
     md = open(out + ".md").read()
     cpus = result["machine"]["cpu_cores"]
-    header = "| competitors | share: {} threads | PASSIVE: s | slowdown | libgomp default: s | slowdown |"
+    header = "| competitors | share: {} threads | 1-thread loop | PASSIVE: s | slowdown | libgomp default: s | slowdown |"
     assert header.format(cpus) in md  # no package column
-    assert "| 0 | 1.00x | 11.0 (10.0-12.0, n = 3) | 1.00x | 10.0 (9.0-30.0, n = 3) | 1.00x |" in md
-    assert f"| 2 | {bench.share(cpus, 2, cpus):.2f}x | 33.0 | 3.00x | 130.0 | 13.00x |" in md
-    assert f"| 3 | {bench.share(cpus, 3, cpus):.2f}x | 44.0 | 4.00x | not run | - |" in md
+    assert "| 0 | 1.00x | 1.00x | 11.0 (10.0-12.0, n = 3) | 1.00x | 10.0 (9.0-30.0, n = 3) | 1.00x |" in md
+    assert f"| 2 | {bench.share(cpus, 2, cpus):.2f}x | 2.50x | 33.0 | 3.00x | 130.0 | 13.00x |" in md
+    assert f"| 3 | {bench.share(cpus, 3, cpus):.2f}x | - | 44.0 | 4.00x | not run | - |" in md
     assert "Alone, PASSIVE takes 1.100x libgomp's default (medians)." in md
 
 
@@ -54,11 +54,12 @@ def test_every_policy_runs_under_load_but_spinning_only_once(bench, tmp_path, mo
     calls = []
     monkeypatch.setattr(bench, "train_seconds", lambda policy, steps, work: calls.append(policy) or 1.0)
     monkeypatch.setattr(bench, "start_competitors", lambda n: [])
+    monkeypatch.setattr(bench, "loop_rate", lambda seconds: calls.append("loop") or 1e7)
     monkeypatch.setattr(bench.time, "sleep", lambda s: None)
     argv = ["bench_contention.py", "--policies", "package", "default", "--loads", "2", "--repeats-loaded", "3"]
     monkeypatch.setattr("sys.argv", argv + ["--default-loads", "2", "--out", str(tmp_path / "c")])
     bench.main()
-    assert calls == ["package", "default", "package", "package"]
+    assert calls == ["package", "default", "package", "package", "loop"]
 
 
 def test_merge_adds_a_policy_to_an_earlier_run(bench, tmp_path, monkeypatch):
@@ -67,7 +68,7 @@ def test_merge_adds_a_policy_to_an_earlier_run(bench, tmp_path, monkeypatch):
     seconds = iter([10.5, 9.0, 20.0])
     monkeypatch.setattr(bench, "train_seconds", lambda policy, steps, work: next(seconds))
     argv = ["bench_contention.py", "--policies", "package", "--loads", "0", "1", "--repeats-alone", "2"]
-    argv += ["--repeats-loaded", "1"]
+    argv += ["--repeats-loaded", "1", "--loop-seconds", "0"]
     monkeypatch.setattr("sys.argv", argv + ["--merge", "--out", out])
     bench.main()
     with open(out + ".json") as f:
@@ -78,3 +79,17 @@ def test_merge_adds_a_policy_to_an_earlier_run(bench, tmp_path, monkeypatch):
         {"competitors": 1, "default": [50.0], "package": [20.0]},
     ]
     assert "| 20.0 | 2.05x | 50.0 | 5.00x |" in open(out + ".md").read()
+
+
+def test_the_loop_measures_a_real_rate_that_a_competitor_lowers(bench):
+    """The scheduler control is a real measurement: two competing 2-thread processes take cores from it."""
+    alone = bench.loop_rate(1.0)
+    busy = bench.start_competitors(2)
+    try:
+        bench.time.sleep(1)
+        loaded = bench.loop_rate(1.0)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    assert alone > 0 and loaded < 0.8 * alone, (alone, loaded)
