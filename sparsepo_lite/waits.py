@@ -2,11 +2,11 @@
 
 libgomp (used by torch, bitsandbytes and the extension) lets an idle thread spin for a few
 milliseconds before it sleeps. Alone on its cores that is the fastest choice: a step of the CPU
-sentiment recipe takes about 14% longer when threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``) and
+sentiment recipe takes 20-30% longer when threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``) and
 must be woken for each of its thousands of short parallel regions. Beside other busy processes it is
 the slowest by far: a spinning thread holds a core while the sibling it waits for has been
-preempted, so each region waits out a time slice: the step ran 27x slower beside two busy 2-thread
-processes, 3.4x with passive waits (3x is the fair share). bench/results/cpu_contention.md has the
+preempted, so each region waits out a time slice: the step ran 13x slower beside two busy 2-thread
+processes, 2.8x with passive waits (3x is the equal share). bench/results/cpu_contention.md has the
 numbers.
 
 So the choice follows the machine's load when the package is imported, which has to happen before
@@ -16,8 +16,8 @@ oversubscribe the cores this process's threads use, libgomp's default otherwise.
 A load that starts after the import finds the threads spinning. For that case :class:`LoadGuard`
 looks at the load again at every training step (the trainer's ``cpu_load_guard``) and, while the
 machine is oversubscribed, runs torch on one thread: with no sibling to wait for, spinning costs
-nothing, and the step takes about 4.7x its time alone beside two busy 2-thread processes instead of
-27x (passive waits with two threads, which the import chooses, do better still: one thread gets a
+nothing, and the step takes about 4.9x its time alone beside two busy 2-thread processes instead of
+13x (passive waits with two threads, which the import chooses, do better still: one thread gets a
 smaller share of the cores than two). It restores the threads once the load has gone.
 """
 
