@@ -286,6 +286,10 @@ def worker(args):
             "fraction": achieved / ceiling,
             **breakdown(profiler, seconds),
         }
+        if dtype == torch.float32 and bf16_gemm_hardware():
+            # What the same GEMMs reach in bf16 where the CPU has instructions for it (the op's own
+            # bf16 path is another run, with --dtype bfloat16).
+            row["gemm"]["bf16_ceiling_gflops"] = bare_gemm_rate(chunks, x.weight.to(torch.bfloat16)) / 1e9
     print(json.dumps(row))
 
 
@@ -371,15 +375,19 @@ def write(out, meta, rows):
                 f"{g['achieved_gflops']:.1f} | {g['fraction']:.0%} | {g['gemm_s']:.2f} | {g['row_pass_s']:.2f} | "
                 f"{g['rest_s']:.2f} |"
             )
-        md += [
-            "",
-            "bf16 GEMMs: "
-            + (
-                f"this CPU has {', '.join(bf16)}; not measured here."
-                if bf16
-                else "this CPU has neither AMX nor AVX512-BF16 (bf16 would be emulated), so only fp32 is measured."
-            ),
+        bf16_rates = [
+            f"{r['impl']} at T = {r['T']}: {r['gemm']['bf16_ceiling_gflops']:.1f} GFLOP/s "
+            f"({r['gemm']['bf16_ceiling_gflops'] / r['gemm']['ceiling_gflops']:.2f}x the fp32 ceiling)"
+            for r in gemm
+            if r["gemm"].get("bf16_ceiling_gflops")
         ]
+        if bf16_rates:
+            bf16_line = f"this CPU has {', '.join(bf16)}; torch.mm in bf16 on the same shapes: " + "; ".join(bf16_rates) + "."
+        elif bf16:
+            bf16_line = f"this CPU has {', '.join(bf16)}; measured beside fp32 runs only."
+        else:
+            bf16_line = "this CPU has neither AMX nor AVX512-BF16 (bf16 would be emulated), so only fp32 is measured."
+        md += ["", "bf16 GEMMs: " + bf16_line]
     with open(out + ".md", "w") as f:
         f.write("\n".join(md) + "\n")
 

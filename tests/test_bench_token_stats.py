@@ -53,7 +53,7 @@ def test_rows_of_one_loss_agree(result):
 
 
 def test_gemm_ceiling_and_breakdown(result):
-    _, rows, md = result
+    bench, rows, md = result
     for r in rows:
         g = r.get("gemm")
         if not r["impl"].startswith("op_"):
@@ -64,6 +64,12 @@ def test_gemm_ceiling_and_breakdown(result):
         # The profiler saw the op's GEMMs and its own code, inside the timed call.
         assert g["gemm_s"] > 0 and g["row_pass_s"] > 0
         assert g["gemm_s"] + g["row_pass_s"] <= r["seconds"] * 1.05
+        # bf16 GEMMs are measured exactly where the CPU has instructions for them
+        assert (g.get("bf16_ceiling_gflops", 0) > 0) == bool(bench.bf16_gemm_hardware())
+    if bench.bf16_gemm_hardware():
+        assert "torch.mm in bf16 on the same shapes: op_tdpo at T = 24:" in md
+    else:
+        assert "so only fp32 is measured" in md
     assert "## The op against the machine's GEMM rate" in md
     assert "| op_tdpo | 24 |" in md and "trl_divergence_kl" in md
 
