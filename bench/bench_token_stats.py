@@ -382,7 +382,9 @@ def write(out, meta, rows):
             if r["gemm"].get("bf16_ceiling_gflops")
         ]
         if bf16_rates:
-            bf16_line = f"this CPU has {', '.join(bf16)}; torch.mm in bf16 on the same shapes: " + "; ".join(bf16_rates) + "."
+            bf16_line = (
+                f"this CPU has {', '.join(bf16)}; torch.mm in bf16 on the same shapes: " + "; ".join(bf16_rates) + "."
+            )
         elif bf16 and meta["dtype"] == "bfloat16":
             bf16_line = f"this CPU has {', '.join(bf16)}, and this run is in bf16: the ceiling above is bf16's."
         elif bf16:

@@ -34,7 +34,9 @@ def test_tables_report_medians_and_slowdowns(bench, tmp_path):
     assert result["cells"] == cells and result["alone_median"] == {"passive": 11.0, "default": 10.0}
     md = open(out + ".md").read()
     cpus = result["machine"]["cpu_cores"]
-    header = "| competitors | share: {} threads | 1-thread loop | PASSIVE: s | slowdown | libgomp default: s | slowdown |"
+    header = (
+        "| competitors | share: {} threads | 1-thread loop | PASSIVE: s | slowdown | libgomp default: s | slowdown |"
+    )
     assert header.format(cpus) in md  # no package column
     assert "| 0 | 1.00x | 1.00x | 11.0 (10.0-12.0, n = 3) | 1.00x | 10.0 (9.0-30.0, n = 3) | 1.00x |" in md
     assert f"| 2 | {bench.share(cpus, 2, cpus):.2f}x | 2.50x | 33.0 | 3.00x | 130.0 | 13.00x |" in md
