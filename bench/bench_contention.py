@@ -152,10 +152,11 @@ def write(out: str, steps: int, cells: list, commands: list) -> None:
         "other processes running 2-thread GEMMs. Slowdown: against the same policy alone. Share: the "
         "slowdown if every runnable thread got an equal share of the cores and lost nothing to sharing "
         "them. 1-thread loop: the measured slowdown of one thread of pure-Python arithmetic (no memory "
-        "traffic, no barrier), what the scheduler itself gives. Policies: the package as it comes (passive waits when the machine is busy at import, "
-        "libgomp's default otherwise, and the trainer's load guard); the package when the load starts after "
-        "the import (spinning waits, the guard drops to one thread); passive waits always; one thread "
-        "(the control, no barrier to wait at); libgomp's default with the guard off.",
+        "traffic, no barrier), what the scheduler itself gives. Policies: the package as it comes "
+        "(passive waits when the machine is busy at import, libgomp's default otherwise, and the "
+        "trainer's load guard); the package when the load starts after the import (spinning waits, the "
+        "guard drops to one thread); passive waits always; one thread (the control, no barrier to wait "
+        "at); libgomp's default with the guard off.",
         "",
         "| competitors | share: "
         + " / ".join(f"{t} thread{'s' * (t > 1)}" for t in threads)

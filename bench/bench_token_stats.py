@@ -385,10 +385,8 @@ def write(out, meta, rows):
             bf16_line = (
                 f"this CPU has {', '.join(bf16)}; torch.mm in bf16 on the same shapes: " + "; ".join(bf16_rates) + "."
             )
-        elif bf16 and meta["dtype"] == "bfloat16":
-            bf16_line = f"this CPU has {', '.join(bf16)}, and this run is in bf16: the ceiling above is bf16's."
         elif bf16:
-            bf16_line = f"this CPU has {', '.join(bf16)}; measured beside float32 runs only."
+            bf16_line = f"this CPU has {', '.join(bf16)}; this run is in {meta['dtype']}, the ceiling above too."
         else:
             bf16_line = "this CPU has neither AMX nor AVX512-BF16 (bf16 would be emulated), so only fp32 is measured."
         md += ["", "bf16 GEMMs: " + bf16_line]

@@ -26,7 +26,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -95,18 +95,6 @@ class UnreadableRow:
     reason: str
 
 
-def _lines(f) -> Iterator[bytes]:
-    """The lines of a binary file, ended by \\n, \\r\\n or a lone \\r (old Mac files) as in Python's
-    text mode: a raw CR cannot stand inside a JSON string, and a file saved with CR line ends would
-    otherwise read as one unreadable line."""
-    for raw in f:
-        body = raw.rstrip(b"\r\n")
-        if b"\r" in body:
-            yield from body.split(b"\r")
-        else:
-            yield raw
-
-
 def read_rows(source, *, bad_lines: str = "raise") -> List[Any]:
     """Rows from a .jsonl/.json/.parquet file, a ``datasets`` dataset or any iterable of dicts.
 
@@ -121,7 +109,9 @@ def read_rows(source, *, bad_lines: str = "raise") -> List[Any]:
         if path.endswith(".jsonl"):
             rows = []
             with open(path, "rb") as f:
-                for n, raw in enumerate(_lines(f), 1):
+                # bytes.splitlines ends lines at \n, \r\n and a lone \r (old Mac files), as text mode
+                # does; iterating the file alone would read a CR-only file as one unreadable line.
+                for n, raw in enumerate((line for chunk in f for line in chunk.splitlines()), 1):
                     if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (some editors write one)
                         raw = raw[3:]
                     if not raw.strip():

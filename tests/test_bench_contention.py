@@ -83,7 +83,7 @@ def test_merge_adds_a_policy_to_an_earlier_run(bench, tmp_path, monkeypatch):
     assert "| 20.0 | 2.05x | 50.0 | 5.00x |" in open(out + ".md").read()
 
 
-def test_the_loop_measures_a_real_rate_that_a_competitor_lowers(bench):
+def test_the_loop_measures_a_real_rate_that_competitors_lower(bench):
     """The scheduler control is a real measurement: two competing 2-thread processes take cores from it."""
     alone = bench.loop_rate(1.0)
     busy = bench.start_competitors(2)
