@@ -33,7 +33,12 @@ import time
 
 from _common import HERE, ROOT, SENTIMENT_CONFIG, command_line, machine_info, write_markdown
 
-BUSY = "import torch\ntorch.set_num_threads(2)\na = torch.randn(1500, 1500)\nwhile True:\n    a @ a\n"
+#: Two threads of GEMMs until killed; says "busy" once the first GEMM is done, so a caller can wait
+#: out the import of torch (seconds on a cold machine) before it measures anything under load.
+BUSY = (
+    "import torch\ntorch.set_num_threads(2)\na = torch.randn(1500, 1500)\na @ a\nprint('busy', flush=True)\n"
+    "while True:\n    a @ a\n"
+)
 #: One thread of pure arithmetic: what the scheduler gives a thread that shares nothing but the cores.
 LOOP = (
     "import sys, time\nn, end = 0, time.perf_counter() + float(sys.argv[1])\n"
@@ -97,8 +102,20 @@ def loop_rate(seconds: float) -> float:
 
 
 def start_competitors(n: int) -> list:
-    """``n`` processes running 2-thread GEMMs until killed."""
-    return [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(n)]
+    """``n`` processes running 2-thread GEMMs until killed, returned once every one of them is running."""
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY], stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    for p in procs:
+        if p.stdout.readline().strip() != "busy":
+            stop_competitors(procs)
+            raise RuntimeError(f"a competing process exited with code {p.wait()} before it started its GEMMs")
+    return procs
+
+
+def stop_competitors(procs: list) -> None:
+    for p in procs:
+        p.kill()
+        p.wait()
+        p.stdout.close()
 
 
 def share(threads: int, competitors: int, cpus: int) -> float:
@@ -229,9 +246,7 @@ def main():
             print(json.dumps(row), flush=True)
             write(a.out, a.steps, cells, commands)
         finally:
-            for p in busy:
-                p.kill()
-                p.wait()
+            stop_competitors(busy)
     print(f"wrote {a.out}.json, {a.out}.md")
 
 

@@ -88,10 +88,16 @@ def test_the_loop_measures_a_real_rate_that_competitors_lower(bench):
     alone = bench.loop_rate(1.0)
     busy = bench.start_competitors(2)
     try:
-        bench.time.sleep(1)
+        assert all(p.poll() is None for p in busy)
         loaded = bench.loop_rate(1.0)
     finally:
-        for p in busy:
-            p.kill()
-            p.wait()
+        bench.stop_competitors(busy)
     assert alone > 0 and loaded < 0.8 * alone, (alone, loaded)
+    assert all(p.poll() is not None for p in busy)
+
+
+def test_a_competitor_that_dies_before_its_gemms_is_an_error(bench, monkeypatch):
+    """Measuring "under load" with a competitor that never ran would report a load that was not there."""
+    monkeypatch.setattr(bench, "BUSY", "import sys\nsys.exit(3)\n")
+    with pytest.raises(RuntimeError, match="exited with code 3"):
+        bench.start_competitors(2)
