@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -101,28 +100,40 @@ def _import_in_subprocess(env):
     return out.stdout.strip().splitlines()[-1]
 
 
+def _spinners(n):
+    """``n`` CPU-bound processes, returned once each is spinning (a fixed sleep can end before a slow start)."""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", "print('up', flush=True)\nwhile True: pass"], stdout=subprocess.PIPE)
+        for _ in range(n)
+    ]
+    for p in procs:
+        assert p.stdout.readline() == b"up\n"
+    return procs
+
+
+def _stop(procs):
+    for p in procs:
+        p.kill()
+        p.wait()
+        p.stdout.close()
+
+
 @pytest.mark.slow
 def test_import_beside_busy_processes_waits_passively():
     """Real competitors: CPU-bound processes, one per core, running while the package is imported."""
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(CPUS)]
+    busy = _spinners(CPUS)
     try:
-        time.sleep(0.5)
         assert _import_in_subprocess({}) == "PASSIVE"
         assert _import_in_subprocess({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
         assert _import_in_subprocess({"SPARSEPO_LITE_OMP_PASSIVE": "0"}) == "<unset>"
     finally:
-        for p in busy:
-            p.kill()
-            p.wait()
+        _stop(busy)
 
 
 @pytest.mark.slow
 def test_guard_sees_real_busy_processes():
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(CPUS)]
+    busy = _spinners(CPUS)
     try:
-        time.sleep(0.5)
         assert LoadGuard(2, CPUS).check() == 1
     finally:
-        for p in busy:
-            p.kill()
-            p.wait()
+        _stop(busy)
