@@ -6,14 +6,15 @@ and the alternatives.
 Each cell trains the sentiment recipe (SmolLM2-135M-Instruct, 4-bit + LoRA, SparsePO) for
 ``--steps`` steps in its own process and reads the Trainer's ``train_runtime``, while 0 to 3 other
 processes each run 2-thread fp32 GEMMs in a loop (another user's job on a shared machine). The
-policies: the package as it comes (sparsepo_lite/waits.py: passive waits when other runnable
-threads oversubscribe the cores at import, libgomp's spinning default otherwise, and then the
-trainer's load guard, which drops to one thread while the machine is oversubscribed); the package
-after a load that started after the import (spinning waits, the guard on); passive waits always;
-one thread (the control: no barrier to wait at); libgomp's default with the guard off. A spinning
-thread holds a core that a competitor needs, and each of torch's, bitsandbytes' and the extension's
-parallel regions then waits for its slowest thread, so that step collapses under oversubscription;
-alone, spinning is faster. Every policy is sampled ``--repeats-alone`` times alone and
+policies: the package as it comes (sparsepo_lite/waits.py: the competitors start first, so the
+import sees them and picks passive waits); the package when the load starts after the import (the
+short spins a quiet import picks, ``GOMP_SPINCOUNT=2000``); libgomp's default with the trainer's
+load guard, which drops to one thread while the machine is oversubscribed (what
+``SPARSEPO_LITE_OMP_PASSIVE=0`` gives); passive waits always; one thread (the control: no barrier to
+wait at); libgomp's default with the guard off (torch on its own). A thread spinning for
+milliseconds holds a core that a competitor needs, and each of torch's, bitsandbytes' and the
+extension's parallel regions then waits for its slowest thread, so that step collapses under
+oversubscription; alone, spinning is faster. Every policy is sampled ``--repeats-alone`` times alone and
 ``--repeats-loaded`` times under each load (libgomp's default once: it takes minutes under load),
 alternating, so that drifting load hits all alike. The share column is the slowdown if each of the
 runnable threads got an equal share of the cores and lost nothing to sharing them; beside it, the
@@ -31,6 +32,8 @@ import sys
 import tempfile
 import time
 
+from sparsepo_lite.waits import SHORT_SPINS, SWITCH
+
 from _common import HERE, ROOT, SENTIMENT_CONFIG, command_line, machine_info, write_markdown
 
 #: Two threads of GEMMs until killed; says "busy" once the first GEMM is done, so a caller can wait
@@ -46,15 +49,20 @@ LOOP = (
 )
 #: The policies compared: the environment and the extra ``train`` arguments of each training process.
 POLICIES = {
-    "package": ({"SPARSEPO_LITE_OMP_PASSIVE": "auto"}, []),
-    "late": ({"SPARSEPO_LITE_OMP_PASSIVE": "0"}, []),
+    "package": ({SWITCH: "auto"}, []),
+    "late": ({"GOMP_SPINCOUNT": str(SHORT_SPINS)}, []),
+    "guard": ({SWITCH: "0"}, []),
     "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, []),
     "one_thread": ({"OMP_NUM_THREADS": "1"}, []),
-    "default": ({"SPARSEPO_LITE_OMP_PASSIVE": "0"}, ["--cpu_load_guard", "false"]),
+    "default": ({SWITCH: "0"}, ["--cpu_load_guard", "false"]),
 }
+#: What the bench's own process may have inherited or set (its import of the package chooses too):
+#: no child sees it unless its policy sets it.
+THREAD_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", SWITCH)
 TITLES = {
     "package": "package",
     "late": "package, load after import",
+    "guard": "libgomp default + load guard",
     "passive": "PASSIVE",
     "one_thread": "1 thread",
     "default": "libgomp default",
@@ -63,10 +71,13 @@ TITLES = {
 THREADS = {"one_thread": 1}
 
 
+def child_env(settings: dict) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_SETTINGS}
+    return {**env, **settings}
+
+
 def train_seconds(policy: str, steps: int, work: str) -> float:
     out = os.path.join(work, policy)
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    env.update(POLICIES[policy][0])
     subprocess.run(
         [
             sys.executable,
@@ -87,7 +98,7 @@ def train_seconds(policy: str, steps: int, work: str) -> float:
         ],
         check=True,
         cwd=ROOT,
-        env=env,
+        env=child_env(POLICIES[policy][0]),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -97,13 +108,18 @@ def train_seconds(policy: str, steps: int, work: str) -> float:
 
 def loop_rate(seconds: float) -> float:
     """Iterations per second of :data:`LOOP` run for ``seconds`` in its own process."""
-    out = subprocess.run([sys.executable, "-c", LOOP, str(seconds)], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", LOOP, str(seconds)], check=True, capture_output=True, text=True, env=child_env({})
+    )
     return float(out.stdout)
 
 
 def start_competitors(n: int) -> list:
     """``n`` processes running 2-thread GEMMs until killed, returned once every one of them is running."""
-    procs = [subprocess.Popen([sys.executable, "-c", BUSY], stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", BUSY], stdout=subprocess.PIPE, text=True, env=child_env({}))
+        for _ in range(n)
+    ]
     for p in procs:
         if p.stdout.readline().strip() != "busy":
             stop_competitors(procs)
@@ -170,10 +186,11 @@ def write(out: str, steps: int, cells: list, commands: list) -> None:
         "slowdown if every runnable thread got an equal share of the cores and lost nothing to sharing "
         "them. 1-thread loop: the measured slowdown of one thread of pure-Python arithmetic (no memory "
         "traffic, no barrier), what the scheduler itself gives. Policies: the package as it comes "
-        "(passive waits when the machine is busy at import, libgomp's default otherwise, and the "
-        "trainer's load guard); the package when the load starts after the import (spinning waits, the "
-        "guard drops to one thread); passive waits always; one thread (the control, no barrier to wait "
-        "at); libgomp's default with the guard off.",
+        "(passive waits when the machine is busy at import, short spins otherwise); the package when the "
+        f"load starts after the import (GOMP_SPINCOUNT={SHORT_SPINS}, what a quiet import sets); libgomp's "
+        f"default with the trainer's load guard, which drops to one thread under load ({SWITCH}=0); "
+        "passive waits always; one thread (the control, no barrier to wait at); libgomp's default with "
+        "the guard off.",
         "",
         "| competitors | share: "
         + " / ".join(f"{t} thread{'s' * (t > 1)}" for t in threads)

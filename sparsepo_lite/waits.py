@@ -1,35 +1,47 @@
 """How this process's OpenMP threads wait between parallel regions, chosen once at import.
 
-libgomp (used by torch, bitsandbytes and the extension) lets an idle thread spin for a few
-milliseconds before it sleeps. Alone on its cores that is the fastest choice: a step of the CPU
-sentiment recipe takes 20-30% longer when threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``) and
-must be woken for each of its thousands of short parallel regions. Beside other busy processes it is
-the slowest by far: a spinning thread holds a core while the sibling it waits for has been
-preempted, so each region waits out a time slice: the step ran 13x slower beside two busy 2-thread
-processes, 2.8x with passive waits (3x is the equal share). bench/results/cpu_contention.md has the
-numbers.
+libgomp (used by torch, bitsandbytes and the extension) lets an idle thread spin before it sleeps:
+300000 spins by default, several milliseconds. Alone on its cores spinning is the fastest choice: a
+step of the CPU sentiment recipe takes 20-30% longer when threads sleep at once
+(``OMP_WAIT_POLICY=PASSIVE``) and must be woken for each of its ~10,000 short parallel regions.
+Beside other busy processes long spins are the slowest by far: a spinning thread holds a core
+while the sibling it waits for has been preempted, so each region waits out a time slice: the step
+ran 13x slower beside two busy 2-thread processes, 3.3-3.8x with passive waits (3x is the equal
+share). bench/results/cpu_contention.md has the numbers.
 
-So the choice follows the machine's load when the package is imported, which has to happen before
-torch loads libgomp (libgomp reads the policy once): passive waits when other runnable threads would
-oversubscribe the cores this process's threads use, libgomp's default otherwise.
+A short spin is nearly both: :data:`SHORT_SPINS` (about 50 us here) covers the gap between one
+region and the next, so alone a step is as fast as with the default, and it bounds what a region
+can waste on a preempted sibling, so under load a step is within ~5-10% of passive waits. So the
+import, which has to happen before torch loads libgomp (libgomp reads its settings once), picks
+passive waits when other runnable threads already oversubscribe the cores this process's threads
+use, and short spins otherwise: a load that starts later finds threads that do not collapse.
 
-A load that starts after the import finds the threads spinning. For that case :class:`LoadGuard`
-looks at the load again at every training step (the trainer's ``cpu_load_guard``) and, while the
-machine is oversubscribed, runs torch on one thread: with no sibling to wait for, spinning costs
-nothing, and the step takes about 4.9x its time alone beside two busy 2-thread processes instead of
-13x (passive waits with two threads, which the import chooses, do better still: one thread gets a
-smaller share of the cores than two). It restores the threads once the load has gone.
+:class:`LoadGuard` is for a process whose threads spin long anyway (``SPARSEPO_LITE_OMP_PASSIVE=0``,
+``OMP_WAIT_POLICY=ACTIVE`` or a long ``GOMP_SPINCOUNT``): the trainer's ``cpu_load_guard`` looks at
+the load at every step and, while the machine is oversubscribed, runs torch on one thread, which
+has no sibling to wait for (4.9x its time alone beside two busy 2-thread processes instead of 13x).
+It restores the threads once the load has gone.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
-from typing import Callable, MutableMapping, Optional
+from typing import Callable, Mapping, MutableMapping, Optional
 
-#: 1: always passive waits; 0: always libgomp's default; unset or "auto": follow the load at import.
+#: 1: always passive waits; 0: always libgomp's default; unset or "auto": passive waits when the
+#: machine is busy at import, :data:`SHORT_SPINS` otherwise.
 SWITCH = "SPARSEPO_LITE_OMP_PASSIVE"
+#: ``GOMP_SPINCOUNT`` on a quiet machine: 2000 pause loops, ~50 us on the 2-core EPYC the bench ran
+#: on. 1000-5000 were as fast alone as libgomp's 300000; beside two busy processes 5000 took 1.35x
+#: passive waits' time, 2000 1.04x (bench/results/cpu_contention.md, docs/benchmarks.md).
+SHORT_SPINS = 2000
+#: libgomp's spin counts when ``GOMP_SPINCOUNT`` is not set, by ``OMP_WAIT_POLICY``.
+_POLICY_SPINS = {"PASSIVE": 0, "ACTIVE": 30_000_000_000}
+_DEFAULT_SPINS = 300_000
+_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
 
 def other_runnable_threads(samples: int = 5, interval_s: float = 0.01) -> Optional[int]:
@@ -81,7 +93,7 @@ def other_runnable_now() -> Optional[int]:
 
 class LoadGuard:
     """Runs torch on one thread while the machine is oversubscribed, for a process whose OpenMP
-    threads spin (the import found the machine quiet); :meth:`check` is called between training steps.
+    threads spin long (:func:`waits_spin_long`); :meth:`check` is called between training steps.
 
     ``threads``: this process's thread count when quiet; ``cpus``: the cores it may use. A check reads
     the load ``samples`` times ``interval_s`` apart. It drops to one thread as soon as every read sees
@@ -126,9 +138,23 @@ class LoadGuard:
         return None
 
 
-def waits_spin(environ: MutableMapping[str, str] = os.environ) -> bool:
-    """Whether this process's OpenMP threads spin between parallel regions (libgomp's default)."""
-    return environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE"
+def spin_count(environ: Mapping[str, str] = os.environ) -> float:
+    """The spins libgomp makes before an idle thread sleeps, read from ``environ`` as libgomp reads
+    it: ``GOMP_SPINCOUNT`` (an integer with an optional k/M/G/T suffix, or "infinite"), else by
+    ``OMP_WAIT_POLICY``. A value libgomp would reject counts as unset."""
+    raw = environ.get("GOMP_SPINCOUNT", "")
+    if re.fullmatch(r"\s*infinit[ey]\s*", raw, re.IGNORECASE):
+        return float("inf")
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)\s*", raw, re.IGNORECASE)
+    if m:
+        return float(int(m[1]) * _SUFFIXES.get(m[2].lower(), 1))
+    return float(_POLICY_SPINS.get(environ.get("OMP_WAIT_POLICY", "").strip().upper(), _DEFAULT_SPINS))
+
+
+def waits_spin_long(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process's OpenMP threads spin longer than :data:`SHORT_SPINS`, the waits that
+    collapse under oversubscription."""
+    return spin_count(environ) > SHORT_SPINS
 
 
 def cpus_available() -> int:
@@ -142,15 +168,17 @@ def choose_wait_policy(
     environ: MutableMapping[str, str] = os.environ,
     others: Callable[[], Optional[int]] = other_runnable_threads,
 ) -> str:
-    """Set ``OMP_WAIT_POLICY=PASSIVE`` in ``environ`` when passive waits are the better choice;
-    return the decision and its reason, for the logs. An explicit ``OMP_WAIT_POLICY`` is kept."""
+    """Set ``OMP_WAIT_POLICY=PASSIVE`` in ``environ`` when the machine is busy, ``GOMP_SPINCOUNT`` to
+    :data:`SHORT_SPINS` when it is quiet; return the decision and its reason, for the logs. An
+    explicit ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is kept."""
     late = " (torch was imported first, so libgomp had already read the policy)" if "torch" in sys.modules else ""
     return _decide(environ, others) + late
 
 
 def _decide(environ, others) -> str:
-    if environ.get("OMP_WAIT_POLICY"):
-        return f"OMP_WAIT_POLICY={environ['OMP_WAIT_POLICY']} (set by the user)"
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        if environ.get(name):
+            return f"{name}={environ[name]} (set by the user)"
     switch = environ.get(SWITCH, "auto").strip().lower()
     if switch == "1":
         environ["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -163,9 +191,10 @@ def _decide(environ, others) -> str:
     except ValueError:
         ours = cpus
     busy = others()
-    if busy is None:
-        return "libgomp's default waits (the machine's load is unknown)"
-    if busy + ours > cpus:
+    if busy is not None and busy + ours > cpus:
         environ["OMP_WAIT_POLICY"] = "PASSIVE"
         return f"OMP_WAIT_POLICY=PASSIVE ({busy} other runnable threads + {ours} of ours > {cpus} CPUs at import)"
-    return f"libgomp's default waits ({busy} other runnable threads + {ours} of ours <= {cpus} CPUs at import)"
+    environ["GOMP_SPINCOUNT"] = str(SHORT_SPINS)
+    if busy is None:
+        return f"GOMP_SPINCOUNT={SHORT_SPINS} (the machine's load is unknown)"
+    return f"GOMP_SPINCOUNT={SHORT_SPINS} ({busy} other runnable threads + {ours} of ours <= {cpus} CPUs at import)"

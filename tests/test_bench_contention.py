@@ -101,3 +101,14 @@ def test_a_competitor_that_dies_before_its_gemms_is_an_error(bench, monkeypatch)
     monkeypatch.setattr(bench, "BUSY", "import sys\nsys.exit(3)\n")
     with pytest.raises(RuntimeError, match="exited with code 3"):
         bench.start_competitors(2)
+
+
+def test_children_see_only_their_own_policy(bench, monkeypatch):
+    """The bench's own import of the package sets libgomp variables; a training process or competitor
+    that inherited them would run another policy than its column says."""
+    monkeypatch.setenv("GOMP_SPINCOUNT", "2000")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    env = bench.child_env(bench.POLICIES["default"][0])
+    assert "GOMP_SPINCOUNT" not in env and "OMP_WAIT_POLICY" not in env and env[bench.SWITCH] == "0"
+    assert bench.child_env(bench.POLICIES["late"][0])["GOMP_SPINCOUNT"] == str(bench.SHORT_SPINS)
+    assert "GOMP_SPINCOUNT" not in bench.child_env({})

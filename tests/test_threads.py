@@ -1,7 +1,8 @@
 """OpenMP waiting (sparsepo_lite/waits.py): importing the package picks passive waits when other
 runnable threads would oversubscribe the cores (a CPU step beside busy processes collapses
-otherwise) and keeps libgomp's faster spinning default on a quiet machine; an explicit setting and
-the SPARSEPO_LITE_OMP_PASSIVE switch win."""
+otherwise) and short spins on a quiet machine (as fast alone as libgomp's long default, and no
+collapse when a load comes later); an explicit setting and the SPARSEPO_LITE_OMP_PASSIVE switch win.
+The spin count is read as libgomp reads it, and only long spins bring in the trainer's load guard."""
 
 from __future__ import annotations
 
@@ -12,38 +13,47 @@ import sys
 import pytest
 
 from sparsepo_lite.waits import (
+    SHORT_SPINS,
     LoadGuard,
     choose_wait_policy,
     cpus_available,
     other_runnable_now,
     other_runnable_threads,
     our_running_threads,
-    waits_spin,
+    spin_count,
+    waits_spin_long,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROBE = "import os, sparsepo_lite; print(os.environ.get('OMP_WAIT_POLICY', '<unset>'))"
+PROBE = (
+    "import os, sparsepo_lite\n"
+    "print(os.environ.get('OMP_WAIT_POLICY', '<unset>'), os.environ.get('GOMP_SPINCOUNT', '<unset>'))"
+)
+SHORT = str(SHORT_SPINS)
 CPUS = cpus_available()
 
 
 @pytest.mark.parametrize(
-    "env, busy, expected",
+    "env, busy, policy, spins",
     [
-        ({}, 0, None),  # quiet: libgomp's default
-        ({}, 1, "PASSIVE"),  # one more runnable thread than free cores
-        ({"OMP_NUM_THREADS": "1"}, CPUS - 1, None),  # our one thread still fits
-        ({"OMP_NUM_THREADS": "1"}, CPUS, "PASSIVE"),
-        ({}, None, None),  # load unknown (no /proc/loadavg)
-        ({"OMP_WAIT_POLICY": "ACTIVE"}, 5, "ACTIVE"),  # the user's choice is kept
-        ({"SPARSEPO_LITE_OMP_PASSIVE": "1"}, 0, "PASSIVE"),
-        ({"SPARSEPO_LITE_OMP_PASSIVE": "0"}, 5, None),
+        ({}, 0, None, SHORT),  # quiet: short spins
+        ({}, 1, "PASSIVE", None),  # one more runnable thread than free cores
+        ({"OMP_NUM_THREADS": "1"}, CPUS - 1, None, SHORT),  # our one thread still fits
+        ({"OMP_NUM_THREADS": "1"}, CPUS, "PASSIVE", None),
+        ({}, None, None, SHORT),  # load unknown (no /proc/loadavg)
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, 5, "ACTIVE", None),  # the user's choices are kept
+        ({"GOMP_SPINCOUNT": "10k"}, 5, None, "10k"),
+        ({"GOMP_SPINCOUNT": "0"}, 0, None, "0"),
+        ({"SPARSEPO_LITE_OMP_PASSIVE": "1"}, 0, "PASSIVE", None),
+        ({"SPARSEPO_LITE_OMP_PASSIVE": "0"}, 5, None, None),  # libgomp's own default, long spins
+        ({"SPARSEPO_LITE_OMP_PASSIVE": "0"}, 0, None, None),
     ],
 )
-def test_choice(env, busy, expected):
+def test_choice(env, busy, policy, spins):
     environ = dict(env)
     reason = choose_wait_policy(environ, others=lambda: busy)
-    assert environ.get("OMP_WAIT_POLICY") == expected
-    assert reason and (expected is None or expected in reason)
+    assert (environ.get("OMP_WAIT_POLICY"), environ.get("GOMP_SPINCOUNT")) == (policy, spins)
+    assert reason and ((policy or spins) is None or (policy or spins) in reason)
 
 
 def test_runnable_threads_are_read_from_the_machine():
@@ -58,9 +68,31 @@ def test_our_running_threads_count_the_caller():
     assert m is None or m >= 0
 
 
-def test_waits_spin_unless_passive():
-    assert waits_spin({}) and waits_spin({"OMP_WAIT_POLICY": "ACTIVE"})
-    assert not waits_spin({"OMP_WAIT_POLICY": "passive "})
+@pytest.mark.parametrize(
+    "env, spins",
+    [
+        ({}, 300_000),  # libgomp's defaults by policy
+        ({"OMP_WAIT_POLICY": "passive "}, 0),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, 30e9),
+        ({"GOMP_SPINCOUNT": "2000"}, 2000),  # the count wins over the policy
+        ({"GOMP_SPINCOUNT": " 3 K ", "OMP_WAIT_POLICY": "PASSIVE"}, 3000),
+        ({"GOMP_SPINCOUNT": "2m"}, 2e6),
+        ({"GOMP_SPINCOUNT": "1G"}, 1e9),
+        ({"GOMP_SPINCOUNT": "Infinity"}, float("inf")),
+        ({"GOMP_SPINCOUNT": "-5", "OMP_WAIT_POLICY": "PASSIVE"}, 0),  # rejected by libgomp: as if unset
+        ({"GOMP_SPINCOUNT": "2000x"}, 300_000),
+        ({"GOMP_SPINCOUNT": ""}, 300_000),
+    ],
+)
+def test_spin_count_is_read_as_libgomp_reads_it(env, spins):
+    assert spin_count(env) == spins
+
+
+def test_only_long_spins_count_as_spinning():
+    assert waits_spin_long({}) and waits_spin_long({"OMP_WAIT_POLICY": "ACTIVE"})
+    assert waits_spin_long({"GOMP_SPINCOUNT": str(SHORT_SPINS + 1)})
+    assert not waits_spin_long({"GOMP_SPINCOUNT": SHORT})
+    assert not waits_spin_long({"OMP_WAIT_POLICY": "PASSIVE"})
 
 
 def guard_with(readings, threads=2, cpus=2, quiet_checks=3, samples=1):
@@ -93,7 +125,11 @@ def test_guard_gives_up_when_the_load_cannot_be_read():
 
 
 def _import_in_subprocess(env):
-    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "SPARSEPO_LITE_OMP_PASSIVE")}
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "SPARSEPO_LITE_OMP_PASSIVE")
+    }
     out = subprocess.run(
         [sys.executable, "-c", PROBE], env={**base, **env}, cwd=ROOT, capture_output=True, text=True, check=True
     )
@@ -123,9 +159,9 @@ def test_import_beside_busy_processes_waits_passively():
     """Real competitors: CPU-bound processes, one per core, running while the package is imported."""
     busy = _spinners(CPUS)
     try:
-        assert _import_in_subprocess({}) == "PASSIVE"
-        assert _import_in_subprocess({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
-        assert _import_in_subprocess({"SPARSEPO_LITE_OMP_PASSIVE": "0"}) == "<unset>"
+        assert _import_in_subprocess({}) == "PASSIVE <unset>"
+        assert _import_in_subprocess({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE <unset>"
+        assert _import_in_subprocess({"SPARSEPO_LITE_OMP_PASSIVE": "0"}) == "<unset> <unset>"
     finally:
         _stop(busy)
 

@@ -246,7 +246,8 @@ def test_cpu_load_guard_runs_on_one_thread_while_the_machine_is_busy(tiny_dir, t
         "LoadGuard",
         lambda threads, cpus: LoadGuard(threads, 2, samples=1, interval_s=0, others=lambda: next(readings)),
     )
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # spinning waits, whatever the import chose
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # libgomp's long spins, whatever the import chose
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -259,8 +260,12 @@ def test_cpu_load_guard_runs_on_one_thread_while_the_machine_is_busy(tiny_dir, t
         torch.set_num_threads(threads)
 
 
-def test_cpu_load_guard_stays_out_with_passive_waits(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+@pytest.mark.parametrize("env", [{"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "2000"}])
+def test_cpu_load_guard_stays_out_with_passive_waits_or_short_spins(tiny_dir, tmp_path, monkeypatch, env):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
     trainer = make_trainer(tiny_dir, tmp_path, "dpo", steps=1)
     trainer.train()
     assert not [cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "_CPULoadGuard"]

@@ -121,8 +121,9 @@ class SparsePOConfig(transformers.TrainingArguments):
     cpu_load_guard: bool = _field(
         True,
         group="run",
-        help="on the CPU, when OpenMP threads spin (the machine was quiet at import), run torch on one thread "
-        "while other processes oversubscribe the cores, checked before every step (docs/training.md)",
+        help="on the CPU, when OpenMP threads spin long (SPARSEPO_LITE_OMP_PASSIVE=0, OMP_WAIT_POLICY=ACTIVE or a "
+        "GOMP_SPINCOUNT above 2000), run torch on one thread while other processes oversubscribe the cores, "
+        "checked before every step (docs/training.md)",
     )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "(fixed at False: the examples are dataclasses, not column dicts)"}

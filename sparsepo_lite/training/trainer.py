@@ -26,7 +26,7 @@ from ..masks import MASK_CONFIG, MASK_WEIGHTS, SparsePOMasks, load_masks, save_m
 from ..models import ModelConfig, load_policy, load_tokenizer, unwrap
 from ..objective import compute_loss
 from ..refcache import CachedExample, CachedReferenceCollator, RefCache, run_fingerprint
-from ..waits import LoadGuard, cpus_available, waits_spin
+from ..waits import LoadGuard, cpus_available, waits_spin_long
 from .config import RUN_CONFIG, SparsePOConfig
 from .distributed import all_reduce_mean_
 
@@ -459,8 +459,8 @@ class SparsePOTrainer(transformers.Trainer):
             )
 
     def _guard_cpu_load(self) -> None:
-        """Add the CPU load guard (once) where it can help: spinning waits and more than one thread."""
-        if not self.args.cpu_load_guard or not waits_spin() or torch.get_num_threads() < 2:
+        """Add the CPU load guard (once) where it can help: long spinning waits and more than one thread."""
+        if not self.args.cpu_load_guard or not waits_spin_long() or torch.get_num_threads() < 2:
             return
         if not any(isinstance(cb, _CPULoadGuard) for cb in self.callback_handler.callbacks):
             self.add_callback(_CPULoadGuard(LoadGuard(torch.get_num_threads(), cpus_available())))
