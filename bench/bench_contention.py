@@ -67,6 +67,16 @@ TITLES = {
     "one_thread": "1 thread",
     "default": "libgomp default",
 }
+
+
+def spin_policy(spins: int) -> str:
+    """Register (once) and name the policy of libgomp spinning ``spins`` times, the guard off."""
+    name = f"spin_{spins}"
+    POLICIES[name] = ({"GOMP_SPINCOUNT": str(spins)}, ["--cpu_load_guard", "false"])
+    TITLES[name] = f"GOMP_SPINCOUNT={spins}"
+    return name
+
+
 #: Threads each policy runs on (the competitors run 2 each).
 THREADS = {"one_thread": 1}
 
@@ -226,10 +236,18 @@ def main():
     ap.add_argument(
         "--repeats-loaded", type=int, default=2, help="samples per policy under load (libgomp's default: one)"
     )
+    ap.add_argument(
+        "--spins",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also measure libgomp spinning this many times (GOMP_SPINCOUNT, the guard off), one policy each",
+    )
     ap.add_argument("--loop-seconds", type=float, default=10.0, help="the 1-thread loop at each load (0: none)")
     ap.add_argument("--merge", action="store_true", help="add to the cells of an earlier run (same steps)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu_contention"))
     a = ap.parse_args()
+    a.policies += [spin_policy(n) for n in a.spins]
 
     commands, cells = [command_line()], []
     if a.merge and os.path.isfile(a.out + ".json"):
@@ -239,6 +257,10 @@ def main():
             sys.exit(f"--merge: {a.out}.json has {old['steps']} steps a cell, this run {a.steps}")
         commands = old.get("commands", [old.get("command")]) + commands
         cells = old["cells"]
+        for c in cells:
+            for key in c:
+                if key.startswith("spin_"):
+                    spin_policy(int(key[len("spin_") :]))
     work = tempfile.mkdtemp(prefix="bench_contention_")
     for load in a.loads:
         busy = start_competitors(load)

@@ -6,12 +6,12 @@ step of the CPU sentiment recipe takes 20-30% longer when threads sleep at once
 (``OMP_WAIT_POLICY=PASSIVE``) and must be woken for each of its ~10,000 short parallel regions.
 Beside other busy processes long spins are the slowest by far: a spinning thread holds a core
 while the sibling it waits for has been preempted, so each region waits out a time slice: the step
-ran 13x slower beside two busy 2-thread processes, 3.3-3.8x with passive waits (3x is the equal
-share). bench/results/cpu_contention.md has the numbers.
+ran 13-16x slower beside two busy 2-thread processes, 3.2-3.7x with passive waits (3x is the
+equal share). bench/results/cpu_contention*.md have the numbers.
 
 A short spin is nearly both: :data:`SHORT_SPINS` (about 50 us here) covers the gap between one
 region and the next, so alone a step is as fast as with the default, and it bounds what a region
-can waste on a preempted sibling, so under load a step is within ~5-10% of passive waits. So the
+can waste on a preempted sibling, so under load a step takes 1.05-1.25x passive waits' time. So the
 import, which has to happen before torch loads libgomp (libgomp reads its settings once), picks
 passive waits when other runnable threads already oversubscribe the cores this process's threads
 use, and short spins otherwise: a load that starts later finds threads that do not collapse.
@@ -35,8 +35,8 @@ from typing import Callable, Mapping, MutableMapping, Optional
 #: machine is busy at import, :data:`SHORT_SPINS` otherwise.
 SWITCH = "SPARSEPO_LITE_OMP_PASSIVE"
 #: ``GOMP_SPINCOUNT`` on a quiet machine: 2000 pause loops, ~50 us on the 2-core EPYC the bench ran
-#: on. 1000-5000 were as fast alone as libgomp's 300000; beside two busy processes 5000 took 1.35x
-#: passive waits' time, 2000 1.04x (bench/results/cpu_contention.md, docs/benchmarks.md).
+#: on. 1000-2000 were as fast alone as libgomp's 300000 and 200 was not; beside two busy processes
+#: 2000 took 1.05-1.25x passive waits' time, 5000 1.46x, 20000 2.2x (bench/results/cpu_spin_counts.md).
 SHORT_SPINS = 2000
 #: libgomp's spin counts when ``GOMP_SPINCOUNT`` is not set, by ``OMP_WAIT_POLICY``.
 _POLICY_SPINS = {"PASSIVE": 0, "ACTIVE": 30_000_000_000}

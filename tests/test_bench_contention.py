@@ -112,3 +112,9 @@ def test_children_see_only_their_own_policy(bench, monkeypatch):
     assert "GOMP_SPINCOUNT" not in env and "OMP_WAIT_POLICY" not in env and env[bench.SWITCH] == "0"
     assert bench.child_env(bench.POLICIES["late"][0])["GOMP_SPINCOUNT"] == str(bench.SHORT_SPINS)
     assert "GOMP_SPINCOUNT" not in bench.child_env({})
+
+
+def test_a_spin_count_is_a_policy_of_its_own(bench):
+    name = bench.spin_policy(1234)
+    assert bench.child_env(bench.POLICIES[name][0])["GOMP_SPINCOUNT"] == "1234"
+    assert "--cpu_load_guard" in bench.POLICIES[name][1] and bench.TITLES[name] == "GOMP_SPINCOUNT=1234"
