@@ -123,9 +123,8 @@ def pair_stats(hidden, weight, labels, seq_ids, num_pairs, ref: Reference, u, d,
     per_token = u.to(torch.float64) * (stats.logp.to(torch.float64) - stats.ref_logp.to(torch.float64))
     masked_kl = None
     if d is not None:
-        d_kl = d.to(torch.float64) * stats.kl.to(torch.float64)
-        per_token = per_token + d_kl
-        masked_kl = sums(d_kl.detach()).to(acc)
+        per_token = per_token + d.to(torch.float64) * stats.kl.to(torch.float64)
+        masked_kl = sums(d.detach() * stats.kl).to(acc)
     total = (sums(per_token) + (stats.seq_sums - stats.seq_sums.detach())).to(acc)
     if masked_kl is None:
         masked_kl = torch.zeros_like(total).detach()
