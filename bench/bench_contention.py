@@ -6,14 +6,17 @@ and the alternatives.
 Each cell trains the sentiment recipe (SmolLM2-135M-Instruct, 4-bit + LoRA, SparsePO) for
 ``--steps`` steps in its own process and reads the Trainer's ``train_runtime``, while 0 to 3 other
 processes each run 2-thread fp32 GEMMs in a loop (another user's job on a shared machine). The
-policies: the package as it comes (sparsepo_lite/waits.py: the competitors start first, so the
-import sees them and picks passive waits); the package when the load starts after the import (the
-short spins a quiet import picks, ``GOMP_SPINCOUNT=2000``); libgomp's default with the trainer's
-load guard, which drops to one thread while the machine is oversubscribed (what
-``SPARSEPO_LITE_OMP_PASSIVE=0`` gives); passive waits always; one thread (the control: no barrier to
-wait at); libgomp's default with the guard off (torch on its own). A thread spinning for
-milliseconds holds a core that a competitor needs, and each of torch's, bitsandbytes' and the
-extension's parallel regions then waits for its slowest thread, so that step collapses under
+policies: the package as it comes (each micro-batch's pairs run in shards on the threads, each
+shard's ops on one thread: sparsepo_lite/training/pair_threads.py; the waits of
+sparsepo_lite/waits.py: the competitors start first, so the import sees them and picks passive
+waits); the same when the load starts after the import (the short spins a quiet import picks,
+``GOMP_SPINCOUNT=2000``); the package running whole batches, every op split across the threads
+(``--cpu_pair_threads false``, the package before the shards); then, all with whole batches:
+libgomp's default with the trainer's load guard, which drops to one thread while the machine is
+oversubscribed (what ``SPARSEPO_LITE_OMP_PASSIVE=0`` gives); passive waits always; one thread (the
+control: no barrier to wait at); libgomp's default with the guard off (torch on its own). A thread
+spinning for milliseconds holds a core that a competitor needs, and each of torch's, bitsandbytes'
+and the extension's parallel regions then waits for its slowest thread, so that step collapses under
 oversubscription; alone, spinning is faster. Every policy is sampled ``--repeats-alone`` times alone and
 ``--repeats-loaded`` times under each load (libgomp's default once: it takes minutes under load),
 alternating, so that drifting load hits all alike. The share column is the slowdown if each of the
@@ -47,14 +50,17 @@ LOOP = (
     "import sys, time\nn, end = 0, time.perf_counter() + float(sys.argv[1])\n"
     "while time.perf_counter() < end:\n    for _ in range(10000):\n        n += 1\nprint(n / float(sys.argv[1]))\n"
 )
+#: ``train`` arguments that run every op on all threads instead of a micro-batch's pairs on threads.
+WHOLE = ["--cpu_pair_threads", "false"]
 #: The policies compared: the environment and the extra ``train`` arguments of each training process.
 POLICIES = {
     "package": ({SWITCH: "auto"}, []),
     "late": ({"GOMP_SPINCOUNT": str(SHORT_SPINS)}, []),
-    "guard": ({SWITCH: "0"}, []),
-    "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, []),
+    "whole": ({SWITCH: "auto"}, WHOLE),
+    "guard": ({SWITCH: "0"}, WHOLE),
+    "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, WHOLE),
     "one_thread": ({"OMP_NUM_THREADS": "1"}, []),
-    "default": ({SWITCH: "0"}, ["--cpu_load_guard", "false"]),
+    "default": ({SWITCH: "0"}, ["--cpu_load_guard", "false", *WHOLE]),
 }
 #: What the bench's own process may have inherited or set (its import of the package chooses too):
 #: no child sees it unless its policy sets it.
@@ -62,6 +68,7 @@ THREAD_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", SWITC
 TITLES = {
     "package": "package",
     "late": "package, load after import",
+    "whole": "package, whole batches",
     "guard": "libgomp default + load guard",
     "passive": "PASSIVE",
     "one_thread": "1 thread",
@@ -72,7 +79,7 @@ TITLES = {
 def spin_policy(spins: int) -> str:
     """Register (once) and name the policy of libgomp spinning ``spins`` times, the guard off."""
     name = f"spin_{spins}"
-    POLICIES[name] = ({"GOMP_SPINCOUNT": str(spins)}, ["--cpu_load_guard", "false"])
+    POLICIES[name] = ({"GOMP_SPINCOUNT": str(spins)}, ["--cpu_load_guard", "false", *WHOLE])
     TITLES[name] = f"GOMP_SPINCOUNT={spins}"
     return name
 
@@ -196,10 +203,13 @@ def write(out: str, steps: int, cells: list, commands: list) -> None:
         "slowdown if every runnable thread got an equal share of the cores and lost nothing to sharing "
         "them. 1-thread loop: the measured slowdown of one thread of pure-Python arithmetic (no memory "
         "traffic, no barrier), what the scheduler itself gives. Policies: the package as it comes "
-        "(passive waits when the machine is busy at import, short spins otherwise); the package when the "
-        f"load starts after the import (GOMP_SPINCOUNT={SHORT_SPINS}, what a quiet import sets); libgomp's "
-        f"default with the trainer's load guard, which drops to one thread under load ({SWITCH}=0); "
-        "passive waits always; one thread (the control, no barrier to wait at); libgomp's default with "
+        "(each micro-batch's pairs in shards on the threads, one thread per shard; passive waits when the "
+        "machine is busy at import, short spins otherwise); the same when the load starts after the import "
+        f"(GOMP_SPINCOUNT={SHORT_SPINS}, what a quiet import sets); the package with whole batches, every op "
+        "split across the threads (--cpu_pair_threads false: the package before the shards); then, all with "
+        "whole batches: libgomp's default with the trainer's load guard, which drops to one thread under load "
+        f"({SWITCH}=0); passive waits always; one thread (the control, no barrier to wait at); libgomp's "
+        "default with "
         "the guard off.",
         "",
         "| competitors | share: "

@@ -21,7 +21,7 @@ row-major order; the key names are in ``refcache/keys.py``): ``ref_label_logp`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -32,7 +32,7 @@ from .masks import MAPO_HOOK_TYPES, SparsePOMasks, normalize_per_sequence
 from .models import backbone, lm_head, unwrap
 from .ops import ExactReference, LabelReference, TopKReference
 from .refcache import keys
-from .reference import reference_pass
+from .reference import ReferencePass, reference_pass
 from .validation import check_choice, check_number
 
 
@@ -82,7 +82,10 @@ def check_loss_settings(c) -> None:
     check_number("chunk_size", chunk_size, low=1, integer=True, optional=True)
 
 
-def _check_batch(batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def check_batch(batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``input_ids``, ``attention_mask`` and ``labels`` of a batch in the module's format, after
+    checking their shapes, that every row has response tokens and that cached reference tensors, if
+    any, hold as many tokens per row; a ``ValueError`` or ``KeyError`` names what is wrong."""
     for key in ("input_ids", "attention_mask", "labels"):
         if key not in batch:
             raise KeyError(f"batch is missing {key!r} (needs input_ids, attention_mask, labels)")
@@ -94,23 +97,29 @@ def _check_batch(batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         )
     if ids.shape[0] == 0 or ids.shape[0] % 2:
         raise ValueError(f"batch needs an even, non-zero number of rows (B chosen then B rejected), got {ids.shape[0]}")
-    return ids, att, labels
-
-
-def _cached_reference(batch, config: LossConfig, response, weight, dtype):
-    """The op's reference from a batch that carries cached reference tensors (see refcache/)."""
-
-    def get(name):
-        return batch.get(keys.batch_key(name))
-
-    counts = batch[keys.TOKENS_PER_ROW].to(response.device)
-    have = response.sum(dim=1)
-    if not torch.equal(counts, have):
+    have = response_positions(labels)[0].sum(dim=1)
+    empty = (have == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"batch rows {empty} have no response tokens (labels all -100 after the shift)")
+    counts = batch.get(keys.TOKENS_PER_ROW)
+    if counts is None and keys.batch_key(keys.LABEL_LOGP) in batch:
+        raise KeyError(f"batch has cached reference tensors but no {keys.TOKENS_PER_ROW!r}")
+    if counts is not None and not torch.equal(counts.to(have.device), have):
+        counts = counts.to(have.device)
         bad = (counts != have).nonzero().flatten().tolist()
         raise ValueError(
             f"reference cache does not match the batch: rows {bad} have {have[bad].tolist()} "
             f"response tokens but the cache holds {counts[bad].tolist()}"
         )
+    return ids, att, labels
+
+
+def _cached_reference(batch, config: LossConfig, weight, dtype):
+    """The op's reference from a batch that carries cached reference tensors (see refcache/)."""
+
+    def get(name):
+        return batch.get(keys.batch_key(name))
+
     label = get(keys.LABEL_LOGP)
     fixed = None
     if config.loss_type == "mapo" and config.mapo_mapping != "uniform":
@@ -142,45 +151,74 @@ def _cached_reference(batch, config: LossConfig, response, weight, dtype):
     )
 
 
-def compute_loss(model, batch: Dict[str, torch.Tensor], config: LossConfig, *, return_details: bool = False):
+def online_reference(model, batch: Dict[str, torch.Tensor], config: LossConfig, *, ref_model=None) -> ReferencePass:
+    """The reference pass :func:`compute_loss` runs on a batch without cached reference tensors.
+
+    ``ref_model``: the reference to run (default: ``config.ref_model``, else ``model`` with its
+    adapter disabled). Passing ``model`` itself, already inside ``reference_model(model)``, lets
+    several threads run shards of one batch through one adapter switch.
+    """
+    ids, att, labels = check_batch(batch)
+    response, seq_ids, pos, _ = response_positions(labels)
+    return reference_pass(
+        model,
+        ids,
+        att,
+        response,
+        seq_ids,
+        pos,
+        ref_model=config.ref_model if ref_model is None else ref_model,
+        need_layers=config.loss_type == "sparsepo",
+        mapo_mapping=config.mapo_mapping if config.loss_type == "mapo" else None,
+        mapo_hooks=config.mapo_hooks,
+    )
+
+
+def runs_in_shards(batch: Dict[str, torch.Tensor], config: LossConfig) -> bool:
+    """Whether shards of this batch's pairs may run :func:`compute_loss` at once on several threads.
+    Not MaPO's activation means from an online reference: they are recorded by forward hooks, which
+    every thread running the model would share."""
+    return not (
+        config.loss_type == "mapo" and config.mapo_mapping != "uniform" and keys.batch_key(keys.LABEL_LOGP) not in batch
+    )
+
+
+def compute_loss(
+    model,
+    batch: Dict[str, torch.Tensor],
+    config: LossConfig,
+    *,
+    reference: Optional[ReferencePass] = None,
+    return_details: bool = False,
+):
     """Loss of ``config.loss_type`` on one batch, and metrics (floats).
 
-    Returns ``(loss, metrics)``, or ``(loss, metrics, details)`` with ``return_details`` where
-    details holds the per-token tensors (``seq_ids``, ``positions``, ``reward_mask``,
-    ``kl_mask``, ``logp``...) for inspection and tests.
+    ``reference``: this batch's :func:`online_reference`, when the caller has already run it
+    (ignored for a batch with cached reference tensors). Returns ``(loss, metrics)``, or
+    ``(loss, metrics, details)`` with ``return_details`` where details holds the per-token tensors
+    (``seq_ids``, ``positions``, ``reward_mask``, ``kl_mask``, ``logp``...) for inspection and tests.
     """
-    ids, att, labels = _check_batch(batch)
+    ids, att, labels = check_batch(batch)
     rows = ids.shape[0]
     num_pairs = rows // 2
     response, seq_ids, pos, y = response_positions(labels)
-    empty = (~response.any(dim=1)).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"batch rows {empty} have no response tokens (labels all -100 after the shift)")
 
     lm = unwrap(model)
     weight = lm_head(lm)
     need_layers = config.loss_type == "sparsepo"
     cached = keys.batch_key(keys.LABEL_LOGP) in batch
-    if not cached:  # the reference first: its activations are freed before the policy's graph grows
-        ref_pass = reference_pass(
-            model,
-            ids,
-            att,
-            response,
-            seq_ids,
-            pos,
-            ref_model=config.ref_model,
-            need_layers=need_layers,
-            mapo_mapping=config.mapo_mapping if config.loss_type == "mapo" else None,
-            mapo_hooks=config.mapo_hooks,
-        )
+    ref_pass = reference
+    if (
+        not cached and ref_pass is None
+    ):  # the reference first: its activations are freed before the policy's graph grows
+        ref_pass = online_reference(model, batch, config)
     # With a cache (refcache/) there is no reference forward; the mask net then reads the
     # policy's own hidden states, detached: the reference's layers are too large to cache.
     out = backbone(lm)(input_ids=ids, attention_mask=att, output_hidden_states=cached and need_layers, use_cache=False)
     hidden = out.last_hidden_state[seq_ids, pos]
     if cached:
         layer_states = [h[seq_ids, pos].detach() for h in out.hidden_states[1:]] if need_layers else None
-        ref, fixed = _cached_reference(batch, config, response, weight, hidden.dtype)
+        ref, fixed = _cached_reference(batch, config, weight, hidden.dtype)
     else:
         layer_states, fixed = ref_pass.layer_states, ref_pass.mapo_mask
         if hidden.dtype != ref_pass.hidden.dtype:
@@ -302,3 +340,21 @@ def _metrics(ps, config, b, seq_ids, reward_mask, kl_mask, fixed) -> Dict[str, f
         m["mask/sparsity"] = (fixed == 0).float().mean().item()
         m["mask/mean"] = fixed.float().mean().item()
     return m
+
+
+def metric_weight(name: str, pairs: int, tokens: int) -> int:
+    """What a metric of :func:`compute_loss` averages over: the response tokens for a mask's mean,
+    dead share and sparsity, the pairs for everything else (rewards, log-probs, KL, dead pairs)."""
+    per_token = name.startswith("mask/") and name.endswith(("mean", "dead", "sparsity"))
+    return tokens if per_token else pairs
+
+
+def merge_metrics(parts: Sequence[Tuple[Dict[str, float], int, int]]) -> Dict[str, float]:
+    """The metrics of one batch from those of disjoint shards of its pairs: ``parts`` holds each
+    shard's metrics, pairs and response tokens; every metric is its shards' mean weighted by what
+    it averages over (:func:`metric_weight`), so the result is the batch's own up to rounding."""
+    out = {}
+    for name in parts[0][0]:
+        weights = [metric_weight(name, pairs, tokens) for _, pairs, tokens in parts]
+        out[name] = sum(w * m[name] for w, (m, _, _) in zip(weights, parts)) / sum(weights)
+    return out

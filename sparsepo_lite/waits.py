@@ -16,6 +16,11 @@ import, which has to happen before torch loads libgomp (libgomp reads its settin
 passive waits when other runnable threads already oversubscribe the cores this process's threads
 use, and short spins otherwise: a load that starts later finds threads that do not collapse.
 
+The trainer's CPU step mostly sidesteps this: it runs shards of a micro-batch's pairs on threads, each
+with torch on one thread (training/pair_threads.py), so the step's own ops open no parallel region;
+the waits still govern everything else (the optimizer step, evaluation outside the trainer,
+generation, the reference precompute).
+
 :class:`LoadGuard` is for a process whose threads spin long anyway (``SPARSEPO_LITE_OMP_PASSIVE=0``,
 ``OMP_WAIT_POLICY=ACTIVE`` or a long ``GOMP_SPINCOUNT``): the trainer's ``cpu_load_guard`` looks at
 the load at every step and, while the machine is oversubscribed, runs torch on one thread, which

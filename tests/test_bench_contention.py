@@ -118,3 +118,12 @@ def test_a_spin_count_is_a_policy_of_its_own(bench):
     name = bench.spin_policy(1234)
     assert bench.child_env(bench.POLICIES[name][0])["GOMP_SPINCOUNT"] == "1234"
     assert "--cpu_load_guard" in bench.POLICIES[name][1] and bench.TITLES[name] == "GOMP_SPINCOUNT=1234"
+
+
+def test_whole_batch_policies_turn_the_pair_threads_off(bench):
+    from sparsepo_lite.cli.train import config_parser
+
+    for name, (_, args) in bench.POLICIES.items():
+        assert (bench.WHOLE[0] in args) == (name not in ("package", "late", "one_thread")), name
+    _, _, config = config_parser().parse_args_into_dataclasses(["--output_dir", "x", "--use_cpu", "true", *bench.WHOLE])
+    assert config.cpu_pair_threads is False

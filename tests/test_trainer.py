@@ -269,3 +269,74 @@ def test_cpu_load_guard_stays_out_with_passive_waits_or_short_spins(tiny_dir, tm
     trainer = make_trainer(tiny_dir, tmp_path, "dpo", steps=1)
     trainer.train()
     assert not [cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "_CPULoadGuard"]
+
+
+class _FirstGradients(transformers.TrainerCallback):
+    """The trained parameters' gradients just before the first optimizer step, and the threads."""
+
+    def __init__(self, trainer):
+        self.trainer, self.grads = trainer, None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.grads is None:
+            self.grads = [p.grad.clone() for p in self.trainer.optimizer.param_groups[0]["params"]]
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_pair_threads_step_matches_the_whole_batch_step(tiny_dir, tmp_path, monkeypatch, accumulate):
+    """cpu_pair_threads runs each micro-batch in shards (counted here) and gives the whole batch's
+    gradients, losses and metrics, in training and evaluation; off, no shard runs."""
+    import sparsepo_lite.training.trainer as trainer_module
+
+    calls = []
+    real = trainer_module.sharded_loss
+    monkeypatch.setattr(trainer_module, "sharded_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = {}
+        for on in (True, False):
+            calls.clear()
+            trainer = make_trainer(
+                tiny_dir, tmp_path / str(on), steps=2, cpu_pair_threads=on, gradient_accumulation_steps=accumulate
+            )
+            first = _FirstGradients(trainer)
+            trainer.add_callback(first)
+            out = trainer.train()
+            got[on] = (first.grads, out.training_loss, trainer.evaluate(), len(calls))
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    (grads, loss, evals, shards), (want_grads, want_loss, want_evals, no_shards) = got[True], got[False]
+    assert shards == 2 * accumulate + 2 and no_shards == 0  # 16 eval rows: 2 batches of 8
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6 * w.abs().max().item())
+    assert loss == pytest.approx(want_loss, rel=1e-4)
+    for k, v in want_evals.items():
+        if k.startswith("eval_") and "runtime" not in k and "per_second" not in k:
+            assert evals[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+
+
+def test_a_subclass_compute_loss_runs_on_whole_batches(tiny_dir, tmp_path, monkeypatch):
+    """The shards call the package's loss directly: a trainer whose compute_loss was replaced keeps
+    getting every micro-batch whole."""
+    import sparsepo_lite.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "sharded_loss", lambda *a, **k: pytest.fail("ran in shards"))
+    seen = []
+
+    class Custom(SparsePOTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            seen.append(inputs["input_ids"].shape[0])
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        plain = make_trainer(tiny_dir, tmp_path / "plain", steps=1)
+        Custom(
+            model=plain.model, args=plain.args, train_dataset=rows(8), processing_class=plain.processing_class
+        ).train()
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [8]  # one micro-batch of 4 pairs, whole

@@ -125,6 +125,14 @@ class SparsePOConfig(transformers.TrainingArguments):
         "GOMP_SPINCOUNT above 2000), run torch on one thread while other processes oversubscribe the cores, "
         "checked before every step (docs/training.md)",
     )
+    cpu_pair_threads: bool = _field(
+        True,
+        group="run",
+        help="on the CPU, run each micro-batch as shards of its pairs on torch's threads at once, each shard's ops "
+        "on its share of the threads, instead of splitting every op across all threads: no barrier per op, so a "
+        "step is faster alone and keeps its share beside other busy processes (docs/training.md); needs 2 pairs "
+        "per micro-batch, not with MaPO's activation weights from an online reference",
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "(fixed at False: the examples are dataclasses, not column dicts)"}
     )

@@ -7,6 +7,7 @@ next to it as ``mask_net.safetensors`` (+ ``mask_net.json``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,11 +25,12 @@ from ..data import PreferenceCollator, PreferenceExample, pad_id, tokenize_datas
 from ..errors import TrainingError
 from ..masks import MASK_CONFIG, MASK_WEIGHTS, SparsePOMasks, load_masks, save_masks
 from ..models import ModelConfig, load_policy, load_tokenizer, unwrap
-from ..objective import compute_loss
+from ..objective import compute_loss, runs_in_shards
 from ..refcache import CachedExample, CachedReferenceCollator, RefCache, run_fingerprint
 from ..waits import LoadGuard, cpus_available, waits_spin_long
 from .config import RUN_CONFIG, SparsePOConfig
 from .distributed import all_reduce_mean_
+from .pair_threads import PairThreads, add_gradients, sharded_loss
 
 logger = logging.getLogger(__name__)
 
@@ -302,6 +304,7 @@ class SparsePOTrainer(transformers.Trainer):
         self._micro_losses: List[float] = []  # finite micro-batch losses of the step in progress
         self._step_losses: List[float] = []  # mean loss of every step that trained, this train() call
         self._window: List[float] = []  # the same since the last log
+        self._threads: Optional[PairThreads] = None  # made at the first batch that runs in shards
 
     # --- optimisation ---------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -386,30 +389,91 @@ class SparsePOTrainer(transformers.Trainer):
     # --- loss -----------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, metrics = compute_loss(self.accelerator.unwrap_model(model), inputs, self.loss_config)
-        split = "train" if model.training else "eval"
+        self._store_metrics("train" if model.training else "eval", metrics)
+        return (loss, metrics) if return_outputs else loss
+
+    def _store_metrics(self, split: str, metrics: Dict[str, float]) -> None:
         for k, v in metrics.items():
             self._stored[split][k].append(v)
-        return (loss, metrics) if return_outputs else loss
+
+    def _pair_threads(self, inputs) -> Optional[PairThreads]:
+        """The threads to run this batch's pairs on (``cpu_pair_threads``), or None to run it whole:
+        off, not on the CPU, one torch thread (the load guard's choice too), one pair, a loss that
+        cannot run in shards, a gradient scaler (fp16), which needs the whole loss, or a
+        ``compute_loss`` replaced by a subclass or on the instance, which the shards would bypass."""
+        threads = torch.get_num_threads()
+        replaced = type(self).compute_loss is not SparsePOTrainer.compute_loss or "compute_loss" in vars(self)
+        if (
+            not self.args.cpu_pair_threads
+            or replaced
+            or self.args.device.type != "cpu"
+            or threads < 2
+            or inputs["input_ids"].shape[0] < 4
+            or self.accelerator.scaler is not None
+            or not runs_in_shards(inputs, self.loss_config)
+        ):
+            return None
+        if self._threads is None or self._threads.threads != threads:
+            self._close_pair_threads()
+            self._threads = PairThreads(threads)
+        return self._threads
+
+    def _close_pair_threads(self) -> None:
+        if self._threads is not None:
+            self._threads.close()
+            self._threads = None
+
+    def _shard_context(self, grad: bool):
+        """What each shard's thread enters around its forward: the Trainer's autocast, and no_grad
+        for evaluation (both are per thread)."""
+
+        def enter():
+            stack = contextlib.ExitStack()
+            if not grad:
+                stack.enter_context(torch.no_grad())
+            stack.enter_context(self.compute_loss_context_manager())
+            return stack
+
+        return enter
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
         inputs = self._prepare_inputs(inputs)
-        with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
+        threads = self._pair_threads(inputs)
+        sharded = None
+        if threads is None:
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs)
+        else:
+            lm = self.accelerator.unwrap_model(model)
+            sharded = sharded_loss(threads, lm, inputs, self.loss_config, context=self._shard_context(grad=True))
+            self._store_metrics("train", sharded.metrics)
+            loss = sharded.loss
         if not torch.isfinite(loss):
             # Never backpropagate a NaN/inf: it would corrupt the adapter and the optimizer state.
             logger.warning("step %d: non-finite loss %s, micro-batch skipped", self.state.global_step + 1, loss.item())
             return torch.zeros((), device=loss.device)
         self._micro_losses.append(float(loss.detach()))
-        loss = loss / self.current_gradient_accumulation_steps
-        self.accelerator.backward(loss)
-        return loss.detach()
+        if sharded is None:
+            loss = loss / self.current_gradient_accumulation_steps
+            self.accelerator.backward(loss)
+            return loss.detach()
+        params = [p for p in self._trained_parameters() if p.requires_grad]
+        add_gradients(threads, sharded, params, 1.0 / self.current_gradient_accumulation_steps)
+        return loss / self.current_gradient_accumulation_steps
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
+        model.eval()
+        threads = self._pair_threads(inputs)
         with torch.no_grad():
-            model.eval()
-            loss = self.compute_loss(model, inputs)
+            if threads is None:
+                loss = self.compute_loss(model, inputs)
+            else:
+                lm = self.accelerator.unwrap_model(model)
+                sharded = sharded_loss(threads, lm, inputs, self.loss_config, context=self._shard_context(grad=False))
+                self._store_metrics("eval", sharded.metrics)
+                loss = sharded.loss
         return loss.detach(), None, None
 
     def log(self, logs, start_time=None):
@@ -484,7 +548,10 @@ class SparsePOTrainer(transformers.Trainer):
 
             logger.info("CPU threads: %s", OMP_WAIT_DECISION)
             self._guard_cpu_load()
-        out = super().train(resume_from_checkpoint=resume, **kwargs)
+        try:
+            out = super().train(resume_from_checkpoint=resume, **kwargs)
+        finally:
+            self._close_pair_threads()
         steps = len(self._step_losses) + self.skipped_steps
         if steps and self.skipped_steps > MAX_SKIPPED_FRACTION * steps:
             raise TrainingError(
