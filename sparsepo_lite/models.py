@@ -122,6 +122,18 @@ def disable_avx512_bf16_repacking(model: nn.Module) -> int:
 _DROPOUT_ATTRS = ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop")
 
 
+def uses_dropout(model: nn.Module) -> bool:
+    """Whether ``model`` drops anything in train mode: an ``nn.Dropout`` with p > 0, or a dropout rate
+    that an attention layer or the config hands to a kernel (what :func:`disable_dropout` zeroes)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            return True
+        if any(isinstance(getattr(module, a, None), float) and getattr(module, a) > 0 for a in _DROPOUT_ATTRS):
+            return True
+    config = getattr(model, "config", None)
+    return any(isinstance(getattr(config, a, None), float) and getattr(config, a) > 0 for a in _DROPOUT_ATTRS)
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Turn off every dropout, as the official trainers do (disable_dropout=True).
 

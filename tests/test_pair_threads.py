@@ -4,9 +4,11 @@ the pair selection; the thread counts; errors naming the batch's rows."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
-from test_objective import METHODS, config_for, random_batch, tiny_llama
+from test_objective import METHODS, VOCAB, config_for, random_batch, tiny_llama
 
 from sparsepo_lite import LossConfig, compute_loss
 from sparsepo_lite.objective import merge_metrics, runs_in_shards
@@ -57,13 +59,24 @@ def assert_same(got, want, rtol):
             torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * scale)
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "mapo"] + ["mapo_uniform"])
+#: Loss settings beyond each method's defaults: label smoothing, L1 penalties, normalised masks.
+VARIANTS = {
+    "dpo_smoothed": ("dpo", dict(label_smoothing=0.2)),
+    "sparsepo_l1_normalized": ("sparsepo", dict(l1_reward=0.05, l1_kl=0.02, mask_normalize=True)),
+    "mapo_uniform": ("mapo", dict(mapo_mapping="uniform")),
+}
+
+
+def loss_config(name, model):
+    method, kw = VARIANTS.get(name, (name, {}))
+    return config_for(method, model, **kw)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "mapo"] + list(VARIANTS))
 @pytest.mark.parametrize("pairs, threads", [(3, 2), (5, 3), (2, 4)])
 def test_shards_give_the_whole_batch_loss_metrics_and_gradients_float64(method, pairs, threads, seed):
     model = tiny_llama(seed=seed % 1000)
-    cfg = (
-        LossConfig(loss_type="mapo", mapo_mapping="uniform") if method == "mapo_uniform" else config_for(method, model)
-    )
+    cfg = loss_config(method, model)
     batch = random_batch(b=pairs, seed=seed)
     params = trained(model, cfg)
     want = whole(model, batch, cfg, params)
@@ -97,25 +110,39 @@ def test_gradients_add_to_existing_ones_and_repeat_bit_for_bit(pool, seed):
         torch.testing.assert_close(p.grad, 2 * g, rtol=1e-12, atol=0)
 
 
-def cached_batch(batch, hidden_size, seed):
+def cached_batch(batch, hidden_size, seed, vocab=61, k=5, m=3):
     """``batch`` with cached reference tensors as the collator lays them out (tokens row by row),
-    their values random: the shards must pick each row's own."""
+    their values random but well formed: the shards must pick each row's own. Holds label log-probs,
+    hidden states, top-k lists with tail samples and MaPO weights."""
     labels = batch["labels"][:, 1:]
     per_row = (labels != -100).sum(1)
     n = int(per_row.sum())
     g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(vocab, generator=g)[: k + m] for _ in range(n)])
     out = dict(batch)
     out[keys.TOKENS_PER_ROW] = per_row
     out[keys.batch_key(keys.LABEL_LOGP)] = -torch.rand(n, generator=g, dtype=torch.float64) * 5
     out[keys.batch_key(keys.HIDDEN)] = torch.randn(n, hidden_size, generator=g, dtype=torch.float64)
+    out[keys.batch_key(keys.TOPK_IDS)] = ids[:, :k].int()
+    out[keys.batch_key(keys.TOPK_LOGP)] = (-torch.rand(n, k, generator=g) * 4 - 0.1).sort(1, descending=True).values
+    out[keys.batch_key(keys.TAIL_IDS)] = ids[:, k:].int()
+    out[keys.batch_key(keys.TAIL_LOGP)] = -torch.rand(n, m, generator=g) * 3 - 6
+    out[keys.batch_key(keys.MAPO_MASK)] = torch.rand(n, generator=g)
     return out
 
 
-@pytest.mark.parametrize("method", ["dpo", "tdpo1", "sparsepo"])
-def test_shards_of_a_cached_batch_match_the_whole(pool, method, seed):
+def without(batch, *names):
+    return {k: v for k, v in batch.items() if k not in {keys.batch_key(n) for n in names}}
+
+
+@pytest.mark.parametrize("method", ["dpo", "tdpo1", "tdpo2", "sparsepo", "mapo"] + list(VARIANTS))
+@pytest.mark.parametrize("reference", ["hidden", "topk"])
+def test_shards_of_a_cached_batch_match_the_whole(pool, method, reference, seed):
     model = tiny_llama(seed=seed % 1000)
-    cfg = config_for(method, model)
+    cfg = loss_config(method, model)
     batch = cached_batch(random_batch(b=5, seed=seed), model.config.hidden_size, seed)
+    # the loss reads hidden states when the cache has them, else the top-k lists with their tail
+    batch = without(batch, keys.HIDDEN) if reference == "topk" else batch
     params = trained(model, cfg)
     assert_same(sharded(pool, model, batch, cfg, params), whole(model, batch, cfg, params), rtol=1e-10)
 
@@ -131,7 +158,9 @@ def test_select_pairs_keeps_each_rows_own_tokens(seed):
     assert torch.equal(part[keys.TOKENS_PER_ROW], per_row[rows])
     want = torch.cat([batch[label][starts[r] : starts[r + 1]] for r in rows])
     assert torch.equal(part[label], want)
-    assert part[keys.batch_key(keys.HIDDEN)].shape == (len(want), 3)
+    for name in (keys.HIDDEN, keys.TOPK_IDS, keys.TAIL_LOGP):
+        whole_rows = [batch[keys.batch_key(name)][starts[r] : starts[r + 1]] for r in rows]
+        assert torch.equal(part[keys.batch_key(name)], torch.cat(whole_rows))
     with pytest.raises(ValueError, match="pairs 2:2"):
         select_pairs(batch, 2, 2)
     with pytest.raises(ValueError, match="pairs 0:5"):
@@ -165,6 +194,18 @@ def test_each_shard_runs_on_its_share_of_the_threads_and_the_count_comes_back():
         with pytest.raises(RuntimeError, match="shard 1 broke"):
             pool.map(fail, [0, 1])
         assert torch.get_num_threads() == before
+
+        finished = []
+
+        def slow_or_fail(i):
+            if i == 0:
+                raise RuntimeError("shard 0 broke")
+            time.sleep(0.2)
+            finished.append(i)
+
+        with pytest.raises(RuntimeError, match="shard 0 broke"):
+            pool.map(slow_or_fail, [0, 1])
+        assert finished == [1]  # the error waits for every shard: none still runs the model
     with pytest.raises(ValueError, match="at least 2"):
         PairThreads(1)
 
@@ -200,3 +241,40 @@ def test_merged_metrics_weigh_pairs_or_tokens():
     assert m["loss"] == pytest.approx((1 + 12) / 4)
     assert m["mask/mean"] == pytest.approx((5 + 10) / 20)
     assert m["mask/dead_pairs"] == pytest.approx(3 / 4)
+
+
+def test_the_shards_share_the_ops_chunk_budget(pool, monkeypatch):
+    import sparsepo_lite.training.pair_threads as pair_threads
+    from sparsepo_lite.ops import DEFAULT_CHUNK_BYTES, default_chunk_size
+
+    model = tiny_llama()
+    batch = random_batch(b=4)
+    seen = []
+    real = pair_threads.compute_loss
+    monkeypatch.setattr(
+        pair_threads, "compute_loss", lambda m, b, c, **k: seen.append(c.chunk_size) or real(m, b, c, **k)
+    )
+    sharded_loss(pool, model, batch, LossConfig(loss_type="tdpo1"))
+    tokens = max(
+        int((s["labels"][:, 1:] != -100).sum()) for s in (select_pairs(batch, 0, 2), select_pairs(batch, 2, 4))
+    )
+    want = default_chunk_size(tokens, VOCAB, torch.float64, exact=True, budget_bytes=DEFAULT_CHUNK_BYTES // 2)
+    assert seen == [want, want]
+    seen.clear()
+    sharded_loss(pool, model, batch, LossConfig(loss_type="tdpo1", chunk_size=3))  # a chunk size set is kept
+    assert seen == [3, 3]
+
+
+def test_uses_dropout_sees_modules_attention_rates_and_the_config():
+    from sparsepo_lite.models import disable_dropout, uses_dropout
+
+    model = tiny_llama()
+    assert not uses_dropout(model)
+    model.config.attention_dropout = 0.1
+    assert uses_dropout(model)
+    model.config.attention_dropout = 0.0
+    layer = next(m for m in model.modules() if hasattr(m, "lora_dropout"))
+    layer.lora_dropout["default"] = torch.nn.Dropout(0.1)
+    assert uses_dropout(model)
+    disable_dropout(model)
+    assert not uses_dropout(model)

@@ -340,3 +340,33 @@ def test_a_subclass_compute_loss_runs_on_whole_batches(tiny_dir, tmp_path, monke
     finally:
         torch.set_num_threads(threads)
     assert seen == [8]  # one micro-batch of 4 pairs, whole
+
+
+def test_dropout_trains_on_whole_batches_and_evaluation_leaves_no_threads(tiny_dir, tmp_path, monkeypatch):
+    """With dropout the shards would draw from one random generator in thread order: training runs
+    whole batches (evaluation, in eval mode, still runs in shards); evaluate() closes its threads."""
+    import threading
+
+    import sparsepo_lite.training.trainer as trainer_module
+
+    real = trainer_module.sharded_loss
+    calls = []
+
+    def spy(pool, model, batch, config, **kw):
+        calls.append(model.training)
+        return real(pool, model, batch, config, **kw)
+
+    monkeypatch.setattr(trainer_module, "sharded_loss", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        trainer = make_trainer(tiny_dir, tmp_path, "dpo", steps=1)
+        layer = next(m for m in trainer.model.modules() if hasattr(m, "lora_dropout"))
+        layer.lora_dropout["default"] = torch.nn.Dropout(0.1)  # what ModelConfig(lora_dropout=0.1) makes
+        trainer.train()
+        assert calls == []
+        trainer.evaluate()
+        assert calls == [False, False]
+        assert not [t for t in threading.enumerate() if t.name.startswith("sparsepo-pairs")]
+    finally:
+        torch.set_num_threads(threads)

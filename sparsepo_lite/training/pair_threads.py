@@ -15,14 +15,16 @@ bits). Every thread-local setting a shard needs (grad mode, autocast) is entered
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import ThreadPoolExecutor
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..data import response_positions
-from ..models import reference_model
+from ..models import lm_head, reference_model, unwrap
 from ..objective import LossConfig, check_batch, compute_loss, merge_metrics, online_reference
+from ..ops import DEFAULT_CHUNK_BYTES, default_chunk_size
 from ..refcache import keys, select_pairs
 
 
@@ -47,7 +49,9 @@ class PairThreads:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="sparsepo-pairs")
 
     def map(self, fn: Callable, items: Sequence) -> list:
-        """``[fn(item) for item in items]``, one item per thread; the first error is raised here."""
+        """``[fn(item) for item in items]``, one item per thread. Every item finishes before this
+        returns or raises the first item's error: no shard may still be running the model when the
+        caller switches its adapter back or restores the thread count."""
         inner = max(1, self.threads // len(items))
         restore = torch.get_num_threads()
 
@@ -56,7 +60,9 @@ class PairThreads:
             return fn(item)
 
         try:
-            return list(self._pool.map(run, items))
+            futures = [self._pool.submit(run, item) for item in items]
+            wait(futures)
+            return [f.result() for f in futures]
         finally:
             torch.set_num_threads(restore)
 
@@ -72,7 +78,8 @@ class PairThreads:
 
 class ShardedLoss:
     """One batch's loss run as pair shards: ``loss`` [] (the batch's mean over pairs, no graph),
-    ``metrics`` (the batch's, merged), and what :meth:`gradients` needs."""
+    ``metrics`` (the batch's, merged), and each shard's loss (with its graph) and weight, which
+    :func:`add_gradients` backpropagates."""
 
     def __init__(self, losses: List[torch.Tensor], weights: List[float], metrics: Dict[str, float]):
         self.losses, self.weights, self.metrics = losses, weights, metrics
@@ -96,6 +103,20 @@ def sharded_loss(
     pairs = ids.shape[0] // 2
     ranges = pair_ranges(pairs, pool.threads)
     shards = [select_pairs(batch, a, b) for a, b in ranges]
+    tokens = [int(per_row[a:b].sum() + per_row[pairs + a : pairs + b].sum()) for a, b in ranges]
+    if config.chunk_size is None:  # the op's chunk buffers are per call: the shards share one budget
+        lm = unwrap(model)
+        head = lm_head(lm)
+        config = dataclasses.replace(
+            config,
+            chunk_size=default_chunk_size(
+                max(tokens),
+                head.shape[0],
+                head.dtype,
+                exact=True,
+                budget_bytes=DEFAULT_CHUNK_BYTES // len(shards),
+            ),
+        )
     refs: List[Optional[object]] = [None] * len(shards)
     if keys.batch_key(keys.LABEL_LOGP) not in batch:
         with reference_model(model, config.ref_model) as ref:
@@ -112,7 +133,6 @@ def sharded_loss(
             return compute_loss(model, shard, config, reference=ref)
 
     out = pool.map(loss, list(zip(shards, refs)))
-    tokens = [int(per_row[a:b].sum() + per_row[pairs + a : pairs + b].sum()) for a, b in ranges]
     metrics = merge_metrics([(m, b - a, n) for (_, m), (a, b), n in zip(out, ranges, tokens)])
     return ShardedLoss([loss for loss, _ in out], [(b - a) / pairs for a, b in ranges], metrics)
 
@@ -123,7 +143,16 @@ def add_gradients(pool: PairThreads, result: ShardedLoss, params: List[torch.nn.
 
     def grads(job):
         loss, weight = job
-        return torch.autograd.grad(loss * (weight * scale), params, allow_unused=True)
+        try:
+            return torch.autograd.grad(loss * (weight * scale), params, allow_unused=True)
+        except RuntimeError as exc:
+            if "checkpoint" not in str(exc).lower():
+                raise
+            raise RuntimeError(
+                f"{exc}\nThe pair shards backpropagate with torch.autograd.grad, which reentrant gradient "
+                "checkpointing does not support: use gradient_checkpointing_kwargs={'use_reentrant': False} "
+                "or --cpu_pair_threads false"
+            ) from exc
 
     per_shard = pool.map(grads, list(zip(result.losses, result.weights)))
     for i, p in enumerate(params):

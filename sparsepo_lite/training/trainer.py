@@ -24,7 +24,7 @@ import transformers
 from ..data import PreferenceCollator, PreferenceExample, pad_id, tokenize_dataset
 from ..errors import TrainingError
 from ..masks import MASK_CONFIG, MASK_WEIGHTS, SparsePOMasks, load_masks, save_masks
-from ..models import ModelConfig, load_policy, load_tokenizer, unwrap
+from ..models import ModelConfig, load_policy, load_tokenizer, unwrap, uses_dropout
 from ..objective import compute_loss, runs_in_shards
 from ..refcache import CachedExample, CachedReferenceCollator, RefCache, run_fingerprint
 from ..waits import LoadGuard, cpus_available, waits_spin_long
@@ -396,21 +396,30 @@ class SparsePOTrainer(transformers.Trainer):
         for k, v in metrics.items():
             self._stored[split][k].append(v)
 
-    def _pair_threads(self, inputs) -> Optional[PairThreads]:
+    def _pair_threads(self, inputs, training: bool) -> Optional[PairThreads]:
         """The threads to run this batch's pairs on (``cpu_pair_threads``), or None to run it whole:
         off, not on the CPU, one torch thread (the load guard's choice too), one pair, a loss that
-        cannot run in shards, a gradient scaler (fp16), which needs the whole loss, or a
-        ``compute_loss`` replaced by a subclass or on the instance, which the shards would bypass."""
+        cannot run in shards, a gradient scaler (fp16), which needs the whole loss, a
+        ``compute_loss`` replaced by a subclass or on the instance, which the shards would bypass,
+        or, in training, dropout (the shards would draw from the one random generator in an order
+        that thread timing decides) or reentrant gradient checkpointing (no ``autograd.grad``)."""
         threads = torch.get_num_threads()
         replaced = type(self).compute_loss is not SparsePOTrainer.compute_loss or "compute_loss" in vars(self)
+        ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+        reentrant = self.args.gradient_checkpointing and (self.args.gradient_checkpointing_kwargs or {}).get(
+            "use_reentrant", False
+        )
         if (
             not self.args.cpu_pair_threads
             or replaced
             or self.args.device.type != "cpu"
             or threads < 2
-            or inputs["input_ids"].shape[0] < 4
+            or not isinstance(ids, torch.Tensor)
+            or ids.dim() != 2
+            or ids.shape[0] < 4
             or self.accelerator.scaler is not None
             or not runs_in_shards(inputs, self.loss_config)
+            or (training and (reentrant or uses_dropout(self.model)))
         ):
             return None
         if self._threads is None or self._threads.threads != threads:
@@ -422,6 +431,18 @@ class SparsePOTrainer(transformers.Trainer):
         if self._threads is not None:
             self._threads.close()
             self._threads = None
+
+    def evaluate(self, *args, **kwargs):
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:  # a pool made here would otherwise idle until the process ends
+            self._close_pair_threads()
+
+    def predict(self, *args, **kwargs):
+        try:
+            return super().predict(*args, **kwargs)
+        finally:
+            self._close_pair_threads()
 
     def _shard_context(self, grad: bool):
         """What each shard's thread enters around its forward: the Trainer's autocast, and no_grad
@@ -439,7 +460,7 @@ class SparsePOTrainer(transformers.Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
         inputs = self._prepare_inputs(inputs)
-        threads = self._pair_threads(inputs)
+        threads = self._pair_threads(inputs, training=True)
         sharded = None
         if threads is None:
             with self.compute_loss_context_manager():
@@ -465,7 +486,7 @@ class SparsePOTrainer(transformers.Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         model.eval()
-        threads = self._pair_threads(inputs)
+        threads = self._pair_threads(inputs, training=False)
         with torch.no_grad():
             if threads is None:
                 loss = self.compute_loss(model, inputs)
