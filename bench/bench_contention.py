@@ -18,8 +18,9 @@ control: no barrier to wait at); libgomp's default with the guard off (torch on 
 spinning for milliseconds holds a core that a competitor needs, and each of torch's, bitsandbytes'
 and the extension's parallel regions then waits for its slowest thread, so that step collapses under
 oversubscription; alone, spinning is faster. Every policy is sampled ``--repeats-alone`` times alone and
-``--repeats-loaded`` times under each load (libgomp's default once: it takes minutes under load),
-alternating, so that drifting load hits all alike. The share column is the slowdown if each of the
+``--repeats-loaded`` times under each load (libgomp's default once: it takes minutes under load), in
+rounds that visit every load once, the policies alternating their order, so that a drifting machine
+hits all cells alike. The share column is the slowdown if each of the
 runnable threads got an equal share of the cores and lost nothing to sharing them; beside it, the
 scheduler's real share: the slowdown of a one-thread pure-Python loop (no memory traffic, no barrier)
 measured for ``--loop-seconds`` at each load.
@@ -272,30 +273,39 @@ def main():
                 if key.startswith("spin_"):
                     spin_policy(int(key[len("spin_") :]))
     work = tempfile.mkdtemp(prefix="bench_contention_")
+    repeats = {load: a.repeats_alone if load == 0 else a.repeats_loaded for load in a.loads}
+    rows = {}
     for load in a.loads:
-        busy = start_competitors(load)
-        try:
-            time.sleep(2 if load else 0)
-            row = next((c for c in cells if c["competitors"] == load), None)
-            if row is None:
-                row = {"competitors": load}
-                cells.append(row)
-                cells.sort(key=lambda c: c["competitors"])
-            policies = [p for p in a.policies if p != "default" or load in a.default_loads]
-            for p in policies:
-                row[p] = []
-            # Alternate the order between samples so that a drifting machine load hits all alike.
-            for rep in range(a.repeats_alone if load == 0 else a.repeats_loaded):
+        rows[load] = next((c for c in cells if c["competitors"] == load), None)
+        if rows[load] is None:
+            rows[load] = {"competitors": load}
+            cells.append(rows[load])
+            cells.sort(key=lambda c: c["competitors"])
+        for p in a.policies:
+            if p != "default" or load in a.default_loads:
+                rows[load][p] = []  # a policy measured again replaces its earlier samples (--merge)
+    # Every round visits every load once, so that a machine whose speed drifts over the run (this VM's
+    # does, by up to 2x an hour) slows the samples alone and under load alike; within a round the
+    # policies alternate their order.
+    for rep in range(max(repeats.values())):
+        for load in a.loads:
+            if rep >= repeats[load]:
+                continue
+            busy = start_competitors(load)
+            try:
+                time.sleep(2 if load else 0)
+                row = rows[load]
+                policies = [p for p in a.policies if p != "default" or load in a.default_loads]
                 for policy in policies if rep % 2 == 0 else policies[::-1]:
                     if load and rep and policy == "default":
                         continue
                     row[policy].append(train_seconds(policy, a.steps, work))
-            if a.loop_seconds > 0:
-                row["loop_rate"] = loop_rate(a.loop_seconds)
-            print(json.dumps(row), flush=True)
-            write(a.out, a.steps, cells, commands)
-        finally:
-            stop_competitors(busy)
+                if a.loop_seconds > 0 and rep == repeats[load] - 1:
+                    row["loop_rate"] = loop_rate(a.loop_seconds)
+                print(json.dumps(row), flush=True)
+                write(a.out, a.steps, cells, commands)
+            finally:
+                stop_competitors(busy)
     print(f"wrote {a.out}.json, {a.out}.md")
 
 

@@ -64,10 +64,29 @@ def test_every_policy_runs_under_load_but_spinning_only_once(bench, tmp_path, mo
     assert calls == ["package", "default", "package", "package", "loop"]
 
 
+def test_rounds_visit_every_load_so_that_drift_hits_all_alike(bench, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench, "train_seconds", lambda policy, steps, work: seen.append((load[-1], policy)) or 1.0)
+    load = []
+    monkeypatch.setattr(bench, "start_competitors", lambda n: load.append(n) or [])
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    argv = ["bench_contention.py", "--policies", "package", "whole", "--loads", "0", "2", "--repeats-alone", "3"]
+    monkeypatch.setattr(
+        "sys.argv", argv + ["--repeats-loaded", "2", "--loop-seconds", "0", "--out", str(tmp_path / "c")]
+    )
+    bench.main()
+    assert load == [0, 2, 0, 2, 0]
+    assert seen == [
+        (0, "package"), (0, "whole"), (2, "package"), (2, "whole"),
+        (0, "whole"), (0, "package"), (2, "whole"), (2, "package"),
+        (0, "package"), (0, "whole"),
+    ]  # fmt: skip
+
+
 def test_merge_adds_a_policy_to_an_earlier_run(bench, tmp_path, monkeypatch):
     out = str(tmp_path / "c")
     bench.write(out, 6, [{"competitors": 0, "default": [10.0]}, {"competitors": 1, "default": [50.0]}], ["first"])
-    seconds = iter([10.5, 9.0, 20.0])
+    seconds = iter([10.5, 20.0, 9.0])  # rounds: alone, loaded, alone
     monkeypatch.setattr(bench, "train_seconds", lambda policy, steps, work: next(seconds))
     argv = ["bench_contention.py", "--policies", "package", "--loads", "0", "1", "--repeats-alone", "2"]
     argv += ["--repeats-loaded", "1", "--loop-seconds", "0"]
