@@ -15,7 +15,7 @@ bits). Every thread-local setting a shard needs (grad mode, autocast) is entered
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import copy
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
@@ -105,17 +105,10 @@ def sharded_loss(
     shards = [select_pairs(batch, a, b) for a, b in ranges]
     tokens = [int(per_row[a:b].sum() + per_row[pairs + a : pairs + b].sum()) for a, b in ranges]
     if config.chunk_size is None:  # the op's chunk buffers are per call: the shards share one budget
-        lm = unwrap(model)
-        head = lm_head(lm)
-        config = dataclasses.replace(
-            config,
-            chunk_size=default_chunk_size(
-                max(tokens),
-                head.shape[0],
-                head.dtype,
-                exact=True,
-                budget_bytes=DEFAULT_CHUNK_BYTES // len(shards),
-            ),
+        head = lm_head(unwrap(model))
+        config = copy.copy(config)  # not dataclasses.replace: the caller's settings are not checked again
+        config.chunk_size = default_chunk_size(
+            max(tokens), head.shape[0], head.dtype, exact=True, budget_bytes=DEFAULT_CHUNK_BYTES // len(shards)
         )
     refs: List[Optional[object]] = [None] * len(shards)
     if keys.batch_key(keys.LABEL_LOGP) not in batch:
