@@ -26,7 +26,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .data import response_positions
+from .data import ResponsePositions, response_positions
 from .losses import LOSS_TYPES, pair_stats, preference_loss, token_weights_for
 from .masks import MAPO_HOOK_TYPES, SparsePOMasks, normalize_per_sequence
 from .models import backbone, lm_head, unwrap
@@ -82,10 +82,11 @@ def check_loss_settings(c) -> None:
     check_number("chunk_size", chunk_size, low=1, integer=True, optional=True)
 
 
-def check_batch(batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``input_ids``, ``attention_mask`` and ``labels`` of a batch in the module's format, after
-    checking their shapes, that every row has response tokens and that cached reference tensors, if
-    any, hold as many tokens per row; a ``ValueError`` or ``KeyError`` names what is wrong."""
+def check_batch(batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, ResponsePositions]:
+    """``input_ids``, ``attention_mask`` and the response positions of a batch in the module's
+    format, after checking their shapes, that every row has response tokens and that cached
+    reference tensors, if any, hold as many tokens per row; a ``ValueError`` or ``KeyError`` names
+    what is wrong."""
     for key in ("input_ids", "attention_mask", "labels"):
         if key not in batch:
             raise KeyError(f"batch is missing {key!r} (needs input_ids, attention_mask, labels)")
@@ -97,7 +98,8 @@ def check_batch(batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Ten
         )
     if ids.shape[0] == 0 or ids.shape[0] % 2:
         raise ValueError(f"batch needs an even, non-zero number of rows (B chosen then B rejected), got {ids.shape[0]}")
-    have = response_positions(labels)[0].sum(dim=1)
+    positions = response_positions(labels)
+    have = positions.response.sum(dim=1)
     empty = (have == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"batch rows {empty} have no response tokens (labels all -100 after the shift)")
@@ -111,7 +113,7 @@ def check_batch(batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Ten
             f"reference cache does not match the batch: rows {bad} have {have[bad].tolist()} "
             f"response tokens but the cache holds {counts[bad].tolist()}"
         )
-    return ids, att, labels
+    return ids, att, positions
 
 
 def _cached_reference(batch, config: LossConfig, weight, dtype):
@@ -158,8 +160,12 @@ def online_reference(model, batch: Dict[str, torch.Tensor], config: LossConfig, 
     adapter disabled). Passing ``model`` itself, already inside ``reference_model(model)``, lets
     several threads run shards of one batch through one adapter switch.
     """
-    ids, att, labels = check_batch(batch)
-    response, seq_ids, pos, _ = response_positions(labels)
+    ids, att, positions = check_batch(batch)
+    return _reference(model, ids, att, positions, config, config.ref_model if ref_model is None else ref_model)
+
+
+def _reference(model, ids, att, positions: ResponsePositions, config: LossConfig, ref_model) -> ReferencePass:
+    response, seq_ids, pos, _ = positions
     return reference_pass(
         model,
         ids,
@@ -167,7 +173,7 @@ def online_reference(model, batch: Dict[str, torch.Tensor], config: LossConfig, 
         response,
         seq_ids,
         pos,
-        ref_model=config.ref_model if ref_model is None else ref_model,
+        ref_model=ref_model,
         need_layers=config.loss_type == "sparsepo",
         mapo_mapping=config.mapo_mapping if config.loss_type == "mapo" else None,
         mapo_hooks=config.mapo_hooks,
@@ -198,20 +204,19 @@ def compute_loss(
     ``(loss, metrics, details)`` with ``return_details`` where details holds the per-token tensors
     (``seq_ids``, ``positions``, ``reward_mask``, ``kl_mask``, ``logp``...) for inspection and tests.
     """
-    ids, att, labels = check_batch(batch)
+    ids, att, positions = check_batch(batch)
     rows = ids.shape[0]
     num_pairs = rows // 2
-    response, seq_ids, pos, y = response_positions(labels)
+    response, seq_ids, pos, y = positions
 
     lm = unwrap(model)
     weight = lm_head(lm)
     need_layers = config.loss_type == "sparsepo"
     cached = keys.batch_key(keys.LABEL_LOGP) in batch
     ref_pass = reference
-    if (
-        not cached and ref_pass is None
-    ):  # the reference first: its activations are freed before the policy's graph grows
-        ref_pass = online_reference(model, batch, config)
+    if not cached and ref_pass is None:
+        # the reference first: its activations are freed before the policy's graph grows
+        ref_pass = _reference(model, ids, att, positions, config, config.ref_model)
     # With a cache (refcache/) there is no reference forward; the mask net then reads the
     # policy's own hidden states, detached: the reference's layers are too large to cache.
     out = backbone(lm)(input_ids=ids, attention_mask=att, output_hidden_states=cached and need_layers, use_cache=False)

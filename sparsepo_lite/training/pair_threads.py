@@ -21,7 +21,6 @@ from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tup
 
 import torch
 
-from ..data import response_positions
 from ..models import lm_head, reference_model, unwrap
 from ..objective import LossConfig, check_batch, compute_loss, merge_metrics, online_reference
 from ..ops import DEFAULT_CHUNK_BYTES, default_chunk_size
@@ -98,8 +97,8 @@ def sharded_loss(
     fewer pairs). ``context``: entered around each shard's forward in its own thread (autocast,
     ``torch.no_grad``). The online reference runs first for every shard at once, inside one switch of
     the model to its reference (the adapter switch is module state: it cannot change per thread)."""
-    ids, _, labels = check_batch(batch)  # here, so that an error names the batch's rows, not a shard's
-    per_row = response_positions(labels)[0].sum(dim=1)
+    ids, _, positions = check_batch(batch)  # here, so that an error names the batch's rows, not a shard's
+    per_row = positions.response.sum(dim=1)
     pairs = ids.shape[0] // 2
     ranges = pair_ranges(pairs, pool.threads)
     shards = [select_pairs(batch, a, b) for a, b in ranges]

@@ -444,18 +444,21 @@ class SparsePOTrainer(transformers.Trainer):
         finally:
             self._close_pair_threads()
 
-    def _shard_context(self, grad: bool):
-        """What each shard's thread enters around its forward: the Trainer's autocast, and no_grad
-        for evaluation (both are per thread)."""
+    def _sharded_loss(self, threads: PairThreads, model, inputs, training: bool):
+        """The batch's loss run in pair shards, its metrics stored. Each shard's thread enters the
+        Trainer's autocast, and no_grad for evaluation: both are per thread."""
 
-        def enter():
+        def context():
             stack = contextlib.ExitStack()
-            if not grad:
+            if not training:
                 stack.enter_context(torch.no_grad())
             stack.enter_context(self.compute_loss_context_manager())
             return stack
 
-        return enter
+        lm = self.accelerator.unwrap_model(model)
+        sharded = sharded_loss(threads, lm, inputs, self.loss_config, context=context)
+        self._store_metrics("train" if training else "eval", sharded.metrics)
+        return sharded
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
@@ -466,9 +469,7 @@ class SparsePOTrainer(transformers.Trainer):
             with self.compute_loss_context_manager():
                 loss = self.compute_loss(model, inputs)
         else:
-            lm = self.accelerator.unwrap_model(model)
-            sharded = sharded_loss(threads, lm, inputs, self.loss_config, context=self._shard_context(grad=True))
-            self._store_metrics("train", sharded.metrics)
+            sharded = self._sharded_loss(threads, model, inputs, training=True)
             loss = sharded.loss
         if not torch.isfinite(loss):
             # Never backpropagate a NaN/inf: it would corrupt the adapter and the optimizer state.
@@ -491,10 +492,7 @@ class SparsePOTrainer(transformers.Trainer):
             if threads is None:
                 loss = self.compute_loss(model, inputs)
             else:
-                lm = self.accelerator.unwrap_model(model)
-                sharded = sharded_loss(threads, lm, inputs, self.loss_config, context=self._shard_context(grad=False))
-                self._store_metrics("eval", sharded.metrics)
-                loss = sharded.loss
+                loss = self._sharded_loss(threads, model, inputs, training=False).loss
         return loss.detach(), None, None
 
     def log(self, logs, start_time=None):
