@@ -165,6 +165,18 @@ def lift_cell(lift: Optional[dict]) -> str:
     return f"{lift['lift']:.2f}x [{lift['ci95'][0]:.2f}, {lift['ci95'][1]:.2f}]"
 
 
+def markdown_header(title: str, commands: Sequence[str], machine: Dict[str, object]) -> List[str]:
+    """The first lines of a result's Markdown: its title, the commands that made it and the machine."""
+    return [
+        f"# {title}",
+        "",
+        "Commands: " + ", ".join(f"`{c}`" for c in commands),
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()),
+        "",
+    ]
+
+
 def write_markdown(path: str, lines: List[str]) -> None:
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -23,7 +23,9 @@ rounds that visit every load once, the policies alternating their order, so that
 hits all cells alike. The share column is the slowdown if each of the
 runnable threads got an equal share of the cores and lost nothing to sharing them; beside it, the
 scheduler's real share: the slowdown of a one-thread pure-Python loop (no memory traffic, no barrier)
-measured for ``--loop-seconds`` at each load.
+measured for ``--loop-seconds`` at each load, and of two such loops at once (what it gives two threads).
+Each sample also records the CPU time the training process used, so that time lost to waiting for a
+core can be told from work that got slower.
 """
 
 from __future__ import annotations
@@ -31,14 +33,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Tuple
 
 from sparsepo_lite.waits import SHORT_SPINS, SWITCH
 
-from _common import HERE, ROOT, SENTIMENT_CONFIG, command_line, machine_info, write_markdown
+from _common import HERE, ROOT, SENTIMENT_CONFIG, command_line, machine_info, markdown_header, write_markdown
 
 #: Two threads of GEMMs until killed; says "busy" once the first GEMM is done, so a caller can wait
 #: out the import of torch (seconds on a cold machine) before it measures anything under load.
@@ -94,42 +98,68 @@ def child_env(settings: dict) -> dict:
     return {**env, **settings}
 
 
-def train_seconds(policy: str, steps: int, work: str) -> float:
+def train_command(policy: str, steps: int, out: str) -> list:
+    """The ``train`` command line of one cell, writing its run folder to ``out``."""
+    return [
+        sys.executable,
+        "-m",
+        "sparsepo_lite.cli",
+        "train",
+        SENTIMENT_CONFIG,
+        "--output_dir",
+        out,
+        "--overwrite_output_dir",
+        "--max_steps",
+        str(steps),
+        "--eval_file",
+        "",
+        "--save_strategy",
+        "no",
+        *POLICIES[policy][1],
+    ]
+
+
+def runtime(out: str) -> float:
+    """The Trainer's ``train_runtime`` of the run folder ``out``."""
+    with open(os.path.join(out, "metrics.json")) as f:
+        return float(json.load(f)["final"]["train_runtime"])
+
+
+def train_seconds(policy: str, steps: int, work: str) -> Tuple[float, float]:
+    """``(train_runtime, CPU seconds)`` of one training process: the Trainer's time for the steps, and
+    the CPU time (user and system, all threads, the model load included) the process used."""
     out = os.path.join(work, policy)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)  # only this child ends while it runs
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sparsepo_lite.cli",
-            "train",
-            SENTIMENT_CONFIG,
-            "--output_dir",
-            out,
-            "--overwrite_output_dir",
-            "--max_steps",
-            str(steps),
-            "--eval_file",
-            "",
-            "--save_strategy",
-            "no",
-            *POLICIES[policy][1],
-        ],
+        train_command(policy, steps, out),
         check=True,
         cwd=ROOT,
         env=child_env(POLICIES[policy][0]),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    with open(os.path.join(out, "metrics.json")) as f:
-        return float(json.load(f)["final"]["train_runtime"])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return runtime(out), cpu
 
 
-def loop_rate(seconds: float) -> float:
-    """Iterations per second of :data:`LOOP` run for ``seconds`` in its own process."""
-    out = subprocess.run(
-        [sys.executable, "-c", LOOP, str(seconds)], check=True, capture_output=True, text=True, env=child_env({})
-    )
-    return float(out.stdout)
+def loop_rate(seconds: float, processes: int = 1) -> float:
+    """Iterations per second of :data:`LOOP` run for ``seconds`` in each of ``processes`` processes at
+    once, the mean over them: what the scheduler gives a process of that many threads that shares
+    nothing but the cores."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", LOOP, str(seconds)], stdout=subprocess.PIPE, text=True, env=child_env({})
+        )
+        for _ in range(processes)
+    ]
+    rates = []
+    for p in procs:
+        out, _ = p.communicate()
+        if p.returncode:
+            raise RuntimeError(f"the loop exited with code {p.returncode}")
+        rates.append(float(out))
+    return sum(rates) / len(rates)
 
 
 def start_competitors(n: int) -> list:
@@ -168,7 +198,8 @@ def write(out: str, steps: int, cells: list, commands: list) -> None:
     """The JSON and Markdown of the cells measured so far (after every load level, so an interrupted
     run keeps its rows). A cell holds every sample of each policy at one load; the tables use medians."""
     alone = {p: median(c[p]) for c in cells if c["competitors"] == 0 for p in POLICIES if c.get(p)}
-    loop_alone = next((c["loop_rate"] for c in cells if c["competitors"] == 0 and c.get("loop_rate")), None)
+    loops = ("loop_rate", "loop2_rate")
+    loop_alone = {k: next((c[k] for c in cells if c["competitors"] == 0 and c.get(k)), None) for k in loops}
     result = {
         "commands": commands,
         "machine": machine_info("cpu"),
@@ -191,19 +222,14 @@ def write(out: str, steps: int, cells: list, commands: list) -> None:
     shown = [p for p in POLICIES if any(c.get(p) for c in cells)]
     cpus = result["machine"]["cpu_cores"]
     threads = sorted({THREADS.get(p, cpus) for p in shown}, reverse=True)
-    md = [
-        "# A training step under CPU contention",
-        "",
-        "Commands: " + ", ".join(f"`{c}`" for c in commands),
-        "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in result["machine"].items()),
-        "",
+    md = markdown_header("A training step under CPU contention", commands, result["machine"]) + [
         f"{steps} SparsePO steps of the sentiment recipe (SmolLM2-135M-Instruct, 4-bit + LoRA), seconds "
         "(Trainer train_runtime; the median of the samples, their range and count in brackets), beside N "
         "other processes running 2-thread GEMMs. Slowdown: against the same policy alone. Share: the "
         "slowdown if every runnable thread got an equal share of the cores and lost nothing to sharing "
         "them. 1-thread loop: the measured slowdown of one thread of pure-Python arithmetic (no memory "
-        "traffic, no barrier), what the scheduler itself gives. Policies: the package as it comes "
+        "traffic, no barrier), what the scheduler itself gives; 2-thread loop: the same of two such "
+        "processes at once, the share the scheduler gives two threads. Policies: the package as it comes "
         "(each micro-batch's pairs in shards on the threads, one thread per shard; passive waits when the "
         "machine is busy at import, short spins otherwise); the same when the load starts after the import "
         f"(GOMP_SPINCOUNT={SHORT_SPINS}, what a quiet import sets); the package with whole batches, every op "
@@ -215,16 +241,37 @@ def write(out: str, steps: int, cells: list, commands: list) -> None:
         "",
         "| competitors | share: "
         + " / ".join(f"{t} thread{'s' * (t > 1)}" for t in threads)
-        + " | 1-thread loop | "
+        + " | 1-thread loop | 2-thread loop | "
         + " | ".join(f"{TITLES[p]}: s | slowdown" for p in shown)
         + " |",
-        "|---|---|---|" + "---|---|" * len(shown),
+        "|---|---|---|---|" + "---|---|" * len(shown),
     ]
     for c in cells:
         shares = " / ".join(f"{share(t, c['competitors'], cpus):.2f}x" for t in threads)
-        loop = f"{loop_alone / c['loop_rate']:.2f}x" if loop_alone and c.get("loop_rate") else "-"
+        loop = " | ".join(f"{loop_alone[k] / c[k]:.2f}x" if loop_alone[k] and c.get(k) else "-" for k in loops)
         md.append(f"| {c['competitors']} | {shares} | {loop} | " + " | ".join(cell(c, p) for p in shown) + " |")
     md.append("")
+    cpu_shown = [p for p in shown if any(c.get("cpu", {}).get(p) for c in cells)]
+    if cpu_shown:
+        md += [
+            "CPU seconds the training process used (user and system, all threads, the model load included; "
+            "medians) and their ratio to the same policy alone: CPU time the same work needs more beside the "
+            "competitors is lost to sharing caches and memory bandwidth with them, or spent spinning.",
+            "",
+            "| competitors | " + " | ".join(f"{TITLES[p]}: CPU s | against alone" for p in cpu_shown) + " |",
+            "|---|" + "---|---|" * len(cpu_shown),
+        ]
+        cpu_alone = {
+            p: median(c["cpu"][p]) for c in cells if c["competitors"] == 0 for p in cpu_shown if c.get("cpu", {}).get(p)
+        }
+        for c in cells:
+            row = []
+            for p in cpu_shown:
+                xs = c.get("cpu", {}).get(p)
+                ratio = f"{median(xs) / cpu_alone[p]:.2f}x" if xs and p in cpu_alone else "-"
+                row.append(f"{median(xs):.1f} | {ratio}" if xs else "not run | -")
+            md.append(f"| {c['competitors']} | " + " | ".join(row) + " |")
+        md.append("")
     for p in shown:
         if p != "default" and p in alone and "default" in alone:
             md.append(f"Alone, {TITLES[p]} takes {alone[p] / alone['default']:.3f}x libgomp's default (medians).")
@@ -254,7 +301,7 @@ def main():
         default=[],
         help="also measure libgomp spinning this many times (GOMP_SPINCOUNT, the guard off), one policy each",
     )
-    ap.add_argument("--loop-seconds", type=float, default=10.0, help="the 1-thread loop at each load (0: none)")
+    ap.add_argument("--loop-seconds", type=float, default=10.0, help="the 1- and 2-thread loops at each load (0: none)")
     ap.add_argument("--merge", action="store_true", help="add to the cells of an earlier run (same steps)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu_contention"))
     a = ap.parse_args()
@@ -283,7 +330,9 @@ def main():
             cells.sort(key=lambda c: c["competitors"])
         for p in a.policies:
             if p != "default" or load in a.default_loads:
-                rows[load][p] = []  # a policy measured again replaces its earlier samples (--merge)
+                # a policy measured again replaces its earlier samples (--merge)
+                rows[load][p] = []
+                rows[load].setdefault("cpu", {})[p] = []
     # Every round visits every load once, so that a machine whose speed drifts over the run (this VM's
     # does, by up to 2x an hour) slows the samples alone and under load alike; within a round the
     # policies alternate their order.
@@ -299,9 +348,12 @@ def main():
                 for policy in policies if rep % 2 == 0 else policies[::-1]:
                     if load and rep and policy == "default":
                         continue
-                    row[policy].append(train_seconds(policy, a.steps, work))
+                    seconds, cpu = train_seconds(policy, a.steps, work)
+                    row[policy].append(seconds)
+                    row["cpu"][policy].append(cpu)
                 if a.loop_seconds > 0 and rep == repeats[load] - 1:
                     row["loop_rate"] = loop_rate(a.loop_seconds)
+                    row["loop2_rate"] = loop_rate(a.loop_seconds, 2)
                 print(json.dumps(row), flush=True)
                 write(a.out, a.steps, cells, commands)
             finally:

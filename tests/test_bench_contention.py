@@ -5,6 +5,7 @@ measure says so."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -23,8 +24,22 @@ def test_median(bench):
 
 def test_tables_report_medians_and_slowdowns(bench, tmp_path):
     cells = [
-        {"competitors": 0, "passive": [10.0, 12.0, 11.0], "default": [10.0, 9.0, 30.0], "loop_rate": 3e7},
-        {"competitors": 2, "passive": [33.0], "default": [130.0], "loop_rate": 1.2e7},
+        {
+            "competitors": 0,
+            "passive": [10.0, 12.0, 11.0],
+            "default": [10.0, 9.0, 30.0],
+            "cpu": {"passive": [20.0, 22.0, 21.0], "default": [20.0, 20.0, 21.0]},
+            "loop_rate": 3e7,
+            "loop2_rate": 2.8e7,
+        },
+        {
+            "competitors": 2,
+            "passive": [33.0],
+            "default": [130.0],
+            "cpu": {"passive": [23.1], "default": [60.0]},
+            "loop_rate": 1.2e7,
+            "loop2_rate": 1e7,
+        },
         {"competitors": 3, "passive": [44.0]},
     ]
     out = str(tmp_path / "c")
@@ -35,13 +50,19 @@ def test_tables_report_medians_and_slowdowns(bench, tmp_path):
     md = open(out + ".md").read()
     cpus = result["machine"]["cpu_cores"]
     header = (
-        "| competitors | share: {} threads | 1-thread loop | PASSIVE: s | slowdown | libgomp default: s | slowdown |"
+        "| competitors | share: {} threads | 1-thread loop | 2-thread loop | PASSIVE: s | slowdown "
+        "| libgomp default: s | slowdown |"
     )
     assert header.format(cpus) in md  # no package column
-    assert "| 0 | 1.00x | 1.00x | 11.0 (10.0-12.0, n = 3) | 1.00x | 10.0 (9.0-30.0, n = 3) | 1.00x |" in md
-    assert f"| 2 | {bench.share(cpus, 2, cpus):.2f}x | 2.50x | 33.0 | 3.00x | 130.0 | 13.00x |" in md
-    assert f"| 3 | {bench.share(cpus, 3, cpus):.2f}x | - | 44.0 | 4.00x | not run | - |" in md
+    assert "| 0 | 1.00x | 1.00x | 1.00x | 11.0 (10.0-12.0, n = 3) | 1.00x | 10.0 (9.0-30.0, n = 3) | 1.00x |" in md
+    assert f"| 2 | {bench.share(cpus, 2, cpus):.2f}x | 2.50x | 2.80x | 33.0 | 3.00x | 130.0 | 13.00x |" in md
+    assert f"| 3 | {bench.share(cpus, 3, cpus):.2f}x | - | - | 44.0 | 4.00x | not run | - |" in md
     assert "Alone, PASSIVE takes 1.100x libgomp's default (medians)." in md
+    # CPU seconds: medians against the same policy alone; a load without CPU readings says so
+    assert "| PASSIVE: CPU s | against alone | libgomp default: CPU s | against alone |" in md
+    assert "| 0 | 21.0 | 1.00x | 20.0 | 1.00x |" in md
+    assert "| 2 | 23.1 | 1.10x | 60.0 | 3.00x |" in md
+    assert "| 3 | not run | - | not run | - |" in md
 
 
 def test_share_is_the_equal_split_of_the_cores(bench):
@@ -54,19 +75,24 @@ def test_share_is_the_equal_split_of_the_cores(bench):
 
 def test_every_policy_runs_under_load_but_spinning_only_once(bench, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(bench, "train_seconds", lambda policy, steps, work: calls.append(policy) or 1.0)
+    monkeypatch.setattr(bench, "train_seconds", lambda policy, steps, work: calls.append(policy) or (1.0, 2.0))
     monkeypatch.setattr(bench, "start_competitors", lambda n: [])
-    monkeypatch.setattr(bench, "loop_rate", lambda seconds: calls.append("loop") or 1e7)
+    monkeypatch.setattr(bench, "loop_rate", lambda seconds, processes=1: calls.append(f"loop{processes}") or 1e7)
     monkeypatch.setattr(bench.time, "sleep", lambda s: None)
     argv = ["bench_contention.py", "--policies", "package", "default", "--loads", "2", "--repeats-loaded", "3"]
     monkeypatch.setattr("sys.argv", argv + ["--default-loads", "2", "--out", str(tmp_path / "c")])
     bench.main()
-    assert calls == ["package", "default", "package", "package", "loop"]
+    assert calls == ["package", "default", "package", "package", "loop1", "loop2"]
+    with open(tmp_path / "c.json") as f:
+        (cell,) = json.load(f)["cells"]
+    assert cell["cpu"] == {"package": [2.0, 2.0, 2.0], "default": [2.0]} and cell["loop2_rate"] == 1e7
 
 
 def test_rounds_visit_every_load_so_that_drift_hits_all_alike(bench, tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(bench, "train_seconds", lambda policy, steps, work: seen.append((load[-1], policy)) or 1.0)
+    monkeypatch.setattr(
+        bench, "train_seconds", lambda policy, steps, work: seen.append((load[-1], policy)) or (1.0, 1.0)
+    )
     load = []
     monkeypatch.setattr(bench, "start_competitors", lambda n: load.append(n) or [])
     monkeypatch.setattr(bench.time, "sleep", lambda s: None)
@@ -86,7 +112,7 @@ def test_rounds_visit_every_load_so_that_drift_hits_all_alike(bench, tmp_path, m
 def test_merge_adds_a_policy_to_an_earlier_run(bench, tmp_path, monkeypatch):
     out = str(tmp_path / "c")
     bench.write(out, 6, [{"competitors": 0, "default": [10.0]}, {"competitors": 1, "default": [50.0]}], ["first"])
-    seconds = iter([10.5, 20.0, 9.0])  # rounds: alone, loaded, alone
+    seconds = iter([(10.5, 1.0), (20.0, 2.0), (9.0, 3.0)])  # rounds: alone, loaded, alone
     monkeypatch.setattr(bench, "train_seconds", lambda policy, steps, work: next(seconds))
     argv = ["bench_contention.py", "--policies", "package", "--loads", "0", "1", "--repeats-alone", "2"]
     argv += ["--repeats-loaded", "1", "--loop-seconds", "0"]
@@ -96,8 +122,8 @@ def test_merge_adds_a_policy_to_an_earlier_run(bench, tmp_path, monkeypatch):
         result = json.load(f)
     assert result["commands"][0] == "first" and len(result["commands"]) == 2
     assert result["cells"] == [
-        {"competitors": 0, "default": [10.0], "package": [10.5, 9.0]},
-        {"competitors": 1, "default": [50.0], "package": [20.0]},
+        {"competitors": 0, "default": [10.0], "package": [10.5, 9.0], "cpu": {"package": [1.0, 3.0]}},
+        {"competitors": 1, "default": [50.0], "package": [20.0], "cpu": {"package": [2.0]}},
     ]
     assert "| 20.0 | 2.05x | 50.0 | 5.00x |" in open(out + ".md").read()
 
@@ -109,10 +135,22 @@ def test_the_loop_measures_a_real_rate_that_competitors_lower(bench):
     try:
         assert all(p.poll() is None for p in busy)
         loaded = bench.loop_rate(1.0)
+        loaded_two = bench.loop_rate(1.0, 2)
     finally:
         bench.stop_competitors(busy)
     assert alone > 0 and loaded < 0.8 * alone, (alone, loaded)
+    assert 0 < loaded_two < 0.8 * alone, (alone, loaded_two)
     assert all(p.poll() is not None for p in busy)
+
+
+def test_train_seconds_reads_the_runtime_and_the_process_cpu_time(bench, tmp_path, monkeypatch):
+    """The CPU time is the training process's own, from the kernel, not the bench's."""
+    burn = "import sys, time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
+    metrics = '{"final": {"train_runtime": 4.5}}'
+    write = f"import os; os.makedirs({str(tmp_path / 'package')!r}); open({str(tmp_path / 'package' / 'metrics.json')!r}, 'w').write({metrics!r})"
+    monkeypatch.setattr(bench, "train_command", lambda policy, steps, out: [sys.executable, "-c", burn + write])
+    seconds, cpu = bench.train_seconds("package", 6, str(tmp_path))
+    assert seconds == 4.5 and 0.3 <= cpu < 5.0, cpu
 
 
 def test_a_competitor_that_dies_before_its_gemms_is_an_error(bench, monkeypatch):

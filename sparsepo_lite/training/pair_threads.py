@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import sys
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
@@ -34,6 +36,24 @@ def pair_ranges(pairs: int, shards: int) -> List[Tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
+#: The name the pair threads carry where the OS keeps thread names (Linux: ``top -H``, ``ps -L``,
+#: /proc/<pid>/task/<tid>/comm), so that a profiler or bench/bench_thread_share.py can tell them from
+#: torch's OpenMP threads. At most 15 bytes.
+THREAD_NAME = "sparsepo-pairs"
+_PR_SET_NAME = 15
+
+
+def name_os_thread(name: str) -> None:
+    """Name the calling thread at the OS level (Linux; elsewhere nothing happens). Python's own thread
+    names are not visible outside the interpreter."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):  # no libc with prctl: the name is a convenience only
+        pass
+
+
 class PairThreads:
     """A pool of ``threads`` CPU threads that runs a function on each shard of a batch at once.
 
@@ -45,7 +65,9 @@ class PairThreads:
         if threads < 2:
             raise ValueError(f"PairThreads needs at least 2 threads, got {threads}")
         self.threads = threads
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="sparsepo-pairs")
+        self._pool = ThreadPoolExecutor(
+            threads, thread_name_prefix=THREAD_NAME, initializer=name_os_thread, initargs=(THREAD_NAME,)
+        )
 
     def map(self, fn: Callable, items: Sequence) -> list:
         """``[fn(item) for item in items]``, one item per thread. Every item finishes before this

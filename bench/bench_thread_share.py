@@ -1,0 +1,214 @@
+"""Where a CPU training step's time goes, thread by thread, alone and beside other busy processes.
+
+    python bench/bench_thread_share.py         # writes bench/results/cpu_thread_share.{json,md}
+
+Trains the sentiment recipe as bench/bench_contention.py does (the package as it comes, 6 SparsePO
+steps) while 0 or more other processes run 2-thread GEMMs, and reads the kernel's scheduler
+statistics of every thread of the training process every ``--interval`` seconds
+(/proc/<pid>/task/<tid>/schedstat: time on a core, time runnable but waiting for one). Per kind of
+thread (the main thread, the pair threads, which the package names ``sparsepo-pairs``, and the rest:
+torch's OpenMP threads, the allocator's), summed over its threads: CPU seconds, seconds waiting for a
+core, seconds blocked (neither: on the GIL, on another thread, asleep), and the share of a core each
+got while it was runnable, CPU / (CPU + waiting). Beside N 2-thread competitors on C cores, a process
+whose 2 threads are always runnable gets C / (2 + 2N) of a core per thread from an even scheduler: the
+equal share.
+
+So it tells apart the three ways a step can lose time to its neighbours: its threads get less than
+their share of a core while runnable (the scheduler), its work needs more CPU (caches and memory
+bandwidth shared with the neighbours), or its threads spend longer blocked (a lock or a sibling that
+a preempted thread holds up). Each load is sampled ``--repeats`` times, in rounds that visit every load
+once; the tables give the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+from sparsepo_lite.training.pair_threads import THREAD_NAME
+
+from _common import HERE, ROOT, command_line, machine_info, markdown_header, write_markdown
+from bench_contention import POLICIES, child_env, median, runtime, start_competitors, stop_competitors, train_command
+
+#: The kinds of thread, in table order.
+KINDS = ("main", "pair threads", "other")
+#: Clock ticks per second of /proc/<pid>/task/<tid>/stat's start time.
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def kind(pid: int, tid: int, name: str) -> str:
+    if tid == pid:
+        return "main"
+    return "pair threads" if name == THREAD_NAME else "other"
+
+
+def read_thread(pid: int, tid: int) -> Optional[dict]:
+    """One thread's name, start (seconds since boot) and scheduler times (seconds), or None if it has
+    just ended."""
+    base = f"/proc/{pid}/task/{tid}"
+    try:
+        with open(base + "/comm") as f:
+            name = f.read().strip()
+        with open(base + "/schedstat") as f:
+            on_cpu, waiting, _ = (int(x) for x in f.read().split())
+        with open(base + "/stat") as f:
+            start = int(f.read().rsplit(")", 1)[1].split()[19]) / TICKS  # field 22, after the name
+    except (OSError, ValueError, IndexError):
+        return None
+    return {"name": name, "start": start, "cpu": on_cpu / 1e9, "waiting": waiting / 1e9}
+
+
+def watch(proc: subprocess.Popen, interval: float) -> Dict[int, dict]:
+    """Every thread's last reading before it or the process ended, with ``seen``: the time (seconds
+    since boot) of that reading; read every ``interval`` seconds until ``proc`` exits."""
+    threads: Dict[int, dict] = {}
+    while proc.poll() is None:
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task")]
+        except OSError:
+            tids = []
+        now = time.clock_gettime(time.CLOCK_BOOTTIME)
+        for tid in tids:
+            reading = read_thread(proc.pid, tid)
+            if reading is not None:
+                threads[tid] = {**reading, "seen": now}
+        time.sleep(interval)
+    return threads
+
+
+def summarise(pid: int, threads: Dict[int, dict]) -> Dict[str, dict]:
+    """Per kind of thread: ``threads`` (how many), ``cpu``, ``waiting`` and ``blocked`` seconds summed
+    over them. ``blocked`` is each thread's life (start to its last reading) less its CPU and waiting
+    time; a thread's last reading may be up to one interval before it ended."""
+    out = {k: {"threads": 0, "cpu": 0.0, "waiting": 0.0, "blocked": 0.0} for k in KINDS}
+    for tid, t in threads.items():
+        row = out[kind(pid, tid, t["name"])]
+        row["threads"] += 1
+        row["cpu"] += t["cpu"]
+        row["waiting"] += t["waiting"]
+        row["blocked"] += max(0.0, t["seen"] - t["start"] - t["cpu"] - t["waiting"])
+    return out
+
+
+def sample(steps: int, work: str, interval: float) -> dict:
+    """One training process of the package's policy, watched: its ``train_runtime``, the CPU seconds
+    the kernel accounts to the whole process (``process_cpu``; the kinds' sum should come close) and
+    the kinds."""
+    out = os.path.join(work, "run")
+    settings, _ = POLICIES["package"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)  # only this child ends while it runs
+    proc = subprocess.Popen(
+        train_command("package", steps, out),
+        cwd=ROOT,
+        env=child_env(settings),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    threads = watch(proc, interval)
+    if proc.returncode:
+        raise RuntimeError(f"the training process exited with code {proc.returncode}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return {"train_runtime": runtime(out), "process_cpu": cpu, "kinds": summarise(proc.pid, threads)}
+
+
+def equal_share(cpus: int, competitors: int, threads: int = 2) -> float:
+    """The part of a core each of a process's ``threads`` always-runnable threads gets beside
+    ``competitors`` 2-thread processes if the scheduler splits the ``cpus`` cores evenly."""
+    return min(1.0, cpus / (threads + 2 * competitors))
+
+
+def medians(samples: List[dict]) -> dict:
+    """The median of every number of the samples of one load."""
+    return {
+        "train_runtime": median([s["train_runtime"] for s in samples]),
+        "process_cpu": median([s["process_cpu"] for s in samples]),
+        "kinds": {k: {f: median([s["kinds"][k][f] for s in samples]) for f in samples[0]["kinds"][k]} for k in KINDS},
+    }
+
+
+def write(out: str, steps: int, cells: List[dict], commands: List[str]) -> None:
+    """The JSON (every sample) and Markdown (medians) of the loads measured so far."""
+    result = {"commands": commands, "machine": machine_info("cpu"), "steps": steps, "cells": cells}
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    cpus = result["machine"]["cpu_cores"]
+    done = [(c["competitors"], medians(c["samples"])) for c in cells if c["samples"]]
+    alone = next((m for load, m in done if load == 0), None)
+    md = markdown_header("Where a CPU training step's time goes, per thread", commands, result["machine"]) + [
+        f"{steps} SparsePO steps of the sentiment recipe (SmolLM2-135M-Instruct, 4-bit + LoRA) with the package "
+        "as it comes, beside N other processes running 2-thread GEMMs; the kernel's per-thread scheduler "
+        "statistics, read while it ran, summed per kind of thread, the median over the samples. CPU: seconds on "
+        "a core; waiting: runnable, waiting for a core; blocked: neither (the GIL, another thread, asleep); "
+        "share: CPU / (CPU + waiting), the part of a core a thread got while runnable; equal share: what an even "
+        "scheduler gives each of two always-runnable threads. The main thread's times include the model load, "
+        "the pair threads live from the first step to the end of training.",
+        "",
+        "| competitors | train_runtime s | slowdown | thread | threads | CPU s | CPU against alone | waiting s | "
+        "blocked s | share | equal share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for load, m in done:
+        slow = f"{m['train_runtime'] / alone['train_runtime']:.2f}x" if alone else "-"
+        for k in KINDS:
+            r = m["kinds"][k]
+            if not r["threads"]:
+                continue
+            runnable = r["cpu"] + r["waiting"]
+            cpu_ratio = f"{r['cpu'] / alone['kinds'][k]['cpu']:.2f}x" if alone and alone["kinds"][k]["cpu"] else "-"
+            md.append(
+                f"| {load} | {m['train_runtime']:.1f} | {slow} | {k} | {r['threads']:g} | {r['cpu']:.2f} | {cpu_ratio} "
+                f"| {r['waiting']:.2f} | {r['blocked']:.2f} | {r['cpu'] / runnable if runnable else 0:.2f} "
+                f"| {equal_share(cpus, load):.2f} |"
+            )
+    md += [
+        "",
+        "The whole process's CPU seconds as the kernel accounts them (every thread, the short-lived ones "
+        "too), against alone, and the sum of the kinds above (a thread that lived less than one reading "
+        "interval is missing from it):",
+        "",
+        "| competitors | process CPU s | against alone | the kinds' sum s |",
+        "|---|---|---|---|",
+    ]
+    for load, m in done:
+        ratio = f"{m['process_cpu'] / alone['process_cpu']:.2f}x" if alone else "-"
+        kinds_sum = sum(m["kinds"][k]["cpu"] for k in KINDS)
+        md.append(f"| {load} | {m['process_cpu']:.1f} | {ratio} | {kinds_sum:.1f} |")
+    write_markdown(out + ".md", md)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--loads", type=int, nargs="+", default=[0, 2], help="competing 2-thread processes")
+    ap.add_argument("--repeats", type=int, default=3, help="samples per load")
+    ap.add_argument("--interval", type=float, default=0.1, help="seconds between readings")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu_thread_share"))
+    a = ap.parse_args()
+    if not os.path.isdir("/proc/self/task") or not os.path.isfile("/proc/self/schedstat"):
+        sys.exit("this bench reads Linux's per-thread scheduler statistics (/proc/<pid>/task/<tid>/schedstat)")
+    commands, cells = [command_line()], [{"competitors": load, "samples": []} for load in a.loads]
+    work = tempfile.mkdtemp(prefix="bench_thread_share_")
+    for _ in range(a.repeats):
+        for cell in cells:
+            busy = start_competitors(cell["competitors"])
+            try:
+                time.sleep(2 if cell["competitors"] else 0)
+                cell["samples"].append(sample(a.steps, work, a.interval))
+            finally:
+                stop_competitors(busy)
+            print(json.dumps({"competitors": cell["competitors"], **cell["samples"][-1]}), flush=True)
+            write(a.out, a.steps, cells, commands)
+    print(f"wrote {a.out}.json, {a.out}.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""bench/bench_thread_share.py: it reads real per-thread scheduler statistics, tells the pair threads
+(named at the OS level by the package) from the rest, and its tables add up the right way."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import bench_module
+
+pytestmark = pytest.mark.skipif(not os.path.isfile("/proc/self/schedstat"), reason="needs Linux schedstat")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return bench_module("bench_thread_share")
+
+
+def test_pair_threads_carry_their_name_where_the_os_shows_it(bench):
+    from sparsepo_lite.training.pair_threads import THREAD_NAME, PairThreads
+
+    both = threading.Barrier(2, timeout=30)  # so that each item runs on its own thread
+
+    def tid_and_reading(_):
+        both.wait()
+        tid = threading.get_native_id()
+        return tid, bench.read_thread(os.getpid(), tid)
+
+    with PairThreads(2) as pool:
+        tids, readings = zip(*pool.map(tid_and_reading, [0, 1]))
+    assert len(set(tids)) == 2
+    assert [r["name"] for r in readings] == [THREAD_NAME] * 2
+    assert [bench.kind(os.getpid(), tid, r["name"]) for tid, r in zip(tids, readings)] == ["pair threads"] * 2
+    assert bench.kind(os.getpid(), os.getpid(), "python") == "main"
+    assert bench.kind(os.getpid(), tids[0] + 10**6, "python") == "other"
+
+
+def test_watch_reads_a_real_process_time_on_a_core(bench):
+    """A process that computes for 0.5 s of CPU time shows about that much on its main thread; a thread
+    that sleeps shows up as blocked, not as CPU or waiting."""
+    code = (
+        "import threading, time\n"
+        "t = threading.Thread(target=time.sleep, args=(1.0,)); t.start()\n"
+        "end = time.process_time() + 0.5\n"
+        "while time.process_time() < end: pass\n"
+        "t.join()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    threads = bench.watch(proc, 0.02)
+    assert proc.returncode == 0
+    kinds = bench.summarise(proc.pid, threads)
+    main, other = kinds["main"], kinds["other"]
+    assert main["threads"] == 1 and 0.4 <= main["cpu"] <= 1.5, main
+    assert other["threads"] == 1 and other["cpu"] < 0.1 and other["blocked"] > 0.5, other
+    assert kinds["pair threads"]["threads"] == 0
+
+
+def test_summarise_sums_per_kind_and_blocked_is_life_less_cpu_and_waiting(bench):
+    threads = {
+        100: {"name": "python", "start": 10.0, "seen": 30.0, "cpu": 5.0, "waiting": 3.0},
+        101: {"name": "sparsepo-pairs", "start": 12.0, "seen": 30.0, "cpu": 6.0, "waiting": 11.0},
+        102: {"name": "sparsepo-pairs", "start": 12.0, "seen": 30.0, "cpu": 6.0, "waiting": 12.5},
+        103: {"name": "python", "start": 11.0, "seen": 30.0, "cpu": 1.0, "waiting": 1.0},
+    }
+    out = bench.summarise(100, threads)
+    assert out["main"] == {"threads": 1, "cpu": 5.0, "waiting": 3.0, "blocked": 12.0}
+    # a last reading up to one interval late cannot make blocked time negative
+    assert out["pair threads"] == {"threads": 2, "cpu": 12.0, "waiting": 23.5, "blocked": 1.0}
+    assert out["other"] == {"threads": 1, "cpu": 1.0, "waiting": 1.0, "blocked": 17.0}
+
+
+def test_equal_share(bench):
+    assert bench.equal_share(2, 0) == 1.0
+    assert bench.equal_share(2, 2) == pytest.approx(1 / 3)
+    assert bench.equal_share(8, 1) == 1.0
+
+
+def _sample(runtime, pair_cpu, pair_waiting):
+    kinds = {k: {"threads": 0, "cpu": 0.0, "waiting": 0.0, "blocked": 0.0} for k in ("main", "pair threads", "other")}
+    kinds["main"] = {"threads": 1, "cpu": 8.0, "waiting": 1.0, "blocked": 10.0}
+    kinds["pair threads"] = {"threads": 2, "cpu": pair_cpu, "waiting": pair_waiting, "blocked": 2.0}
+    return {"train_runtime": runtime, "process_cpu": 8.0 + pair_cpu + 0.5, "kinds": kinds}
+
+
+def test_tables_give_medians_slowdowns_and_shares(bench, tmp_path):
+    cells = [
+        {"competitors": 0, "samples": [_sample(12.0, 24.0, 0.5), _sample(14.0, 24.0, 0.5), _sample(13.0, 25.0, 1.0)]},
+        {"competitors": 2, "samples": [_sample(39.0, 24.0, 48.0)]},
+        {"competitors": 3, "samples": []},
+    ]
+    out = str(tmp_path / "t")
+    bench.write(out, 6, cells, ["python bench/bench_thread_share.py"])
+    with open(out + ".json") as f:
+        assert json.load(f)["cells"] == cells
+    md = open(out + ".md").read()
+    cpus = os.cpu_count()
+    assert "| 0 | 13.0 | 1.00x | pair threads | 2 | 24.00 | 1.00x | 0.50 | 2.00 | 0.98 | 1.00 |" in md
+    share = f"{bench.equal_share(cpus, 2):.2f}"
+    assert f"| 2 | 39.0 | 3.00x | pair threads | 2 | 24.00 | 1.00x | 48.00 | 2.00 | 0.33 | {share} |" in md
+    assert "| 2 | 39.0 | 3.00x | main | 1 | 8.00 | 1.00x | 1.00 | 10.00 | 0.89 |" in md
+    assert "| other |" not in md  # no thread of that kind
+    assert "| 3 |" not in md  # not measured yet
+    assert "| 0 | 32.5 | 1.00x | 32.0 |" in md and "| 2 | 32.5 | 1.00x | 32.0 |" in md
+
+
+def test_rounds_visit_every_load(bench, tmp_path, monkeypatch):
+    seen, load = [], []
+    monkeypatch.setattr(bench, "start_competitors", lambda n: load.append(n) or [])
+    monkeypatch.setattr(bench, "stop_competitors", lambda procs: None)
+    monkeypatch.setattr(bench, "sample", lambda steps, work, interval: seen.append(load[-1]) or _sample(1.0, 1.0, 1.0))
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    monkeypatch.setattr(
+        "sys.argv", ["bench_thread_share.py", "--loads", "0", "2", "--repeats", "2", "--out", str(tmp_path / "t")]
+    )
+    bench.main()
+    assert seen == [0, 2, 0, 2]
+    with open(tmp_path / "t.json") as f:
+        assert [len(c["samples"]) for c in json.load(f)["cells"]] == [2, 2]
+
+
+def test_a_sample_reads_the_pair_threads_of_a_real_process(bench, tmp_path, monkeypatch):
+    """A child whose named thread computes for 0.3 s of CPU time: the sample files that time under the
+    pair threads, and the kernel's whole-process CPU time covers every kind."""
+    run = tmp_path / "run"
+    code = (
+        "import os, threading, time\n"
+        "from sparsepo_lite.training.pair_threads import THREAD_NAME, name_os_thread\n"
+        "def work():\n"
+        "    name_os_thread(THREAD_NAME)\n"
+        "    end = time.thread_time() + 0.3\n"
+        "    while time.thread_time() < end: pass\n"
+        "    time.sleep(0.3)  # alive for a few more readings\n"
+        "t = threading.Thread(target=work); t.start(); t.join()\n"
+        f"os.makedirs({str(run)!r})\n"
+        f"open({str(run / 'metrics.json')!r}, 'w').write('{{\"final\": {{\"train_runtime\": 2.5}}}}')\n"
+    )
+    monkeypatch.setattr(bench, "train_command", lambda policy, steps, out: [sys.executable, "-c", code])
+    s = bench.sample(6, str(tmp_path), 0.02)
+    pairs = s["kinds"]["pair threads"]
+    assert s["train_runtime"] == 2.5
+    assert pairs["threads"] == 1 and 0.25 <= pairs["cpu"] <= 1.0 and pairs["blocked"] > 0.1, pairs
+    total = sum(k["cpu"] for k in s["kinds"].values())
+    assert total <= s["process_cpu"] + 0.05 and s["process_cpu"] >= 0.3, (total, s["process_cpu"])
