@@ -125,22 +125,33 @@ def runtime(out: str) -> float:
         return float(json.load(f)["final"]["train_runtime"])
 
 
-def train_seconds(policy: str, steps: int, work: str) -> Tuple[float, float]:
-    """``(train_runtime, CPU seconds)`` of one training process: the Trainer's time for the steps, and
-    the CPU time (user and system, all threads, the model load included) the process used."""
-    out = os.path.join(work, policy)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)  # only this child ends while it runs
-    subprocess.run(
+def start_training(policy: str, steps: int, out: str) -> subprocess.Popen:
+    """One training process of ``policy`` (its environment and arguments), writing to ``out``."""
+    return subprocess.Popen(
         train_command(policy, steps, out),
-        check=True,
         cwd=ROOT,
         env=child_env(POLICIES[policy][0]),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-    return runtime(out), cpu
+
+
+def children_cpu() -> float:
+    """CPU seconds (user and system, all threads) of this process's children that have ended: the
+    difference around one child's run is that child's, when no other child ends meanwhile."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
+def train_seconds(policy: str, steps: int, work: str) -> Tuple[float, float]:
+    """``(train_runtime, CPU seconds)`` of one training process: the Trainer's time for the steps, and
+    the CPU time (user and system, all threads, the model load included) the process used."""
+    out = os.path.join(work, policy)
+    before = children_cpu()
+    proc = start_training(policy, steps, out)
+    if proc.wait():
+        raise RuntimeError(f"the training process ({policy}) exited with code {proc.returncode}")
+    return runtime(out), children_cpu() - before
 
 
 def loop_rate(seconds: float, processes: int = 1) -> float:
@@ -182,11 +193,16 @@ def stop_competitors(procs: list) -> None:
         p.stdout.close()
 
 
+def equal_share(cpus: int, competitors: int, threads: int = 2) -> float:
+    """The part of a core each of a process's ``threads`` always-runnable threads gets beside
+    ``competitors`` 2-thread processes if the scheduler splits the ``cpus`` cores evenly."""
+    return min(1.0, cpus / (threads + 2 * competitors))
+
+
 def share(threads: int, competitors: int, cpus: int) -> float:
     """The slowdown of a process on ``threads`` threads beside ``competitors`` 2-thread processes if
     every runnable thread got an equal share of the ``cpus`` cores and nothing were lost to sharing."""
-    runnable = threads + 2 * competitors
-    return min(threads, cpus) / min(threads, cpus * threads / runnable)
+    return min(threads, cpus) / (threads * equal_share(cpus, competitors, threads))
 
 
 def median(xs):

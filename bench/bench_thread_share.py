@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -34,8 +33,16 @@ from typing import Dict, List, Optional
 
 from sparsepo_lite.training.pair_threads import THREAD_NAME
 
-from _common import HERE, ROOT, command_line, machine_info, markdown_header, write_markdown
-from bench_contention import POLICIES, child_env, median, runtime, start_competitors, stop_competitors, train_command
+from _common import HERE, command_line, machine_info, markdown_header, write_markdown
+from bench_contention import (
+    children_cpu,
+    equal_share,
+    median,
+    runtime,
+    start_competitors,
+    start_training,
+    stop_competitors,
+)
 
 #: The kinds of thread, in table order.
 KINDS = ("main", "pair threads", "other")
@@ -102,27 +109,16 @@ def sample(steps: int, work: str, interval: float) -> dict:
     the kernel accounts to the whole process (``process_cpu``; the kinds' sum should come close) and
     the kinds."""
     out = os.path.join(work, "run")
-    settings, _ = POLICIES["package"]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)  # only this child ends while it runs
-    proc = subprocess.Popen(
-        train_command("package", steps, out),
-        cwd=ROOT,
-        env=child_env(settings),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    before = children_cpu()
+    proc = start_training("package", steps, out)
     threads = watch(proc, interval)
     if proc.returncode:
         raise RuntimeError(f"the training process exited with code {proc.returncode}")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-    return {"train_runtime": runtime(out), "process_cpu": cpu, "kinds": summarise(proc.pid, threads)}
-
-
-def equal_share(cpus: int, competitors: int, threads: int = 2) -> float:
-    """The part of a core each of a process's ``threads`` always-runnable threads gets beside
-    ``competitors`` 2-thread processes if the scheduler splits the ``cpus`` cores evenly."""
-    return min(1.0, cpus / (threads + 2 * competitors))
+    return {
+        "train_runtime": runtime(out),
+        "process_cpu": children_cpu() - before,
+        "kinds": summarise(proc.pid, threads),
+    }
 
 
 def medians(samples: List[dict]) -> dict:

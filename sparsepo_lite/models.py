@@ -122,35 +122,32 @@ def disable_avx512_bf16_repacking(model: nn.Module) -> int:
 _DROPOUT_ATTRS = ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop")
 
 
-def uses_dropout(model: nn.Module) -> bool:
-    """Whether ``model`` drops anything in train mode: an ``nn.Dropout`` with p > 0, or a dropout rate
-    that an attention layer or the config hands to a kernel (what :func:`disable_dropout` zeroes)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout) and module.p > 0:
-            return True
-        if any(isinstance(getattr(module, a, None), float) and getattr(module, a) > 0 for a in _DROPOUT_ATTRS):
-            return True
-    config = getattr(model, "config", None)
-    return any(isinstance(getattr(config, a, None), float) and getattr(config, a) > 0 for a in _DROPOUT_ATTRS)
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Turn off every dropout, as the official trainers do (disable_dropout=True).
-
-    Besides nn.Dropout modules, attention layers (Llama, Qwen2, Mistral...) keep their dropout
-    as a float attribute handed to the attention kernel in train mode; zero those and the
-    config's dropout fields too.
-    """
+def _dropout_rates(model: nn.Module):
+    """``(owner, attribute)`` of every dropout rate in ``model``: each ``nn.Dropout``'s ``p``, and the
+    float rates that attention layers (Llama, Qwen2, Mistral...) and the config hand to a kernel in
+    train mode."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
-            module.p = 0.0
+            yield module, "p"
         for attr in _DROPOUT_ATTRS:
             if isinstance(getattr(module, attr, None), float):
-                setattr(module, attr, 0.0)
+                yield module, attr
     config = getattr(model, "config", None)
     for attr in _DROPOUT_ATTRS:
         if isinstance(getattr(config, attr, None), float):
-            setattr(config, attr, 0.0)
+            yield config, attr
+
+
+def uses_dropout(model: nn.Module) -> bool:
+    """Whether ``model`` drops anything in train mode: any rate :func:`disable_dropout` zeroes is > 0."""
+    return any(getattr(owner, attr) > 0 for owner, attr in _dropout_rates(model))
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Turn off every dropout, as the official trainers do (disable_dropout=True): ``nn.Dropout``
+    modules, and the rates attention layers and the config hand to the attention kernel."""
+    for owner, attr in list(_dropout_rates(model)):
+        setattr(owner, attr, 0.0)
 
 
 #: Names that need no download: resolved to a local folder (converted once).

@@ -139,7 +139,9 @@ def test_a_sample_reads_the_pair_threads_of_a_real_process(bench, tmp_path, monk
         f"os.makedirs({str(run)!r})\n"
         f"open({str(run / 'metrics.json')!r}, 'w').write('{{\"final\": {{\"train_runtime\": 2.5}}}}')\n"
     )
-    monkeypatch.setattr(bench, "train_command", lambda policy, steps, out: [sys.executable, "-c", code])
+    monkeypatch.setattr(
+        bench, "start_training", lambda policy, steps, out: subprocess.Popen([sys.executable, "-c", code])
+    )
     s = bench.sample(6, str(tmp_path), 0.02)
     pairs = s["kinds"]["pair threads"]
     assert s["train_runtime"] == 2.5
