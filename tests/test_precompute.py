@@ -447,6 +447,33 @@ def test_verify_ref_against_live_reports_the_cache_error(tiny_dir, tmp_path):
     )
     assert res.returncode != 0 and "--against-live needs --policy" in res.stderr
 
+    # --max-kl-error gates on the printed per-sequence error: below it passes, above it fails after
+    # the report, naming the error and the bound
+    from sparsepo_lite.cli.verify_ref import verify_ref
+    from sparsepo_lite.refcache.format import CacheError
+
+    ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+    error = verify_ref(ref, 2, run)["accuracy"]["sequence_kl"]["mean_rel_error"]
+    assert 0 < error < 1, error  # 4 top-k entries and 8 draws: an estimate, not exact
+    assert verify_ref(ref, 2, run, max_kl_error=error * 1.01)["accuracy"]["sequence_kl"]["mean_rel_error"] == error
+    res = subprocess.run(
+        cli + ["verify-ref", ref, "--against-live", "2", "--policy", run, "--max-kl-error", f"{error / 2}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode != 0 and "per sequence: mean relative error" in res.stdout
+    assert f"off by {error:.2%}" in res.stderr and f"--max-kl-error {error / 2:.2%}" in res.stderr
+    for kwargs, message in (
+        ({"against_live": 0, "max_kl_error": 0.1}, "needs --against-live"),
+        ({"against_live": 2, "max_kl_error": -0.1}, "fraction >= 0"),
+        ({"against_live": 2, "max_kl_error": float("nan")}, "fraction >= 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            verify_ref(ref, policy=run, **kwargs)
+    with pytest.raises(CacheError, match="--max-kl-error 0.00%"):
+        verify_ref(ref, 2, run, max_kl_error=0.0)
+
 
 @pytest.mark.parametrize("topk_dtype", [torch.float16, torch.bfloat16])
 def test_tail_draws_stay_unbiased_when_the_top_k_is_rounded(topk_dtype):

@@ -1,5 +1,6 @@
 """``sparsepo-lite verify-ref DIR``: check every shard of a reference cache; with ``--against-live N
---policy RUN``, also measure the cache's KL against the live reference."""
+--policy RUN``, also measure the cache's KL against the live reference (and, with ``--max-kl-error``,
+fail when it is further off than that)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,26 @@ from typing import List, Optional
 HELP = "check every shard of a reference cache (and its KL against the live reference)"
 
 
-def verify_ref(cache_dir: str, against_live: int = 0, policy: Optional[str] = None, batch_size: int = 4) -> dict:
+def verify_ref(
+    cache_dir: str,
+    against_live: int = 0,
+    policy: Optional[str] = None,
+    batch_size: int = 4,
+    max_kl_error: Optional[float] = None,
+) -> dict:
     """Check every shard of a cache; with ``against_live`` batches and a trained ``policy`` run, also
-    measure the cache's KL against the live reference on the cache's train split."""
+    measure the cache's KL against the live reference on the cache's train split. ``max_kl_error``: the
+    largest mean relative error of the per-sequence KL accepted; above it a ``CacheError`` is raised
+    after the report is printed."""
     from ..refcache import RefCache, verify_cache
+    from ..refcache.format import CacheError
     from ..refcache.reader import storage_per_token
 
+    if max_kl_error is not None:
+        if not against_live:
+            raise ValueError("--max-kl-error needs --against-live N: the error is measured on N batches")
+        if not max_kl_error >= 0:  # also refuses NaN
+            raise ValueError(f"--max-kl-error must be a fraction >= 0, got {max_kl_error}")
     totals = verify_cache(cache_dir)
     cache = RefCache(cache_dir)
     per_token, formula = storage_per_token(cache, totals)
@@ -53,6 +68,13 @@ def verify_ref(cache_dir: str, against_live: int = 0, policy: Optional[str] = No
     )
     acc = cache_accuracy(model, tok, cache, examples, batches=against_live, batch_size=batch_size)
     print(format_accuracy(acc), flush=True)
+    error = acc["sequence_kl"]["mean_rel_error"]
+    if max_kl_error is not None and not error <= max_kl_error:  # a NaN error fails too
+        raise CacheError(
+            f"{cache_dir}: the per-sequence KL is off by {error:.2%} on average against the live reference "
+            f"(--max-kl-error {max_kl_error:.2%}); precompute with more --top-k / --tail-samples, or "
+            "--store hidden for the exact KL"
+        )
     return {"totals": totals, "accuracy": acc}
 
 
@@ -74,7 +96,15 @@ def add_parser(sub) -> None:
         "names the model and data the cache was made for)",
     )
     p.add_argument("--batch-size", type=int, default=4, help="pairs per batch for --against-live")
+    p.add_argument(
+        "--max-kl-error",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="with --against-live: exit with an error when the per-sequence KL's mean relative error "
+        "exceeds FRACTION (0.1 = 10%%), for scripts that gate training on the cache",
+    )
 
 
 def run(args, rest: List[str]) -> None:
-    verify_ref(args.dir, args.against_live, args.policy, args.batch_size)
+    verify_ref(args.dir, args.against_live, args.policy, args.batch_size, args.max_kl_error)
