@@ -66,6 +66,10 @@ def test_train_round_trip(setup):
     } <= files
     saved = yaml.safe_load((out / "sparsepo_config.yaml").read_text())
     assert saved["loss_type"] == "sparsepo" and saved["lora_r"] == 4
+    # the Trainer's arguments as JSON, not the pickle transformers writes
+    assert "training_args.bin" not in files
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["learning_rate"] == saved["learning_rate"] and args["beta"] == 0.2
     metrics = json.loads((out / "metrics.json").read_text())
     assert "eval_loss" in metrics["final"] and "eval_rewards/accuracies" in metrics["final"]
     report = json.loads((out / "data_report_train.json").read_text())

@@ -147,6 +147,8 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny_dir, tmp_path)
     full_lora, full_masks, _ = run(tmp_path / "full")
     _, _, stopped_at = run(tmp_path / "part", stop=True)
     assert stopped_at == 2 and (tmp_path / "part" / "checkpoint-2" / "mask_net.safetensors").is_file()
+    checkpoint = set(os.listdir(tmp_path / "part" / "checkpoint-2"))
+    assert "training_args.json" in checkpoint and "training_args.bin" not in checkpoint  # no pickle
     resumed_lora, resumed_masks, _ = run(tmp_path / "part", resume=str(tmp_path / "part" / "checkpoint-2"))
     for n, p in full_lora.items():
         torch.testing.assert_close(resumed_lora[n], p, rtol=0, atol=0, msg=n)

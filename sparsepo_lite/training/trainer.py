@@ -34,6 +34,9 @@ from .pair_threads import PairThreads, add_gradients, sharded_loss
 
 logger = logging.getLogger(__name__)
 
+#: The run's resolved TrainingArguments, as JSON: the Trainer's own copy (training_args.bin) is a
+#: pickle, which a run folder must not hold (one shared or downloaded would ask to be unpickled).
+TRAINING_ARGS_FILE = "training_args.json"
 #: Files a run writes into its output_dir (replaced together by overwrite_output_dir).
 RUN_FILES = (
     "adapter_model.safetensors",
@@ -42,7 +45,8 @@ RUN_FILES = (
     MASK_CONFIG,
     RUN_CONFIG,
     "metrics.json",
-    "training_args.bin",
+    TRAINING_ARGS_FILE,
+    transformers.trainer.TRAINING_ARGS_NAME,  # written by earlier versions of the package
     "README.md",
     "tokenizer.json",
     "tokenizer_config.json",
@@ -772,6 +776,11 @@ class SparsePOTrainer(transformers.Trainer):
         if not self.args.should_save:  # the Trainer may call _save on every rank; files come from one
             return
         os.makedirs(output_dir, exist_ok=True)
+        pickled = os.path.join(output_dir, transformers.trainer.TRAINING_ARGS_NAME)
+        if os.path.isfile(pickled):
+            os.remove(pickled)
+        with open(os.path.join(output_dir, TRAINING_ARGS_FILE), "w") as f:
+            f.write(self.args.to_json_string())
         if self.masks is not None:
             save_masks(self.masks, output_dir)
         for split, report in self.data_reports.items():
