@@ -17,7 +17,10 @@ oversubscribed (what ``SPARSEPO_LITE_OMP_PASSIVE=0`` gives); passive waits alway
 control: no barrier to wait at); libgomp's default with the guard off (torch on its own). A thread
 spinning for milliseconds holds a core that a competitor needs, and each of torch's, bitsandbytes'
 and the extension's parallel regions then waits for its slowest thread, so that step collapses under
-oversubscription; alone, spinning is faster. Every policy is sampled ``--repeats-alone`` times alone and
+oversubscription; alone, spinning is faster. Two more policies start the same command from a script
+that imports torch first, as many do, so that libgomp keeps its long spins: with the trainer's load
+guard (which then runs torch on one thread under load, the shards keeping their threads) and
+without it. Every policy is sampled ``--repeats-alone`` times alone and
 ``--repeats-loaded`` times under each load (libgomp's default once: it takes minutes under load), in
 rounds that visit every load once, the policies alternating their order, so that a drifting machine
 hits all cells alike. The share column is the slowdown if each of the
@@ -66,7 +69,15 @@ POLICIES = {
     "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, WHOLE),
     "one_thread": ({"OMP_NUM_THREADS": "1"}, []),
     "default": ({SWITCH: "0"}, ["--cpu_load_guard", "false", *WHOLE]),
+    "torch_first": ({}, []),
+    "torch_first_unguarded": ({}, ["--cpu_load_guard", "false"]),
 }
+#: Policies whose process imports torch before the package, as many scripts and notebooks do: libgomp
+#: then keeps its own long spins, and the trainer's load guard is what stands between them and a
+#: collapse (unguarded: what the package did before it told the guard so).
+TORCH_FIRST = ("torch_first", "torch_first_unguarded")
+#: The ``train`` command run from a script that imports torch first.
+TORCH_FIRST_MAIN = "import sys\nimport torch\nfrom sparsepo_lite.cli import main\nmain(sys.argv[1:])"
 #: What the bench's own process may have inherited or set (its import of the package chooses too):
 #: no child sees it unless its policy sets it.
 THREAD_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", SWITCH)
@@ -78,6 +89,8 @@ TITLES = {
     "passive": "PASSIVE",
     "one_thread": "1 thread",
     "default": "libgomp default",
+    "torch_first": "torch imported first",
+    "torch_first_unguarded": "torch imported first, no guard",
 }
 
 
@@ -100,10 +113,10 @@ def child_env(settings: dict) -> dict:
 
 def train_command(policy: str, steps: int, out: str) -> list:
     """The ``train`` command line of one cell, writing its run folder to ``out``."""
+    start = ["-c", TORCH_FIRST_MAIN] if policy in TORCH_FIRST else ["-m", "sparsepo_lite.cli"]
     return [
         sys.executable,
-        "-m",
-        "sparsepo_lite.cli",
+        *start,
         "train",
         SENTIMENT_CONFIG,
         "--output_dir",
@@ -253,7 +266,10 @@ def write(out: str, steps: int, cells: list, commands: list) -> None:
         "whole batches: libgomp's default with the trainer's load guard, which drops to one thread under load "
         f"({SWITCH}=0); passive waits always; one thread (the control, no barrier to wait at); libgomp's "
         "default with "
-        "the guard off.",
+        "the guard off. Torch imported first: the package's command run from a script that imports torch "
+        "before the package, so libgomp keeps its long default spins and the trainer's load guard runs torch "
+        "on one thread under load while the pair shards keep their threads; no guard: the same with "
+        "--cpu_load_guard false, which is what such a script got before the package told the guard.",
         "",
         "| competitors | share: "
         + " / ".join(f"{t} thread{'s' * (t > 1)}" for t in threads)

@@ -16,16 +16,20 @@ import, which has to happen before torch loads libgomp (libgomp reads its settin
 passive waits when other runnable threads already oversubscribe the cores this process's threads
 use, and short spins otherwise: a load that starts later finds threads that do not collapse.
 
+The choice needs the import to come first: a process that imported torch before this package
+keeps libgomp's own waits, so nothing is set then, and the environment still tells the trainer that
+its threads spin long, which brings in the load guard below.
+
 The trainer's CPU step mostly sidesteps this: it runs shards of a micro-batch's pairs on threads, each
 with torch on one thread (training/pair_threads.py), so the step's own ops open no parallel region;
 the waits still govern everything else (the optimizer step, evaluation outside the trainer,
 generation, the reference precompute).
 
-:class:`LoadGuard` is for a process whose threads spin long anyway (``SPARSEPO_LITE_OMP_PASSIVE=0``,
-``OMP_WAIT_POLICY=ACTIVE`` or a long ``GOMP_SPINCOUNT``): the trainer's ``cpu_load_guard`` looks at
-the load at every step and, while the machine is oversubscribed, runs torch on one thread, which
-has no sibling to wait for (4.9x its time alone beside two busy 2-thread processes instead of 13x).
-It restores the threads once the load has gone.
+:class:`LoadGuard` is for a process whose threads spin long anyway (torch imported first,
+``SPARSEPO_LITE_OMP_PASSIVE=0``, ``OMP_WAIT_POLICY=ACTIVE`` or a long ``GOMP_SPINCOUNT``): the
+trainer's ``cpu_load_guard`` looks at the load at every step and, while the machine is
+oversubscribed, runs torch on one thread, which has no sibling to wait for; the pair shards keep
+their threads, which open no parallel region. It restores the threads once the load has gone.
 """
 
 from __future__ import annotations
@@ -169,15 +173,36 @@ def cpus_available() -> int:
         return os.cpu_count() or 1
 
 
+def libgomp_loaded() -> bool:
+    """Whether libgomp is already loaded in this process (it then has read its settings for good):
+    from /proc/self/maps, else whether torch has been imported."""
+    try:
+        with open("/proc/self/maps") as f:
+            return any("/libgomp" in line for line in f)
+    except OSError:
+        return "torch" in sys.modules
+
+
 def choose_wait_policy(
     environ: MutableMapping[str, str] = os.environ,
     others: Callable[[], Optional[int]] = other_runnable_threads,
+    loaded: Callable[[], bool] = libgomp_loaded,
 ) -> str:
     """Set ``OMP_WAIT_POLICY=PASSIVE`` in ``environ`` when the machine is busy, ``GOMP_SPINCOUNT`` to
     :data:`SHORT_SPINS` when it is quiet; return the decision and its reason, for the logs. An
-    explicit ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is kept."""
-    late = " (torch was imported first, so libgomp had already read the policy)" if "torch" in sys.modules else ""
-    return _decide(environ, others) + late
+    explicit ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is kept.
+
+    When libgomp is already loaded (torch imported before this package) nothing is set: libgomp would
+    ignore it, and ``environ`` then still says which waits are in effect, which
+    :func:`waits_spin_long` and so the trainer's load guard read."""
+    if loaded():
+        spins = spin_count(environ)
+        kind = "long spins" if spins > SHORT_SPINS else "short spins or passive waits"
+        return (
+            f"libgomp's waits as it read them ({spins:g} spins: {kind}); it was loaded before this package "
+            "(torch imported first), so they cannot be changed; import sparsepo_lite before torch to choose them"
+        )
+    return _decide(environ, others)
 
 
 def _decide(environ, others) -> str:

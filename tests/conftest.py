@@ -7,10 +7,13 @@ import os
 import sys
 from dataclasses import dataclass
 
+# First, as a user should: the import picks libgomp's waits before torch loads it (sparsepo_lite/waits.py).
+import sparsepo_lite as sp
+
+# isort: split
 import pytest
 import torch
 
-import sparsepo_lite as sp
 from sparsepo_lite.ops import RefKind
 from sparsepo_lite.testing import token_stats_reference
 

@@ -181,6 +181,24 @@ def test_whole_batch_policies_turn_the_pair_threads_off(bench):
     from sparsepo_lite.cli.train import config_parser
 
     for name, (_, args) in bench.POLICIES.items():
-        assert (bench.WHOLE[0] in args) == (name not in ("package", "late", "one_thread")), name
+        assert (bench.WHOLE[0] in args) == (name not in ("package", "late", "one_thread", *bench.TORCH_FIRST)), name
     _, _, config = config_parser().parse_args_into_dataclasses(["--output_dir", "x", "--use_cpu", "true", *bench.WHOLE])
     assert config.cpu_pair_threads is False
+
+
+def test_torch_first_policies_import_torch_before_the_package(bench, tmp_path):
+    """Their training process loads libgomp before the package can choose its waits, as a script that
+    imports torch first does; the others start the package's own command."""
+    import subprocess
+
+    cmd = bench.train_command("torch_first", 2, str(tmp_path))
+    assert cmd[1:3] == ["-c", bench.TORCH_FIRST_MAIN] and cmd[3] == "train"
+    assert bench.train_command("package", 2, str(tmp_path))[1:4] == ["-m", "sparsepo_lite.cli", "train"]
+    assert "--cpu_load_guard" in bench.train_command("torch_first_unguarded", 2, str(tmp_path))
+    imports = (
+        bench.TORCH_FIRST_MAIN.rsplit("\n", 1)[0] + "\nimport sparsepo_lite\nprint(sparsepo_lite.OMP_WAIT_DECISION)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", imports], capture_output=True, text=True, check=True, env=bench.child_env({})
+    )
+    assert "loaded before this package" in out.stdout

@@ -185,6 +185,12 @@ def test_each_shard_runs_on_its_share_of_the_threads_and_the_count_comes_back():
         assert pool.map(lambda _: torch.get_num_threads(), [0, 1]) == [2, 2]
         assert pool.map(lambda _: torch.get_num_threads(), [0, 1, 2]) == [1, 1, 1]
         assert torch.get_num_threads() == before
+        torch.set_num_threads(1)  # a load guard's choice: the shards take no more than the caller has
+        try:
+            assert pool.map(lambda _: torch.get_num_threads(), [0, 1]) == [1, 1]
+            assert torch.get_num_threads() == 1
+        finally:
+            torch.set_num_threads(before)
 
         def fail(i):
             if i == 1:

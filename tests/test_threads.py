@@ -51,9 +51,32 @@ CPUS = cpus_available()
 )
 def test_choice(env, busy, policy, spins):
     environ = dict(env)
-    reason = choose_wait_policy(environ, others=lambda: busy)
+    reason = choose_wait_policy(environ, others=lambda: busy, loaded=lambda: False)
     assert (environ.get("OMP_WAIT_POLICY"), environ.get("GOMP_SPINCOUNT")) == (policy, spins)
     assert reason and ((policy or spins) is None or (policy or spins) in reason)
+
+
+@pytest.mark.parametrize(
+    "env, said", [({}, "300000 spins: long spins"), ({"OMP_WAIT_POLICY": "PASSIVE"}, "0 spins: short spins")]
+)
+def test_choice_leaves_the_environment_alone_once_libgomp_is_loaded(env, said):
+    """libgomp read its settings when it loaded: setting them now would change nothing but what the
+    environment says, and the trainer's load guard reads the environment to know the waits in effect."""
+    environ = dict(env)
+    reason = choose_wait_policy(environ, others=lambda: 5, loaded=lambda: True)
+    assert environ == env and said in reason and "import sparsepo_lite before torch" in reason
+    assert waits_spin_long(environ) == (said.startswith("300000"))
+
+
+def test_importing_torch_first_keeps_libgomps_waits_and_says_so():
+    probe = (
+        "import torch\n"
+        + PROBE
+        + "\nprint(sparsepo_lite.OMP_WAIT_DECISION)\nprint(sparsepo_lite.waits.waits_spin_long())"
+    )
+    out = _run_in_subprocess(probe, {})
+    assert out[-3] == "<unset> <unset>" and "loaded before this package" in out[-2] and out[-1] == "True"
+    assert _run_in_subprocess(PROBE, {})[-1] in ("PASSIVE <unset>", f"<unset> {SHORT}")  # the package first
 
 
 def test_runnable_threads_are_read_from_the_machine():
@@ -124,16 +147,20 @@ def test_guard_gives_up_when_the_load_cannot_be_read():
     assert guard_with([None]).check() is None
 
 
-def _import_in_subprocess(env):
+def _run_in_subprocess(code, env):
     base = {
         k: v
         for k, v in os.environ.items()
         if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "SPARSEPO_LITE_OMP_PASSIVE")
     }
     out = subprocess.run(
-        [sys.executable, "-c", PROBE], env={**base, **env}, cwd=ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code], env={**base, **env}, cwd=ROOT, capture_output=True, text=True, check=True
     )
-    return out.stdout.strip().splitlines()[-1]
+    return out.stdout.strip().splitlines()
+
+
+def _import_in_subprocess(env):
+    return _run_in_subprocess(PROBE, env)[-1]
 
 
 def _spinners(n):

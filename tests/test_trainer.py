@@ -238,9 +238,15 @@ class _ThreadLog(transformers.TrainerCallback):
 @pytest.mark.parametrize("guard_on", [True, False])
 def test_cpu_load_guard_runs_on_one_thread_while_the_machine_is_busy(tiny_dir, tmp_path, monkeypatch, guard_on):
     """The trainer checks the load before each step: one thread from the first busy check, the usual
-    count after three quiet ones in a row, and that count again when training ends."""
+    count after three quiet ones in a row, and that count again when training ends. The pair shards
+    run at every step, on one thread each, whatever the guard chose for torch."""
     import sparsepo_lite.training.trainer as trainer_module
     from sparsepo_lite.waits import LoadGuard
+
+    real, shards = trainer_module.sharded_loss, []
+    monkeypatch.setattr(
+        trainer_module, "sharded_loss", lambda pool, *a, **k: shards.append(pool.threads) or real(pool, *a, **k)
+    )
 
     readings = iter([5, 0, 0, 0, 0])  # others' runnable threads, one read per check
     monkeypatch.setattr(
@@ -257,6 +263,7 @@ def test_cpu_load_guard_runs_on_one_thread_while_the_machine_is_busy(tiny_dir, t
         trainer = make_trainer(tiny_dir, tmp_path, "dpo", steps=5, callbacks=[log], cpu_load_guard=guard_on)
         trainer.train()
         assert log.threads == ([1, 1, 1, 2, 2] if guard_on else [2] * 5)
+        assert shards == [2] * 5
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)

@@ -57,8 +57,9 @@ def name_os_thread(name: str) -> None:
 class PairThreads:
     """A pool of ``threads`` CPU threads that runs a function on each shard of a batch at once.
 
-    Each call runs torch on ``threads // shards`` threads inside each shard (``torch.set_num_threads``
-    changes process-wide settings too, such as MKL's) and restores the caller's count afterwards.
+    Each call runs torch on ``threads // shards`` threads inside each shard, never more than the
+    caller's own count (a load guard's one thread means one per shard), and restores the caller's
+    count afterwards (``torch.set_num_threads`` changes process-wide settings too, such as MKL's).
     """
 
     def __init__(self, threads: int):
@@ -73,8 +74,8 @@ class PairThreads:
         """``[fn(item) for item in items]``, one item per thread. Every item finishes before this
         returns or raises the first item's error: no shard may still be running the model when the
         caller switches its adapter back or restores the thread count."""
-        inner = max(1, self.threads // len(items))
         restore = torch.get_num_threads()
+        inner = max(1, min(self.threads // len(items), restore))
 
         def run(item):
             torch.set_num_threads(inner)

@@ -309,6 +309,7 @@ class SparsePOTrainer(transformers.Trainer):
         self._step_losses: List[float] = []  # mean loss of every step that trained, this train() call
         self._window: List[float] = []  # the same since the last log
         self._threads: Optional[PairThreads] = None  # made at the first batch that runs in shards
+        self._load_guard: Optional[LoadGuard] = None  # set when training adds the CPU load guard
 
     # --- optimisation ---------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -402,12 +403,13 @@ class SparsePOTrainer(transformers.Trainer):
 
     def _pair_threads(self, inputs, training: bool) -> Optional[PairThreads]:
         """The threads to run this batch's pairs on (``cpu_pair_threads``), or None to run it whole:
-        off, not on the CPU, one torch thread (the load guard's choice too), one pair, a loss that
+        off, not on the CPU, one torch thread (the load guard's single thread does not count: the
+        shards keep the threads it had, and open no parallel region to wait in), one pair, a loss that
         cannot run in shards, a gradient scaler (fp16), which needs the whole loss, a
         ``compute_loss`` replaced by a subclass or on the instance, which the shards would bypass,
         or, in training, dropout (the shards would draw from the one random generator in an order
         that thread timing decides) or reentrant gradient checkpointing (no ``autograd.grad``)."""
-        threads = torch.get_num_threads()
+        threads = self._load_guard.threads if self._load_guard is not None else torch.get_num_threads()
         replaced = type(self).compute_loss is not SparsePOTrainer.compute_loss or "compute_loss" in vars(self)
         ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
         reentrant = self.args.gradient_checkpointing and (self.args.gradient_checkpointing_kwargs or {}).get(
@@ -550,7 +552,8 @@ class SparsePOTrainer(transformers.Trainer):
         if not self.args.cpu_load_guard or not waits_spin_long() or torch.get_num_threads() < 2:
             return
         if not any(isinstance(cb, _CPULoadGuard) for cb in self.callback_handler.callbacks):
-            self.add_callback(_CPULoadGuard(LoadGuard(torch.get_num_threads(), cpus_available())))
+            self._load_guard = LoadGuard(torch.get_num_threads(), cpus_available())
+            self.add_callback(_CPULoadGuard(self._load_guard))
 
     def _train_loss(self) -> float:
         return sum(self._step_losses) / len(self._step_losses) if self._step_losses else float("nan")
