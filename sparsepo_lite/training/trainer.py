@@ -551,7 +551,7 @@ class SparsePOTrainer(transformers.Trainer):
         """Add the CPU load guard (once) where it can help: long spinning waits and more than one thread."""
         if not self.args.cpu_load_guard or not waits_spin_long() or torch.get_num_threads() < 2:
             return
-        if not any(isinstance(cb, _CPULoadGuard) for cb in self.callback_handler.callbacks):
+        if self._load_guard is None:
             self._load_guard = LoadGuard(torch.get_num_threads(), cpus_available())
             self.add_callback(_CPULoadGuard(self._load_guard))
 
