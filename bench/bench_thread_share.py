@@ -18,13 +18,23 @@ their share of a core while runnable (the scheduler), its work needs more CPU (c
 bandwidth shared with the neighbours), or its threads spend longer blocked (a lock or a sibling that
 a preempted thread holds up). Each load is sampled ``--repeats`` times, in rounds that visit every load
 once; the tables give the medians.
+
+With ``--perf`` (Linux ``perf`` on the PATH) each training process also runs under
+``perf record -e cpu-clock``, and the pair threads' samples are sorted by the code they landed in
+(MKL's GEMM, torch's other kernels, the Python interpreter, torch's Python bindings, the C and C++
+runtime, bitsandbytes, the extension, the kernel): the table then says which of them needs more CPU
+time beside the neighbours. The sampling costs the training process about 1% of its time, alone and
+loaded alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,6 +58,24 @@ from bench_contention import (
 KINDS = ("main", "pair threads", "other")
 #: Clock ticks per second of /proc/<pid>/task/<tid>/stat's start time.
 TICKS = os.sysconf("SC_CLK_TCK")
+#: ``perf record``'s sampling rate with ``--perf`` (samples per second of CPU time).
+PERF_HZ = 499
+#: What the pair threads' CPU time is sorted into with ``--perf``, in table order: (name, a pattern
+#: searched for in the shared object's path, and, if not None, the symbol's start).
+CODE = (
+    ("MKL's GEMM (sgemm and its packing)", r"/libtorch_cpu\.so", "mkl_"),
+    ("torch's other kernels", r"/lib(torch_cpu|c10)\.so", None),
+    ("Python interpreter", r"/libpython", None),
+    ("torch's Python bindings", r"/libtorch_python\.so", None),
+    ("C and C++ runtime (malloc, memcpy)", r"/(libc|libm|libstdc\+\+|ld-linux[^/]*|libgcc_s)\.so", None),
+    ("bitsandbytes' kernels", r"/libbitsandbytes", None),
+    ("the extension (row pass)", r"/sparsepo_lite/_C\.", None),
+    ("Linux kernel", r"^\[kernel", None),
+)
+OTHER_CODE = "other"
+#: One line of ``perf script -F comm,tid,ip,sym,dso``: the thread's name and id, the address, the
+#: symbol (perf resolves names only with the address asked for), the shared object.
+_PERF_LINE = re.compile(r"\s*(\S+)\s+(\d+)\s+[0-9a-f]+\s+(.*?)\s*\((.*)\)\s*$")
 
 
 def kind(pid: int, tid: int, name: str) -> str:
@@ -104,30 +132,78 @@ def summarise(pid: int, threads: Dict[int, dict]) -> Dict[str, dict]:
     return out
 
 
-def sample(steps: int, work: str, interval: float) -> dict:
+def code_of(dso: str, symbol: str) -> str:
+    """The :data:`CODE` row a CPU sample in ``symbol`` of the shared object ``dso`` (a path) counts
+    under, else :data:`OTHER_CODE`."""
+    for row, pattern, sym in CODE:
+        if re.search(pattern, dso) and (sym is None or symbol.startswith(sym)):
+            return row
+    return OTHER_CODE
+
+
+def pair_code_seconds(script: str, hz: float = PERF_HZ) -> Dict[str, float]:
+    """The pair threads' CPU seconds per :data:`CODE` row, from the text of ``perf script -F
+    comm,tid,ip,sym,dso`` of a cpu-clock recording at ``hz`` samples per second."""
+    counts: Dict[str, int] = collections.Counter()
+    for line in script.splitlines():
+        m = _PERF_LINE.match(line)
+        if m and m[1] == THREAD_NAME:
+            counts[code_of(m[4], m[3])] += 1
+    return {row: n / hz for row, n in counts.items()}
+
+
+def record_perf(pid: int, path: str) -> subprocess.Popen:
+    """``perf record`` of the process ``pid`` until it exits (cpu-clock, :data:`PERF_HZ`), to ``path``."""
+    return subprocess.Popen(
+        ["perf", "record", "-q", "-e", "cpu-clock", "-F", str(PERF_HZ), "-p", str(pid), "-o", path],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def read_perf(path: str) -> Dict[str, float]:
+    """:func:`pair_code_seconds` of the recording at ``path``, which is then removed (tens of MB)."""
+    script = subprocess.run(
+        ["perf", "script", "-i", path, "-F", "comm,tid,ip,sym,dso"], capture_output=True, text=True, check=True
+    ).stdout
+    os.remove(path)
+    return pair_code_seconds(script)
+
+
+def sample(steps: int, work: str, interval: float, perf: bool = False) -> dict:
     """One training process of the package's policy, watched: its ``train_runtime``, the CPU seconds
-    the kernel accounts to the whole process (``process_cpu``; the kinds' sum should come close) and
-    the kinds."""
+    the kernel accounts to the whole process (``process_cpu``; the kinds' sum should come close), the
+    kinds and, with ``perf``, the pair threads' CPU seconds per :data:`CODE` row (``pair_code``)."""
     out = os.path.join(work, "run")
     before = children_cpu()
     proc = start_training("package", steps, out)
+    recorder = record_perf(proc.pid, os.path.join(work, "perf.data")) if perf else None
     threads = watch(proc, interval)
+    if recorder is not None and recorder.wait():
+        raise RuntimeError(f"perf record exited with code {recorder.returncode}")
     if proc.returncode:
         raise RuntimeError(f"the training process exited with code {proc.returncode}")
-    return {
+    result = {
         "train_runtime": runtime(out),
         "process_cpu": children_cpu() - before,
         "kinds": summarise(proc.pid, threads),
     }
+    if perf:
+        result["pair_code"] = read_perf(os.path.join(work, "perf.data"))
+    return result
 
 
 def medians(samples: List[dict]) -> dict:
-    """The median of every number of the samples of one load."""
-    return {
+    """The median of every number of the samples of one load (a code row a sample lacks counts 0)."""
+    out = {
         "train_runtime": median([s["train_runtime"] for s in samples]),
         "process_cpu": median([s["process_cpu"] for s in samples]),
         "kinds": {k: {f: median([s["kinds"][k][f] for s in samples]) for f in samples[0]["kinds"][k]} for k in KINDS},
     }
+    if all("pair_code" in s for s in samples):
+        rows = [row for row, _, _ in CODE] + [OTHER_CODE]
+        out["pair_code"] = {row: median([s["pair_code"].get(row, 0.0) for s in samples]) for row in rows}
+    return out
 
 
 def write(out: str, steps: int, cells: List[dict], commands: List[str]) -> None:
@@ -178,7 +254,34 @@ def write(out: str, steps: int, cells: List[dict], commands: List[str]) -> None:
         ratio = f"{m['process_cpu'] / alone['process_cpu']:.2f}x" if alone else "-"
         kinds_sum = sum(m["kinds"][k]["cpu"] for k in KINDS)
         md.append(f"| {load} | {m['process_cpu']:.1f} | {ratio} | {kinds_sum:.1f} |")
+    md += code_table(done, alone)
     write_markdown(out + ".md", md)
+
+
+def code_table(done: List[tuple], alone: Optional[dict]) -> List[str]:
+    """The Markdown of the pair threads' CPU seconds per :data:`CODE` row at each load (``--perf``),
+    each against alone and less alone; nothing when the samples were not profiled."""
+    done = [(load, m) for load, m in done if "pair_code" in m]
+    if not done:
+        return []
+    base = alone.get("pair_code") if alone else None
+    md = [
+        "",
+        f"The pair threads' CPU seconds by the code they ran in (`perf record -e cpu-clock -F {PERF_HZ}`, "
+        "the median over the samples), against alone and the CPU seconds more than alone: where the same "
+        "work needed more CPU beside the competitors:",
+        "",
+        "| code | " + " | ".join(f"{load} competitors: s | against alone | more s" for load, _ in done) + " |",
+        "|---|" + "---|---|---|" * len(done),
+    ]
+    for row in [row for row, _, _ in CODE] + [OTHER_CODE, "all"]:
+        cells = []
+        for _, m in done:
+            v = sum(m["pair_code"].values()) if row == "all" else m["pair_code"][row]
+            b = (sum(base.values()) if row == "all" else base[row]) if base else None
+            cells.append(f"{v:.2f} | {v / b:.2f}x | {v - b:+.2f}" if b else f"{v:.2f} | - | -")
+        md.append(f"| {row} | " + " | ".join(cells) + " |")
+    return md
 
 
 def main():
@@ -187,10 +290,13 @@ def main():
     ap.add_argument("--loads", type=int, nargs="+", default=[0, 2], help="competing 2-thread processes")
     ap.add_argument("--repeats", type=int, default=3, help="samples per load")
     ap.add_argument("--interval", type=float, default=0.1, help="seconds between readings")
+    ap.add_argument("--perf", action="store_true", help="also sort the pair threads' CPU time by code (needs perf)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu_thread_share"))
     a = ap.parse_args()
     if not os.path.isdir("/proc/self/task") or not os.path.isfile("/proc/self/schedstat"):
         sys.exit("this bench reads Linux's per-thread scheduler statistics (/proc/<pid>/task/<tid>/schedstat)")
+    if a.perf and shutil.which("perf") is None:
+        sys.exit("--perf needs Linux perf on the PATH (the linux-perf package)")
     commands, cells = [command_line()], [{"competitors": load, "samples": []} for load in a.loads]
     work = tempfile.mkdtemp(prefix="bench_thread_share_")
     for _ in range(a.repeats):
@@ -198,7 +304,7 @@ def main():
             busy = start_competitors(cell["competitors"])
             try:
                 time.sleep(2 if cell["competitors"] else 0)
-                cell["samples"].append(sample(a.steps, work, a.interval))
+                cell["samples"].append(sample(a.steps, work, a.interval, a.perf))
             finally:
                 stop_competitors(busy)
             print(json.dumps({"competitors": cell["competitors"], **cell["samples"][-1]}), flush=True)

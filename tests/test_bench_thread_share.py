@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -112,7 +113,9 @@ def test_rounds_visit_every_load(bench, tmp_path, monkeypatch):
     seen, load = [], []
     monkeypatch.setattr(bench, "start_competitors", lambda n: load.append(n) or [])
     monkeypatch.setattr(bench, "stop_competitors", lambda procs: None)
-    monkeypatch.setattr(bench, "sample", lambda steps, work, interval: seen.append(load[-1]) or _sample(1.0, 1.0, 1.0))
+    monkeypatch.setattr(
+        bench, "sample", lambda steps, work, interval, perf: seen.append(load[-1]) or _sample(1.0, 1.0, 1.0)
+    )
     monkeypatch.setattr(bench.time, "sleep", lambda s: None)
     monkeypatch.setattr(
         "sys.argv", ["bench_thread_share.py", "--loads", "0", "2", "--repeats", "2", "--out", str(tmp_path / "t")]
@@ -126,19 +129,7 @@ def test_rounds_visit_every_load(bench, tmp_path, monkeypatch):
 def test_a_sample_reads_the_pair_threads_of_a_real_process(bench, tmp_path, monkeypatch):
     """A child whose named thread computes for 0.3 s of CPU time: the sample files that time under the
     pair threads, and the kernel's whole-process CPU time covers every kind."""
-    run = tmp_path / "run"
-    code = (
-        "import os, threading, time\n"
-        "from sparsepo_lite.training.pair_threads import THREAD_NAME, name_os_thread\n"
-        "def work():\n"
-        "    name_os_thread(THREAD_NAME)\n"
-        "    end = time.thread_time() + 0.3\n"
-        "    while time.thread_time() < end: pass\n"
-        "    time.sleep(0.3)  # alive for a few more readings\n"
-        "t = threading.Thread(target=work); t.start(); t.join()\n"
-        f"os.makedirs({str(run)!r})\n"
-        f"open({str(run / 'metrics.json')!r}, 'w').write('{{\"final\": {{\"train_runtime\": 2.5}}}}')\n"
-    )
+    code = _child_with_a_pair_thread(tmp_path / "run", 0.3)
     monkeypatch.setattr(
         bench, "start_training", lambda policy, steps, out: subprocess.Popen([sys.executable, "-c", code])
     )
@@ -148,3 +139,99 @@ def test_a_sample_reads_the_pair_threads_of_a_real_process(bench, tmp_path, monk
     assert pairs["threads"] == 1 and 0.25 <= pairs["cpu"] <= 1.0 and pairs["blocked"] > 0.1, pairs
     total = sum(k["cpu"] for k in s["kinds"].values())
     assert total <= s["process_cpu"] + 0.05 and s["process_cpu"] >= 0.3, (total, s["process_cpu"])
+
+
+def _child_with_a_pair_thread(run, seconds: float) -> str:
+    """A child process whose thread named as the package names its pair threads computes for
+    ``seconds`` of CPU time in pure Python, then writes a run folder with a train_runtime of 2.5."""
+    return (
+        "import os, threading, time\n"
+        "from sparsepo_lite.training.pair_threads import THREAD_NAME, name_os_thread\n"
+        "def work():\n"
+        "    name_os_thread(THREAD_NAME)\n"
+        f"    end = time.thread_time() + {seconds}\n"
+        "    while time.thread_time() < end: sum(range(20000))  # the interpreter, not the clock's syscall\n"
+        "    time.sleep(0.3)  # alive for a few more readings\n"
+        "t = threading.Thread(target=work); t.start(); t.join()\n"
+        f"os.makedirs({str(run)!r})\n"
+        f"open({str(run / 'metrics.json')!r}, 'w').write('{{\"final\": {{\"train_runtime\": 2.5}}}}')\n"
+    )
+
+
+#: Lines as ``perf script -F comm,tid,ip,sym,dso`` prints them (taken from a real recording).
+PERF_LINES = [
+    "  sparsepo-pairs  9706      7f0828cd3107 sparsepo_lite::row_pass_cpu (/work/main/sparsepo_lite/_C.cpython-311-x86_64-linux-gnu.so)",
+    "  sparsepo-pairs  9706      7f08312a0b10 mkl_blas_def_sgemm_kernel_0_zen (/site-packages/torch/lib/libtorch_cpu.so)",
+    "  sparsepo-pairs  9707      7f08312a0b10 mkl_blas_def_sgemm_scopy_right16_bdz (/site-packages/torch/lib/libtorch_cpu.so)",
+    "  sparsepo-pairs  9707      7f0831000000 c10::function_ref<void (char**, long const*, long, long)>::callback_fn<at::native::(anonymous namespace)::mul_kernel> (/site-packages/torch/lib/libtorch_cpu.so)",
+    "  sparsepo-pairs  9707      7f0831000001 c10::TensorImpl::numel_custom (/site-packages/torch/lib/libc10.so)",
+    "  sparsepo-pairs  9706      7f29aa3b4e0d _PyEval_EvalFrameDefault (/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0)",
+    "  sparsepo-pairs  9706      7f29aa3b4e0e torch::FunctionSignature::parse (/site-packages/torch/lib/libtorch_python.so)",
+    "  sparsepo-pairs  9706      7f29aa3b4e0f THPVariable_add (/site-packages/torch/_C.cpython-311-x86_64-linux-gnu.so)",
+    "  sparsepo-pairs  9706      7f29aa3b4e10 _int_malloc (/usr/lib/x86_64-linux-gnu/libc.so.6)",
+    "  sparsepo-pairs  9706      7f29aa3b4e11 __expf_fma (/usr/lib/x86_64-linux-gnu/libm.so.6)",
+    "  sparsepo-pairs  9706      7f29aa3b4e12 operator new (/usr/lib/x86_64-linux-gnu/libstdc++.so.6.0.30)",
+    "  sparsepo-pairs  9706      7f29aa3b4e13 dequantizeBlockwise4bitCpu<float, 1> (/sp/bitsandbytes/libbitsandbytes_cpu.so)",
+    "  sparsepo-pairs  9706  ffffffff8158d563 clear_page_erms ([kernel.kallsyms])",
+    "  sparsepo-pairs  9706      7f29aa3b4e14 [unknown] (/sp/torch/lib/libgomp.so.1)",
+    "          python  9694      7f29aa3b4e0d _PyEval_EvalFrameDefault (/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0)",
+    "          python  9694  ffffffff81608fc5 __handle_mm_fault ([kernel.kallsyms])",
+]
+
+
+def test_perf_samples_count_under_the_code_they_ran_in(bench):
+    """Only the pair threads' samples count, one in ``hz`` seconds each; MKL's GEMM is told from the
+    rest of libtorch_cpu by its symbol, the package's extension from torch's own ``_C`` module by its
+    path."""
+    got = bench.pair_code_seconds("\n".join(PERF_LINES + ["", "garbage"]), hz=10)
+    assert got == pytest.approx(
+        {
+            "the extension (row pass)": 0.1,
+            "MKL's GEMM (sgemm and its packing)": 0.2,
+            "torch's other kernels": 0.2,
+            "Python interpreter": 0.1,
+            "torch's Python bindings": 0.1,
+            "C and C++ runtime (malloc, memcpy)": 0.3,
+            "bitsandbytes' kernels": 0.1,
+            "Linux kernel": 0.1,
+            bench.OTHER_CODE: 0.2,  # torch's _C module and libgomp
+        }
+    )
+
+
+def test_code_table_says_which_code_needs_the_extra_cpu(bench):
+    rows = [row for row, _, _ in bench.CODE] + [bench.OTHER_CODE]
+    alone = {row: 1.0 for row in rows}
+    loaded = {**alone, "Python interpreter": 1.6, "MKL's GEMM (sgemm and its packing)": 1.2}
+    done = [(0, {"pair_code": alone}), (2, {"pair_code": loaded})]
+    md = "\n".join(bench.code_table(done, done[0][1]))
+    assert "| Python interpreter | 1.00 | 1.00x | +0.00 | 1.60 | 1.60x | +0.60 |" in md
+    assert "| MKL's GEMM (sgemm and its packing) | 1.00 | 1.00x | +0.00 | 1.20 | 1.20x | +0.20 |" in md
+    assert "| Linux kernel | 1.00 | 1.00x | +0.00 | 1.00 | 1.00x | +0.00 |" in md
+    assert "| all | 9.00 | 1.00x | +0.00 | 9.80 | 1.09x | +0.80 |" in md
+    assert bench.code_table([(0, {})], None) == []  # not profiled: no table
+
+
+def test_medians_of_the_code_rows_count_a_missing_row_as_zero(bench):
+    samples = [
+        {**_sample(12.0, 24.0, 0.5), "pair_code": {"Python interpreter": 1.0, "Linux kernel": 0.4}},
+        {**_sample(13.0, 24.0, 0.5), "pair_code": {"Python interpreter": 3.0}},
+    ]
+    m = bench.medians(samples)["pair_code"]
+    assert m["Python interpreter"] == 2.0 and m["Linux kernel"] == 0.2 and m[bench.OTHER_CODE] == 0.0
+    assert "pair_code" not in bench.medians([_sample(12.0, 24.0, 0.5)])
+
+
+@pytest.mark.skipif(shutil.which("perf") is None, reason="needs Linux perf")
+def test_a_sample_profiles_the_pair_threads_of_a_real_process(bench, tmp_path, monkeypatch):
+    """With perf: a child whose pair thread runs pure Python for 0.5 s of CPU time shows that time,
+    mostly in the Python interpreter, and the recording is removed afterwards."""
+    code = _child_with_a_pair_thread(tmp_path / "run", 0.5)
+    monkeypatch.setattr(
+        bench, "start_training", lambda policy, steps, out: subprocess.Popen([sys.executable, "-c", code])
+    )
+    s = bench.sample(6, str(tmp_path), 0.02, perf=True)
+    code_s = s["pair_code"]
+    assert 0.35 <= sum(code_s.values()) <= 1.0, code_s
+    assert code_s.get("Python interpreter", 0.0) > 0.5 * sum(code_s.values()), code_s
+    assert not (tmp_path / "perf.data").exists()
