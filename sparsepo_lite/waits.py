@@ -29,16 +29,20 @@ generation, the reference precompute).
 ``SPARSEPO_LITE_OMP_PASSIVE=0``, ``OMP_WAIT_POLICY=ACTIVE`` or a long ``GOMP_SPINCOUNT``): the
 trainer's ``cpu_load_guard`` looks at the load at every step and, while the machine is
 oversubscribed, runs torch on one thread, which has no sibling to wait for; the pair shards keep
-their threads, which open no parallel region. It restores the threads once the load has gone.
+their threads, which open no parallel region. It restores the threads once the load has gone. The
+reference precompute checks the same guard before each batch.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
 import time
 from typing import Callable, Mapping, MutableMapping, Optional
+
+logger = logging.getLogger(__name__)
 
 #: 1: always passive waits; 0: always libgomp's default; unset or "auto": passive waits when the
 #: machine is busy at import, :data:`SHORT_SPINS` otherwise.
@@ -145,6 +149,36 @@ class LoadGuard:
             self.current = self.threads
             return self.threads
         return None
+
+    def apply(self, where: str) -> None:
+        """:meth:`check`, and run torch on the thread count it returns; ``where`` (say "step 12")
+        names the moment in the warning that says so."""
+        threads = self.check()
+        if threads is None:
+            return
+        import torch
+
+        torch.set_num_threads(threads)
+        reason = "other processes oversubscribe the CPU cores" if threads == 1 else "the CPU load has gone"
+        logger.warning("%s: %s; torch now runs on %d thread(s)", where, reason, threads)
+
+    def restore(self) -> None:
+        """Run torch on ``threads`` again, whatever the load (the guarded work is over)."""
+        if self.current != self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+            self.current = self.threads
+
+
+def cpu_load_guard() -> Optional[LoadGuard]:
+    """A :class:`LoadGuard` for this process's CPU work where one can help (its OpenMP threads spin
+    long and torch runs on more than one thread), else None."""
+    import torch
+
+    if not waits_spin_long() or torch.get_num_threads() < 2:
+        return None
+    return LoadGuard(torch.get_num_threads(), cpus_available())
 
 
 def spin_count(environ: Mapping[str, str] = os.environ) -> float:

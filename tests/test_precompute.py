@@ -525,3 +525,45 @@ def test_tail_draws_stay_unbiased_when_the_top_k_is_rounded(topk_dtype):
     assert (r_hat > 0).any()  # some rows exercise the correction
     assert ((target - exact).abs() < 5e-3).all()  # what the 16-bit top-k costs, tail or not
     assert torch.isfinite(kl).all()
+
+
+def test_precompute_runs_on_one_thread_while_the_machine_is_busy(tiny_dir, tmp_path, monkeypatch):
+    """Where the threads spin long (torch imported first), the precompute checks the load before each
+    batch: one thread from the first busy check, all threads after three quiet ones, all threads again
+    at the end; the cache is the one a quiet machine writes."""
+    import sparsepo_lite.refcache.writer as writer
+    from sparsepo_lite.waits import LoadGuard
+
+    transformers.set_seed(0)
+    model, tok = load_policy(ModelConfig(tiny_dir, lora_r=4, gradient_checkpointing=False))
+    examples, _ = tokenize_dataset(review_rows(10), tok, max_length=32, max_prompt_length=16)
+    fp = run_fingerprint(model, tok, {"train": examples}, model_name="tiny", max_length=32, max_prompt_length=16)
+    kw = dict(fingerprint=fp, batch_size=2, shard_size=4, progress=False, top_k=8)
+    quiet = str(tmp_path / "quiet")
+    precompute_reference(model, tok, {"train": examples}, quiet, cpu_load_guard=False, **kw)
+
+    seen, real = [], writer.reference_pass
+    monkeypatch.setattr(writer, "reference_pass", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    readings = iter([5, 0, 0, 0, 5])  # others' runnable threads, one read per batch
+    monkeypatch.setattr(
+        writer.waits,
+        "cpu_load_guard",
+        lambda: LoadGuard(torch.get_num_threads(), 2, samples=1, interval_s=0, others=lambda: next(readings)),
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        busy = str(tmp_path / "busy")
+        precompute_reference(model, tok, {"train": examples}, busy, **kw)
+        assert seen == [1, 1, 1, 2, 1]  # 10 rows, batches of 2 within shards of 4: 2 + 2 + 1 batches
+        assert torch.get_num_threads() == 2  # busy at the last batch, restored at the end
+        a, b = RefCache(quiet).split("train"), RefCache(busy).split("train")
+        for e in examples:
+            for key, value in a.lookup(e.index).items():
+                torch.testing.assert_close(b.lookup(e.index)[key], value, msg=key)
+
+        seen.clear()
+        precompute_reference(model, tok, {"train": examples}, str(tmp_path / "off"), cpu_load_guard=False, **kw)
+        assert seen == [2] * 5  # off: the guard is never asked
+    finally:
+        torch.set_num_threads(before)

@@ -16,6 +16,7 @@ from sparsepo_lite.waits import (
     SHORT_SPINS,
     LoadGuard,
     choose_wait_policy,
+    cpu_load_guard,
     cpus_available,
     other_runnable_now,
     other_runnable_threads,
@@ -145,6 +146,50 @@ def test_guard_leaves_room_for_our_threads():
 
 def test_guard_gives_up_when_the_load_cannot_be_read():
     assert guard_with([None]).check() is None
+
+
+def test_guard_applies_its_choice_to_torch_and_says_so(caplog):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = guard_with([3, 0, 0, 3])
+        with caplog.at_level("WARNING", logger="sparsepo_lite.waits"):
+            g.apply("step 4")
+            assert torch.get_num_threads() == 1
+            assert "step 4: other processes oversubscribe the CPU cores; torch now runs on 1 thread(s)" in caplog.text
+            g.apply("step 5")
+            g.apply("step 6")
+            assert torch.get_num_threads() == 1 and g.current == 1
+        g.restore()  # the work is over: all threads, whatever the load
+        assert torch.get_num_threads() == 2 and g.current == 2
+        g.restore()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "env, threads, guarded",
+    [({}, 2, True), ({"GOMP_SPINCOUNT": "2000"}, 2, False), ({"OMP_WAIT_POLICY": "PASSIVE"}, 2, False), ({}, 1, False)],
+)
+def test_a_guard_only_where_threads_spin_long_and_torch_has_several(monkeypatch, env, threads, guarded):
+    import torch
+
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(name, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        guard = cpu_load_guard()
+        assert (guard is not None) == guarded
+        if guard is not None:
+            assert (guard.threads, guard.cpus) == (threads, cpus_available())
+    finally:
+        torch.set_num_threads(before)
 
 
 def _run_in_subprocess(code, env):

@@ -251,8 +251,8 @@ def test_cpu_load_guard_runs_on_one_thread_while_the_machine_is_busy(tiny_dir, t
     readings = iter([5, 0, 0, 0, 0])  # others' runnable threads, one read per check
     monkeypatch.setattr(
         trainer_module,
-        "LoadGuard",
-        lambda threads, cpus: LoadGuard(threads, 2, samples=1, interval_s=0, others=lambda: next(readings)),
+        "cpu_load_guard",
+        lambda: LoadGuard(torch.get_num_threads(), 2, samples=1, interval_s=0, others=lambda: next(readings)),
     )
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # libgomp's long spins, whatever the import chose
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)

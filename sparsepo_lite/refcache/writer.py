@@ -17,6 +17,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
+from .. import waits
 from ..data import PreferenceCollator, PreferenceExample, pad_id, response_positions
 from ..masks import MAPO_HOOK_TYPES
 from ..models import unwrap
@@ -137,9 +138,13 @@ def _shard_tensors(
     device,
     tail_samples: int = 0,
     generator: Optional[torch.Generator] = None,
+    guard: Optional[waits.LoadGuard] = None,
+    where: str = "",
 ) -> Dict[str, torch.Tensor]:
     per_example = []  # (chosen dict, rejected dict) per example, in order
     for a in range(0, len(examples), batch_size):
+        if guard is not None:
+            guard.apply(f"{where} batch {a // batch_size}")
         part = examples[a : a + batch_size]
         batch = collate(part)
         ids, att, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
@@ -201,6 +206,7 @@ def precompute_reference(
     shard_size: int = 256,
     progress: bool = True,
     on_shard: Optional[Callable[[str, int], None]] = None,
+    cpu_load_guard: bool = True,
 ) -> dict:
     """Write (or finish) the cache for ``splits`` under ``out_dir``; returns the manifest.
 
@@ -209,7 +215,10 @@ def precompute_reference(
     of the reference (default: DEFAULT_TAIL_SAMPLES with a top-k, 0 without; seeded by ``tail_seed``, which joins the fingerprint; each shard draws from
     its own generator, so a resumed precompute writes the same bytes). ``mapo_mapping``
     (``"zn_rescale"``, from ``mapo_hooks``) also stores MaPO's token masks. ``on_shard`` is called after each shard is committed
-    (split, shard number).
+    (split, shard number). ``cpu_load_guard``: on the CPU, where this process's OpenMP threads spin
+    long (torch imported before the package), run torch on one thread while other processes
+    oversubscribe the cores, checked before each batch (:class:`~sparsepo_lite.waits.LoadGuard`);
+    the threads are restored at the end.
     """
     from tqdm.auto import tqdm
 
@@ -290,6 +299,7 @@ def precompute_reference(
     pad = pad_id(tokenizer)
     collate = PreferenceCollator(pad)
     device = head.device
+    guard = waits.cpu_load_guard() if cpu_load_guard and device.type == "cpu" else None
     was_training = model.training
     model.eval()
     try:
@@ -330,6 +340,8 @@ def precompute_reference(
                     device,
                     tail_samples,
                     gen,
+                    guard=guard,
+                    where=f"reference {split} shard {i}",
                 )
                 name = shard_name(split, i)
                 path = os.path.join(out_dir, name)
@@ -353,6 +365,8 @@ def precompute_reference(
             bar.close()
     finally:
         model.train(was_training)
+        if guard is not None:
+            guard.restore()
     return manifest
 
 

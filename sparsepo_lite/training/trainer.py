@@ -27,7 +27,7 @@ from ..masks import MASK_CONFIG, MASK_WEIGHTS, SparsePOMasks, load_masks, save_m
 from ..models import ModelConfig, load_policy, load_tokenizer, unwrap, uses_dropout
 from ..objective import compute_loss, runs_in_shards
 from ..refcache import CachedExample, CachedReferenceCollator, RefCache, run_fingerprint
-from ..waits import LoadGuard, cpus_available, waits_spin_long
+from ..waits import LoadGuard, cpu_load_guard
 from .config import RUN_CONFIG, SparsePOConfig
 from .distributed import all_reduce_mean_
 from .pair_threads import PairThreads, add_gradients, sharded_loss
@@ -137,20 +137,10 @@ class _CPULoadGuard(transformers.TrainerCallback):
         self.guard = guard
 
     def on_step_begin(self, args, state, control, **kwargs):
-        threads = self.guard.check()
-        if threads is not None:
-            torch.set_num_threads(threads)
-            logger.warning(
-                "step %d: %s; torch now runs on %d thread(s)",
-                state.global_step,
-                "other processes oversubscribe the CPU cores" if threads == 1 else "the CPU load has gone",
-                threads,
-            )
+        self.guard.apply(f"step {state.global_step}")
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.guard.current != self.guard.threads:
-            torch.set_num_threads(self.guard.threads)
-            self.guard.current = self.guard.threads
+        self.guard.restore()
 
 
 def read_splits(tokenizer, args: SparsePOConfig, splits: Dict[str, object]):
@@ -549,10 +539,10 @@ class SparsePOTrainer(transformers.Trainer):
 
     def _guard_cpu_load(self) -> None:
         """Add the CPU load guard (once) where it can help: long spinning waits and more than one thread."""
-        if not self.args.cpu_load_guard or not waits_spin_long() or torch.get_num_threads() < 2:
+        if not self.args.cpu_load_guard or self._load_guard is not None:
             return
-        if self._load_guard is None:
-            self._load_guard = LoadGuard(torch.get_num_threads(), cpus_available())
+        self._load_guard = cpu_load_guard()
+        if self._load_guard is not None:
             self.add_callback(_CPULoadGuard(self._load_guard))
 
     def _train_loss(self) -> float:
