@@ -61,6 +61,7 @@ def precompute_ref(
         store_hidden=store == "hidden",
         batch_size=batch_size,
         shard_size=shard_size,
+        cpu_load_guard=args.cpu_load_guard,
     )
     tokens = sum(s["tokens"] for info in manifest["splits"].values() for s in info["shards"])
     size = sum(s["bytes"] for info in manifest["splits"].values() for s in info["shards"])
