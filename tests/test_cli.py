@@ -173,3 +173,19 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out.strip() == f"sparsepo-lite {sparsepo_lite.__version__}"
+
+
+@pytest.mark.parametrize("flag, guard", [([], True), (["--cpu_load_guard", "false"], False)])
+def test_precompute_ref_passes_the_configs_cpu_load_guard(setup, tmp_path, monkeypatch, flag, guard):
+    import sparsepo_lite.refcache.writer as writer
+
+    class Seen(Exception):
+        pass
+
+    def fake(*args, **kwargs):
+        raise Seen(kwargs["cpu_load_guard"])
+
+    monkeypatch.setattr(writer, "precompute_reference", fake)
+    with pytest.raises(Seen) as seen:
+        main(["precompute-ref", str(setup / "cfg.yaml"), "--out", str(tmp_path / "ref"), *flag])
+    assert seen.value.args == (guard,)
