@@ -223,6 +223,15 @@ def median(xs):
     return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
 
 
+def median_cell(xs, base) -> str:
+    """Two Markdown cells of the samples ``xs``: their median (with their range and count when
+    there are several), then the median against ``base`` ("-" without one); "not run" without samples."""
+    if not xs:
+        return "not run | -"
+    spread = f" ({min(xs):.1f}-{max(xs):.1f}, n = {len(xs)})" if len(xs) > 1 else ""
+    return f"{median(xs):.1f}{spread} | " + (f"{median(xs) / base:.2f}x" if base else "-")
+
+
 def write(out: str, steps: int, cells: list, commands: list) -> None:
     """The JSON and Markdown of the cells measured so far (after every load level, so an interrupted
     run keeps its rows). A cell holds every sample of each policy at one load; the tables use medians."""
@@ -241,12 +250,7 @@ def write(out: str, steps: int, cells: list, commands: list) -> None:
         json.dump(result, f, indent=1)
 
     def cell(c, policy):
-        xs = c.get(policy)
-        if not xs:
-            return "not run | -"
-        spread = f" ({min(xs):.1f}-{max(xs):.1f}, n = {len(xs)})" if len(xs) > 1 else ""
-        slow = f"{median(xs) / alone[policy]:.2f}x" if policy in alone else "-"
-        return f"{median(xs):.1f}{spread} | {slow}"
+        return median_cell(c.get(policy), alone.get(policy))
 
     shown = [p for p in POLICIES if any(c.get(p) for c in cells)]
     cpus = result["machine"]["cpu_cores"]

@@ -37,7 +37,7 @@ from typing import Dict, List, Tuple
 import yaml
 
 from _common import HERE, ROOT, SENTIMENT_CONFIG, command_line, machine_info, markdown_header, write_markdown
-from bench_contention import child_env, children_cpu, median, start_competitors, stop_competitors
+from bench_contention import child_env, children_cpu, median, median_cell, start_competitors, stop_competitors
 
 #: The child: imports ``{first}`` before anything else, times ``precompute_reference`` into the JSON
 #: file ``argv[1]`` (with the import's wait decision) and runs the command line ``argv[2:]``.
@@ -141,14 +141,8 @@ def write(out: str, pairs: int, cells: List[dict], commands: List[str]) -> None:
         "|---|" + "---|---|" * len(shown),
     ]
 
-    def cell(xs, base):
-        if not xs:
-            return "not run | -"
-        spread = f" ({min(xs):.1f}-{max(xs):.1f}, n = {len(xs)})" if len(xs) > 1 else ""
-        return f"{median(xs):.1f}{spread} | " + (f"{median(xs) / base:.2f}x" if base else "-")
-
     for c in cells:
-        md.append(f"| {c['competitors']} | " + " | ".join(cell(c.get(p), alone.get(p)) for p in shown) + " |")
+        md.append(f"| {c['competitors']} | " + " | ".join(median_cell(c.get(p), alone.get(p)) for p in shown) + " |")
     md += [
         "",
         "CPU seconds of the whole process (all threads, the model load included; medians), against alone:",
@@ -159,7 +153,7 @@ def write(out: str, pairs: int, cells: List[dict], commands: List[str]) -> None:
     for c in cells:
         md.append(
             f"| {c['competitors']} | "
-            + " | ".join(cell(c.get("cpu", {}).get(p), cpu_alone.get(p)) for p in shown)
+            + " | ".join(median_cell(c.get("cpu", {}).get(p), cpu_alone.get(p)) for p in shown)
             + " |"
         )
     waits = sorted({(p, w) for c in cells for p, ws in c.get("waits", {}).items() for w in ws})

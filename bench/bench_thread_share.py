@@ -23,8 +23,8 @@ With ``--perf`` (Linux ``perf`` on the PATH) each training process also runs und
 ``perf record -e cpu-clock``, and the pair threads' samples are sorted by the code they landed in
 (MKL's GEMM, torch's other kernels, the Python interpreter, torch's Python bindings, the C and C++
 runtime, bitsandbytes, the extension, the kernel): the table then says which of them needs more CPU
-time beside the neighbours. The sampling costs the training process about 1% of its time, alone and
-loaded alike.
+time beside the neighbours. The sampling slows the training process too, alone and loaded, so
+compare ``--perf`` runs with each other.
 """
 
 from __future__ import annotations
@@ -63,9 +63,10 @@ PERF_HZ = 499
 #: What the pair threads' CPU time is sorted into with ``--perf``, in table order: (name, a pattern
 #: searched for in the shared object's path, and, if not None, the symbol's start).
 CODE = (
-    ("MKL's GEMM (sgemm and its packing)", r"/libtorch_cpu\.so", "mkl_"),
+    ("MKL's BLAS (sgemm and its packing)", r"/libtorch_cpu\.so", "mkl_blas_"),
     ("torch's other kernels", r"/lib(torch_cpu|c10)\.so", None),
-    ("Python interpreter", r"/libpython", None),
+    # a shared libpython, or an interpreter linked into the executable (Debian's, conda's)
+    ("Python interpreter", r"/libpython|/python[\d.]*$", None),
     ("torch's Python bindings", r"/libtorch_python\.so", None),
     ("C and C++ runtime (malloc, memcpy)", r"/(libc|libm|libstdc\+\+|ld-linux[^/]*|libgcc_s)\.so", None),
     ("bitsandbytes' kernels", r"/libbitsandbytes", None),
@@ -74,8 +75,9 @@ CODE = (
 )
 OTHER_CODE = "other"
 #: One line of ``perf script -F comm,tid,ip,sym,dso``: the thread's name and id, the address, the
-#: symbol (perf resolves names only with the address asked for), the shared object.
-_PERF_LINE = re.compile(r"\s*(\S+)\s+(\d+)\s+[0-9a-f]+\s+(.*?)\s*\((.*)\)\s*$")
+#: symbol (perf resolves names only with the address asked for; it may hold brackets itself) and,
+#: in the last brackets, the shared object (a path, or [kernel.kallsyms], [unknown]).
+_PERF_LINE = re.compile(r"\s*(\S+)\s+(\d+)\s+[0-9a-f]+\s+(.*)\s+\(([/\[].*)\)\s*$")
 
 
 def kind(pid: int, tid: int, name: str) -> str:
@@ -162,11 +164,10 @@ def record_perf(pid: int, path: str) -> subprocess.Popen:
 
 
 def read_perf(path: str) -> Dict[str, float]:
-    """:func:`pair_code_seconds` of the recording at ``path``, which is then removed (tens of MB)."""
+    """:func:`pair_code_seconds` of the recording at ``path``."""
     script = subprocess.run(
         ["perf", "script", "-i", path, "-F", "comm,tid,ip,sym,dso"], capture_output=True, text=True, check=True
     ).stdout
-    os.remove(path)
     return pair_code_seconds(script)
 
 
@@ -174,27 +175,32 @@ def sample(steps: int, work: str, interval: float, perf: bool = False) -> dict:
     """One training process of the package's policy, watched: its ``train_runtime``, the CPU seconds
     the kernel accounts to the whole process (``process_cpu``; the kinds' sum should come close), the
     kinds and, with ``perf``, the pair threads' CPU seconds per :data:`CODE` row (``pair_code``)."""
-    out = os.path.join(work, "run")
+    out, recording = os.path.join(work, "run"), os.path.join(work, "perf.data")
     before = children_cpu()
     proc = start_training("package", steps, out)
-    recorder = record_perf(proc.pid, os.path.join(work, "perf.data")) if perf else None
-    threads = watch(proc, interval)
-    if recorder is not None and recorder.wait():
-        raise RuntimeError(f"perf record exited with code {recorder.returncode}")
-    if proc.returncode:
-        raise RuntimeError(f"the training process exited with code {proc.returncode}")
-    result = {
-        "train_runtime": runtime(out),
-        "process_cpu": children_cpu() - before,
-        "kinds": summarise(proc.pid, threads),
-    }
-    if perf:
-        result["pair_code"] = read_perf(os.path.join(work, "perf.data"))
-    return result
+    recorder = record_perf(proc.pid, recording) if perf else None
+    try:
+        threads = watch(proc, interval)
+        process_cpu = children_cpu() - before  # before perf ends: its own CPU time is not the process's
+        if recorder is not None and recorder.wait():
+            raise RuntimeError(f"perf record exited with code {recorder.returncode}")
+        if proc.returncode:
+            raise RuntimeError(f"the training process exited with code {proc.returncode}")
+        result = {"train_runtime": runtime(out), "process_cpu": process_cpu, "kinds": summarise(proc.pid, threads)}
+        if perf:
+            result["pair_code"] = read_perf(recording)
+        return result
+    finally:
+        if recorder is not None and recorder.poll() is None:
+            recorder.kill()
+            recorder.wait()
+        if os.path.exists(recording):
+            os.remove(recording)
 
 
 def medians(samples: List[dict]) -> dict:
-    """The median of every number of the samples of one load (a code row a sample lacks counts 0)."""
+    """The median of every number of the samples of one load (a code row a sample lacks counts 0;
+    ``pair_code_total`` is the median of the samples' totals, not the sum of the rows' medians)."""
     out = {
         "train_runtime": median([s["train_runtime"] for s in samples]),
         "process_cpu": median([s["process_cpu"] for s in samples]),
@@ -203,6 +209,7 @@ def medians(samples: List[dict]) -> dict:
     if all("pair_code" in s for s in samples):
         rows = [row for row, _, _ in CODE] + [OTHER_CODE]
         out["pair_code"] = {row: median([s["pair_code"].get(row, 0.0) for s in samples]) for row in rows}
+        out["pair_code_total"] = median([sum(s["pair_code"].values()) for s in samples])
     return out
 
 
@@ -268,8 +275,8 @@ def code_table(done: List[tuple], alone: Optional[dict]) -> List[str]:
     md = [
         "",
         f"The pair threads' CPU seconds by the code they ran in (`perf record -e cpu-clock -F {PERF_HZ}`, "
-        "the median over the samples), against alone and the CPU seconds more than alone: where the same "
-        "work needed more CPU beside the competitors:",
+        "the median over the samples; all: the median of the samples' totals), against alone and the CPU "
+        "seconds more than alone: where the same work needed more CPU beside the competitors:",
         "",
         "| code | " + " | ".join(f"{load} competitors: s | against alone | more s" for load, _ in done) + " |",
         "|---|" + "---|---|---|" * len(done),
@@ -277,8 +284,8 @@ def code_table(done: List[tuple], alone: Optional[dict]) -> List[str]:
     for row in [row for row, _, _ in CODE] + [OTHER_CODE, "all"]:
         cells = []
         for _, m in done:
-            v = sum(m["pair_code"].values()) if row == "all" else m["pair_code"][row]
-            b = (sum(base.values()) if row == "all" else base[row]) if base else None
+            v = m["pair_code_total"] if row == "all" else m["pair_code"][row]
+            b = (alone["pair_code_total"] if row == "all" else base[row]) if base else None
             cells.append(f"{v:.2f} | {v / b:.2f}x | {v - b:+.2f}" if b else f"{v:.2f} | - | -")
         md.append(f"| {row} | " + " | ".join(cells) + " |")
     return md

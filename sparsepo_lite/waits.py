@@ -26,8 +26,8 @@ the waits still govern everything else (the optimizer step, evaluation outside t
 generation, the reference precompute).
 
 :class:`LoadGuard` is for a process whose threads spin long anyway (torch imported first,
-``SPARSEPO_LITE_OMP_PASSIVE=0``, ``OMP_WAIT_POLICY=ACTIVE`` or a long ``GOMP_SPINCOUNT``): the
-trainer's ``cpu_load_guard`` looks at the load at every step and, while the machine is
+``SPARSEPO_LITE_OMP_PASSIVE=0``, ``OMP_WAIT_POLICY=ACTIVE`` or a long ``GOMP_SPINCOUNT``): with
+the ``cpu_load_guard`` setting on, the trainer looks at the load at every step and, while the machine is
 oversubscribed, runs torch on one thread, which has no sibling to wait for; the pair shards keep
 their threads, which open no parallel region. It restores the threads once the load has gone. The
 reference precompute checks the same guard before each batch.
@@ -106,7 +106,8 @@ def other_runnable_now() -> Optional[int]:
 
 class LoadGuard:
     """Runs torch on one thread while the machine is oversubscribed, for a process whose OpenMP
-    threads spin long (:func:`waits_spin_long`); :meth:`check` is called between training steps.
+    threads spin long (:func:`waits_spin_long`); :meth:`check` (or :meth:`apply`) is called between
+    units of work: the trainer's steps, the reference precompute's batches.
 
     ``threads``: this process's thread count when quiet; ``cpus``: the cores it may use. A check reads
     the load ``samples`` times ``interval_s`` apart. It drops to one thread as soon as every read sees

@@ -254,8 +254,6 @@ def test_cpu_load_guard_runs_on_one_thread_while_the_machine_is_busy(tiny_dir, t
         "cpu_load_guard",
         lambda: LoadGuard(torch.get_num_threads(), 2, samples=1, interval_s=0, others=lambda: next(readings)),
     )
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # libgomp's long spins, whatever the import chose
-    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -264,6 +262,35 @@ def test_cpu_load_guard_runs_on_one_thread_while_the_machine_is_busy(tiny_dir, t
         trainer.train()
         assert log.threads == ([1, 1, 1, 2, 2] if guard_on else [2] * 5)
         assert shards == [2] * 5
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _FailAtStep(transformers.TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            raise KeyboardInterrupt  # what a notebook's stop button raises
+
+
+def test_cpu_load_guard_restores_the_threads_when_training_fails(tiny_dir, tmp_path, monkeypatch):
+    """The Trainer skips on_train_end when training raises: the threads come back all the same."""
+    import sparsepo_lite.training.trainer as trainer_module
+    from sparsepo_lite.waits import LoadGuard
+
+    monkeypatch.setattr(
+        trainer_module,
+        "cpu_load_guard",
+        lambda: LoadGuard(torch.get_num_threads(), 2, samples=1, interval_s=0, others=lambda: 5),  # always busy
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        log = _ThreadLog()
+        trainer = make_trainer(tiny_dir, tmp_path, "dpo", steps=5, callbacks=[log, _FailAtStep()])
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train()
+        assert log.threads == [1, 1]  # the guard was in force
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)

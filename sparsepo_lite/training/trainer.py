@@ -568,6 +568,8 @@ class SparsePOTrainer(transformers.Trainer):
             out = super().train(resume_from_checkpoint=resume, **kwargs)
         finally:
             self._close_pair_threads()
+            if self._load_guard is not None:  # on_train_end does not run when training raises
+                self._load_guard.restore()
         steps = len(self._step_losses) + self.skipped_steps
         if steps and self.skipped_steps > MAX_SKIPPED_FRACTION * steps:
             raise TrainingError(
