@@ -223,12 +223,13 @@ def median(xs):
     return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
 
 
-def median_cell(xs, base) -> str:
-    """Two Markdown cells of the samples ``xs``: their median (with their range and count when
-    there are several), then the median against ``base`` ("-" without one); "not run" without samples."""
+def median_cell(xs, base, spread: bool = True) -> str:
+    """Two Markdown cells of the samples ``xs``: their median (with ``spread``, also their range and
+    count when there are several), then the median against ``base`` ("-" without one); "not run"
+    without samples."""
     if not xs:
         return "not run | -"
-    spread = f" ({min(xs):.1f}-{max(xs):.1f}, n = {len(xs)})" if len(xs) > 1 else ""
+    spread = f" ({min(xs):.1f}-{max(xs):.1f}, n = {len(xs)})" if spread and len(xs) > 1 else ""
     return f"{median(xs):.1f}{spread} | " + (f"{median(xs) / base:.2f}x" if base else "-")
 
 
@@ -301,11 +302,7 @@ def write(out: str, steps: int, cells: list, commands: list) -> None:
             p: median(c["cpu"][p]) for c in cells if c["competitors"] == 0 for p in cpu_shown if c.get("cpu", {}).get(p)
         }
         for c in cells:
-            row = []
-            for p in cpu_shown:
-                xs = c.get("cpu", {}).get(p)
-                ratio = f"{median(xs) / cpu_alone[p]:.2f}x" if xs and p in cpu_alone else "-"
-                row.append(f"{median(xs):.1f} | {ratio}" if xs else "not run | -")
+            row = [median_cell(c.get("cpu", {}).get(p), cpu_alone.get(p), spread=False) for p in cpu_shown]
             md.append(f"| {c['competitors']} | " + " | ".join(row) + " |")
         md.append("")
     for p in shown:

@@ -131,16 +131,14 @@ class _FiniteWeights(transformers.TrainerCallback):
 
 class _CPULoadGuard(transformers.TrainerCallback):
     """Before every step on the CPU: one torch thread while other processes oversubscribe the cores,
-    the usual count again once they have gone (:class:`~sparsepo_lite.waits.LoadGuard`)."""
+    the usual count again once they have gone (:class:`~sparsepo_lite.waits.LoadGuard`); ``train``
+    restores the count when training ends, however it ends."""
 
     def __init__(self, guard: LoadGuard):
         self.guard = guard
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.guard.apply(f"step {state.global_step}")
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.guard.restore()
 
 
 def read_splits(tokenizer, args: SparsePOConfig, splits: Dict[str, object]):
@@ -568,7 +566,7 @@ class SparsePOTrainer(transformers.Trainer):
             out = super().train(resume_from_checkpoint=resume, **kwargs)
         finally:
             self._close_pair_threads()
-            if self._load_guard is not None:  # on_train_end does not run when training raises
+            if self._load_guard is not None:  # here, not in on_train_end, which a raising run skips
                 self._load_guard.restore()
         steps = len(self._step_losses) + self.skipped_steps
         if steps and self.skipped_steps > MAX_SKIPPED_FRACTION * steps:
