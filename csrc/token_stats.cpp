@@ -9,6 +9,8 @@
 // the fake implementation.
 
 #include <c10/core/DeviceGuard.h>
+#include <sstream>
+#include <string>
 #include <torch/extension.h>
 
 #include "row_pass.h"
@@ -38,7 +40,18 @@ void check_range(const Tensor& t, int64_t hi, const char* name, const char* boun
                     bound, " = ", hi, "; got values in [", lo, ", ", top, "]");
 }
 
-void check_topk(const Tensor& ids, const Tensor& logp, int64_t V) {
+// Where the first flagged token sits, for an error message: its row of the [N, ...] inputs, its
+// sequence (seq_ids: the batch row it came from) and how many tokens are flagged. bad: [N] bool.
+std::string first_at(const Tensor& bad, const Tensor& seq_ids) {
+  const int64_t row = bad.nonzero()[0][0].item<int64_t>();
+  const int64_t count = bad.sum().item<int64_t>();
+  std::ostringstream s;
+  s << " (first at token " << row << " of sequence " << seq_ids[row].item<int64_t>() << "; "
+    << count << (count > 1 ? " tokens" : " token") << " in all)";
+  return s.str();
+}
+
+void check_topk(const Tensor& ids, const Tensor& logp, const Tensor& seq_ids, int64_t V) {
   check_range(ids, V, "topk ids", "V");
   if (ids.numel() == 0) return;
   const int64_t K = ids.size(1);
@@ -46,36 +59,38 @@ void check_topk(const Tensor& ids, const Tensor& logp, int64_t V) {
   if (K > 1) {
     auto sorted = std::get<0>(ids.sort(1));
     auto dup = (sorted.narrow(1, 1, K - 1) == sorted.narrow(1, 0, K - 1)).any(1);
-    if (dup.any().item<bool>()) {
-      const int64_t row = dup.nonzero()[0][0].item<int64_t>();
-      TORCH_CHECK_VALUE(false, "topk ids must be distinct within each token; token ", row,
-                        " repeats an id");
-    }
+    TORCH_CHECK_VALUE(!dup.any().item<bool>(), "topk ids must be distinct within each token",
+                      first_at(dup, seq_ids));
   }
-  TORCH_CHECK_VALUE(!logp.isnan().any().item<bool>(), "topk log-probs contain NaN");
+  const Tensor nan = logp.isnan().any(1);
+  TORCH_CHECK_VALUE(!nan.any().item<bool>(), "topk log-probs contain NaN", first_at(nan, seq_ids));
   // 16-bit storage rounds log-probs near 0 but never above it by much.
   const double top = logp.max().item<double>();
-  TORCH_CHECK_VALUE(top <= 1e-2, "topk log-probs must be log-probabilities (<= 0); found ", top);
+  TORCH_CHECK_VALUE(top <= 1e-2, "topk log-probs must be log-probabilities (<= 0); found ", top,
+                    first_at((logp > 1e-2).any(1), seq_ids));
 }
 
 // Tail samples: ids in [0, V) outside their token's top-k (they are draws from the reference's
 // tail), finite log-probabilities.
-void check_tail(const Tensor& ids, const Tensor& tail_ids, const Tensor& tail_logp, int64_t V) {
+void check_tail(const Tensor& ids, const Tensor& tail_ids, const Tensor& tail_logp,
+                const Tensor& seq_ids, int64_t V) {
   check_range(tail_ids, V, "tail ids", "V");
   if (tail_ids.numel() == 0) return;
   const Tensor sorted = std::get<0>(ids.to(at::kLong).sort(1));
   const Tensor t = tail_ids.to(at::kLong);
   const Tensor pos = at::searchsorted(sorted, t).clamp_max(sorted.size(1) - 1);
   const Tensor hit = (sorted.gather(1, pos) == t).any(1);
-  if (hit.any().item<bool>()) {
-    const int64_t row = hit.nonzero()[0][0].item<int64_t>();
-    TORCH_CHECK_VALUE(false, "tail ids must lie outside the top-k ids of their token (they are "
-                      "samples of the reference's tail); token ", row, " has one in its top-k");
-  }
-  TORCH_CHECK_VALUE(at::isfinite(tail_logp).all().item<bool>(),
-                    "tail log-probs must be finite (a sampled token has reference probability > 0)");
+  TORCH_CHECK_VALUE(!hit.any().item<bool>(),
+                    "tail ids must lie outside the top-k ids of their token (they are samples of "
+                    "the reference's tail)",
+                    first_at(hit, seq_ids));
+  const Tensor inf = at::isfinite(tail_logp).logical_not().any(1);
+  TORCH_CHECK_VALUE(!inf.any().item<bool>(),
+                    "tail log-probs must be finite (a sampled token has reference probability > 0)",
+                    first_at(inf, seq_ids));
   const double top = tail_logp.max().item<double>();
-  TORCH_CHECK_VALUE(top <= 1e-2, "tail log-probs must be log-probabilities (<= 0); found ", top);
+  TORCH_CHECK_VALUE(top <= 1e-2, "tail log-probs must be log-probabilities (<= 0); found ", top,
+                    first_at((tail_logp > 1e-2).any(1), seq_ids));
 }
 
 // out[n, V] (acc dtype) = h[n, H] @ W[V, H]^T; the GEMM runs in h's dtype.
@@ -136,7 +151,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> token_stats(
                           topk_logp->sizes() == topk_ids->sizes(),
                       "top-k ids ", topk_ids->sizes(), " and log-probs ", topk_logp->sizes(),
                       " must both be [N, k]");
-    check_topk(*topk_ids, *topk_logp, V);
+    check_topk(*topk_ids, *topk_logp, seq_ids, V);
     TORCH_CHECK_VALUE(tail_ids.has_value() == tail_logp.has_value(),
                       "tail ids and tail log-probs come together");
     if (tail_ids) {
@@ -146,7 +161,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> token_stats(
                         " must both be [N, m]");
       TORCH_CHECK_VALUE(tail_ids->size(1) == 0 || topk_ids->size(1) < V,
                         "a top-k reference with k = V has no tail to sample from (m must be 0)");
-      check_tail(*topk_ids, *tail_ids, *tail_logp, V);
+      check_tail(*topk_ids, *tail_ids, *tail_logp, seq_ids, V);
     }
   }
   if (ref_kind == kRefLabel || topk) {

@@ -176,6 +176,38 @@ def test_bad_values_behind_a_valid_checksum_are_caught(setup, tmp_path, mutate, 
         verify_cache(str(tmp_path))
 
 
+@pytest.mark.parametrize("side", ["chosen", "rejected"])
+def test_a_bad_value_is_located_by_dataset_row_response_and_token(setup, tmp_path, side):
+    """The error names where the first bad value sits, so the row can be found in the data file."""
+    from safetensors.torch import load_file, save_file
+
+    from sparsepo_lite.refcache.format import sha256_file
+
+    _, _, examples, _ = setup
+    build(setup, tmp_path)
+    path = tmp_path / "train-00001.safetensors"  # rows 4-7
+    tensors = load_file(str(path))
+    counts = tensors["tokens"].tolist()
+    j = 2  # dataset row 6
+    pos = counts[j][0 if side == "chosen" else 1] - 1  # the response's last token
+    t = sum(c + r for c, r in counts[:j]) + (pos if side == "chosen" else counts[j][0] + pos)
+    tensors["label_logp"][t] = float("nan")
+    tensors["label_logp"][t + 2 :] = 0.5  # later damage does not move the first location, only the count
+    save_file(tensors, str(path))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][1].update(sha256=sha256_file(str(path)), bytes=path.stat().st_size)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    n = tensors["label_logp"].numel()
+    assert tensors["row_index"].tolist() == [4, 5, 6, 7] and len(examples[6].chosen_ids) == counts[j][0]
+    expect = (
+        f"train-00001.safetensors: label_logp has non-finite or positive values (first at dataset row 6, "
+        f"{side} response token {pos}; {1 + n - (t + 2)} tokens in all)"
+    )
+    with pytest.raises(CacheError) as info:
+        verify_cache(str(tmp_path))
+    assert str(info.value).endswith(expect)
+
+
 def test_incomplete_cache_is_refused(setup, tmp_path):
     class Stop(Exception):
         pass

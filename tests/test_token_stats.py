@@ -404,7 +404,7 @@ def _outside(r):
                 r.logprobs,
                 r.label_logp,
             ),
-            r"distinct within each token; token 0 repeats",
+            r"distinct within each token \(first at token 0 of sequence 0; 12 tokens in all\)",
         ),
         (lambda r: sp.TopKReference(r.ids + 20, r.logprobs, r.label_logp), r"topk ids must lie in \[0, V\)"),
         (lambda r: sp.TopKReference(r.ids, r.logprobs.clone().fill_(float("nan")), r.label_logp), r"contain NaN"),
@@ -412,7 +412,7 @@ def _outside(r):
         (lambda r: sp.TopKReference(r.ids[:, :0], r.logprobs[:, :0], r.label_logp), r"1 <= k <= V"),
         (
             lambda r: sp.TopKReference(r.ids, r.logprobs, r.label_logp, r.ids[:, :2], r.logprobs[:, :2]),
-            r"tail ids must lie outside the top-k ids of their token.*token 0",
+            r"tail ids must lie outside the top-k ids of their token.*\(first at token 0 of sequence 0; 12 tokens in all\)",
         ),
         (lambda r: sp.TopKReference(r.ids, r.logprobs, r.label_logp, _outside(r), None), r"come together"),
         (
@@ -467,6 +467,45 @@ def test_raw_op_checks_values_too():
             4,
             False,
         )
+
+
+def _damage_token(field, value, t):
+    """A top-k reference (with tail draws) whose ``field`` is ``value`` at token ``t`` only."""
+
+    def damage(r):
+        parts = dict(ids=r.ids, logprobs=r.logprobs, tail_ids=r.tail_ids, tail_logprobs=r.tail_logprobs)
+        parts[field] = parts[field].clone()
+        parts[field][t, 1] = parts[field][t, 0] if value == "repeat" else value
+        return sp.TopKReference(label_logp=r.label_logp, **parts)
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("ids", "repeat", "topk ids must be distinct within each token"),
+        ("logprobs", float("nan"), "topk log-probs contain NaN"),
+        ("logprobs", 0.5, "topk log-probs must be log-probabilities (<= 0); found 0.5"),
+        ("tail_logprobs", float("-inf"), "tail log-probs must be finite"),
+        ("tail_logprobs", 0.5, "tail log-probs must be log-probabilities (<= 0); found 0.5"),
+    ],
+)
+def test_a_bad_reference_value_names_its_token_and_sequence_in_both_implementations(field, value, message):
+    """The compiled op and the pure-PyTorch one give the same message, naming the first bad token's
+    row and its sequence (the batch row)."""
+    from sparsepo_lite.ops.fallback import token_stats_torch
+
+    p = make_problem(30, 8, 40, "sampled", k=6, m=3)
+    t = 17
+    r = _damage_token(field, value, t)(p.ref)
+    args = (p.hidden.detach(), p.weight, p.labels, p.seq_ids, p.num_seqs, p.logp_weight, p.kl_weight, 2)
+    args += (None, None, r.ids, r.logprobs, r.tail_ids, r.tail_logprobs, r.label_logp, 7, False)
+    where = f"(first at token {t} of sequence {int(p.seq_ids[t])}; 1 token in all)"
+    for op in (torch.ops.sparsepo_lite.token_stats, token_stats_torch):
+        with pytest.raises(ValueError) as info:
+            op(*args)
+        assert message in str(info.value) and where in str(info.value), (op, str(info.value))
 
 
 def test_empty_input_gives_zero_sums():

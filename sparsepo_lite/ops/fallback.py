@@ -20,7 +20,16 @@ def _check_range(t: torch.Tensor, hi: int, name: str, bound: str) -> None:
         raise ValueError(f"{name} must lie in [0, {bound}) with {bound} = {hi}; got values in [{lo}, {top}]")
 
 
-def _check_tail(ids: torch.Tensor, tail_ids: torch.Tensor, tail_logp: torch.Tensor, vocab: int) -> None:
+def _first_at(bad: torch.Tensor, seq_ids: torch.Tensor) -> str:
+    """Where the first flagged token sits, for an error message (as the compiled op says it): its
+    row of the [N, ...] inputs, its sequence and how many are flagged. ``bad``: [N] bool."""
+    row, count = int(bad.nonzero()[0, 0]), int(bad.sum())
+    return f" (first at token {row} of sequence {int(seq_ids[row])}; {count} token{'s' if count > 1 else ''} in all)"
+
+
+def _check_tail(
+    ids: torch.Tensor, tail_ids: torch.Tensor, tail_logp: torch.Tensor, seq_ids: torch.Tensor, vocab: int
+) -> None:
     _check_range(tail_ids, vocab, "tail ids", "V")
     if tail_ids.numel() == 0:
         return
@@ -28,19 +37,24 @@ def _check_tail(ids: torch.Tensor, tail_ids: torch.Tensor, tail_logp: torch.Tens
     pos = torch.searchsorted(srt, tail_ids.long()).clamp_max(srt.shape[1] - 1)
     hit = (srt.gather(1, pos) == tail_ids.long()).any(dim=1)
     if bool(hit.any()):
-        row = int(hit.nonzero()[0, 0])
         raise ValueError(
-            f"tail ids must lie outside the top-k ids of their token (they are samples of the "
-            f"reference's tail); token {row} has one in its top-k"
+            "tail ids must lie outside the top-k ids of their token (they are samples of the reference's tail)"
+            + _first_at(hit, seq_ids)
         )
-    if not bool(torch.isfinite(tail_logp).all()):
-        raise ValueError("tail log-probs must be finite (a sampled token has reference probability > 0)")
+    inf = ~torch.isfinite(tail_logp).all(dim=1)
+    if bool(inf.any()):
+        raise ValueError(
+            "tail log-probs must be finite (a sampled token has reference probability > 0)" + _first_at(inf, seq_ids)
+        )
     top = float(tail_logp.max())
     if top > 1e-2:
-        raise ValueError(f"tail log-probs must be log-probabilities (<= 0); found {top}")
+        raise ValueError(
+            f"tail log-probs must be log-probabilities (<= 0); found {top}"
+            + _first_at((tail_logp > 1e-2).any(dim=1), seq_ids)
+        )
 
 
-def _check_topk(ids: torch.Tensor, logp: torch.Tensor, vocab: int) -> None:
+def _check_topk(ids: torch.Tensor, logp: torch.Tensor, seq_ids: torch.Tensor, vocab: int) -> None:
     _check_range(ids, vocab, "topk ids", "V")
     if ids.numel() == 0:
         return
@@ -51,13 +65,16 @@ def _check_topk(ids: torch.Tensor, logp: torch.Tensor, vocab: int) -> None:
         s = ids.sort(dim=1).values
         dup = (s[:, 1:] == s[:, :-1]).any(dim=1)
         if bool(dup.any()):
-            row = int(dup.nonzero()[0, 0])
-            raise ValueError(f"topk ids must be distinct within each token; token {row} repeats an id")
-    if bool(logp.isnan().any()):
-        raise ValueError("topk log-probs contain NaN")
+            raise ValueError("topk ids must be distinct within each token" + _first_at(dup, seq_ids))
+    nan = logp.isnan().any(dim=1)
+    if bool(nan.any()):
+        raise ValueError("topk log-probs contain NaN" + _first_at(nan, seq_ids))
     top = float(logp.max())
     if top > 1e-2:
-        raise ValueError(f"topk log-probs must be log-probabilities (<= 0); found {top}")
+        raise ValueError(
+            f"topk log-probs must be log-probabilities (<= 0); found {top}"
+            + _first_at((logp > 1e-2).any(dim=1), seq_ids)
+        )
 
 
 def token_stats_torch(
@@ -92,9 +109,9 @@ def token_stats_torch(
     exact, topk = ref_kind == RefKind.EXACT, ref_kind == RefKind.TOPK
     m = 0
     if topk:
-        _check_topk(topk_ids, topk_logp, vocab)
+        _check_topk(topk_ids, topk_logp, seq_ids, vocab)
         if tail_ids is not None:
-            _check_tail(topk_ids, tail_ids, tail_logp, vocab)
+            _check_tail(topk_ids, tail_ids, tail_logp, seq_ids, vocab)
             m = tail_ids.shape[1]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     labels = labels.long()

@@ -127,59 +127,74 @@ def open_shard(
                 f"{path}: {payload} payload bytes for {n} tokens and {e} pairs; the contents say "
                 f"{n * token_bytes(contents) + e * 24}"
             )
-        _check_values(path, handle, contents)
+        _check_values(path, handle, contents, row_index, offsets, tokens)
     return _Shard(path, handle, row_index, offsets, tokens)
 
 
-def _check_values(path: str, handle, contents: dict) -> None:
-    def bad(msg):
-        raise CacheError(f"{path}: {msg}")
+def _check_values(path: str, handle, contents: dict, row_index: List[int], offsets: List[int], tokens) -> None:
+    """Raise :class:`CacheError` at the first impossible value, naming the file, the tensor and where
+    it first occurs: the dataset row, the response (chosen or rejected) and the token within it."""
+
+    def check(bad_tokens: torch.Tensor, msg: str) -> None:
+        """``bad_tokens``: [n] bool, the tokens (rows of the shard's per-token tensors) that break the rule."""
+        if not bad_tokens.any():
+            return
+        t = int(bad_tokens.nonzero()[0])
+        j = bisect.bisect_right(offsets, t) - 1
+        at, chosen = t - offsets[j], int(tokens[j, 0])
+        side, pos = ("chosen", at) if at < chosen else ("rejected", at - chosen)
+        count = int(bad_tokens.sum())
+        raise CacheError(
+            f"{path}: {msg} (first at dataset row {row_index[j]}, {side} response token {pos}; "
+            f"{count} token{'s' if count > 1 else ''} in all)"
+        )
 
     label = handle.get_tensor("label_logp")
-    if not torch.isfinite(label).all() or (label > 1e-4).any():
-        bad("label_logp has non-finite or positive values")
-    if (label < LOGP_FLOOR).any():
-        bad(f"label_logp below {LOGP_FLOOR:g}, which no float32 log-softmax of real logits gives")
+    check(~torch.isfinite(label) | (label > 1e-4), "label_logp has non-finite or positive values")
+    check(label < LOGP_FLOOR, f"label_logp below {LOGP_FLOOR:g}, which no float32 log-softmax of real logits gives")
     if contents["top_k"]:
         ids, lp = handle.get_tensor("topk_ids"), handle.get_tensor("topk_logp").float()
-        if (ids < 0).any() or (ids >= contents["vocab_size"]).any():
-            bad(f"topk_ids outside [0, {contents['vocab_size']})")
-        if torch.isnan(lp).any() or (lp > 1e-2).any():
-            bad("topk_logp has NaN or positive values")
-        if (lp[:, 1:] > lp[:, :-1]).any():
-            bad("topk_logp is not sorted (descending) per token")
-        if (torch.logsumexp(lp, dim=1) > 1e-2).any():
-            bad("topk_logp holds more than probability 1 per token")
-        if (ids.sort(dim=1).values.diff(dim=1) == 0).any():
-            bad("topk_ids repeat within a token")
+        check(((ids < 0) | (ids >= contents["vocab_size"])).any(1), f"topk_ids outside [0, {contents['vocab_size']})")
+        check((torch.isnan(lp) | (lp > 1e-2)).any(1), "topk_logp has NaN or positive values")
+        check((lp[:, 1:] > lp[:, :-1]).any(1), "topk_logp is not sorted (descending) per token")
+        check(torch.logsumexp(lp, dim=1) > 1e-2, "topk_logp holds more than probability 1 per token")
+        check((ids.sort(dim=1).values.diff(dim=1) == 0).any(1), "topk_ids repeat within a token")
         top = lp[:, 0]
-        if (top < -math.log(contents["vocab_size"]) - 1e-2).any():
-            bad("topk_logp: a token's most likely entry has probability below 1/V (rows of -inf or shifted values)")
+        check(
+            top < -math.log(contents["vocab_size"]) - 1e-2,
+            "topk_logp: a token's most likely entry has probability below 1/V (rows of -inf or shifted values)",
+        )
         # the label is one of the V tokens, so no more likely than the top one (up to 16-bit rounding)
-        if (label > top + 0.02 + top.abs() * 2**-7).any():
-            bad("label_logp exceeds its token's top-1 log-prob (misaligned rows or another cache's values)")
+        check(
+            label > top + 0.02 + top.abs() * 2**-7,
+            "label_logp exceeds its token's top-1 log-prob (misaligned rows or another cache's values)",
+        )
         if contents["tail_samples"]:
             tids, tlp = handle.get_tensor("tail_ids").long(), handle.get_tensor("tail_logp").float()
-            if (tids < 0).any() or (tids >= contents["vocab_size"]).any():
-                bad(f"tail_ids outside [0, {contents['vocab_size']})")
+            check(
+                ((tids < 0) | (tids >= contents["vocab_size"])).any(1),
+                f"tail_ids outside [0, {contents['vocab_size']})",
+            )
             srt = ids.long().sort(dim=1).values
             pos = torch.searchsorted(srt, tids).clamp_max(srt.shape[1] - 1)
-            if (srt.gather(1, pos) == tids).any():
-                bad("tail_ids include a token of the same row's top-k (they must be tail samples)")
-            if not torch.isfinite(tlp).all() or (tlp > 1e-2).any():
-                bad("tail_logp has non-finite or positive values")
+            check(
+                (srt.gather(1, pos) == tids).any(1),
+                "tail_ids include a token of the same row's top-k (they must be tail samples)",
+            )
+            check((~torch.isfinite(tlp) | (tlp > 1e-2)).any(1), "tail_logp has non-finite or positive values")
             # A draw's stored log-prob is log(q(v) / r * r_hat) <= log r_hat, r_hat the tail mass the
             # stored top-k leave (precompute.reference_token_stats); 16-bit rounding allowed for.
             r_hat = (1.0 - lp.double().exp().sum(1, keepdim=True)).clamp_min(0.0)
             live = (r_hat > 1e-6).expand_as(tlp)
-            if (live & (tlp.double() > r_hat.clamp_min(1e-300).log() + 0.05)).any():
-                bad("tail_logp exceeds the tail mass its row's top-k leave (misaligned rows or another cache's values)")
-    if contents["store_hidden"] and not torch.isfinite(handle.get_tensor("hidden")).all():
-        bad("hidden has non-finite values")
+            check(
+                (live & (tlp.double() > r_hat.clamp_min(1e-300).log() + 0.05)).any(1),
+                "tail_logp exceeds the tail mass its row's top-k leave (misaligned rows or another cache's values)",
+            )
+    if contents["store_hidden"]:
+        check(~torch.isfinite(handle.get_tensor("hidden")).all(1), "hidden has non-finite values")
     if contents["mapo_masks"]:
         m = handle.get_tensor("mapo_mask")
-        if not torch.isfinite(m).all() or (m < 0).any() or (m > 1 + 1e-6).any():
-            bad("mapo_mask outside [0, 1]")
+        check(~torch.isfinite(m) | (m < 0) | (m > 1 + 1e-6), "mapo_mask outside [0, 1]")
 
 
 class RefCache:
