@@ -6,13 +6,14 @@ before the package.
 Each sample runs ``sparsepo-lite precompute-ref`` of the sentiment recipe (SmolLM2-135M-Instruct,
 4-bit, CPU) over the first ``--pairs`` training pairs into a fresh cache, in its own process, while 0
 or more other processes each run 2-thread GEMMs (bench_contention.py's competitors). The time is
-``precompute_reference``'s own, measured inside the process (the model load excluded). The policies:
+``precompute_reference``'s own, measured inside the process; the model load before it (``load_policy``)
+is timed apart. The policies:
 
 - **package**: the command imports the package first, which picks libgomp's waits for the load it
   sees (passive beside busy processes, short spins on a quiet machine).
 - **torch imported first**: the same command from a script that imports torch first, as notebooks
-  do, so libgomp keeps its long default spins; the precompute's load guard then runs torch on one
-  thread while the cores are oversubscribed.
+  do, so libgomp keeps its long default spins; the load guard then runs torch on one thread while
+  the cores are oversubscribed (checked once when the model load starts, then before each batch).
 - **torch imported first, no guard**: the same with ``--cpu_load_guard false``: what such a script
   got before the precompute had the guard.
 
@@ -39,22 +40,31 @@ import yaml
 from _common import HERE, ROOT, SENTIMENT_CONFIG, command_line, machine_info, markdown_header, write_markdown
 from bench_contention import child_env, children_cpu, median, median_cell, start_competitors, stop_competitors
 
-#: The child: imports ``{first}`` before anything else, times ``precompute_reference`` into the JSON
-#: file ``argv[1]`` (with the import's wait decision) and runs the command line ``argv[2:]``.
+#: The child: imports ``{first}`` before anything else, times the model load (``load_policy``) and
+#: ``precompute_reference`` into the JSON file ``argv[1]`` (with the import's wait decision) and runs
+#: the command line ``argv[2:]``.
 CHILD = (
     "import sys, json, time\n"
     "import {first}\n"
     "import sparsepo_lite\n"
     "import sparsepo_lite.refcache.writer as writer\n"
+    "import sparsepo_lite.training.trainer as trainer\n"
     "from sparsepo_lite.cli import main\n"
-    "real = writer.precompute_reference\n"
+    "loads = []\n"
+    "real_load, real = trainer.load_policy, writer.precompute_reference\n"
+    "def timed_load(*args, **kwargs):\n"
+    "    start = time.perf_counter()\n"
+    "    out = real_load(*args, **kwargs)\n"
+    "    loads.append(time.perf_counter() - start)\n"
+    "    return out\n"
     "def timed(*args, **kwargs):\n"
     "    start = time.perf_counter()\n"
     "    out = real(*args, **kwargs)\n"
+    "    seconds = time.perf_counter() - start\n"
     "    with open(sys.argv[1], 'w') as f:\n"
-    "        json.dump({{'seconds': time.perf_counter() - start, 'waits': sparsepo_lite.OMP_WAIT_DECISION}}, f)\n"
+    "        json.dump({{'seconds': seconds, 'load_seconds': sum(loads), 'waits': sparsepo_lite.OMP_WAIT_DECISION}}, f)\n"
     "    return out\n"
-    "writer.precompute_reference = timed\n"
+    "trainer.load_policy, writer.precompute_reference = timed_load, timed\n"
     "main(sys.argv[2:])\n"
 )
 #: The policies: (the module the child imports first, extra ``precompute-ref`` arguments).
@@ -101,9 +111,10 @@ def child_command(policy: str, timing: str, data: str, cache: str) -> List[str]:
     ]
 
 
-def precompute_seconds(policy: str, data: str, work: str) -> Tuple[float, float, str]:
-    """``(seconds, CPU seconds, waits)`` of one precompute into a fresh cache: the precompute's own
-    time, the CPU time of the whole process (the model load included), and the import's wait decision."""
+def precompute_seconds(policy: str, data: str, work: str) -> Tuple[float, float, float, str]:
+    """``(seconds, load seconds, CPU seconds, waits)`` of one precompute into a fresh cache: the
+    precompute's own time, the model load's (``load_policy``), the CPU time of the whole process (the
+    model load included), and the import's wait decision."""
     cache, timing = os.path.join(work, "cache"), os.path.join(work, "timing.json")
     shutil.rmtree(cache, ignore_errors=True)
     if os.path.exists(timing):
@@ -116,7 +127,7 @@ def precompute_seconds(policy: str, data: str, work: str) -> Tuple[float, float,
         raise RuntimeError(f"the precompute ({policy}) exited with code {proc.returncode}:\n{proc.stderr[-2000:]}")
     with open(timing) as f:
         t = json.load(f)
-    return t["seconds"], children_cpu() - before, t["waits"]
+    return t["seconds"], t["load_seconds"], children_cpu() - before, t["waits"]
 
 
 def write(out: str, pairs: int, cells: List[dict], commands: List[str]) -> None:
@@ -143,6 +154,24 @@ def write(out: str, pairs: int, cells: List[dict], commands: List[str]) -> None:
 
     for c in cells:
         md.append(f"| {c['competitors']} | " + " | ".join(median_cell(c.get(p), alone.get(p)) for p in shown) + " |")
+    load_alone = {
+        p: median(c["load"][p]) for c in cells if c["competitors"] == 0 for p in shown if c.get("load", {}).get(p)
+    }
+    if any(c.get("load") for c in cells):
+        md += [
+            "",
+            "Seconds of the model load before it (`load_policy`: SmolLM2 read and quantised to 4-bit; the "
+            "same guard checks the load once when it starts), against alone:",
+            "",
+            "| competitors | " + " | ".join(f"{TITLES[p]}: s | slowdown" for p in shown) + " |",
+            "|---|" + "---|---|" * len(shown),
+        ]
+        for c in cells:
+            md.append(
+                f"| {c['competitors']} | "
+                + " | ".join(median_cell(c.get("load", {}).get(p), load_alone.get(p)) for p in shown)
+                + " |"
+            )
     md += [
         "",
         "CPU seconds of the whole process (all threads, the model load included; medians), against alone:",
@@ -173,7 +202,13 @@ def main():
     a = ap.parse_args()
     commands = [command_line()]
     cells = [
-        {"competitors": load, **{p: [] for p in a.policies}, "cpu": {p: [] for p in a.policies}} for load in a.loads
+        {
+            "competitors": load,
+            **{p: [] for p in a.policies},
+            "load": {p: [] for p in a.policies},
+            "cpu": {p: [] for p in a.policies},
+        }
+        for load in a.loads
     ]
     for c in cells:
         c["waits"] = {p: [] for p in a.policies}
@@ -189,8 +224,9 @@ def main():
                 try:
                     time.sleep(2 if c["competitors"] else 0)
                     for policy in a.policies if rep % 2 == 0 else a.policies[::-1]:
-                        seconds, cpu, waits = precompute_seconds(policy, data, work)
+                        seconds, load_seconds, cpu, waits = precompute_seconds(policy, data, work)
                         c[policy].append(seconds)
+                        c["load"][policy].append(load_seconds)
                         c["cpu"][policy].append(cpu)
                         if waits not in c["waits"][policy]:
                             c["waits"][policy].append(waits)

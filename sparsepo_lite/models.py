@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from . import waits
 from .validation import check_choice, check_number
 
 
@@ -174,7 +175,7 @@ def _require_bitsandbytes() -> None:
         raise ImportError("4-bit policies need bitsandbytes: pip install bitsandbytes")
 
 
-def load_policy(cfg: ModelConfig, *, tokenizer: bool = True):
+def load_policy(cfg: ModelConfig, *, tokenizer: bool = True, cpu_load_guard: bool = True):
     """Load ``(peft_model, tokenizer)``: base (4-bit or not) + a fresh LoRA adapter, head frozen.
 
     ``model_name_or_path`` is a local folder, a hub name, or ``"smollm2-135m-instruct"`` (the
@@ -182,13 +183,30 @@ def load_policy(cfg: ModelConfig, *, tokenizer: bool = True):
     ``(peft_model, None)`` for folders without tokenizer files (benchmarks on random weights).
     With 4-bit weights, the embeddings, head and norms stay in the compute dtype (peft's
     ``prepare_model_for_kbit_training`` would upcast them to fp32: 2 GB more at Llama-3-8B).
+    ``cpu_load_guard``: on the CPU, where this process's OpenMP threads spin long (torch imported
+    before the package), load on one thread if other processes oversubscribe the cores when the
+    load starts, as training and the reference precompute do (:class:`~sparsepo_lite.waits.LoadGuard`).
     """
-    import transformers
-
     if not cfg.model_name_or_path:
         raise ValueError("no model: set model_name_or_path")
     path = resolve_model_path(cfg.model_name_or_path)
     device, dtype = _device_and_dtype(cfg)
+    guard = waits.cpu_load_guard() if cpu_load_guard and device.type == "cpu" else None
+    if guard is not None:
+        guard.apply("model load")
+    try:
+        model = _load_base(path, cfg, device, dtype)
+    finally:
+        if guard is not None:
+            guard.restore()
+    model = attach_adapter(model, cfg)
+    return model, (load_tokenizer(cfg.model_name_or_path) if tokenizer else None)
+
+
+def _load_base(path: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+    """The base model at ``path`` on ``device``, 4-bit where ``cfg`` says so."""
+    import transformers
+
     kwargs = dict(dtype=dtype, attn_implementation=_attention(cfg, device))
     if cfg.quantization == "4bit":
         _require_bitsandbytes()
@@ -199,8 +217,7 @@ def load_policy(cfg: ModelConfig, *, tokenizer: bool = True):
     model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if cfg.quantization != "4bit":
         model.to(device)
-    model = attach_adapter(model, cfg)
-    return model, (load_tokenizer(cfg.model_name_or_path) if tokenizer else None)
+    return model
 
 
 def load_tokenizer(model_name_or_path: str):

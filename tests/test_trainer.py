@@ -267,6 +267,43 @@ def test_cpu_load_guard_runs_on_one_thread_while_the_machine_is_busy(tiny_dir, t
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("busy, guard_on, threads", [(True, True, 1), (False, True, 2), (True, False, 2)])
+def test_the_model_loads_on_one_thread_while_the_machine_is_busy(
+    tiny_dir, tmp_path, monkeypatch, busy, guard_on, threads
+):
+    """Where the threads spin long, the model load checks the load once: one thread for the load while
+    the machine is oversubscribed, the caller's count again afterwards (also when the load fails);
+    training's cpu_load_guard setting reaches it."""
+    import sparsepo_lite.models as models
+    from sparsepo_lite.training.trainer import load_model
+    from sparsepo_lite.waits import LoadGuard
+
+    auto = transformers.AutoModelForCausalLM
+    seen, real = [], auto.from_pretrained
+    monkeypatch.setattr(auto, "from_pretrained", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    monkeypatch.setattr(
+        models.waits,
+        "cpu_load_guard",
+        lambda: LoadGuard(torch.get_num_threads(), 2, samples=1, interval_s=0, others=lambda: 5 if busy else 0),
+    )
+    args = SparsePOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], cpu_load_guard=guard_on)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        load_model(ModelConfig(tiny_dir, lora_r=4, quantization="none"), args)
+        assert seen == [threads] and torch.get_num_threads() == 2
+
+        def fail(*a, **k):
+            raise OSError("unreadable weights")
+
+        monkeypatch.setattr(auto, "from_pretrained", fail)
+        with pytest.raises(OSError, match="unreadable weights"):
+            load_model(ModelConfig(tiny_dir, lora_r=4, quantization="none"), args)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 class _FailAtStep(transformers.TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 2:

@@ -123,7 +123,7 @@ class SparsePOConfig(transformers.TrainingArguments):
         group="run",
         help="on the CPU, when OpenMP threads spin long (SPARSEPO_LITE_OMP_PASSIVE=0, OMP_WAIT_POLICY=ACTIVE or a "
         "GOMP_SPINCOUNT above 2000), run torch on one thread while other processes oversubscribe the cores, "
-        "checked before every step and before every batch of precompute-ref (docs/training.md)",
+        "checked when the model loads, before every step and before every batch of precompute-ref (docs/training.md)",
     )
     cpu_pair_threads: bool = _field(
         True,

@@ -174,7 +174,7 @@ def load_model(model_config: ModelConfig, args: SparsePOConfig):
         device="cpu" if args.use_cpu else model_config.device,
     )
     transformers.set_seed(args.seed)  # the LoRA init draws from the global RNG
-    model, _ = load_policy(model_config, tokenizer=False)
+    model, _ = load_policy(model_config, tokenizer=False, cpu_load_guard=args.cpu_load_guard)
     return model
 
 
