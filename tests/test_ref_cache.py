@@ -176,8 +176,9 @@ def test_bad_values_behind_a_valid_checksum_are_caught(setup, tmp_path, mutate, 
         verify_cache(str(tmp_path))
 
 
+@pytest.mark.parametrize("at", ["first", "last"])
 @pytest.mark.parametrize("side", ["chosen", "rejected"])
-def test_a_bad_value_is_located_by_dataset_row_response_and_token(setup, tmp_path, side):
+def test_a_bad_value_is_located_by_dataset_row_response_and_token(setup, tmp_path, side, at):
     """The error names where the first bad value sits, so the row can be found in the data file."""
     from safetensors.torch import load_file, save_file
 
@@ -189,7 +190,7 @@ def test_a_bad_value_is_located_by_dataset_row_response_and_token(setup, tmp_pat
     tensors = load_file(str(path))
     counts = tensors["tokens"].tolist()
     j = 2  # dataset row 6
-    pos = counts[j][0 if side == "chosen" else 1] - 1  # the response's last token
+    pos = 0 if at == "first" else counts[j][0 if side == "chosen" else 1] - 1  # the edges of the response
     t = sum(c + r for c, r in counts[:j]) + (pos if side == "chosen" else counts[j][0] + pos)
     tensors["label_logp"][t] = float("nan")
     tensors["label_logp"][t + 2 :] = 0.5  # later damage does not move the first location, only the count

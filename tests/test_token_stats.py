@@ -469,43 +469,58 @@ def test_raw_op_checks_values_too():
         )
 
 
-def _damage_token(field, value, t):
-    """A top-k reference (with tail draws) whose ``field`` is ``value`` at token ``t`` only."""
+def _damage_tokens(field, value, tokens):
+    """A top-k reference (with tail draws) whose ``field`` is ``value`` in column 1 at ``tokens`` only
+    ("repeat": column 0's id again; "top-k": an id of the token's own top-k)."""
 
     def damage(r):
         parts = dict(ids=r.ids, logprobs=r.logprobs, tail_ids=r.tail_ids, tail_logprobs=r.tail_logprobs)
         parts[field] = parts[field].clone()
-        parts[field][t, 1] = parts[field][t, 0] if value == "repeat" else value
+        for t in tokens:
+            if value == "repeat":
+                parts[field][t, 1] = parts[field][t, 0]
+            elif value == "top-k":
+                parts[field][t, 1] = r.ids[t, 2]
+            else:
+                parts[field][t, 1] = value
         return sp.TopKReference(label_logp=r.label_logp, **parts)
 
     return damage
 
 
+@pytest.mark.skipif(not sp.HAVE_EXTENSION, reason="compares the compiled op with the fallback")
+@pytest.mark.parametrize("tokens", [[17], [17, 3, 29]])
 @pytest.mark.parametrize(
     "field, value, message",
     [
         ("ids", "repeat", "topk ids must be distinct within each token"),
         ("logprobs", float("nan"), "topk log-probs contain NaN"),
-        ("logprobs", 0.5, "topk log-probs must be log-probabilities (<= 0); found 0.5"),
+        ("logprobs", 0.7, "topk log-probs must be log-probabilities (<= 0); found 0.7 "),
+        ("tail_ids", "top-k", "tail ids must lie outside the top-k ids of their token"),
         ("tail_logprobs", float("-inf"), "tail log-probs must be finite"),
-        ("tail_logprobs", 0.5, "tail log-probs must be log-probabilities (<= 0); found 0.5"),
+        ("tail_logprobs", float("nan"), "tail log-probs must be finite"),
+        ("tail_logprobs", 0.7, "tail log-probs must be log-probabilities (<= 0); found 0.7 "),
     ],
 )
-def test_a_bad_reference_value_names_its_token_and_sequence_in_both_implementations(field, value, message):
+def test_a_bad_reference_value_names_its_token_and_sequence_in_both_implementations(field, value, message, tokens):
     """The compiled op and the pure-PyTorch one give the same message, naming the first bad token's
-    row and its sequence (the batch row)."""
+    row, its sequence (the batch row) and how many tokens are bad."""
     from sparsepo_lite.ops.fallback import token_stats_torch
 
     p = make_problem(30, 8, 40, "sampled", k=6, m=3)
-    t = 17
-    r = _damage_token(field, value, t)(p.ref)
+    r = _damage_tokens(field, value, tokens)(p.ref)
     args = (p.hidden.detach(), p.weight, p.labels, p.seq_ids, p.num_seqs, p.logp_weight, p.kl_weight, 2)
     args += (None, None, r.ids, r.logprobs, r.tail_ids, r.tail_logprobs, r.label_logp, 7, False)
-    where = f"(first at token {t} of sequence {int(p.seq_ids[t])}; 1 token in all)"
+    first = min(tokens)
+    n = len(tokens)
+    where = f"(first at token {first} of sequence {int(p.seq_ids[first])}; {n} token{'s' if n > 1 else ''} in all)"
+    said = []
     for op in (torch.ops.sparsepo_lite.token_stats, token_stats_torch):
         with pytest.raises(ValueError) as info:
             op(*args)
-        assert message in str(info.value) and where in str(info.value), (op, str(info.value))
+        said.append(str(info.value).splitlines()[0])
+    assert said[0] == said[1], said
+    assert said[1].startswith(message) and said[1].endswith(where), said[1]
 
 
 def test_empty_input_gives_zero_sums():

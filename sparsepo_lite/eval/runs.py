@@ -58,7 +58,7 @@ def load_run(run_dir: str) -> Tuple[object, object, Optional[SparsePOMasks], dic
         raise FileNotFoundError(f"{adapter} is missing (did the run finish?)")
     model_cfg = ModelConfig.from_dict(cfg, gradient_checkpointing=False, device="cpu" if cfg.get("use_cpu") else None)
     _check_adapter_config(run_dir, model_cfg)
-    model, tok = load_policy(model_cfg)
+    model, tok = load_policy(model_cfg, cpu_load_guard=bool(cfg.get("cpu_load_guard", True)))
     try:
         weights = load_file(adapter)
     except Exception as exc:  # safetensors raises its own error types

@@ -22,7 +22,8 @@ def _check_range(t: torch.Tensor, hi: int, name: str, bound: str) -> None:
 
 def _first_at(bad: torch.Tensor, seq_ids: torch.Tensor) -> str:
     """Where the first flagged token sits, for an error message (as the compiled op says it): its
-    row of the [N, ...] inputs, its sequence and how many are flagged. ``bad``: [N] bool."""
+    row of the [N, ...] inputs, its sequence and how many are flagged. ``bad``: [N] bool, at least
+    one True; ``seq_ids``: [N] int."""
     row, count = int(bad.nonzero()[0, 0]), int(bad.sum())
     return f" (first at token {row} of sequence {int(seq_ids[row])}; {count} token{'s' if count > 1 else ''} in all)"
 
@@ -46,11 +47,11 @@ def _check_tail(
         raise ValueError(
             "tail log-probs must be finite (a sampled token has reference probability > 0)" + _first_at(inf, seq_ids)
         )
-    top = float(tail_logp.max())
-    if top > 1e-2:
+    above = (tail_logp > 1e-2).any(dim=1)
+    if bool(above.any()):
         raise ValueError(
-            f"tail log-probs must be log-probabilities (<= 0); found {top}"
-            + _first_at((tail_logp > 1e-2).any(dim=1), seq_ids)
+            f"tail log-probs must be log-probabilities (<= 0); found {float(tail_logp.max()):g}"
+            + _first_at(above, seq_ids)
         )
 
 
@@ -69,11 +70,11 @@ def _check_topk(ids: torch.Tensor, logp: torch.Tensor, seq_ids: torch.Tensor, vo
     nan = logp.isnan().any(dim=1)
     if bool(nan.any()):
         raise ValueError("topk log-probs contain NaN" + _first_at(nan, seq_ids))
-    top = float(logp.max())
-    if top > 1e-2:
+    # one mask decides and locates, as in the compiled op
+    above = (logp > 1e-2).any(dim=1)
+    if bool(above.any()):
         raise ValueError(
-            f"topk log-probs must be log-probabilities (<= 0); found {top}"
-            + _first_at((logp > 1e-2).any(dim=1), seq_ids)
+            f"topk log-probs must be log-probabilities (<= 0); found {float(logp.max()):g}" + _first_at(above, seq_ids)
         )
 
 

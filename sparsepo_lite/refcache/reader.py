@@ -131,9 +131,13 @@ def open_shard(
     return _Shard(path, handle, row_index, offsets, tokens)
 
 
-def _check_values(path: str, handle, contents: dict, row_index: List[int], offsets: List[int], tokens) -> None:
+def _check_values(
+    path: str, handle, contents: dict, row_index: List[int], offsets: List[int], tokens: torch.Tensor
+) -> None:
     """Raise :class:`CacheError` at the first impossible value, naming the file, the tensor and where
-    it first occurs: the dataset row, the response (chosen or rejected) and the token within it."""
+    it first occurs: the dataset row, the response (chosen or rejected) and the token within it.
+    ``row_index``: the E dataset rows of the shard; ``offsets``: E + 1 token offsets of their pairs;
+    ``tokens``: [E, 2] int64, each pair's chosen and rejected token counts."""
 
     def check(bad_tokens: torch.Tensor, msg: str) -> None:
         """``bad_tokens``: [n] bool, the tokens (rows of the shard's per-token tensors) that break the rule."""
