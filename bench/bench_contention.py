@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Tuple
+from typing import List, Tuple
 
 from sparsepo_lite.waits import SHORT_SPINS, SWITCH
 
@@ -233,6 +233,23 @@ def median_cell(xs, base, spread: bool = True) -> str:
     return f"{median(xs):.1f}{spread} | " + (f"{median(xs) / base:.2f}x" if base else "-")
 
 
+def slowdown_table(
+    cells: list, policies: list, titles: dict, samples, unit: str = "s", against: str = "slowdown", spread: bool = True
+) -> List[str]:
+    """The Markdown lines of a table with a row per cell (its load) and two columns per policy: the
+    median of ``samples(cell, policy)`` (a list, empty or None where none were taken) and that median
+    against the same policy's median alone (:func:`median_cell`)."""
+    alone = {p: median(xs) for c in cells if c["competitors"] == 0 for p in policies if (xs := samples(c, p))}
+    md = [
+        "| competitors | " + " | ".join(f"{titles[p]}: {unit} | {against}" for p in policies) + " |",
+        "|---|" + "---|---|" * len(policies),
+    ]
+    for c in cells:
+        row = [median_cell(samples(c, p), alone.get(p), spread=spread) for p in policies]
+        md.append(f"| {c['competitors']} | " + " | ".join(row) + " |")
+    return md
+
+
 def write(out: str, steps: int, cells: list, commands: list) -> None:
     """The JSON and Markdown of the cells measured so far (after every load level, so an interrupted
     run keeps its rows). A cell holds every sample of each policy at one load; the tables use medians."""
@@ -295,15 +312,10 @@ def write(out: str, steps: int, cells: list, commands: list) -> None:
             "medians) and their ratio to the same policy alone: CPU time the same work needs more beside the "
             "competitors is lost to sharing caches and memory bandwidth with them, or spent spinning.",
             "",
-            "| competitors | " + " | ".join(f"{TITLES[p]}: CPU s | against alone" for p in cpu_shown) + " |",
-            "|---|" + "---|---|" * len(cpu_shown),
         ]
-        cpu_alone = {
-            p: median(c["cpu"][p]) for c in cells if c["competitors"] == 0 for p in cpu_shown if c.get("cpu", {}).get(p)
-        }
-        for c in cells:
-            row = [median_cell(c.get("cpu", {}).get(p), cpu_alone.get(p), spread=False) for p in cpu_shown]
-            md.append(f"| {c['competitors']} | " + " | ".join(row) + " |")
+        md += slowdown_table(
+            cells, cpu_shown, TITLES, lambda c, p: c.get("cpu", {}).get(p), "CPU s", "against alone", spread=False
+        )
         md.append("")
     for p in shown:
         if p != "default" and p in alone and "default" in alone:

@@ -33,12 +33,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import yaml
 
 from _common import HERE, ROOT, SENTIMENT_CONFIG, command_line, machine_info, markdown_header, write_markdown
-from bench_contention import child_env, children_cpu, median, median_cell, start_competitors, stop_competitors
+from bench_contention import child_env, children_cpu, slowdown_table, start_competitors, stop_competitors
 
 #: The child: imports ``{first}`` before anything else, times the model load (``load_policy``) and
 #: ``precompute_reference`` into the JSON file ``argv[1]`` (with the import's wait decision) and runs
@@ -136,8 +136,6 @@ def write(out: str, pairs: int, cells: List[dict], commands: List[str]) -> None:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".json", "w") as f:
         json.dump(result, f, indent=1)
-    alone: Dict[str, float] = {p: median(c[p]) for c in cells if c["competitors"] == 0 for p in POLICIES if c.get(p)}
-    cpu_alone = {p: median(c["cpu"][p]) for c in cells if c["competitors"] == 0 for p in POLICIES if c.get(p)}
     shown = [p for p in POLICIES if any(c.get(p) for c in cells)]
     md = markdown_header("The reference precompute under CPU contention", commands, result["machine"]) + [
         f"`sparsepo-lite precompute-ref` of the sentiment recipe over its first {pairs} training pairs "
@@ -148,43 +146,22 @@ def write(out: str, pairs: int, cells: List[dict], commands: List[str]) -> None:
         "script that imports torch first, so libgomp keeps its long spins and the precompute's load guard "
         "runs torch on one thread under load; no guard: the same with --cpu_load_guard false.",
         "",
-        "| competitors | " + " | ".join(f"{TITLES[p]}: s | slowdown" for p in shown) + " |",
-        "|---|" + "---|---|" * len(shown),
     ]
-
-    for c in cells:
-        md.append(f"| {c['competitors']} | " + " | ".join(median_cell(c.get(p), alone.get(p)) for p in shown) + " |")
-    load_alone = {
-        p: median(c["load"][p]) for c in cells if c["competitors"] == 0 for p in shown if c.get("load", {}).get(p)
-    }
+    md += slowdown_table(cells, shown, TITLES, lambda c, p: c.get(p))
     if any(c.get("load") for c in cells):
         md += [
             "",
             "Seconds of the model load before it (`load_policy`: SmolLM2 read and quantised to 4-bit; the "
             "same guard checks the load once when it starts), against alone:",
             "",
-            "| competitors | " + " | ".join(f"{TITLES[p]}: s | slowdown" for p in shown) + " |",
-            "|---|" + "---|---|" * len(shown),
         ]
-        for c in cells:
-            md.append(
-                f"| {c['competitors']} | "
-                + " | ".join(median_cell(c.get("load", {}).get(p), load_alone.get(p)) for p in shown)
-                + " |"
-            )
+        md += slowdown_table(cells, shown, TITLES, lambda c, p: c.get("load", {}).get(p))
     md += [
         "",
         "CPU seconds of the whole process (all threads, the model load included; medians), against alone:",
         "",
-        "| competitors | " + " | ".join(f"{TITLES[p]}: CPU s | against alone" for p in shown) + " |",
-        "|---|" + "---|---|" * len(shown),
     ]
-    for c in cells:
-        md.append(
-            f"| {c['competitors']} | "
-            + " | ".join(median_cell(c.get("cpu", {}).get(p), cpu_alone.get(p)) for p in shown)
-            + " |"
-        )
+    md += slowdown_table(cells, shown, TITLES, lambda c, p: c.get("cpu", {}).get(p), "CPU s", "against alone")
     waits = sorted({(p, w) for c in cells for p, ws in c.get("waits", {}).items() for w in ws})
     if waits:
         md += ["", "The import's wait decision, as each child logged it:", ""]
