@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -365,44 +366,47 @@ def main():
                 if key.startswith("spin_"):
                     spin_policy(int(key[len("spin_") :]))
     work = tempfile.mkdtemp(prefix="bench_contention_")
-    repeats = {load: a.repeats_alone if load == 0 else a.repeats_loaded for load in a.loads}
-    rows = {}
-    for load in a.loads:
-        rows[load] = next((c for c in cells if c["competitors"] == load), None)
-        if rows[load] is None:
-            rows[load] = {"competitors": load}
-            cells.append(rows[load])
-            cells.sort(key=lambda c: c["competitors"])
-        for p in a.policies:
-            if p != "default" or load in a.default_loads:
-                # a policy measured again replaces its earlier samples (--merge)
-                rows[load][p] = []
-                rows[load].setdefault("cpu", {})[p] = []
-    # Every round visits every load once, so that a machine whose speed drifts over the run (this VM's
-    # does, by up to 2x an hour) slows the samples alone and under load alike; within a round the
-    # policies alternate their order.
-    for rep in range(max(repeats.values())):
+    try:
+        repeats = {load: a.repeats_alone if load == 0 else a.repeats_loaded for load in a.loads}
+        rows = {}
         for load in a.loads:
-            if rep >= repeats[load]:
-                continue
-            busy = start_competitors(load)
-            try:
-                time.sleep(2 if load else 0)
-                row = rows[load]
-                policies = [p for p in a.policies if p != "default" or load in a.default_loads]
-                for policy in policies if rep % 2 == 0 else policies[::-1]:
-                    if load and rep and policy == "default":
-                        continue
-                    seconds, cpu = train_seconds(policy, a.steps, work)
-                    row[policy].append(seconds)
-                    row["cpu"][policy].append(cpu)
-                if a.loop_seconds > 0 and rep == repeats[load] - 1:
-                    row["loop_rate"] = loop_rate(a.loop_seconds)
-                    row["loop2_rate"] = loop_rate(a.loop_seconds, 2)
-                print(json.dumps(row), flush=True)
-                write(a.out, a.steps, cells, commands)
-            finally:
-                stop_competitors(busy)
+            rows[load] = next((c for c in cells if c["competitors"] == load), None)
+            if rows[load] is None:
+                rows[load] = {"competitors": load}
+                cells.append(rows[load])
+                cells.sort(key=lambda c: c["competitors"])
+            for p in a.policies:
+                if p != "default" or load in a.default_loads:
+                    # a policy measured again replaces its earlier samples (--merge)
+                    rows[load][p] = []
+                    rows[load].setdefault("cpu", {})[p] = []
+        # Every round visits every load once, so that a machine whose speed drifts over the run (this VM's
+        # does, by up to 2x an hour) slows the samples alone and under load alike; within a round the
+        # policies alternate their order.
+        for rep in range(max(repeats.values())):
+            for load in a.loads:
+                if rep >= repeats[load]:
+                    continue
+                busy = start_competitors(load)
+                try:
+                    time.sleep(2 if load else 0)
+                    row = rows[load]
+                    policies = [p for p in a.policies if p != "default" or load in a.default_loads]
+                    for policy in policies if rep % 2 == 0 else policies[::-1]:
+                        if load and rep and policy == "default":
+                            continue
+                        seconds, cpu = train_seconds(policy, a.steps, work)
+                        row[policy].append(seconds)
+                        row["cpu"][policy].append(cpu)
+                    if a.loop_seconds > 0 and rep == repeats[load] - 1:
+                        row["loop_rate"] = loop_rate(a.loop_seconds)
+                        row["loop2_rate"] = loop_rate(a.loop_seconds, 2)
+                    print(json.dumps(row), flush=True)
+                    write(a.out, a.steps, cells, commands)
+                finally:
+                    stop_competitors(busy)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {a.out}.json, {a.out}.md")
 
 

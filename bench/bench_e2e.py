@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -227,6 +228,7 @@ def measure(model, spec):
             progress=False,
         )
         batch = CachedReferenceCollator(0, RefCache(out))([CachedExample(ex, "train")])
+        shutil.rmtree(out)  # the batch holds its own copy of what it read
     else:
         batch = collate([ex])
     batch = {k: v.to(device) for k, v in batch.items()}

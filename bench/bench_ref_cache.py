@@ -237,6 +237,8 @@ def main():
         timing[name] = {"online_s": on, "cached_s": ca, "cached_over_online": ca / on}
         print(f"{name}: step online {on:.3f} s, cached {ca:.3f} s, ratio {ca / on:.2f}", flush=True)
     result["step_time"] = timing
+    if a.work is None:  # a folder of our own making: nobody can reuse it
+        shutil.rmtree(work, ignore_errors=True)
     model = opt = None  # free them before the outcome runs (not del: the closure above names model)
     if "outcome" in a.parts:
         result["outcome"] = outcome(a)

@@ -306,16 +306,19 @@ def main():
         sys.exit("--perf needs Linux perf on the PATH (the linux-perf package)")
     commands, cells = [command_line()], [{"competitors": load, "samples": []} for load in a.loads]
     work = tempfile.mkdtemp(prefix="bench_thread_share_")
-    for _ in range(a.repeats):
-        for cell in cells:
-            busy = start_competitors(cell["competitors"])
-            try:
-                time.sleep(2 if cell["competitors"] else 0)
-                cell["samples"].append(sample(a.steps, work, a.interval, a.perf))
-            finally:
-                stop_competitors(busy)
-            print(json.dumps({"competitors": cell["competitors"], **cell["samples"][-1]}), flush=True)
-            write(a.out, a.steps, cells, commands)
+    try:
+        for _ in range(a.repeats):
+            for cell in cells:
+                busy = start_competitors(cell["competitors"])
+                try:
+                    time.sleep(2 if cell["competitors"] else 0)
+                    cell["samples"].append(sample(a.steps, work, a.interval, a.perf))
+                finally:
+                    stop_competitors(busy)
+                print(json.dumps({"competitors": cell["competitors"], **cell["samples"][-1]}), flush=True)
+                write(a.out, a.steps, cells, commands)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {a.out}.json, {a.out}.md")
 
 

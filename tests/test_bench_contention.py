@@ -5,6 +5,7 @@ measure says so."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -86,6 +87,30 @@ def test_every_policy_runs_under_load_but_spinning_only_once(bench, tmp_path, mo
     with open(tmp_path / "c.json") as f:
         (cell,) = json.load(f)["cells"]
     assert cell["cpu"] == {"package": [2.0, 2.0, 2.0], "default": [2.0]} and cell["loop2_rate"] == 1e7
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_work_folder_is_removed_after_the_run(bench, tmp_path, monkeypatch, fails):
+    folders = []
+
+    def train(policy, steps, work):
+        folders.append(work)
+        with open(f"{work}/run.log", "w") as f:  # what a training run leaves there
+            f.write("x")
+        if fails:
+            raise RuntimeError("the training process failed")
+        return 1.0, 1.0
+
+    monkeypatch.setattr(bench, "train_seconds", train)
+    monkeypatch.setattr(bench, "start_competitors", lambda n: [])
+    argv = ["bench_contention.py", "--policies", "package", "--loads", "0", "--repeats-alone", "1"]
+    monkeypatch.setattr("sys.argv", argv + ["--loop-seconds", "0", "--out", str(tmp_path / "c")])
+    if fails:
+        with pytest.raises(RuntimeError):
+            bench.main()
+    else:
+        bench.main()
+    assert folders and not any(os.path.exists(w) for w in folders)
 
 
 def test_rounds_visit_every_load_so_that_drift_hits_all_alike(bench, tmp_path, monkeypatch):

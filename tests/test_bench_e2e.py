@@ -4,7 +4,9 @@ out-of-memory step is recorded and leaves the model usable (what a capped 24 GB 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -32,14 +34,16 @@ def _no_grads(model):
     return all(p.grad is None for p in model.parameters())
 
 
-def test_variants_in_turn_on_one_model(bench_e2e, small_model):
+def test_variants_in_turn_on_one_model(bench_e2e, small_model, tmp_path, monkeypatch):
     folder, model = small_model
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the cached variant writes its cache
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     for variant in ("op_sparsepo_cached", "eager_tdpo2", "trl_dpo", "trl116_dpo"):
         row = bench_e2e.measure(model, _spec(folder, variant))
         assert row["variant"] == variant and not row.get("oom")
         assert row["peak_bytes"] > 0 and row["tokens_per_s"] > 0 and torch.isfinite(torch.tensor(row["loss"]))
         assert _no_grads(model) and model.training
+    assert os.listdir(tmp_path) == []  # the cache was removed once read
     # The steps trained the LoRA weights (the measurement is real training, not a dry run).
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
 

@@ -110,18 +110,23 @@ def test_tables_give_medians_slowdowns_and_shares(bench, tmp_path):
 
 
 def test_rounds_visit_every_load(bench, tmp_path, monkeypatch):
-    seen, load = [], []
+    seen, load, folders = [], [], set()
     monkeypatch.setattr(bench, "start_competitors", lambda n: load.append(n) or [])
     monkeypatch.setattr(bench, "stop_competitors", lambda procs: None)
-    monkeypatch.setattr(
-        bench, "sample", lambda steps, work, interval, perf: seen.append(load[-1]) or _sample(1.0, 1.0, 1.0)
-    )
+
+    def sample(steps, work, interval, perf):
+        seen.append(load[-1])
+        folders.add(work)
+        return _sample(1.0, 1.0, 1.0)
+
+    monkeypatch.setattr(bench, "sample", sample)
     monkeypatch.setattr(bench.time, "sleep", lambda s: None)
     monkeypatch.setattr(
         "sys.argv", ["bench_thread_share.py", "--loads", "0", "2", "--repeats", "2", "--out", str(tmp_path / "t")]
     )
     bench.main()
     assert seen == [0, 2, 0, 2]
+    assert folders and not any(os.path.exists(w) for w in folders)  # the run's work folder is removed
     with open(tmp_path / "t.json") as f:
         assert [len(c["samples"]) for c in json.load(f)["cells"]] == [2, 2]
 
