@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -123,31 +123,44 @@ def disable_avx512_bf16_repacking(model: nn.Module) -> int:
 _DROPOUT_ATTRS = ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop")
 
 
-def _dropout_rates(model: nn.Module):
+def dropout_sites(model: nn.Module) -> List[Tuple[object, str]]:
     """``(owner, attribute)`` of every dropout rate in ``model``: each ``nn.Dropout``'s ``p``, and the
     float rates that attention layers (Llama, Qwen2, Mistral...) and the config hand to a kernel in
-    train mode."""
+    train mode. The list names the owners, so :func:`any_dropout` sees a rate changed later, but not
+    a module added later. Walking the modules takes milliseconds (8 ms on SmolLM2 with LoRA): a
+    caller that asks at every step keeps the list."""
+    sites: List[Tuple[object, str]] = []
     for module in model.modules():
         if isinstance(module, nn.Dropout):
-            yield module, "p"
+            sites.append((module, "p"))
+        # The instance's own attributes, then its class's: getattr on the module would go through
+        # nn.Module.__getattr__, which raises for every name a module lacks (it took the walk from 8
+        # to 20 ms). A rate cannot be a parameter, buffer or submodule, the names __getattr__ adds.
+        own = vars(module)
         for attr in _DROPOUT_ATTRS:
-            if isinstance(getattr(module, attr, None), float):
-                yield module, attr
+            if isinstance(own.get(attr, getattr(type(module), attr, None)), float):
+                sites.append((module, attr))
     config = getattr(model, "config", None)
     for attr in _DROPOUT_ATTRS:
         if isinstance(getattr(config, attr, None), float):
-            yield config, attr
+            sites.append((config, attr))
+    return sites
+
+
+def any_dropout(sites: Sequence[Tuple[object, str]]) -> bool:
+    """Whether any rate of ``sites`` (:func:`dropout_sites`) is above 0 now."""
+    return any(getattr(owner, attr) > 0 for owner, attr in sites)
 
 
 def uses_dropout(model: nn.Module) -> bool:
     """Whether ``model`` drops anything in train mode: any rate :func:`disable_dropout` zeroes is > 0."""
-    return any(getattr(owner, attr) > 0 for owner, attr in _dropout_rates(model))
+    return any_dropout(dropout_sites(model))
 
 
 def disable_dropout(model: nn.Module) -> None:
     """Turn off every dropout, as the official trainers do (disable_dropout=True): ``nn.Dropout``
     modules, and the rates attention layers and the config hand to the attention kernel."""
-    for owner, attr in list(_dropout_rates(model)):
+    for owner, attr in dropout_sites(model):
         setattr(owner, attr, 0.0)
 
 

@@ -132,6 +132,49 @@ def test_weights_that_stop_being_finite_stop_the_run(tiny_dir, tmp_path):
         trainer.train()
 
 
+@pytest.mark.parametrize(
+    "bad, stops",
+    [
+        ("nan", True),
+        ("-inf", True),
+        ("inf and -inf", True),  # their sum is NaN, not inf
+        ("huge", False),  # finite: its sum overflows, so the elements decide
+        ("none", False),
+    ],
+)
+def test_the_finite_weights_check_is_exact(tiny_dir, tmp_path, bad, stops):
+    trainer = make_trainer(tiny_dir, tmp_path, steps=1)
+    trainer.create_optimizer()
+    (check,) = [c for c in trainer.callback_handler.callbacks if type(c).__name__ == "_FiniteWeights"]
+    params = trainer._trained_parameters()
+    with torch.no_grad():
+        p = params[len(params) // 2]
+        if bad == "huge":
+            p.fill_(3e38)
+        elif bad == "inf and -inf":
+            p.view(-1)[0], p.view(-1)[1] = float("inf"), float("-inf")
+        elif bad != "none":
+            p.view(-1)[-1] = float(bad)
+    state = transformers.TrainerState(global_step=5)
+    if stops:
+        with pytest.raises(TrainingError, match="step 5: trained weights are no longer finite"):
+            check.on_step_end(trainer.args, state, transformers.TrainerControl())
+    else:
+        check.on_step_end(trainer.args, state, transformers.TrainerControl())
+
+
+def test_the_flop_estimate_counts_the_parameters_once(tiny_dir, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny_dir, tmp_path, steps=1)
+    inputs = {"input_ids": torch.ones(8, 21, dtype=torch.long)}
+    want = transformers.Trainer.floating_point_ops(trainer, inputs)
+    counted = []
+    real = trainer.model.num_parameters
+    monkeypatch.setattr(trainer.model, "num_parameters", lambda **kw: counted.append(kw) or real(**kw))
+    assert want > 0 and [trainer.floating_point_ops(inputs) for _ in range(3)] == [want] * 3
+    assert counted == [{"exclude_embeddings": True}]
+    assert trainer.floating_point_ops({"labels": torch.ones(2, 3)}) == 0  # no input ids: as the Trainer
+
+
 @pytest.fixture(scope="module")
 def cli_setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("failures")

@@ -284,3 +284,20 @@ def test_uses_dropout_sees_modules_attention_rates_and_the_config():
     assert uses_dropout(model)
     disable_dropout(model)
     assert not uses_dropout(model)
+
+
+def test_dropout_sites_see_class_rates_and_rates_changed_later():
+    from sparsepo_lite.models import any_dropout, disable_dropout, dropout_sites, uses_dropout
+
+    class ClassRate(torch.nn.Module):
+        dropout = 0.1  # a rate set on the class, not the instance
+
+    model = tiny_llama()
+    model.extra = ClassRate()
+    assert uses_dropout(model)
+    disable_dropout(model)
+    assert not uses_dropout(model) and ClassRate.dropout == 0.1  # the instance's rate is zeroed
+    sites = dropout_sites(model)
+    assert not any_dropout(sites)
+    model.config.attention_dropout = 0.2  # a rate changed after the sites were found is seen
+    assert any_dropout(sites)

@@ -24,7 +24,7 @@ import transformers
 from ..data import PreferenceCollator, PreferenceExample, pad_id, tokenize_dataset
 from ..errors import TrainingError
 from ..masks import MASK_CONFIG, MASK_WEIGHTS, SparsePOMasks, load_masks, save_masks
-from ..models import ModelConfig, load_policy, load_tokenizer, unwrap, uses_dropout
+from ..models import ModelConfig, any_dropout, dropout_sites, load_policy, load_tokenizer, unwrap
 from ..objective import compute_loss, runs_in_shards
 from ..refcache import CachedExample, CachedReferenceCollator, RefCache, run_fingerprint
 from ..waits import LoadGuard, cpu_load_guard
@@ -121,7 +121,15 @@ class _FiniteWeights(transformers.TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        for p in self.trainer._trained_parameters():
+        params = self.trainer._trained_parameters()
+        # One sum per tensor and one host sync (checking each of SmolLM2's 420 LoRA tensors took 14
+        # ms a step on the CPU, and a sync each on a GPU): a finite sum means every element is finite,
+        # since an inf or NaN makes it inf or NaN. Only a sum that is not, which huge finite weights
+        # can also give by overflowing, is looked at element by element.
+        with torch.no_grad():
+            if not params or bool(torch.stack([p.sum(dtype=torch.float32) for p in params]).isfinite().all()):
+                return
+        for p in params:
             if not torch.isfinite(p).all():
                 raise TrainingError(
                     f"step {state.global_step}: trained weights are no longer finite; lower the "
@@ -298,6 +306,8 @@ class SparsePOTrainer(transformers.Trainer):
         self._window: List[float] = []  # the same since the last log
         self._threads: Optional[PairThreads] = None  # made at the first batch that runs in shards
         self._load_guard: Optional[LoadGuard] = None  # set when training adds the CPU load guard
+        self._dropout_sites: Optional[list] = None  # the model's dropout rates, found at the first step
+        self._flos_parameters: Optional[int] = None  # the parameter count the FLOP estimate uses
 
     # --- optimisation ---------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -413,13 +423,31 @@ class SparsePOTrainer(transformers.Trainer):
             or ids.shape[0] < 4
             or self.accelerator.scaler is not None
             or not runs_in_shards(inputs, self.loss_config)
-            or (training and (reentrant or uses_dropout(self.model)))
+            or (training and (reentrant or any_dropout(self._dropout_rates())))
         ):
             return None
         if self._threads is None or self._threads.threads != threads:
             self._close_pair_threads()
             self._threads = PairThreads(threads)
         return self._threads
+
+    def floating_point_ops(self, inputs) -> int:
+        """The Trainer's FLOP estimate (6 x input tokens x non-embedding parameters), with the
+        parameter count taken once: the Trainer asks at every step, and counting walks every
+        parameter (8 ms a step on SmolLM2)."""
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return super().floating_point_ops(inputs)
+        if self._flos_parameters is None:
+            self._flos_parameters = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self._flos_parameters
+
+    def _dropout_rates(self) -> list:
+        """:func:`~sparsepo_lite.models.dropout_sites` of the model, found once: every step asks, and
+        the model's modules do not change while it trains (the rates may, and are read each time)."""
+        if self._dropout_sites is None:
+            self._dropout_sites = dropout_sites(self.model)
+        return self._dropout_sites
 
     def _close_pair_threads(self) -> None:
         if self._threads is not None:
