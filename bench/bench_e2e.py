@@ -216,19 +216,21 @@ def measure(model, spec):
         from sparsepo_lite.refcache.writer import precompute_reference
 
         out = tempfile.mkdtemp(prefix="e2e_cache_")
-        precompute_reference(
-            model,
-            type("Tok", (), {"pad_token_id": 0})(),
-            {"train": [ex]},
-            out,
-            fingerprint={"bench": "e2e"},
-            mapo_mapping=cfg.mapo_mapping if loss_type == "mapo" else None,
-            top_k=0 if loss_type == "dpo" else DEFAULT_TOP_K,
-            batch_size=1,
-            progress=False,
-        )
-        batch = CachedReferenceCollator(0, RefCache(out))([CachedExample(ex, "train")])
-        shutil.rmtree(out)  # the batch holds its own copy of what it read
+        try:
+            precompute_reference(
+                model,
+                type("Tok", (), {"pad_token_id": 0})(),
+                {"train": [ex]},
+                out,
+                fingerprint={"bench": "e2e"},
+                mapo_mapping=cfg.mapo_mapping if loss_type == "mapo" else None,
+                top_k=0 if loss_type == "dpo" else DEFAULT_TOP_K,
+                batch_size=1,
+                progress=False,
+            )
+            batch = CachedReferenceCollator(0, RefCache(out))([CachedExample(ex, "train")])
+        finally:
+            shutil.rmtree(out, ignore_errors=True)  # the batch holds its own copy of what it read
     else:
         batch = collate([ex])
     batch = {k: v.to(device) for k, v in batch.items()}

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -101,6 +102,8 @@ def main():
     pad = tok.pad_token_id
     collate = PreferenceCollator(pad)
     work = a.work or tempfile.mkdtemp(prefix="bench_ref_cache_")
+    if not a.work:  # a folder of our own making: nobody can reuse it, whatever way the run ends
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
     result.update(
         {
             "command": command_line(),
@@ -237,7 +240,7 @@ def main():
         timing[name] = {"online_s": on, "cached_s": ca, "cached_over_online": ca / on}
         print(f"{name}: step online {on:.3f} s, cached {ca:.3f} s, ratio {ca / on:.2f}", flush=True)
     result["step_time"] = timing
-    if a.work is None:  # a folder of our own making: nobody can reuse it
+    if not a.work:  # free the disk before the outcome part
         shutil.rmtree(work, ignore_errors=True)
     model = opt = None  # free them before the outcome runs (not del: the closure above names model)
     if "outcome" in a.parts:

@@ -138,7 +138,10 @@ def dropout_sites(model: nn.Module) -> List[Tuple[object, str]]:
         # to 20 ms). A rate cannot be a parameter, buffer or submodule, the names __getattr__ adds.
         own = vars(module)
         for attr in _DROPOUT_ATTRS:
-            if isinstance(own.get(attr, getattr(type(module), attr, None)), float):
+            rate = own[attr] if attr in own else getattr(type(module), attr, None)
+            if hasattr(rate, "__get__"):  # a property or a slot: only the instance can read it
+                rate = getattr(module, attr, None)
+            if isinstance(rate, float):
                 sites.append((module, attr))
     config = getattr(model, "config", None)
     for attr in _DROPOUT_ATTRS:

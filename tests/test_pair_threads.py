@@ -292,11 +292,28 @@ def test_dropout_sites_see_class_rates_and_rates_changed_later():
     class ClassRate(torch.nn.Module):
         dropout = 0.1  # a rate set on the class, not the instance
 
+    class PropertyRate(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rate = 0.1
+
+        @property
+        def attn_pdrop(self):  # a rate read through a property
+            return self.rate
+
+        @attn_pdrop.setter
+        def attn_pdrop(self, value):
+            self.rate = value
+
     model = tiny_llama()
     model.extra = ClassRate()
     assert uses_dropout(model)
+    model.extra.dropout = 0.0
+    model.prop = PropertyRate()
+    assert uses_dropout(model)
     disable_dropout(model)
     assert not uses_dropout(model) and ClassRate.dropout == 0.1  # the instance's rate is zeroed
+    assert model.prop.rate == 0.0
     sites = dropout_sites(model)
     assert not any_dropout(sites)
     model.config.attention_dropout = 0.2  # a rate changed after the sites were found is seen

@@ -125,9 +125,13 @@ class _FiniteWeights(transformers.TrainerCallback):
         # One sum per tensor and one host sync (checking each of SmolLM2's 420 LoRA tensors took 14
         # ms a step on the CPU, and a sync each on a GPU): a finite sum means every element is finite,
         # since an inf or NaN makes it inf or NaN. Only a sum that is not, which huge finite weights
-        # can also give by overflowing, is looked at element by element.
+        # can also give by overflowing, is looked at element by element. The sums meet on the first
+        # tensor's device, for a model split over several.
         with torch.no_grad():
-            if not params or bool(torch.stack([p.sum(dtype=torch.float32) for p in params]).isfinite().all()):
+            if not params:
+                return
+            sums = [p.sum(dtype=torch.float32).to(params[0].device) for p in params]
+            if bool(torch.stack(sums).isfinite().all()):
                 return
         for p in params:
             if not torch.isfinite(p).all():
