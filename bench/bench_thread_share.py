@@ -25,6 +25,16 @@ With ``--perf`` (Linux ``perf`` on the PATH) each training process also runs und
 runtime, bitsandbytes, the extension, the kernel): the table then says which of them needs more CPU
 time beside the neighbours. The sampling slows the training process too, alone and loaded, so
 compare ``--perf`` runs with each other.
+
+With ``--gil`` (``perf`` with uprobe support, root, and an interpreter whose ``take_gil`` has a
+symbol) the pair threads' blocked time is split by what they waited for: the GIL (the thread slept
+inside the interpreter's ``take_gil``: the other pair thread held it) or anything else (the main
+thread's serial part between the shards' phases, the other shard finishing). It records the
+scheduler's switches and wake-ups on every core (``perf record -a``) and a probe at ``take_gil``'s
+entry and return; a blocked stretch runs from the thread's switch-out in a sleeping state to its
+wake-up. The probes fire at every GIL take (tens of thousands a step per thread), which slows the
+training process by 5-10% alone and under load alike: compare ``--gil`` runs with each
+other.
 """
 
 from __future__ import annotations
@@ -35,8 +45,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from typing import Dict, List, Optional
@@ -171,31 +183,144 @@ def read_perf(path: str) -> Dict[str, float]:
     return pair_code_seconds(script)
 
 
-def sample(steps: int, work: str, interval: float, perf: bool = False) -> dict:
+#: The uprobe group ``--gil`` adds (and removes) on the interpreter: ``take_gil``'s entry and return.
+GIL_GROUP = "sparsepo_lite_bench"
+GIL_EVENTS = (f"{GIL_GROUP}:gil_in", f"{GIL_GROUP}:gil_out__return")
+#: What a pair thread's blocked time is split into with ``--gil``, in table order.
+BLOCKED_ON = ("the GIL", "elsewhere")
+_SCRIPT_LINE = re.compile(r"\s*(.+?)\s+(\d+)\s+([\d.]+):\s+(\S+):\s*(.*)$")
+# The scheduler's formats; a thread's name may hold spaces.
+_SWITCH = re.compile(r"prev_comm=(.*) prev_pid=(\d+) prev_prio=\S+ prev_state=(\S+) ==> next_comm=(.*) next_pid=(\d+)")
+_WAKING = re.compile(r"comm=(.*) pid=(\d+) prio=")
+
+
+def interpreter_binary() -> str:
+    """The file that holds this interpreter's code: its shared libpython, else the executable."""
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        lib = os.path.join(sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME"))
+        if os.path.isfile(lib):
+            return lib
+    return os.path.realpath(sys.executable)
+
+
+def add_gil_probes() -> None:
+    """The uprobes at ``take_gil``'s entry and return (:data:`GIL_EVENTS`), replacing any left behind."""
+    remove_gil_probes()
+    binary = interpreter_binary()
+    add = ["perf", "probe", "-q", "-x", binary, "-a", f"{GIL_GROUP}:gil_in=take_gil"]
+    done = subprocess.run(add + ["-a", f"{GIL_GROUP}:gil_out=take_gil%return"], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(
+            f"--gil could not probe take_gil in {binary} (it needs root, a kernel with uprobes and an "
+            f"interpreter with symbols): {done.stderr.strip()}"
+        )
+
+
+def remove_gil_probes() -> None:
+    subprocess.run(["perf", "probe", "-q", "-d", f"{GIL_GROUP}:*"], capture_output=True)
+
+
+def record_gil(path: str) -> subprocess.Popen:
+    """``perf record`` on every core of the scheduler's switches and wake-ups and of the GIL probes,
+    to ``path``, until sent SIGINT; timestamps on the monotonic clock, so that events on two cores
+    compare."""
+    events = ["sched:sched_switch", "sched:sched_waking", *GIL_EVENTS]
+    return subprocess.Popen(
+        ["perf", "record", "-q", "-a", "-k", "mono", *[a for e in events for a in ("-e", e)], "-o", path],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def blocked_split(script: str) -> Dict[str, float]:
+    """The pair threads' blocked seconds and stretches by :data:`BLOCKED_ON`, summed over them, from the
+    text of ``perf script -F comm,tid,time,event,trace`` of a :func:`record_gil` recording. A stretch
+    starts when a pair thread is switched out in any state but runnable and ends at its wake-up (or,
+    if none was recorded, when it runs again); it is on the GIL when the thread was inside
+    ``take_gil`` then. Keys: each of :data:`BLOCKED_ON`, and the same with `` stretches``."""
+    out = {k: 0.0 for k in BLOCKED_ON}
+    out.update({f"{k} stretches": 0 for k in BLOCKED_ON})
+    in_gil: Dict[int, bool] = {}
+    since: Dict[int, tuple] = {}  # tid -> (start, what it waits for)
+
+    def end(tid: int, t: float) -> None:
+        start, on = since.pop(tid)
+        out[on] += t - start
+        out[f"{on} stretches"] += 1
+
+    for line in script.splitlines():
+        m = _SCRIPT_LINE.match(line)
+        if not m:
+            continue
+        comm, tid, t, event, trace = m[1], int(m[2]), float(m[3]), m[4], m[5]
+        if event in GIL_EVENTS:
+            if comm == THREAD_NAME:
+                in_gil[tid] = event == GIL_EVENTS[0]
+        elif event == "sched:sched_switch":
+            sw = _SWITCH.match(trace)
+            if sw is None:
+                continue
+            prev, state, nxt = int(sw[2]), sw[3], int(sw[5])
+            if nxt in since:  # running again without a recorded wake-up
+                end(nxt, t)
+            if sw[1] == THREAD_NAME and not state.startswith("R"):
+                since[prev] = (t, BLOCKED_ON[0] if in_gil.get(prev) else BLOCKED_ON[1])
+        elif event == "sched:sched_waking":
+            wk = _WAKING.match(trace)
+            if wk is not None and int(wk[2]) in since:
+                end(int(wk[2]), t)
+    return out
+
+
+def read_gil(path: str) -> Dict[str, float]:
+    """:func:`blocked_split` of the recording at ``path``."""
+    script = subprocess.run(
+        ["perf", "script", "-i", path, "-F", "comm,tid,time,event,trace"], capture_output=True, text=True, check=True
+    ).stdout
+    return blocked_split(script)
+
+
+def sample(steps: int, work: str, interval: float, perf: bool = False, gil: bool = False) -> dict:
     """One training process of the package's policy, watched: its ``train_runtime``, the CPU seconds
     the kernel accounts to the whole process (``process_cpu``; the kinds' sum should come close), the
-    kinds and, with ``perf``, the pair threads' CPU seconds per :data:`CODE` row (``pair_code``)."""
-    out, recording = os.path.join(work, "run"), os.path.join(work, "perf.data")
+    kinds, with ``perf`` the pair threads' CPU seconds per :data:`CODE` row (``pair_code``) and with
+    ``gil`` their blocked time split by :func:`blocked_split` (``blocked_on``)."""
+    out = os.path.join(work, "run")
+    recording, gil_recording = os.path.join(work, "perf.data"), os.path.join(work, "gil.data")
+    if gil:
+        add_gil_probes()
     before = children_cpu()
     proc = start_training("package", steps, out)
     recorder = record_perf(proc.pid, recording) if perf else None
+    gil_recorder = record_gil(gil_recording) if gil else None
     try:
         threads = watch(proc, interval)
         process_cpu = children_cpu() - before  # before perf ends: its own CPU time is not the process's
         if recorder is not None and recorder.wait():
             raise RuntimeError(f"perf record exited with code {recorder.returncode}")
+        if gil_recorder is not None:
+            gil_recorder.send_signal(signal.SIGINT)  # it records every core: it ends when told
+            # perf writes its file, then dies of the signal it was sent (its way to pass it on)
+            if gil_recorder.wait() not in (0, -signal.SIGINT):
+                raise RuntimeError(f"perf record (--gil) exited with code {gil_recorder.returncode}")
         if proc.returncode:
             raise RuntimeError(f"the training process exited with code {proc.returncode}")
         result = {"train_runtime": runtime(out), "process_cpu": process_cpu, "kinds": summarise(proc.pid, threads)}
         if perf:
             result["pair_code"] = read_perf(recording)
+        if gil:
+            result["blocked_on"] = read_gil(gil_recording)
         return result
     finally:
-        if recorder is not None and recorder.poll() is None:
-            recorder.kill()
-            recorder.wait()
-        if os.path.exists(recording):
-            os.remove(recording)
+        for rec in (recorder, gil_recorder):
+            if rec is not None and rec.poll() is None:
+                rec.kill()
+                rec.wait()
+        for path in (recording, gil_recording):
+            if os.path.exists(path):
+                os.remove(path)
+        if gil:
+            remove_gil_probes()
 
 
 def medians(samples: List[dict]) -> dict:
@@ -210,6 +335,8 @@ def medians(samples: List[dict]) -> dict:
         rows = [row for row, _, _ in CODE] + [OTHER_CODE]
         out["pair_code"] = {row: median([s["pair_code"].get(row, 0.0) for s in samples]) for row in rows}
         out["pair_code_total"] = median([sum(s["pair_code"].values()) for s in samples])
+    if all("blocked_on" in s for s in samples):
+        out["blocked_on"] = {k: median([s["blocked_on"][k] for s in samples]) for k in samples[0]["blocked_on"]}
     return out
 
 
@@ -262,6 +389,7 @@ def write(out: str, steps: int, cells: List[dict], commands: List[str]) -> None:
         kinds_sum = sum(m["kinds"][k]["cpu"] for k in KINDS)
         md.append(f"| {load} | {m['process_cpu']:.1f} | {ratio} | {kinds_sum:.1f} |")
     md += code_table(done, alone)
+    md += blocked_table(done)
     write_markdown(out + ".md", md)
 
 
@@ -291,6 +419,33 @@ def code_table(done: List[tuple], alone: Optional[dict]) -> List[str]:
     return md
 
 
+def blocked_table(done: List[tuple]) -> List[str]:
+    """The Markdown of the pair threads' blocked time split by :data:`BLOCKED_ON` at each load
+    (``--gil``), beside the blocked time the scheduler statistics give; nothing when not recorded."""
+    done = [(load, m) for load, m in done if "blocked_on" in m]
+    if not done:
+        return []
+    md = [
+        "",
+        "The pair threads' blocked time split by what they waited for (`--gil`: the scheduler's switches "
+        "and wake-ups on every core and a probe on the interpreter's `take_gil`; the median over the "
+        "samples, summed over the pair threads): the GIL, which the other pair thread held, or anything "
+        "else (the main thread's serial part between the shards' phases, the other shard finishing). "
+        "Stretches: how many times a pair thread fell asleep for it. The probes slow the training "
+        "process, so the runtimes here are longer than without them:",
+        "",
+        "| competitors | train_runtime s | blocked s (scheduler statistics) | "
+        + " | ".join(f"{k} s | stretches" for k in BLOCKED_ON)
+        + " |",
+        "|---|---|---|" + "---|---|" * len(BLOCKED_ON),
+    ]
+    for load, m in done:
+        b = m["blocked_on"]
+        cells = " | ".join(f"{b[k]:.2f} | {b[f'{k} stretches']:.0f}" for k in BLOCKED_ON)
+        md.append(f"| {load} | {m['train_runtime']:.1f} | {m['kinds']['pair threads']['blocked']:.2f} | {cells} |")
+    return md
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=6)
@@ -298,12 +453,16 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="samples per load")
     ap.add_argument("--interval", type=float, default=0.1, help="seconds between readings")
     ap.add_argument("--perf", action="store_true", help="also sort the pair threads' CPU time by code (needs perf)")
+    ap.add_argument(
+        "--gil", action="store_true", help="also split the pair threads' blocked time: the GIL or else (needs perf)"
+    )
     ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu_thread_share"))
     a = ap.parse_args()
     if not os.path.isdir("/proc/self/task") or not os.path.isfile("/proc/self/schedstat"):
         sys.exit("this bench reads Linux's per-thread scheduler statistics (/proc/<pid>/task/<tid>/schedstat)")
-    if a.perf and shutil.which("perf") is None:
-        sys.exit("--perf needs Linux perf on the PATH (the linux-perf package)")
+    for flag in ("perf", "gil"):
+        if getattr(a, flag) and shutil.which("perf") is None:
+            sys.exit(f"--{flag} needs Linux perf on the PATH (the linux-perf package)")
     commands, cells = [command_line()], [{"competitors": load, "samples": []} for load in a.loads]
     work = tempfile.mkdtemp(prefix="bench_thread_share_")
     try:
@@ -312,7 +471,7 @@ def main():
                 busy = start_competitors(cell["competitors"])
                 try:
                     time.sleep(2 if cell["competitors"] else 0)
-                    cell["samples"].append(sample(a.steps, work, a.interval, a.perf))
+                    cell["samples"].append(sample(a.steps, work, a.interval, a.perf, a.gil))
                 finally:
                     stop_competitors(busy)
                 print(json.dumps({"competitors": cell["competitors"], **cell["samples"][-1]}), flush=True)

@@ -114,7 +114,7 @@ def test_rounds_visit_every_load(bench, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "start_competitors", lambda n: load.append(n) or [])
     monkeypatch.setattr(bench, "stop_competitors", lambda procs: None)
 
-    def sample(steps, work, interval, perf):
+    def sample(steps, work, interval, perf, gil):
         seen.append(load[-1])
         folders.add(work)
         return _sample(1.0, 1.0, 1.0)
@@ -251,3 +251,87 @@ def test_a_sample_profiles_the_pair_threads_of_a_real_process(bench, tmp_path, m
     # perf's own CPU time is not the process's: the kinds' sum accounts for it
     total = sum(k["cpu"] for k in s["kinds"].values())
     assert s["process_cpu"] <= total + 0.1, (s["process_cpu"], total)
+
+
+def _line(comm, tid, t, event, trace=""):
+    return f"{comm:>16} {tid:6d} {t:.6f}: {event}: {trace}"
+
+
+def _switch(prev, prev_tid, state, nxt, next_tid):
+    return f"prev_comm={prev} prev_pid={prev_tid} prev_prio=120 prev_state={state} ==> next_comm={nxt} next_pid={next_tid} next_prio=120"
+
+
+def test_blocked_time_is_split_by_what_the_pair_thread_waited_for(bench):
+    """A pair thread asleep inside take_gil waits on the GIL, asleep elsewhere on something else; a
+    stretch ends at its wake-up, whoever wakes it (a thread whose name has a space too), or when it
+    runs again without one; preemption (a runnable switch-out) is not blocked time, and other
+    threads' sleeps do not count."""
+    P, gil_in, gil_out = bench.THREAD_NAME, *bench.GIL_EVENTS
+    lines = [
+        _line(P, 11, 1.000, gil_in, "(7f0)"),
+        _line(P, 11, 1.001, "sched:sched_switch", _switch(P, 11, "S", "swapper/0", 0)),
+        _line(P, 12, 1.004, "sched:sched_waking", f"comm={P} pid=11 prio=120 target_cpu=000"),  # 3 ms on the GIL
+        _line(P, 11, 1.005, gil_out, "(7f0 <- 7f1)"),
+        _line(P, 11, 1.010, "sched:sched_switch", _switch(P, 11, "R+", "python", 10)),  # preempted
+        _line("python", 10, 1.020, "sched:sched_switch", _switch("python", 10, "S", P, 11)),
+        _line(P, 11, 1.030, "sched:sched_switch", _switch(P, 11, "S", "swapper/0", 0)),
+        _line("Web Content", 99, 1.050, "sched:sched_waking", f"comm={P} pid=11 prio=120 target_cpu=000"),  # 20 ms
+        _line(P, 12, 1.060, "sched:sched_switch", _switch(P, 12, "D", "my worker", 7)),
+        _line("my worker", 7, 1.070, "sched:sched_switch", _switch("my worker", 7, "S", P, 12)),  # 10 ms, no wake-up
+        _line(
+            "python", 10, 1.080, "sched:sched_switch", _switch("python", 10, "S", "swapper/1", 0)
+        ),  # not a pair thread
+        _line("python", 10, 1.090, "sched:sched_waking", "comm=python pid=10 prio=120 target_cpu=001"),
+        "garbage",
+    ]
+    got = bench.blocked_split("\n".join(lines))
+    assert got["the GIL"] == pytest.approx(0.003) and got["the GIL stretches"] == 1
+    assert got["elsewhere"] == pytest.approx(0.030) and got["elsewhere stretches"] == 2
+
+
+def test_blocked_table_gives_the_split_beside_the_schedulers_blocked_time(bench):
+    split = {"the GIL": 0.4, "the GIL stretches": 700, "elsewhere": 2.1, "elsewhere stretches": 60}
+    m = {**bench.medians([_sample(40.0, 24.0, 50.0)]), "blocked_on": split}
+    md = "\n".join(bench.blocked_table([(2, m)]))
+    assert "| 2 | 40.0 | 2.00 | 0.40 | 700 | 2.10 | 60 |" in md
+    assert bench.blocked_table([(0, bench.medians([_sample(12.0, 24.0, 1.0)]))]) == []
+
+
+def _probes_work(bench) -> bool:
+    if shutil.which("perf") is None or os.geteuid() != 0:
+        return False
+    try:
+        bench.add_gil_probes()
+    except RuntimeError:
+        return False
+    bench.remove_gil_probes()
+    return True
+
+
+def test_a_sample_splits_the_blocked_time_of_a_real_process(bench, tmp_path, monkeypatch):
+    """With perf and uprobes: two pair threads running pure Python at once hand the GIL back and forth,
+    so each sleeps on it about half the time; the probes are gone afterwards."""
+    if not _probes_work(bench):
+        pytest.skip("needs root, perf with uprobes and an interpreter with symbols")
+    code = (
+        "import os, threading, time\n"
+        "from sparsepo_lite.training.pair_threads import THREAD_NAME, name_os_thread\n"
+        "time.sleep(1.0)  # perf starts recording\n"
+        "def work():\n"
+        "    name_os_thread(THREAD_NAME)\n"
+        "    end = time.thread_time() + 0.4\n"
+        "    while time.thread_time() < end: sum(range(20000))\n"
+        "ts = [threading.Thread(target=work) for _ in range(2)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+        f"os.makedirs({str(tmp_path / 'run')!r})\n"
+        f"open({str(tmp_path / 'run' / 'metrics.json')!r}, 'w').write('{{\"final\": {{\"train_runtime\": 2.5}}}}')\n"
+    )
+    monkeypatch.setattr(
+        bench, "start_training", lambda policy, steps, out: subprocess.Popen([sys.executable, "-c", code])
+    )
+    s = bench.sample(6, str(tmp_path), 0.02, gil=True)
+    split = s["blocked_on"]
+    assert split["the GIL"] > 0.2 and split["the GIL stretches"] > 10, split  # ~0.4 s each would be 0.8 s
+    assert split["elsewhere"] < split["the GIL"], split
+    listed = subprocess.run(["perf", "probe", "-l"], capture_output=True, text=True).stdout
+    assert bench.GIL_GROUP not in listed and not (tmp_path / "gil.data").exists()
