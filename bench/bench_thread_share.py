@@ -175,12 +175,16 @@ def record_perf(pid: int, path: str) -> subprocess.Popen:
     )
 
 
+def perf_script(path: str, fields: str) -> str:
+    """The text ``perf script`` prints of the recording at ``path``, with the fields ``fields``."""
+    return subprocess.run(
+        ["perf", "script", "-i", path, "-F", fields], capture_output=True, text=True, check=True
+    ).stdout
+
+
 def read_perf(path: str) -> Dict[str, float]:
     """:func:`pair_code_seconds` of the recording at ``path``."""
-    script = subprocess.run(
-        ["perf", "script", "-i", path, "-F", "comm,tid,ip,sym,dso"], capture_output=True, text=True, check=True
-    ).stdout
-    return pair_code_seconds(script)
+    return pair_code_seconds(perf_script(path, "comm,tid,ip,sym,dso"))
 
 
 #: The uprobe group ``--gil`` adds (and removes) on the interpreter: ``take_gil``'s entry and return.
@@ -274,10 +278,7 @@ def blocked_split(script: str) -> Dict[str, float]:
 
 def read_gil(path: str) -> Dict[str, float]:
     """:func:`blocked_split` of the recording at ``path``."""
-    script = subprocess.run(
-        ["perf", "script", "-i", path, "-F", "comm,tid,time,event,trace"], capture_output=True, text=True, check=True
-    ).stdout
-    return blocked_split(script)
+    return blocked_split(perf_script(path, "comm,tid,time,event,trace"))
 
 
 def sample(steps: int, work: str, interval: float, perf: bool = False, gil: bool = False) -> dict:
