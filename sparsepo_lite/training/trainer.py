@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -127,9 +128,9 @@ class _FiniteWeights(transformers.TrainerCallback):
         # since an inf or NaN makes it inf or NaN. Only a sum that is not, which huge finite weights
         # can also give by overflowing, is looked at element by element. The sums meet on the first
         # tensor's device, for a model split over several.
+        if not params:
+            return
         with torch.no_grad():
-            if not params:
-                return
             sums = [p.sum(dtype=torch.float32).to(params[0].device) for p in params]
             if bool(torch.stack(sums).isfinite().all()):
                 return
@@ -310,8 +311,6 @@ class SparsePOTrainer(transformers.Trainer):
         self._window: List[float] = []  # the same since the last log
         self._threads: Optional[PairThreads] = None  # made at the first batch that runs in shards
         self._load_guard: Optional[LoadGuard] = None  # set when training adds the CPU load guard
-        self._dropout_sites: Optional[list] = None  # the model's dropout rates, found at the first step
-        self._flos_parameters: Optional[int] = None  # the parameter count the FLOP estimate uses
 
     # --- optimisation ---------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -427,7 +426,7 @@ class SparsePOTrainer(transformers.Trainer):
             or ids.shape[0] < 4
             or self.accelerator.scaler is not None
             or not runs_in_shards(inputs, self.loss_config)
-            or (training and (reentrant or any_dropout(self._dropout_rates())))
+            or (training and (reentrant or any_dropout(self._dropout_sites)))
         ):
             return None
         if self._threads is None or self._threads.threads != threads:
@@ -442,16 +441,17 @@ class SparsePOTrainer(transformers.Trainer):
         main_input = getattr(self.model, "main_input_name", "input_ids")
         if main_input not in inputs or not hasattr(self.model, "num_parameters"):
             return super().floating_point_ops(inputs)
-        if self._flos_parameters is None:
-            self._flos_parameters = self.model.num_parameters(exclude_embeddings=True)
-        return 6 * inputs[main_input].numel() * self._flos_parameters
+        return 6 * inputs[main_input].numel() * self._parameter_count
 
-    def _dropout_rates(self) -> list:
+    @functools.cached_property
+    def _parameter_count(self) -> int:
+        return self.model.num_parameters(exclude_embeddings=True)
+
+    @functools.cached_property
+    def _dropout_sites(self) -> list:
         """:func:`~sparsepo_lite.models.dropout_sites` of the model, found once: every step asks, and
         the model's modules do not change while it trains (the rates may, and are read each time)."""
-        if self._dropout_sites is None:
-            self._dropout_sites = dropout_sites(self.model)
-        return self._dropout_sites
+        return dropout_sites(self.model)
 
     def _close_pair_threads(self) -> None:
         if self._threads is not None:
