@@ -16,8 +16,8 @@ prompt tokens, then cut both responses to ``max_length - len(prompt)``.
 
 Bad rows are counted and reported by index and reason, and skipped (or raise, ``strict=True``):
 missing or mistyped fields, empty prompts or responses, malformed messages, text that is not valid
-Unicode, a .jsonl line that is not UTF-8 or not JSON, non-finite token weights, and anything the
-tokenizer or its chat template rejects.
+Unicode, a .jsonl line that is not UTF-8 or not JSON, a JSON object that repeats a key,
+non-finite token weights, and anything the tokenizer or its chat template rejects.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -95,12 +96,40 @@ class UnreadableRow:
     reason: str
 
 
+class _RepeatedKeys:
+    """A ``json`` object hook that notes every object naming a key twice: ``json`` would keep the
+    last value silently, so a row with two "chosen" would train on one of them unnoticed."""
+
+    def __init__(self):
+        self.found: Dict[int, str] = {}  # id of the object -> its first repeated key
+        self.objects: List[dict] = []  # keeps those objects alive, so their ids stay theirs
+
+    def __call__(self, pairs):
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            seen = set()
+            self.found[id(obj)] = next(k for k, _ in pairs if k in seen or seen.add(k))
+            self.objects.append(obj)
+        return obj
+
+    def reason(self, row) -> Optional[str]:
+        """Why ``row`` is unusable if it or an object inside it repeats a key, else None."""
+        stack = [row]
+        while self.found and stack:  # iterative: a row may nest as deep as json allows
+            value = stack.pop()
+            if id(value) in self.found:
+                return f"key {self.found[id(value)]!r} appears more than once"
+            stack.extend(value.values() if isinstance(value, dict) else value if isinstance(value, list) else ())
+        return None
+
+
 def read_rows(source, *, bad_lines: str = "raise") -> List[Any]:
     """Rows from a .jsonl/.json/.parquet file, a ``datasets`` dataset or any iterable of dicts.
 
-    A .jsonl line that is not UTF-8 or not JSON raises naming the file and line
-    (``bad_lines="raise"``) or becomes an :class:`UnreadableRow` in its place (``"row"``), which
-    :func:`tokenize_dataset` reports as a bad row.
+    A .jsonl line that is not UTF-8 or not JSON, or a .jsonl/.json row with an object that repeats a
+    key, raises naming the file and line or row (``bad_lines="raise"``) or becomes an
+    :class:`UnreadableRow` in its place (``"row"``), which :func:`tokenize_dataset` reports as a bad
+    row. Items of an iterable that are not mappings are kept as they are, for the same report.
     """
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
@@ -116,9 +145,13 @@ def read_rows(source, *, bad_lines: str = "raise") -> List[Any]:
                         raw = raw[3:]
                     if not raw.strip():
                         continue
+                    repeated = _RepeatedKeys()
                     try:
-                        rows.append(json.loads(raw.decode("utf-8")))
-                        continue
+                        row = json.loads(raw.decode("utf-8"), object_pairs_hook=repeated)
+                        why = repeated.reason(row)
+                        if why is None:
+                            rows.append(row)
+                            continue
                     except UnicodeDecodeError as exc:
                         why = f"not UTF-8 (byte {exc.start})"
                     except (json.JSONDecodeError, RecursionError) as exc:
@@ -130,9 +163,10 @@ def read_rows(source, *, bad_lines: str = "raise") -> List[Any]:
                     rows.append(UnreadableRow(f"line {n}: {why}"))
             return rows
         if path.endswith(".json"):
+            repeated = _RepeatedKeys()
             try:
                 with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not data
-                    data = json.load(f)
+                    data = json.load(f, object_pairs_hook=repeated)
             except UnicodeDecodeError as exc:
                 raise ValueError(f"{path}: not UTF-8 (byte {exc.start})") from None
             except (json.JSONDecodeError, RecursionError) as exc:
@@ -141,6 +175,12 @@ def read_rows(source, *, bad_lines: str = "raise") -> List[Any]:
                 raise ValueError(f"{path}: not readable JSON ({str(exc).splitlines()[0][:120]})") from None
             if not isinstance(data, list):
                 raise ValueError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+            for i, row in enumerate(data):
+                why = repeated.reason(row)
+                if why is not None:
+                    if bad_lines == "raise":
+                        raise ValueError(f"{path}: row {i}: {why}")
+                    data[i] = UnreadableRow(why)
             return data
         if path.endswith(".parquet"):
             try:
@@ -149,7 +189,9 @@ def read_rows(source, *, bad_lines: str = "raise") -> List[Any]:
                 raise ImportError("reading .parquet needs pyarrow: pip install pyarrow") from None
             return pq.read_table(path).to_pylist()
         raise ValueError(f"{path}: unsupported file type (use .jsonl, .json or .parquet)")
-    return [dict(r) for r in source]
+    # dict() of a string or None raises with no row index, and of a list of pairs makes up a row:
+    # anything not a mapping stays as it is, for split_row to report by index like a file's rows.
+    return [dict(r) if isinstance(r, Mapping) else r for r in source]
 
 
 def _is_messages(x) -> bool:
@@ -226,8 +268,10 @@ def split_row(row: Dict[str, Any]) -> Tuple[Any, Any, Any, bool]:
         raise BadRow("'prompt' must be a non-empty message list when the responses are messages")
     elif not conversational and not isinstance(prompt, str):
         raise BadRow(f"'prompt' must be a string, got {type(prompt).__name__}")
-    elif not conversational and not prompt.strip():
-        raise BadRow("empty 'prompt': the first response token would be predicted from nothing")
+    # implicit or explicit, a blank prompt is the same row: one rule, one message
+    if not conversational and not prompt.strip():
+        implicit = "" if "prompt" in row else " (no 'prompt' field and chosen/rejected share only whitespace)"
+        raise BadRow(f"empty 'prompt'{implicit}: the first response token would be predicted from nothing")
     return prompt, chosen, rejected, conversational
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .models import unwrap
+from .validation import check_finite_tensors
 
 MAPO_HOOK_TYPES = ("mlp", "attn", "resid", "logits")
 #: How a SparsePO mask net starts: "ones" (every token's mask starts near 1, so SparsePO starts as
@@ -310,6 +311,7 @@ def load_masks(path: str) -> SparsePOMasks:
         weights = load_file(w_path)
     except Exception as exc:  # safetensors raises its own error types
         raise ValueError(f"{w_path}: not a readable safetensors file ({exc})") from None
+    check_finite_tensors(w_path, weights)
     try:
         masks.load_state_dict(weights)
     except RuntimeError as exc:

@@ -29,6 +29,7 @@ from typing import Dict, Optional, Sequence, Union
 
 from .losses import LOSS_TYPES
 from .refcache.format import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
+from .validation import check_number
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
 GiB = 1 << 30
@@ -41,6 +42,20 @@ CUDA_RESERVE_BYTES = int(1.0 * GiB)
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REFERENCES = ("online", "topk", "hidden", "label")
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+#: The range of each numeric setting of a plan, for ``check_number``: one rule for the Python API
+#: and the plan command's flags.
+SETTING_RANGES = {
+    "seq_len": dict(low=1, integer=True),
+    "top_k": dict(low=0, integer=True),
+    "tail_samples": dict(low=0, integer=True),
+    "prompt_frac": dict(low=0, high=1, high_open=True),
+}
+
+
+def check_setting(name: str, value, label: Optional[str] = None) -> None:
+    """Raise ``ValueError`` naming ``label`` (default ``name``) unless ``value`` is in the range
+    ``SETTING_RANGES[name]``."""
+    check_number(label or name, value, **SETTING_RANGES[name])
 
 
 @dataclass(frozen=True)
@@ -238,6 +253,8 @@ def plan_memory(
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     if quantization not in ("4bit", "none"):
         raise ValueError(f"quantization must be '4bit' or 'none', got {quantization!r}")
+    for name, value in (("seq_len", seq_len), ("top_k", top_k), ("tail_samples", tail_samples)):
+        check_setting(name, value)
     if not 0 <= prompt_len < seq_len:
         raise ValueError(f"prompt_len must be in [0, seq_len), got {prompt_len} with seq_len {seq_len}")
     for name, value in (("pairs", pairs), ("lora_r", lora_r)):
@@ -347,6 +364,7 @@ def max_seq_len(
     ``prompt_frac`` (default 0) sets each candidate's prompt length to that fraction of T; the
     other keyword arguments go to ``plan_memory``."""
     frac = kwargs.pop("prompt_frac", 0.0)
+    check_setting("prompt_frac", frac)
 
     def fits(t: int) -> bool:
         return plan_memory(shape, t, prompt_len=int(t * frac), **kwargs).fits(budget_bytes, device)

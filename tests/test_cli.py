@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -153,6 +154,47 @@ def test_shipped_example_configs_parse(name, monkeypatch):
         assert os.path.isfile(data.train_file), data.train_file
     assert args.loss_type in ("dpo", "tdpo1", "tdpo2", "sparsepo", "mapo") and resolved["train_file"] == data.train_file
     assert resolved["model_name_or_path"] == model.model_name_or_path
+
+
+def test_a_repeated_yaml_key_is_an_error_naming_the_file_and_the_key(setup, tmp_path):
+    """safe_load keeps a repeated key's last value silently: a run with the wrong learning rate."""
+    from sparsepo_lite.eval.runs import run_config
+    from sparsepo_lite.validation import load_yaml
+
+    text = (setup / "cfg.yaml").read_text() + "learning_rate: 5.0\n"
+    line = text.splitlines().index("learning_rate: 0.001") + 1
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    message = f"{path}: key 'learning_rate' appears twice (lines {line} and {len(text.splitlines())})"
+    with pytest.raises(SystemExit) as info:
+        parse_train_config(str(path), [])
+    assert str(info.value.code) == message
+    run = tmp_path / "run"  # the run folder's record is read by the same rule
+    run.mkdir()
+    (run / "sparsepo_config.yaml").write_text(text)
+    with pytest.raises(ValueError, match=re.escape(f"{run / 'sparsepo_config.yaml'}: key 'learning_rate' appears")):
+        run_config(str(run))
+    (tmp_path / "nested.yaml").write_text("a: {x: 1, x: 2}\n")
+    with pytest.raises(ValueError, match=r"nested.yaml: key 'x' appears twice \(lines 1 and 1\)"):
+        load_yaml(str(tmp_path / "nested.yaml"))
+    # a merged mapping's key given again is an override YAML defines, not a repeat
+    (tmp_path / "merge.yaml").write_text("base: &b {beta: 0.1}\nrun:\n  <<: *b\n  beta: 0.2\n")
+    assert load_yaml(str(tmp_path / "merge.yaml"))["run"] == {"beta": 0.2}
+
+
+def test_precompute_ref_refuses_a_folder_that_is_not_a_cache_before_loading(setup, tmp_path, monkeypatch):
+    import sparsepo_lite.training.trainer as trainer
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(trainer, "load_model", never)
+    model = setup / "model"
+    before = sorted(os.listdir(model))
+    with pytest.raises(SystemExit) as info:  # the model's own folder
+        main(["precompute-ref", str(setup / "cfg.yaml"), "--out", str(model)])
+    assert str(info.value.code).startswith(f"sparsepo-lite precompute-ref: {model} holds {before[:3]} ... but no")
+    assert sorted(os.listdir(model)) == before
 
 
 def test_train_help_lists_every_field_with_help_by_group(capsys):

@@ -220,6 +220,9 @@ NEW_BAD_ROWS = [  # each a class of bad row that once passed validation or abort
         "non-empty message list",
     ),
     ({"prompt": "p", "chosen": [], "rejected": []}, "empty 'chosen'"),
+    # an implicit prompt (the shared beginning) that is blank, refused like the explicit "   " above
+    ({"chosen": " good", "rejected": " bad"}, "empty 'prompt' (no 'prompt' field"),
+    ({"chosen": "\n good", "rejected": "\n bad"}, "empty 'prompt' (no 'prompt' field"),
 ]
 
 
@@ -243,6 +246,48 @@ def test_new_bad_row_classes_are_named_by_row_and_reason(tok, tmp_path):
     for row, want in NEW_BAD_ROWS:  # strict mode names the row and the reason, one at a time
         with pytest.raises(BadRow, match=rf"row 1: .*{re.escape(want)}"):
             tokenize_dataset([good, row], tok, strict=True)
+
+
+def test_a_repeated_key_is_a_bad_row_in_jsonl_and_json_files(tok, tmp_path):
+    """json keeps a repeated key's last value silently: two "chosen" would train on one unnoticed."""
+    good = '{"prompt": "The film was", "chosen": " great", "rejected": " bad"}'
+    twice = '{"prompt": "The film was", "chosen": " great", "rejected": " bad", "chosen": " meh"}'
+    nested = (
+        '{"prompt": [{"role": "user", "content": "Rate it."}], "chosen": [{"role": "assistant", '
+        '"content": "Great.", "content": "Meh."}], "rejected": [{"role": "assistant", "content": "Bad."}]}'
+    )
+    # the same keys in several objects of a row are no repeat
+    conv = nested.replace('"content": "Great.", "content": "Meh."', '"content": "Great."')
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text("\n".join([good, twice, nested, conv]) + "\n")
+    examples, report = tokenize_dataset(str(jsonl), tok, max_length=64, max_prompt_length=32)
+    assert [e.index for e in examples] == [0, 3]
+    assert report.dropped == [
+        (1, "line 2: key 'chosen' appears more than once"),
+        (2, "line 3: key 'content' appears more than once"),
+    ]
+    with pytest.raises(ValueError, match="pairs.jsonl:2: key 'chosen' appears more than once"):
+        tokenize_dataset(str(jsonl), tok, strict=True)
+    as_json = tmp_path / "pairs.json"
+    as_json.write_text("[" + ", ".join([good, twice, nested, conv]) + "]")
+    examples, report = tokenize_dataset(str(as_json), tok, max_length=64, max_prompt_length=32)
+    assert [e.index for e in examples] == [0, 3]
+    assert report.dropped == [(1, "key 'chosen' appears more than once"), (2, "key 'content' appears more than once")]
+    with pytest.raises(ValueError, match=r"pairs.json: row 1: key 'chosen' appears more than once"):
+        tokenize_dataset(str(as_json), tok, strict=True)
+
+
+def test_rows_that_are_not_objects_are_reported_by_index_from_a_list_as_from_a_file(tok, tmp_path):
+    good = {"prompt": "The film was", "chosen": " great", "rejected": " bad"}
+    rows = [good, "abc", None, [["chosen", " great"], ["rejected", " bad"]], 7, good]
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(rows))
+    from_file = tokenize_dataset(str(path), tok, max_length=64, max_prompt_length=32)[1].dropped
+    from_list = tokenize_dataset(rows, tok, max_length=64, max_prompt_length=32)[1].dropped
+    assert from_list == from_file
+    assert [i for i, _ in from_list] == [1, 2, 3, 4] and all("not an object" in why for _, why in from_list)
+    with pytest.raises(BadRow, match="row 1: row is a str, not an object"):
+        tokenize_dataset(rows, tok, strict=True)
 
 
 def test_a_prompt_without_tokens_is_a_bad_row():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -162,6 +163,34 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="memory size"):
         parse_bytes("lots")
     assert parse_bytes("24GB") == parse_bytes("24 GiB") == 24 * GiB
+    for kw, message in (
+        (dict(seq_len=0), "seq_len must be >= 1, got 0"),
+        (dict(top_k=-1), "top_k must be >= 0, got -1"),
+        (dict(tail_samples=-4), "tail_samples must be >= 0, got -4"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            plan_memory(shape, **{"seq_len": 1024, "reference": "topk", **kw})
+    with pytest.raises(ValueError, match="prompt_frac must be finite, got nan"):
+        max_seq_len(shape, 24 * GiB, prompt_frac=float("nan"))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--seq-len", "0"], "--seq-len must be >= 1, got 0"),  # not "the largest that fits": that is no flag
+        (["--seq-len", "-100"], "--seq-len must be >= 1, got -100"),
+        (["--reference", "topk", "--top-k", "-1"], "--top-k must be >= 0, got -1"),
+        (["--reference", "topk", "--tail-samples", "-4"], "--tail-samples must be >= 0, got -4"),
+        (["--prompt-frac", "nan"], "--prompt-frac must be finite, got nan"),
+        (["--prompt-frac", "1.5"], "--prompt-frac must be < 1, got 1.5"),
+        (["--prompt-frac", "-1"], "--prompt-frac must be >= 0, got -1.0"),
+        (["--gpu-mem", "abc"], "--gpu-mem: not a memory size: 'abc'"),
+    ],
+)
+def test_cli_plan_names_the_bad_flag_in_one_line(flags, message):
+    with pytest.raises(SystemExit) as info:
+        cli_main(["plan", "--model", "llama-3-8b", *flags])
+    assert str(info.value.code).startswith(f"plan: {message}") and "\n" not in str(info.value.code)
 
 
 def test_cli_plan(capsys):

@@ -13,7 +13,11 @@ def add_parser(sub) -> None:
     p.add_argument("run_dir", help="a SparsePO training run folder")
     p.add_argument("--data", required=True, help="preference rows (TRL format)")
     p.add_argument("--pairs", type=int, default=20, help="pairs to show (the first N rows)")
-    p.add_argument("--out", default=None, help="default: RUN_DIR/masks.html")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="the page (default: RUN_DIR/masks.html); with VADER installed, mask_lift.json is written beside it",
+    )
 
 
 def run(args, rest: List[str]) -> str:

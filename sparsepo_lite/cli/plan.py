@@ -51,11 +51,18 @@ def add_parser(sub) -> None:
 
 def run(args, rest: List[str]) -> None:
     """Print the memory plan of one training step and the largest T that fits the budget."""
-    from ..memory_plan import GiB, load_shape, max_seq_len, parse_bytes, plan_memory
+    from ..memory_plan import GiB, check_setting, load_shape, max_seq_len, parse_bytes, plan_memory
 
     try:
+        for name in ("seq_len", "top_k", "tail_samples", "prompt_frac"):
+            value = getattr(args, name)
+            if value is not None:  # --seq-len left out: the largest that fits
+                check_setting(name, value, label="--" + name.replace("_", "-"))
         shape = load_shape(args.model)
-        budget = parse_bytes(args.gpu_mem)
+        try:
+            budget = parse_bytes(args.gpu_mem)
+        except ValueError as exc:
+            raise ValueError(f"--gpu-mem: {exc}") from None
         kw = dict(
             loss=args.loss,
             reference=args.reference,
@@ -67,7 +74,7 @@ def run(args, rest: List[str]) -> None:
             independent_masks=args.independent_masks,
         )
         best = max_seq_len(shape, budget, prompt_frac=args.prompt_frac, **kw)
-        t = args.seq_len or best
+        t = best if args.seq_len is None else args.seq_len
         result = plan_memory(shape, t, prompt_len=int(t * args.prompt_frac), **kw) if t else None
     except ValueError as exc:
         raise SystemExit(f"plan: {exc}") from None

@@ -141,15 +141,14 @@ def parse_train_config(config_path: str, overrides: List[str]):
     fields, every field of SparsePOConfig's own and the TrainingArguments fields the YAML or the
     command line set, all with their final values. Reading it back as a config gives the same run.
     """
-    import yaml
+    from ..validation import load_yaml
 
     if not os.path.isfile(config_path):
         raise SystemExit(f"config file not found: {config_path}")
     try:
-        with open(config_path, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise SystemExit(f"{config_path}: not valid YAML: {exc}") from None
+        values = load_yaml(config_path) or {}
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     if not isinstance(values, dict):
         raise SystemExit(f"{config_path}: expected a mapping of config keys, got {type(values).__name__}")
     parser = config_parser()

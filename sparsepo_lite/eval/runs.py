@@ -15,19 +15,13 @@ from ..masks import SparsePOMasks
 
 def run_config(run_dir: str) -> dict:
     """The run's resolved config (``sparsepo_config.yaml``) as a dict."""
-    import yaml
-
     from ..training.config import RUN_CONFIG
-    from ..validation import check_number
+    from ..validation import check_number, load_yaml
 
     path = os.path.join(run_dir, RUN_CONFIG)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{run_dir} is not a sparsepo-lite run directory: {path} is missing")
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = yaml.safe_load(f) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    cfg = load_yaml(path) or {}
     if not isinstance(cfg, dict) or not cfg.get("model_name_or_path"):
         raise ValueError(f"{path}: no model_name_or_path")
     # what the readers of a run use beyond the model fields (checked by ModelConfig when it loads)
@@ -51,6 +45,7 @@ def load_run(run_dir: str) -> Tuple[object, object, Optional[SparsePOMasks], dic
 
     from ..masks import MASK_WEIGHTS, load_masks
     from ..models import ModelConfig, load_policy
+    from ..validation import check_finite_tensors
 
     cfg = run_config(run_dir)
     adapter = os.path.join(run_dir, "adapter_model.safetensors")
@@ -63,7 +58,12 @@ def load_run(run_dir: str) -> Tuple[object, object, Optional[SparsePOMasks], dic
         weights = load_file(adapter)
     except Exception as exc:  # safetensors raises its own error types
         raise ValueError(f"{adapter}: not a readable safetensors file ({exc})") from None
-    result = set_peft_model_state_dict(model, weights)
+    check_finite_tensors(adapter, weights)
+    try:
+        result = set_peft_model_state_dict(model, weights)
+    except RuntimeError as exc:  # torch's report: a header, then one line per tensor, and no file
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ValueError(f"{adapter}: weights that do not fit this model ({lines[-1] if lines else exc})") from None
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"{adapter}: weights that do not fit this model: {result.unexpected_keys[:5]}")
     model.eval()

@@ -187,6 +187,32 @@ def _shard_tensors(
     return out
 
 
+def check_out_dir(out_dir: str) -> None:
+    """Refuse ``out_dir`` as a cache's home unless it is new, empty, or a reference cache of this
+    package (with its manifest, or the temporary files of a precompute killed before its first
+    shard), which precompute resumes: shards and a manifest written into a model's or anyone's folder
+    would mix with its files."""
+    if not os.path.exists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise CacheError(f"{out_dir} is not a directory: the cache needs a folder of its own")
+    if os.path.isfile(os.path.join(out_dir, MANIFEST)):
+        read_manifest(out_dir)  # a manifest.json of another kind is refused here, naming its field
+        return
+    names = os.listdir(out_dir)
+    ours = [f for f in names if _OWN_TEMP.fullmatch(f)]
+    others = sorted(set(names) - set(ours))
+    # Shard files no manifest lists are never overwritten. Otherwise a precompute killed before its
+    # first shard was committed leaves only its temporary files: their names mark a cache in
+    # progress, resumed, and whatever else is there is left alone.
+    refused = [f for f in others if _SHARD_FILE.fullmatch(f)] or ([] if ours else others)
+    if refused:
+        raise CacheError(
+            f"{out_dir} holds {refused[:3]}{' ...' if len(refused) > 3 else ''} but no {MANIFEST}: not a cache in "
+            "progress this command can resume; use a new or empty folder for --out"
+        )
+
+
 def precompute_reference(
     model,
     tokenizer,
@@ -208,7 +234,8 @@ def precompute_reference(
     on_shard: Optional[Callable[[str, int], None]] = None,
     cpu_load_guard: bool = True,
 ) -> dict:
-    """Write (or finish) the cache for ``splits`` under ``out_dir``; returns the manifest.
+    """Write (or finish) the cache for ``splits`` under ``out_dir``; returns the manifest. ``out_dir``
+    must be new, empty or a cache to resume (:func:`check_out_dir`).
 
     model: the peft policy (the reference is its adapter-off base), or any causal LM with ``ref_model``
     (then the reference). ``top_k`` reference ids per token, plus ``tail_samples`` ids drawn from the rest
@@ -264,6 +291,7 @@ def precompute_reference(
         "shard_size": shard_size,
         "batch_size": batch_size,
     }
+    check_out_dir(out_dir)  # before anything in it is deleted
     os.makedirs(out_dir, exist_ok=True)
     for leftover in os.listdir(out_dir):  # a shard or manifest a killed run never committed
         if _OWN_TEMP.fullmatch(leftover) and os.path.isfile(os.path.join(out_dir, leftover)):
@@ -275,14 +303,7 @@ def precompute_reference(
         "contents": contents,
         "splits": {},
     }
-    if not os.path.isfile(os.path.join(out_dir, MANIFEST)):
-        strangers = sorted(f for f in os.listdir(out_dir) if _SHARD_FILE.fullmatch(f))
-        if strangers:  # files named like our shards that no manifest lists: never overwrite them
-            raise CacheError(
-                f"{out_dir} holds {strangers[:3]} but no {MANIFEST}: not a cache in progress this command can "
-                "resume; use another --out (or remove those files)"
-            )
-    else:  # resume
+    if os.path.isfile(os.path.join(out_dir, MANIFEST)):  # resume
         old = read_manifest(out_dir)
         # contents first: a cache made with other settings (say without tail samples) is named as
         # such, not by the fingerprint key those settings add
