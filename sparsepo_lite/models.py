@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
@@ -172,10 +173,15 @@ SMOLLM2 = "smollm2-135m-instruct"
 
 
 def resolve_model_path(name: str) -> str:
+    """The local folder or hub name to load ``name`` from; raises ``ValueError`` for a path that is
+    plainly local (absolute, or starting with ``.`` or ``~``) but does not exist, which transformers
+    would report as a malformed hub name."""
     if name == SMOLLM2:
         from .smollm2 import smollm2_path
 
         return str(smollm2_path())
+    if (os.path.isabs(name) or name.startswith((".", "~"))) and not os.path.exists(os.path.expanduser(name)):
+        raise ValueError(f"{name}: no such folder")
     return name
 
 
@@ -216,13 +222,43 @@ def load_policy(cfg: ModelConfig, *, tokenizer: bool = True, cpu_load_guard: boo
         if guard is not None:
             guard.restore()
     model = attach_adapter(model, cfg)
-    return model, (load_tokenizer(cfg.model_name_or_path) if tokenizer else None)
+    if not tokenizer:
+        return model, None
+    tok = load_tokenizer(cfg.model_name_or_path)
+    check_tokenizer(model, tok, cfg.model_name_or_path)
+    return model, tok
+
+
+def embedding_rows(model: nn.Module) -> int:
+    """How many token ids ``model`` (a causal LM, peft-wrapped or not) has an input embedding for."""
+    return unwrap(model).get_input_embeddings().num_embeddings
+
+
+def check_tokenizer(model: nn.Module, tokenizer, name: str) -> None:
+    """Raise ``ValueError`` naming the model when ``tokenizer`` can give ids that ``model`` has no
+    embedding for (found when the first batch reaches the embedding, the error names nothing)."""
+    rows = embedding_rows(model)
+    if len(tokenizer) > rows:
+        raise ValueError(
+            f"{name}: the tokenizer has {len(tokenizer)} tokens but the model's embeddings {rows} rows, so "
+            f"ids from {rows} on have no embedding; use the tokenizer the model was trained with"
+        )
 
 
 def _load_base(path: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
     """The base model at ``path`` on ``device``, 4-bit where ``cfg`` says so."""
     import transformers
 
+    try:  # before the model: transformers' own errors here do not say which model, or list 200 classes
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{cfg.model_name_or_path}: no model config could be read ({_first_line(exc)})") from exc
+    check_config(config, cfg.model_name_or_path)
+    if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(
+            f"{cfg.model_name_or_path}: transformers has no causal-LM class for {config.model_type} models; "
+            "need a decoder-only causal LM"
+        )
     kwargs = dict(dtype=dtype, attn_implementation=_attention(cfg, device))
     if cfg.quantization == "4bit":
         _require_bitsandbytes()
@@ -236,11 +272,20 @@ def _load_base(path: str, cfg: ModelConfig, device: torch.device, dtype: torch.d
     return model
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load_tokenizer(model_name_or_path: str):
     """The model's tokenizer, with the EOS token as padding where it has no pad token."""
     import transformers
 
-    tok = transformers.AutoTokenizer.from_pretrained(resolve_model_path(model_name_or_path))
+    path = resolve_model_path(model_name_or_path)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:  # transformers' messages here do not say which folder
+        raise ValueError(f"{model_name_or_path}: no tokenizer could be read ({_first_line(exc)})") from exc
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -323,8 +368,7 @@ def attach_adapter(model: nn.Module, cfg: ModelConfig):
     import peft
 
     device = next(model.parameters()).device
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise ValueError(f"{cfg.model_name_or_path}: encoder-decoder models are not supported (need a causal LM)")
+    check_supported(model, cfg.model_name_or_path)  # before peft, whose errors on such models name nothing
     use_liger = cfg.use_liger if cfg.use_liger is not None else (device.type == "cuda" and _installed("liger_kernel"))
     if use_liger:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
@@ -364,16 +408,32 @@ def unwrap(model: nn.Module) -> nn.Module:
     return get() if callable(get) else model
 
 
-def lm_head(lm: nn.Module) -> torch.Tensor:
-    """The frozen output head ``[V, H]`` of a causal LM (unwrapped); raises ``ValueError`` for heads the
-    op cannot reproduce (a bias, a logit transform) or a head that is being trained."""
+def check_config(config, name: str) -> None:
+    """Raise ``ValueError`` naming the model (``name``) unless a transformers ``config`` describes a
+    decoder-only causal LM that does not transform its logits (which the op's head could not
+    reproduce)."""
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{name}: encoder-decoder models are not supported (need a causal LM)")
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            raise ValueError(f"{name} transforms its logits ({attr}); not supported")
+
+
+def check_supported(lm: nn.Module, name: Optional[str] = None) -> None:
+    """Raise ``ValueError`` naming the model unless ``lm`` (a transformers causal LM, unwrapped) passes
+    :func:`check_config` and has an output head the op reproduces: a plain weight, no bias."""
+    name = name or type(lm).__name__
+    check_config(lm.config, name)
     head = lm.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None:
-        raise ValueError(f"{type(lm).__name__}: need an lm_head without bias")
-    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
-        if getattr(lm.config, attr, None) not in (None, 1, 1.0):
-            raise ValueError(f"{type(lm).__name__} transforms its logits ({attr}); not supported")
-    w = head.weight
+        raise ValueError(f"{name}: need an lm_head without bias")
+
+
+def lm_head(lm: nn.Module) -> torch.Tensor:
+    """The frozen output head ``[V, H]`` of a causal LM (unwrapped); raises ``ValueError`` for heads the
+    op cannot reproduce (:func:`check_supported`) or a head that is being trained."""
+    check_supported(lm)
+    w = lm.get_output_embeddings().weight
     if w.requires_grad:
         raise ValueError(
             "the lm_head weight requires grad, but sparsepo-lite never trains the head "

@@ -29,7 +29,7 @@ import torch.nn as nn
 from .data import ResponsePositions, response_positions
 from .losses import LOSS_TYPES, pair_stats, preference_loss, token_weights_for
 from .masks import MAPO_HOOK_TYPES, SparsePOMasks, normalize_per_sequence
-from .models import backbone, lm_head, unwrap
+from .models import backbone, embedding_rows, lm_head, unwrap
 from .ops import ExactReference, LabelReference, TopKReference
 from .refcache import keys
 from .reference import ReferencePass, reference_pass
@@ -82,11 +82,14 @@ def check_loss_settings(c) -> None:
     check_number("chunk_size", chunk_size, low=1, integer=True, optional=True)
 
 
-def check_batch(batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, ResponsePositions]:
+def check_batch(
+    batch: Dict[str, torch.Tensor], vocab_size: Optional[int] = None
+) -> Tuple[torch.Tensor, torch.Tensor, ResponsePositions]:
     """``input_ids``, ``attention_mask`` and the response positions of a batch in the module's
-    format, after checking their shapes, that every row has response tokens and that cached
-    reference tensors, if any, hold as many tokens per row; a ``ValueError`` or ``KeyError`` names
-    what is wrong."""
+    format, after checking their shapes and dtypes, the ids against ``vocab_size`` (the model's
+    embedding rows) where given, that every row has response tokens, that ``token_weights``, if any,
+    are finite floats shaped like the labels, and that cached reference tensors, if any, hold as many
+    tokens per row; a ``ValueError``, ``TypeError`` or ``KeyError`` names what is wrong."""
     for key in ("input_ids", "attention_mask", "labels"):
         if key not in batch:
             raise KeyError(f"batch is missing {key!r} (needs input_ids, attention_mask, labels)")
@@ -96,6 +99,27 @@ def check_batch(batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Ten
             f"input_ids {list(ids.shape)}, attention_mask {list(att.shape)} and labels "
             f"{list(labels.shape)} must all be [2B, T]"
         )
+    for key, tensor in (("input_ids", ids), ("labels", labels)):
+        if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+            raise TypeError(f"{key} must hold integer token ids, got {tensor.dtype}")
+    if vocab_size is not None and ids.numel():
+        # the embedding's own error for an id past its rows names neither the tensor nor the row
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab_size:
+            row = int(((ids < 0) | (ids >= vocab_size)).any(dim=1).nonzero()[0])
+            raise ValueError(
+                f"input_ids must lie in [0, {vocab_size}) (the model's embedding rows); got values in "
+                f"[{low}, {high}], first in batch row {row}"
+            )
+    weights = batch.get("token_weights")
+    if weights is not None:
+        if weights.shape != labels.shape:
+            raise ValueError(f"token_weights {list(weights.shape)} must be shaped like labels {list(labels.shape)}")
+        if not weights.is_floating_point():
+            raise TypeError(f"token_weights must be floating point, got {weights.dtype}")
+        if not bool(weights.isfinite().all()):
+            row = int((~weights.isfinite()).any(dim=1).nonzero()[0])
+            raise ValueError(f"token_weights hold a non-finite value (batch row {row})")
     if ids.shape[0] == 0 or ids.shape[0] % 2:
         raise ValueError(f"batch needs an even, non-zero number of rows (B chosen then B rejected), got {ids.shape[0]}")
     positions = response_positions(labels)
@@ -160,7 +184,7 @@ def online_reference(model, batch: Dict[str, torch.Tensor], config: LossConfig, 
     adapter disabled). Passing ``model`` itself, already inside ``reference_model(model)``, lets
     several threads run shards of one batch through one adapter switch.
     """
-    ids, att, positions = check_batch(batch)
+    ids, att, positions = check_batch(batch, embedding_rows(model))
     return _reference(model, ids, att, positions, config, config.ref_model if ref_model is None else ref_model)
 
 
@@ -204,7 +228,7 @@ def compute_loss(
     ``(loss, metrics, details)`` with ``return_details`` where details holds the per-token tensors
     (``seq_ids``, ``positions``, ``reward_mask``, ``kl_mask``, ``logp``...) for inspection and tests.
     """
-    ids, att, positions = check_batch(batch)
+    ids, att, positions = check_batch(batch, embedding_rows(model))
     rows = ids.shape[0]
     num_pairs = rows // 2
     response, seq_ids, pos, y = positions

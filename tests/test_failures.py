@@ -19,10 +19,11 @@ from sparsepo_lite.cli import main
 from sparsepo_lite.cli.train import parse_train_config
 from sparsepo_lite.errors import TrainingError
 from sparsepo_lite.eval.runs import load_run
-from sparsepo_lite.models import ModelConfig, load_policy
+from sparsepo_lite.models import ModelConfig, load_policy, load_tokenizer
 from sparsepo_lite.refcache import CacheError, RefCache, read_manifest, run_fingerprint, verify_cache
 from sparsepo_lite.refcache.writer import precompute_reference
 from sparsepo_lite.training import SparsePOConfig, SparsePOTrainer
+from sparsepo_lite.training.trainer import read_splits
 
 from conftest import review_rows, save_tiny_llama
 
@@ -557,6 +558,27 @@ def _checkpointed_run(tiny_dir, out, loss_type="sparsepo"):
         (lambda c: (c / "trainer_state.json").write_text("[1, 2]"), "trainer_state.json: not a trainer state"),
         (lambda c: flip_a_byte(c / "optimizer.pt"), "optimizer.pt: damaged"),
         (lambda c: (c / "rng_state.pth").write_bytes((c / "rng_state.pth").read_bytes()[:30]), "rng_state.pth: not a"),
+        (
+            lambda c: torch.save({"python": 5}, c / "rng_state.pth"),
+            r"random-generator state \(rng_state\*.pth\) cannot",
+        ),
+        (lambda c: torch.save({"cpu": RunsCode(c)}, c / "rng_state.pth"), "random-generator state holds objects other"),
+        (lambda c: torch.save({}, c / "scheduler.pt"), r"scheduler state does not load into this run \(KeyError"),
+        (lambda c: edit_optimizer(c, lambda sd: sd.update(evil=RunsCode(c))), "state holds objects other than tensors"),
+        (
+            lambda c: edit_optimizer(
+                c, lambda sd: sd["state"][0].update(exp_avg=sd["state"][0]["exp_avg"][:1].clone())
+            ),
+            r"optimizer.pt: exp_avg of .*lora_A.* has shape \(1, 32\), the parameter \(4, 32\)",
+        ),
+        (
+            lambda c: edit_optimizer(c, lambda sd: sd["state"][3]["exp_avg_sq"].fill_(float("nan"))),
+            "optimizer.pt: exp_avg_sq of .* is not finite",
+        ),
+        (
+            lambda c: edit_safetensors(c / "adapter_model.safetensors", lambda t: t.fill_(float("inf"))),
+            "lora_.* is not finite in the checkpoint's weights",
+        ),
     ],
 )
 def test_a_damaged_checkpoint_is_named_before_anything_loads(tiny_dir, tmp_path, damage, message):
@@ -566,6 +588,33 @@ def test_a_damaged_checkpoint_is_named_before_anything_loads(tiny_dir, tmp_path,
     with pytest.raises(TrainingError, match=message):
         make_trainer(tiny_dir, tmp_path, "sparsepo", steps=2).train(resume_from_checkpoint=str(ckpt))
     assert (tmp_path / "sparsepo_config.yaml").read_text() == config_before  # the run's record is untouched
+    assert not (ckpt / "code-ran").exists()
+
+
+class RunsCode:
+    """Pickles to a call that makes ``folder/code-ran``: what a hostile checkpoint file could hold."""
+
+    def __init__(self, folder):
+        self.marker = str(folder / "code-ran")
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def edit_optimizer(ckpt, edit):
+    state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    edit(state)
+    torch.save(state, ckpt / "optimizer.pt")
+
+
+def edit_safetensors(path, edit, name=None):
+    """Replace the tensor ``name`` (default: the first) of a safetensors file by ``edit(tensor)``."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    name = name or next(iter(tensors))
+    tensors[name] = edit(tensors[name])
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 @pytest.mark.slow
@@ -615,6 +664,43 @@ def test_resuming_into_another_runs_folder_and_overwriting_a_non_run_folder_are_
     assert os.path.isfile(os.path.join(tiny_dir, "config.json"))
 
 
+def test_an_overwritten_run_survives_a_run_that_fails_before_training_begins(tiny_dir, tmp_path):
+    first = make_trainer(tiny_dir, tmp_path, "sparsepo", steps=1)
+    first.train()
+    first.save_model()
+    before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path) if (tmp_path / n).is_file()}
+    assert "adapter_model.safetensors" in before and "mask_net.safetensors" in before
+
+    class NoOptimizer(SparsePOTrainer):
+        def create_optimizer(self, model=None):
+            raise RuntimeError("the optimizer could not be made")
+
+    failing = make_trainer(tiny_dir, tmp_path, "dpo", steps=1, overwrite_output_dir=True)
+    failing.__class__ = NoOptimizer
+    with pytest.raises(RuntimeError, match="could not be made"):
+        failing.train()
+    after = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path) if (tmp_path / n).is_file()}
+    assert after == before  # nothing removed, nothing written
+    make_trainer(tiny_dir, tmp_path, "dpo", steps=1, overwrite_output_dir=True).train()
+    assert "mask_net.safetensors" not in os.listdir(tmp_path)  # a run that starts still replaces the old one
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("adam_beta1", 2.0, "adam_beta1 must be < 1"),
+        ("adam_beta2", -0.1, "adam_beta2 must be >= 0"),
+        ("adam_epsilon", -1.0, "adam_epsilon must be >= 0"),
+        ("seed", -1, "seed must be >= 0"),
+        ("data_seed", 2**32, "data_seed must be <= 4294967295"),
+        ("dataloader_num_workers", -1, "dataloader_num_workers must be >= 0"),
+    ],
+)
+def test_optimizer_and_loader_settings_are_checked_by_name_before_anything_loads(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        SparsePOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], **{field: value})
+
+
 @pytest.mark.slow
 def test_reading_a_damaged_or_edited_run_names_the_file(cli_setup, tmp_path):
     import shutil
@@ -649,6 +735,16 @@ def test_reading_a_damaged_or_edited_run_names_the_file(cli_setup, tmp_path):
     assert "adapter_model.safetensors: not a readable safetensors file" in broken(
         lambda d: (d / "adapter_model.safetensors").write_bytes((d / "adapter_model.safetensors").read_bytes()[:40])
     )
+    assert "mask_net.safetensors: common_net.layer_bias holds a non-finite value" in broken(
+        lambda d: edit_safetensors(
+            d / "mask_net.safetensors", lambda t: t.fill_(math.inf), name="common_net.layer_bias"
+        )
+    )
+    assert "lora_A.weight holds a non-finite value (NaN or inf)" in broken(
+        lambda d: edit_safetensors(d / "adapter_model.safetensors", lambda t: t.fill_(math.nan))
+    )
+    message = broken(lambda d: edit_safetensors(d / "adapter_model.safetensors", lambda t: t[:1].clone()))
+    assert "adapter_model.safetensors: weights that do not fit this model (size mismatch for" in message
     for args, message in (
         (["inspect-masks", run, "--data", pairs, "--pairs", "-3"], "pairs must be >= 1"),
         (["eval-sentiment", run, "--data", pairs, "--prompts", "-1"], "prompts must be >= 1"),
@@ -735,3 +831,92 @@ def test_token_weights_with_tdpo2_are_refused_when_the_data_is_read(tiny_dir, tm
     args = SparsePOConfig(output_dir=str(tmp_path), loss_type="tdpo2", report_to=[], use_cpu=True, max_steps=1)
     with pytest.raises(ValueError, match=r"rows \[7\] have token weights, which loss_type tdpo2 does not support"):
         SparsePOTrainer(model=model, args=args, train_dataset=weighted, processing_class=tok)
+
+
+def _model_folder(path, config, model_cls=None, tokenizer_from=None):
+    """``config`` saved under ``path``, with random weights of ``model_cls`` and a tokenizer copied
+    from ``tokenizer_from`` where given."""
+    if model_cls is not None:
+        torch.manual_seed(0)
+        model_cls(config).save_pretrained(path)
+    else:
+        config.save_pretrained(path)
+    if tokenizer_from is not None:
+        transformers.AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "none"])
+def test_unsupported_models_are_refused_by_name_before_any_adapter(tiny_dir, tmp_path, quantization):
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not a model")
+    cases = [
+        (
+            _model_folder(tmp_path / "t5", transformers.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2)),
+            "t5: encoder-decoder models are not supported",
+        ),
+        (
+            _model_folder(tmp_path / "vit", transformers.ViTConfig(**small)),
+            "vit: transformers has no causal-LM class for vit models",
+        ),
+        (  # peft used to fail on it with an AttributeError naming nothing (4-bit)
+            _model_folder(
+                tmp_path / "bert",
+                transformers.BertConfig(vocab_size=64, is_decoder=True, **small),
+                transformers.BertLMHeadModel,
+            ),
+            "bert: need an lm_head without bias",
+        ),
+        (
+            _model_folder(
+                tmp_path / "softcap",
+                transformers.Gemma2Config(vocab_size=64, head_dim=16, **small),
+                transformers.Gemma2ForCausalLM,
+            ),
+            r"softcap transforms its logits \(final_logit_softcapping\)",
+        ),
+        (str(tmp_path / "missing"), "missing: no such folder"),
+        (str(tmp_path / "notes"), "notes: no model config could be read"),
+    ]
+    for folder, message in cases:
+        with pytest.raises(ValueError, match=message):
+            load_policy(ModelConfig(folder, quantization=quantization, lora_r=4), tokenizer=False)
+
+
+def test_a_tokenizer_with_ids_past_the_embeddings_is_refused_by_name(tiny_dir, tmp_path):
+    folder = _model_folder(
+        tmp_path / "small-vocab",
+        transformers.LlamaConfig(
+            vocab_size=100, **{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+        ),
+        transformers.LlamaForCausalLM,
+        tokenizer_from=tiny_dir,
+    )
+    message = r"small-vocab: the tokenizer has 49152 tokens but the model's embeddings 100 rows"
+    with pytest.raises(ValueError, match=message):
+        load_policy(ModelConfig(folder, lora_r=4))
+    with pytest.raises(ValueError, match=message):  # the trainer, which loads the tokenizer first
+        SparsePOTrainer(
+            model_config=ModelConfig(folder, lora_r=4),
+            args=SparsePOConfig(
+                output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], max_length=32, max_prompt_length=16
+            ),
+            train_dataset=review_rows(4),
+        )
+    with pytest.raises(ValueError, match="no tokenizer could be read"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_a_bad_row_under_strict_data_names_the_split_and_its_file(tiny_dir, tmp_path):
+    tok = load_tokenizer(tiny_dir)
+    good, bad = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in review_rows(4)))
+    rows = review_rows(3)
+    rows[2]["rejected"] = rows[2]["chosen"]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = SparsePOConfig(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], strict_data=True)
+    with pytest.raises(ValueError, match=rf"^eval data \({bad}\): row 2: 'chosen' and 'rejected' are identical"):
+        read_splits(tok, args, {"train": str(good), "eval": str(bad)})
+    with pytest.raises(ValueError, match=r"^train data: row 2: 'chosen' and 'rejected' are identical"):
+        read_splits(tok, args, {"train": rows})

@@ -301,6 +301,40 @@ def test_bad_batches_and_configs_raise_clear_errors():
     empty["labels"][1] = -100
     with pytest.raises(ValueError, match=r"rows \[1\] have no response tokens"):
         compute_loss(model, empty, LossConfig(loss_type="dpo"))
+    vocab = model.get_base_model().get_input_embeddings().num_embeddings
+
+    def edited(key, make):
+        out = {k: v.clone() for k, v in batch.items()}
+        out[key] = make(out)
+        return out
+
+    def past_vocab(b):
+        ids = b["input_ids"].clone()
+        ids[3, 1] = vocab  # one id past the embedding's rows, in the last row
+        return ids
+
+    bad_batches = [
+        (edited("input_ids", lambda b: b["input_ids"].float()), TypeError, "input_ids must hold integer token ids"),
+        (edited("labels", lambda b: b["labels"].double()), TypeError, "labels must hold integer token ids"),
+        (edited("input_ids", past_vocab), ValueError, rf"input_ids must lie in \[0, {vocab}\).* first in batch row 3"),
+        (edited("token_weights", lambda b: torch.ones(4, 3)), ValueError, "token_weights \\[4, 3\\] must be shaped"),
+        (
+            edited("token_weights", lambda b: torch.ones(b["labels"].shape, dtype=torch.long)),
+            TypeError,
+            "token_weights must be floating point",
+        ),
+        (
+            edited(
+                "token_weights", lambda b: torch.ones(b["labels"].shape).index_fill_(0, torch.tensor([2]), math.nan)
+            ),
+            ValueError,
+            r"token_weights hold a non-finite value \(batch row 2\)",
+        ),
+    ]
+    for bad, error, message in bad_batches:
+        for loss_type in ("dpo", "tdpo1"):  # the online reference's forward runs first for tdpo1
+            with pytest.raises(error, match=message):
+                compute_loss(model, bad, LossConfig(loss_type=loss_type))
     with pytest.raises(ValueError, match="needs masks"):
         LossConfig(loss_type="sparsepo")
     with pytest.raises(ValueError, match="loss_type must be one of"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 
 import pytest
 import torch
@@ -222,9 +223,36 @@ def test_incomplete_cache_is_refused(setup, tmp_path):
         RefCache(str(tmp_path)).split("train")
 
 
+def test_precompute_writes_only_into_a_new_or_empty_folder_or_a_cache(setup, tmp_path):
+    theirs = tmp_path / "model"  # a model's own folder, say
+    theirs.mkdir()
+    (theirs / "config.json").write_text("{}")
+    with pytest.raises(CacheError, match=re.escape(f"{theirs} holds ['config.json'] but no manifest.json")):
+        build(setup, theirs)
+    (theirs / "manifest.json").write_text('{"files": []}')  # another tool's manifest
+    with pytest.raises(CacheError, match="manifest.json: not a sparsepo-lite-ref-cache manifest"):
+        build(setup, theirs)
+    assert sorted(os.listdir(theirs)) == ["config.json", "manifest.json"]
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(CacheError, match="a_file is not a directory"):
+        build(setup, tmp_path / "a_file")
+    cache_files = ["manifest.json"] + [f"train-0000{i}.safetensors" for i in range(3)]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    build(setup, empty)
+    assert sorted(os.listdir(empty)) == cache_files
+    build(setup, empty)  # a finished cache is resumed: nothing to do, nothing refused
+    killed = tmp_path / "killed"  # a precompute killed before its first shard was committed
+    killed.mkdir()
+    (killed / "train-00000.safetensors.tmp-4242").write_text("half a shard")
+    build(setup, killed)
+    assert sorted(os.listdir(killed)) == cache_files
+
+
 def test_no_pickle_in_the_package():
     root = pathlib.Path(__file__).parent.parent / "sparsepo_lite"
     for path in root.rglob("*.py"):
         text = path.read_text()
-        for bad in ("torch.load(", "import pickle", "pickle.load", "weights_only=False"):
+        # catching pickle.UnpicklingError (a hostile file that torch or transformers refused) is fine
+        for bad in ("torch.load(", "pickle.load", "from pickle import", "Unpickler(", "weights_only=False"):
             assert bad not in text, f"{path}: {bad}"

@@ -25,19 +25,21 @@ def precompute_ref(
     """Read and check the config's data, load its model as training does, and write the cache."""
     import torch
 
-    from ..models import load_tokenizer
+    from ..models import check_tokenizer, load_tokenizer
     from ..refcache import run_fingerprint
-    from ..refcache.writer import precompute_reference
+    from ..refcache.writer import check_out_dir, precompute_reference
     from ..training.trainer import load_model, read_splits
     from .train import parse_train_config
 
     data_args, model_args, args, _ = parse_train_config(config_path, overrides)
+    check_out_dir(out)  # a folder that is not ours fails now, not after the data and the model load
     tok = load_tokenizer(model_args.model_name_or_path)
     files = {split: path for split, path in (("train", data_args.train_file), ("eval", data_args.eval_file)) if path}
     splits, reports = read_splits(tok, args, files)  # before the model loads
     for split, report in reports.items():
         print(f"{split} data: {report.summary()}", flush=True)
     model = load_model(model_args, args)
+    check_tokenizer(model, tok, model_args.model_name_or_path)
     fp = run_fingerprint(
         model,
         tok,
@@ -76,7 +78,11 @@ def precompute_ref(
 def add_parser(sub) -> None:
     p = sub.add_parser("precompute-ref", help=HELP, description=__doc__)
     p.add_argument("config", help="the training YAML (model, data, max lengths); --field value overrides a key")
-    p.add_argument("--out", required=True, help="cache directory (an existing one is resumed)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="cache directory: new, empty, or an existing cache of this package (resumed)",
+    )
     p.add_argument(
         "--top-k",
         type=int,

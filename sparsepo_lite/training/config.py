@@ -151,6 +151,14 @@ class SparsePOConfig(transformers.TrainingArguments):
         )
         check_number("learning_rate", self.learning_rate, low=0)
         check_number("weight_decay", self.weight_decay, low=0)
+        # torch's optimizers check these only when training starts, after the model has loaded, and
+        # name an "index 0" rather than the field
+        check_number("adam_beta1", self.adam_beta1, low=0, high=1, high_open=True)
+        check_number("adam_beta2", self.adam_beta2, low=0, high=1, high_open=True)
+        check_number("adam_epsilon", self.adam_epsilon, low=0)
+        check_number("seed", self.seed, low=0, high=2**32 - 1, integer=True)
+        check_number("data_seed", self.data_seed, low=0, high=2**32 - 1, integer=True, optional=True)
+        check_number("dataloader_num_workers", self.dataloader_num_workers, low=0, integer=True)
         check_number("max_grad_norm", self.max_grad_norm, low=0, optional=True)
         check_number("num_train_epochs", self.num_train_epochs, low=0, low_open=True)
         check_number("warmup_steps", self.warmup_steps, low=0)

@@ -23,7 +23,7 @@ from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tup
 
 import torch
 
-from ..models import lm_head, reference_model, unwrap
+from ..models import embedding_rows, lm_head, reference_model, unwrap
 from ..objective import LossConfig, check_batch, compute_loss, merge_metrics, online_reference
 from ..ops import DEFAULT_CHUNK_BYTES, default_chunk_size
 from ..refcache import keys, select_pairs
@@ -120,7 +120,9 @@ def sharded_loss(
     fewer pairs). ``context``: entered around each shard's forward in its own thread (autocast,
     ``torch.no_grad``). The online reference runs first for every shard at once, inside one switch of
     the model to its reference (the adapter switch is module state: it cannot change per thread)."""
-    ids, _, positions = check_batch(batch)  # here, so that an error names the batch's rows, not a shard's
+    ids, _, positions = check_batch(
+        batch, embedding_rows(model)
+    )  # here, so that an error names the batch's rows, not a shard's
     per_row = positions.response.sum(dim=1)
     pairs = ids.shape[0] // 2
     ranges = pair_ranges(pairs, pool.threads)

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import tempfile
 from collections import defaultdict
@@ -22,10 +23,10 @@ from typing import Dict, List, Optional
 import torch
 import transformers
 
-from ..data import PreferenceCollator, PreferenceExample, pad_id, tokenize_dataset
+from ..data import BadRow, PreferenceCollator, PreferenceExample, pad_id, tokenize_dataset
 from ..errors import TrainingError
 from ..masks import MASK_CONFIG, MASK_WEIGHTS, SparsePOMasks, load_masks, save_masks
-from ..models import ModelConfig, any_dropout, dropout_sites, load_policy, load_tokenizer, unwrap
+from ..models import ModelConfig, any_dropout, check_tokenizer, dropout_sites, load_policy, load_tokenizer, unwrap
 from ..objective import compute_loss, runs_in_shards
 from ..refcache import CachedExample, CachedReferenceCollator, RefCache, run_fingerprint
 from ..waits import LoadGuard, cpu_load_guard
@@ -104,14 +105,39 @@ def mask_drift(masks: SparsePOMasks, init: List[torch.Tensor]) -> float:
 
 
 class _RunConfigWriter(transformers.TrainerCallback):
-    """Writes the run configuration when training begins (after any checkpoint has loaded)."""
+    """At the first step (the optimizer made and everything of a checkpoint loaded, its random
+    generators last): removes the run that ``overwrite_output_dir`` replaces and writes this run's
+    configuration, so that a run that fails to start changes nothing in its folder."""
 
     def __init__(self, trainer: "SparsePOTrainer"):
         self.trainer = trainer
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        if args.should_save:
+    def on_step_begin(self, args, state, control, **kwargs):
+        if args.should_save and not self.trainer._run_config_written:
+            self.trainer.remove_old_run()
             self.trainer.write_run_config()
+        self.trainer._run_config_written = True
+
+
+def all_finite(tensors: List[torch.Tensor]) -> bool:
+    """Whether every element of every tensor (any shapes, floating dtypes, devices) is finite."""
+    # One sum per tensor and one host sync (checking each of SmolLM2's 420 LoRA tensors took 14 ms a
+    # step on the CPU, and a sync each on a GPU): a finite sum means every element is finite, since
+    # an inf or NaN makes it inf or NaN. Only a sum that is not, which huge finite values can also
+    # give by overflowing, is looked at element by element. The sums meet on the first tensor's
+    # device, for a model split over several.
+    if not tensors:
+        return True
+    with torch.no_grad():
+        sums = [t.sum(dtype=torch.float32).to(tensors[0].device) for t in tensors]
+        if bool(torch.stack(sums).isfinite().all()):
+            return True
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+#: Optimizer state entries that hold one value per parameter element (torch's and bitsandbytes'
+#: optimizers), so they must have the parameter's shape; the rest (steps, quantisation maps) need not.
+PER_ELEMENT_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "state1", "state2")
 
 
 class _FiniteWeights(transformers.TrainerCallback):
@@ -122,24 +148,11 @@ class _FiniteWeights(transformers.TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        params = self.trainer._trained_parameters()
-        # One sum per tensor and one host sync (checking each of SmolLM2's 420 LoRA tensors took 14
-        # ms a step on the CPU, and a sync each on a GPU): a finite sum means every element is finite,
-        # since an inf or NaN makes it inf or NaN. Only a sum that is not, which huge finite weights
-        # can also give by overflowing, is looked at element by element. The sums meet on the first
-        # tensor's device, for a model split over several.
-        if not params:
-            return
-        with torch.no_grad():
-            sums = [p.sum(dtype=torch.float32).to(params[0].device) for p in params]
-            if bool(torch.stack(sums).isfinite().all()):
-                return
-        for p in params:
-            if not torch.isfinite(p).all():
-                raise TrainingError(
-                    f"step {state.global_step}: trained weights are no longer finite; lower the "
-                    "learning rate (the adapter was not saved)"
-                )
+        if not all_finite(self.trainer._trained_parameters()):
+            raise TrainingError(
+                f"step {state.global_step}: trained weights are no longer finite; lower the "
+                "learning rate (the adapter was not saved)"
+            )
 
 
 class _CPULoadGuard(transformers.TrainerCallback):
@@ -166,13 +179,17 @@ def read_splits(tokenizer, args: SparsePOConfig, splits: Dict[str, object]):
         if rows is None or (isinstance(rows, list) and rows and isinstance(rows[0], PreferenceExample)):
             data[split] = rows
             continue
-        data[split], reports[split] = tokenize_dataset(
-            rows,
-            tokenizer,
-            max_length=args.max_length,
-            max_prompt_length=args.max_prompt_length,
-            strict=args.strict_data,
-        )
+        try:
+            data[split], reports[split] = tokenize_dataset(
+                rows,
+                tokenizer,
+                max_length=args.max_length,
+                max_prompt_length=args.max_prompt_length,
+                strict=args.strict_data,
+            )
+        except BadRow as exc:  # strict_data: the row number alone does not say which split's file
+            where = f" ({os.fspath(rows)})" if isinstance(rows, (str, os.PathLike)) else ""
+            raise BadRow(f"{split} data{where}: {exc}") from None
         if reports[split].dropped or reports[split].truncated:
             logger.warning("%s data: %s", split, reports[split].summary())
     return data, reports
@@ -248,6 +265,9 @@ class SparsePOTrainer(transformers.Trainer):
                 )
         if load:  # after the data: a bad file is found in seconds, not after loading a 16 GB model
             model = load_model(model_config, args)
+        check_tokenizer(
+            model, processing_class, model_config.model_name_or_path if load else type(unwrap(model)).__name__
+        )
         if args.loss_type == "sparsepo" and masks is None:
             transformers.set_seed(args.seed)  # the mask init is part of the run: same seed, same run
             masks = SparsePOMasks.for_model(
@@ -586,6 +606,7 @@ class SparsePOTrainer(transformers.Trainer):
         ``resume_fresh_optimizer``), and writing the run's configuration. Raises
         :class:`TrainingError` when the run cannot start or did not train (see the class doc)."""
         resume = self._checkpoint_to_resume(resume_from_checkpoint)
+        self._old_run_files, self._run_config_written = [], False
         self._on_main_then_all(lambda: self._prepare_output_dir(resume))
         self.skipped_steps, self._micro_losses, self._step_losses, self._window = 0, [], [], []
         self._mask_warned, self._diverged = set(), False
@@ -743,8 +764,8 @@ class SparsePOTrainer(transformers.Trainer):
         if has_masks:
             try:
                 saved_masks = load_masks(folder)
-            except (OSError, ValueError) as exc:
-                bad(MASK_CONFIG, str(exc))
+            except (OSError, ValueError) as exc:  # the message names the file
+                raise TrainingError(f"resume_from_checkpoint: {exc}") from None
             mine = {k: tuple(v.shape) for k, v in self.masks.state_dict().items()}
             if {k: tuple(v.shape) for k, v in saved_masks.state_dict().items()} != mine:
                 bad(MASK_WEIGHTS, "mask nets of another shape (independent_masks or the model differ)")
@@ -774,18 +795,34 @@ class SparsePOTrainer(transformers.Trainer):
                     f"{', ...' if len(present) > 5 else ''}): pass --overwrite_output_dir to replace "
                     "the run in it, or --resume_from_checkpoint to continue it"
                 )
-            for name in present:  # what a run writes, so nothing stale (an old mask net) outlives it
-                path = os.path.join(out, name)
-                if name.startswith(transformers.trainer_utils.PREFIX_CHECKPOINT_DIR + "-") and os.path.isdir(path):
-                    shutil.rmtree(path)
-                elif name in RUN_FILES or name.startswith("data_report_"):
-                    os.remove(path)
+            # what a run writes, so nothing stale (an old mask net) outlives it; removed only when
+            # training begins, so a run that fails to start (a bad optimizer setting, a checkpoint or
+            # device error) leaves the old run as it was
+            self._old_run_files = [
+                os.path.join(out, name)
+                for name in present
+                if name in RUN_FILES
+                or name.startswith("data_report_")
+                or (
+                    name.startswith(transformers.trainer_utils.PREFIX_CHECKPOINT_DIR + "-")
+                    and os.path.isdir(os.path.join(out, name))
+                )
+            ]
         check_writable(out)
 
+    def remove_old_run(self) -> None:
+        """Remove the files of the run that ``overwrite_output_dir`` replaces (found by ``train``)."""
+        for path in self._old_run_files:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.remove(path)
+        self._old_run_files = []
+
     def write_run_config(self) -> None:
-        """Write the run's resolved configuration into output_dir (atomically). Called when training
-        begins, after a checkpoint to resume from has loaded: a failed resume leaves the folder's
-        configuration as it was."""
+        """Write the run's resolved configuration into output_dir (atomically). Called as the first
+        step begins, after all of a checkpoint to resume from has loaded: a failed resume leaves the
+        folder's configuration as it was."""
         import yaml
 
         path = os.path.join(self.args.output_dir, RUN_CONFIG)
@@ -820,6 +857,73 @@ class SparsePOTrainer(transformers.Trainer):
                     f,
                     indent=1,
                 )
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # transformers' loader raises whatever torch does (a KeyError for a scheduler state that is
+        # not one, an unpickling error that suggests turning the safe loading off for a file holding code), and
+        # torch's optimizers take moments of any shape, which corrupt memory at the first step
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except pickle.UnpicklingError as exc:
+            raise TrainingError(
+                f"resume_from_checkpoint: {checkpoint}: its optimizer or scheduler state holds objects other "
+                "than tensors and plain values (refused without running them)"
+            ) from exc
+        except Exception as exc:
+            raise TrainingError(
+                f"resume_from_checkpoint: {checkpoint}: its optimizer or scheduler state does not load into "
+                f"this run ({type(exc).__name__}: {exc})"
+            ) from exc
+        if checkpoint is not None:
+            self._check_resumed_state(checkpoint)
+
+    def _check_resumed_state(self, checkpoint: str) -> None:
+        """The weights and optimizer state just loaded from ``checkpoint`` are finite and the
+        optimizer's per-element moments have their parameters' shapes; raises :class:`TrainingError`
+        naming the file and the parameter."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        if self.masks is not None:
+            names.update({id(p): f"mask net {n}" for n, p in self.masks.named_parameters()})
+        params = self._trained_parameters()
+        if not all_finite(params):
+            bad = next(names.get(id(p), "a trained weight") for p in params if not all_finite([p]))
+            raise TrainingError(
+                f"resume_from_checkpoint: {checkpoint}: {bad} is not finite in the checkpoint's weights "
+                f"(adapter_model.safetensors or {MASK_WEIGHTS})"
+            )
+        optimizer_file = os.path.join(checkpoint, transformers.trainer.OPTIMIZER_NAME)
+        moments = []
+        for p in params:
+            for key, value in self.optimizer.state.get(p, {}).items():
+                if key not in PER_ELEMENT_STATE or not torch.is_tensor(value):
+                    continue
+                if value.shape != p.shape:
+                    raise TrainingError(
+                        f"resume_from_checkpoint: {optimizer_file}: {key} of {names.get(id(p), 'a parameter')} "
+                        f"has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}"
+                    )
+                moments.append((p, key, value))
+        if not all_finite([v for _, _, v in moments if v.is_floating_point()]):
+            p, key, _ = next(m for m in moments if m[2].is_floating_point() and not all_finite([m[2]]))
+            raise TrainingError(
+                f"resume_from_checkpoint: {optimizer_file}: {key} of {names.get(id(p), 'a parameter')} is not finite"
+            )
+
+    def _load_rng_state(self, checkpoint):
+        # transformers restores the random generators as the first step begins, and raises whatever
+        # torch or numpy does for states that are not theirs
+        try:
+            super()._load_rng_state(checkpoint)
+        except pickle.UnpicklingError as exc:
+            raise TrainingError(
+                f"resume_from_checkpoint: {checkpoint}: its random-generator state holds objects other than "
+                "tensors and plain values (refused without running them)"
+            ) from exc
+        except Exception as exc:
+            raise TrainingError(
+                f"resume_from_checkpoint: {checkpoint}: its random-generator state (rng_state*.pth) cannot be "
+                f"restored ({type(exc).__name__}: {exc})"
+            ) from exc
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
