@@ -256,3 +256,51 @@ def test_no_pickle_in_the_package():
         # catching pickle.UnpicklingError (a hostile file that torch or transformers refused) is fine
         for bad in ("torch.load(", "pickle.load", "from pickle import", "Unpickler(", "weights_only=False"):
             assert bad not in text, f"{path}: {bad}"
+
+
+def test_the_fingerprint_is_the_same_on_any_thread_count_and_sees_weights_changed_in_place(setup):
+    # SmolLM2's head shape: torch's float64 sum of it differs between 1 and 2 threads
+    config = transformers.LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    tok = setup[1]
+
+    def fingerprint(lm):
+        return run_fingerprint(lm, tok, {}, model_name="m", max_length=32, max_prompt_length=16)
+
+    threads = torch.get_num_threads()
+    try:
+        prints = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            prints.append(fingerprint(model))
+    finally:
+        torch.set_num_threads(threads)
+    assert prints[0] == prints[1]
+    with torch.no_grad():  # an edit of the backbone under the same name and config (a merged SFT)
+        model.model.layers[0].mlp.down_proj.weight[3, 5] += 1e-3
+    changed = fingerprint(model)
+    assert [k for k in changed if changed[k] != prints[0][k]] == ["weights_sha256"]
+    # the 4-bit policy: its packed codes count, its LoRA adapter does not
+    policy = setup[0]
+    before = fingerprint(policy)
+    codes = policy.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    lora = policy.get_base_model().model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    with torch.no_grad():
+        lora.add_(1.0)
+        assert fingerprint(policy) == before
+        codes.data[0] ^= 1
+        try:
+            assert fingerprint(policy)["weights_sha256"] != before["weights_sha256"]
+        finally:
+            codes.data[0] ^= 1
+            lora.sub_(1.0)
+    assert fingerprint(policy) == before

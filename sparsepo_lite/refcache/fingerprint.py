@@ -7,6 +7,8 @@ import hashlib
 import json
 from typing import Dict, Optional, Sequence
 
+import torch
+
 from ..data import PreferenceExample
 from ..models import unwrap
 from .format import CacheError, dtype_name, sha256_json
@@ -20,8 +22,35 @@ def examples_sha256(examples: Sequence[PreferenceExample]) -> str:
     return h.hexdigest()
 
 
+#: Signed integers of each element size, to read a tensor's bits as numbers.
+_BITS_AS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def weights_sha256(lm) -> str:
+    """Hash of the bits of every base weight of ``lm`` (a causal LM, peft-wrapped or not; LoRA
+    adapters left out), 4-bit codes included, so that a model changed in place under the same name
+    and config (an SFT merged into its folder) does not pass for the one a cache was made from.
+
+    Each tensor enters as two integer sums of its bits (all of them, and every 7th), which are
+    exact and so the same on any device and thread count; float sums are not (torch's CPU sum of
+    SmolLM2's head in float64 differs in its last digit between 1 and 2 threads)."""
+    entries, sums = [], []
+    with torch.no_grad():
+        for name, p in unwrap(lm).named_parameters():
+            if "lora_" in name:
+                continue
+            bits = p.detach().contiguous().view(-1).view(_BITS_AS[p.element_size()])
+            entries.append([name.replace(".base_layer", ""), list(p.shape), dtype_name(p.dtype)])
+            sums += [bits.sum(dtype=torch.int64), bits[::7].sum(dtype=torch.int64)]
+        device = sums[0].device if sums else "cpu"
+        values = torch.stack([s.to(device) for s in sums]).tolist() if sums else []  # one sync
+    for i, entry in enumerate(entries):
+        entry += values[2 * i : 2 * i + 2]
+    return sha256_json(entries)
+
+
 def model_identity(lm, name: str) -> Dict[str, str]:
-    """Name, config hash, quantization and a probe of the (never quantized) head weights."""
+    """Name, config hash, quantization, compute dtype and :func:`weights_sha256`."""
     lm = unwrap(lm)
     quantization = "4bit" if getattr(lm, "is_loaded_in_4bit", False) else "none"
     cfg = {
@@ -30,14 +59,12 @@ def model_identity(lm, name: str) -> Dict[str, str]:
         if not k.startswith("_")
         and k not in ("transformers_version", "torch_dtype", "dtype", "quantization_config", "use_cache")
     }
-    head = lm.get_output_embeddings().weight.detach()
-    probe = head.double()
     return {
         "model": name,
         "model_config_sha256": sha256_json(cfg),
         "quantization": quantization,
-        "compute_dtype": dtype_name(head.dtype),
-        "head_probe": f"{probe.sum().item():.17g}/{probe.square().sum().item():.17g}",
+        "compute_dtype": dtype_name(lm.get_output_embeddings().weight.dtype),
+        "weights_sha256": weights_sha256(lm),
     }
 
 
