@@ -96,29 +96,39 @@ class UnreadableRow:
     reason: str
 
 
+#: The fields of a row that training reads; a key repeated elsewhere (a metadata object) is harmless.
+ROW_FIELDS = ("prompt", "chosen", "rejected", "chosen_token_weights", "rejected_token_weights")
+
+
 class _RepeatedKeys:
     """A ``json`` object hook that notes every object naming a key twice: ``json`` would keep the
     last value silently, so a row with two "chosen" would train on one of them unnoticed."""
 
     def __init__(self):
-        self.found: Dict[int, str] = {}  # id of the object -> its first repeated key
+        self.found: Dict[int, List[str]] = {}  # id of the object -> the keys it repeats
         self.objects: List[dict] = []  # keeps those objects alive, so their ids stay theirs
 
     def __call__(self, pairs):
         obj = dict(pairs)
         if len(obj) != len(pairs):
-            seen = set()
-            self.found[id(obj)] = next(k for k, _ in pairs if k in seen or seen.add(k))
+            seen: set = set()
+            self.found[id(obj)] = list(dict.fromkeys(k for k, _ in pairs if k in seen or seen.add(k)))
             self.objects.append(obj)
         return obj
 
     def reason(self, row) -> Optional[str]:
-        """Why ``row`` is unusable if it or an object inside it repeats a key, else None."""
-        stack = [row]
-        while self.found and stack:  # iterative: a row may nest as deep as json allows
+        """Why ``row`` is unusable if it repeats one of :data:`ROW_FIELDS`, or an object inside one
+        of those repeats any key, else None."""
+        if not self.found or not isinstance(row, dict):
+            return None
+        used = [k for k in self.found.get(id(row), ()) if k in ROW_FIELDS]
+        if used:
+            return f"key {used[0]!r} appears more than once"
+        stack = [row[k] for k in ROW_FIELDS if k in row]
+        while stack:  # iterative: a field may nest as deep as json allows
             value = stack.pop()
             if id(value) in self.found:
-                return f"key {self.found[id(value)]!r} appears more than once"
+                return f"key {self.found[id(value)][0]!r} appears more than once"
             stack.extend(value.values() if isinstance(value, dict) else value if isinstance(value, list) else ())
         return None
 

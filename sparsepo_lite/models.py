@@ -180,7 +180,9 @@ def resolve_model_path(name: str) -> str:
         from .smollm2 import smollm2_path
 
         return str(smollm2_path())
-    if (os.path.isabs(name) or name.startswith((".", "~"))) and not os.path.exists(os.path.expanduser(name)):
+    if name.startswith("~"):
+        name = os.path.expanduser(name)  # transformers would take "~/x" for a hub name
+    if (os.path.isabs(name) or name.startswith(".")) and not os.path.exists(name):
         raise ValueError(f"{name}: no such folder")
     return name
 

@@ -104,7 +104,7 @@ def check_batch(
             raise TypeError(f"{key} must hold integer token ids, got {tensor.dtype}")
     if vocab_size is not None and ids.numel():
         # the embedding's own error for an id past its rows names neither the tensor nor the row
-        low, high = int(ids.min()), int(ids.max())
+        low, high = torch.stack(torch.aminmax(ids)).tolist()  # one host sync
         if low < 0 or high >= vocab_size:
             row = int(((ids < 0) | (ids >= vocab_size)).any(dim=1).nonzero()[0])
             raise ValueError(

@@ -256,12 +256,14 @@ def test_a_repeated_key_is_a_bad_row_in_jsonl_and_json_files(tok, tmp_path):
         '{"prompt": [{"role": "user", "content": "Rate it."}], "chosen": [{"role": "assistant", '
         '"content": "Great.", "content": "Meh."}], "rejected": [{"role": "assistant", "content": "Bad."}]}'
     )
-    # the same keys in several objects of a row are no repeat
+    # the same keys in several objects of a row are no repeat, nor is a key repeated outside the
+    # fields training reads
     conv = nested.replace('"content": "Great.", "content": "Meh."', '"content": "Great."')
+    unused = good[:-1] + ', "meta": {"id": 1, "id": 2}, "source": "a", "source": "b"}'
     jsonl = tmp_path / "pairs.jsonl"
-    jsonl.write_text("\n".join([good, twice, nested, conv]) + "\n")
+    jsonl.write_text("\n".join([good, twice, nested, conv, unused]) + "\n")
     examples, report = tokenize_dataset(str(jsonl), tok, max_length=64, max_prompt_length=32)
-    assert [e.index for e in examples] == [0, 3]
+    assert [e.index for e in examples] == [0, 3, 4]
     assert report.dropped == [
         (1, "line 2: key 'chosen' appears more than once"),
         (2, "line 3: key 'content' appears more than once"),

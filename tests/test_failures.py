@@ -19,11 +19,11 @@ from sparsepo_lite.cli import main
 from sparsepo_lite.cli.train import parse_train_config
 from sparsepo_lite.errors import TrainingError
 from sparsepo_lite.eval.runs import load_run
-from sparsepo_lite.models import ModelConfig, load_policy, load_tokenizer
+from sparsepo_lite.models import ModelConfig, load_policy, load_tokenizer, resolve_model_path
 from sparsepo_lite.refcache import CacheError, RefCache, read_manifest, run_fingerprint, verify_cache
 from sparsepo_lite.refcache.writer import precompute_reference
 from sparsepo_lite.training import SparsePOConfig, SparsePOTrainer
-from sparsepo_lite.training.trainer import read_splits
+from sparsepo_lite.training.trainer import moment_fits, read_splits
 
 from conftest import review_rows, save_tiny_llama
 
@@ -920,3 +920,23 @@ def test_a_bad_row_under_strict_data_names_the_split_and_its_file(tiny_dir, tmp_
         read_splits(tok, args, {"train": str(good), "eval": str(bad)})
     with pytest.raises(ValueError, match=r"^train data: row 2: 'chosen' and 'rejected' are identical"):
         read_splits(tok, args, {"train": rows})
+
+
+def test_optimizer_moments_fit_their_parameter_or_stack_on_it():
+    p = torch.zeros(4, 32)
+    assert moment_fits(torch.zeros(4, 32), p)
+    assert moment_fits(torch.zeros(2, 4, 32), p)  # bitsandbytes' AdEMAMix keeps two moments in one state1
+    for shape in [(1, 32), (32,), (4, 33), (2, 2, 4, 32), (128,)]:
+        assert not moment_fits(torch.zeros(shape), p), shape
+    assert moment_fits(torch.zeros(()), torch.zeros(())) and not moment_fits(torch.zeros(3, 3), torch.zeros(()))
+
+
+def test_model_paths_that_are_plainly_local_are_resolved_or_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    assert resolve_model_path("~/models/m") == str(tmp_path / "models" / "m")  # not left for a hub name
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/models/gone: no such folder"):
+        resolve_model_path("~/models/gone")
+    with pytest.raises(ValueError, match="^./not-here: no such folder"):
+        resolve_model_path("./not-here")
+    assert resolve_model_path("org/name") == "org/name"  # a hub name, or a relative folder: transformers decides

@@ -242,6 +242,10 @@ def test_precompute_writes_only_into_a_new_or_empty_folder_or_a_cache(setup, tmp
     build(setup, empty)
     assert sorted(os.listdir(empty)) == cache_files
     build(setup, empty)  # a finished cache is resumed: nothing to do, nothing refused
+    mount = tmp_path / "mount"  # a fresh file system's root holds lost+found
+    (mount / "lost+found").mkdir(parents=True)
+    build(setup, mount)
+    assert sorted(os.listdir(mount)) == sorted(cache_files + ["lost+found"])
     killed = tmp_path / "killed"  # a precompute killed before its first shard was committed
     killed.mkdir()
     (killed / "train-00000.safetensors.tmp-4242").write_text("half a shard")

@@ -41,7 +41,10 @@ def weights_sha256(lm) -> str:
                 continue
             bits = p.detach().contiguous().view(-1).view(_BITS_AS[p.element_size()])
             entries.append([name.replace(".base_layer", ""), list(p.shape), dtype_name(p.dtype)])
-            sums += [bits.sum(dtype=torch.int64), bits[::7].sum(dtype=torch.int64)]
+            # in pieces: a sum to int64 converts its input first, 8x a 4-bit tensor's bytes, which
+            # for an 8B model's embedding would be 4.8 GB more on the GPU at once
+            for part in (bits, bits[::7]):
+                sums.append(torch.stack([c.sum(dtype=torch.int64) for c in part.split(1 << 24)]).sum())
         device = sums[0].device if sums else "cpu"
         values = torch.stack([s.to(device) for s in sums]).tolist() if sums else []  # one sync
     for i, entry in enumerate(entries):

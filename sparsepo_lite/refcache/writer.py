@@ -199,7 +199,7 @@ def check_out_dir(out_dir: str) -> None:
     if os.path.isfile(os.path.join(out_dir, MANIFEST)):
         read_manifest(out_dir)  # a manifest.json of another kind is refused here, naming its field
         return
-    names = os.listdir(out_dir)
+    names = [f for f in os.listdir(out_dir) if f not in ("lost+found", ".DS_Store")]  # a fresh mount, a Mac
     ours = [f for f in names if _OWN_TEMP.fullmatch(f)]
     others = sorted(set(names) - set(ours))
     # Shard files no manifest lists are never overwritten. Otherwise a precompute killed before its

@@ -136,8 +136,15 @@ def all_finite(tensors: List[torch.Tensor]) -> bool:
 
 
 #: Optimizer state entries that hold one value per parameter element (torch's and bitsandbytes'
-#: optimizers), so they must have the parameter's shape; the rest (steps, quantisation maps) need not.
+#: optimizers), so they must end in the parameter's shape (AdEMAMix stacks two, as [2, *shape]);
+#: the rest (steps, quantisation maps) need not.
 PER_ELEMENT_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "state1", "state2")
+
+
+def moment_fits(value: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether a per-element optimizer state (:data:`PER_ELEMENT_STATE`) is shaped for ``param``:
+    its shape, or one leading dimension before it."""
+    return value.dim() - param.dim() in (0, 1) and value.shape[value.dim() - param.dim() :] == param.shape
 
 
 class _FiniteWeights(transformers.TrainerCallback):
@@ -895,9 +902,10 @@ class SparsePOTrainer(transformers.Trainer):
         moments = []
         for p in params:
             for key, value in self.optimizer.state.get(p, {}).items():
-                if key not in PER_ELEMENT_STATE or not torch.is_tensor(value):
+                # a tensor subclass (torchao's low-bit states) has its own layout and reductions
+                if key not in PER_ELEMENT_STATE or type(value) is not torch.Tensor:
                     continue
-                if value.shape != p.shape:
+                if not moment_fits(value, p):
                     raise TrainingError(
                         f"resume_from_checkpoint: {optimizer_file}: {key} of {names.get(id(p), 'a parameter')} "
                         f"has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}"
