@@ -100,37 +100,39 @@ class UnreadableRow:
 ROW_FIELDS = ("prompt", "chosen", "rejected", "chosen_token_weights", "rejected_token_weights")
 
 
-class _RepeatedKeys:
-    """A ``json`` object hook that notes every object naming a key twice: ``json`` would keep the
-    last value silently, so a row with two "chosen" would train on one of them unnoticed."""
+class _KeysRepeated(dict):
+    """A JSON object that named some keys (``repeated``) more than once: ``json`` keeps the last
+    value silently, so a row with two "chosen" would train on one of them unnoticed."""
 
-    def __init__(self):
-        self.found: Dict[int, List[str]] = {}  # id of the object -> the keys it repeats
-        self.objects: List[dict] = []  # keeps those objects alive, so their ids stay theirs
+    repeated: List[str]
 
-    def __call__(self, pairs):
-        obj = dict(pairs)
-        if len(obj) != len(pairs):
-            seen: set = set()
-            self.found[id(obj)] = list(dict.fromkeys(k for k, _ in pairs if k in seen or seen.add(k)))
-            self.objects.append(obj)
+
+def _json_object(pairs) -> dict:
+    """``object_pairs_hook`` for the row readers: a plain dict, or a :class:`_KeysRepeated`."""
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
         return obj
+    seen: set = set()
+    marked = _KeysRepeated(obj)
+    marked.repeated = list(dict.fromkeys(k for k, _ in pairs if k in seen or seen.add(k)))
+    return marked
 
-    def reason(self, row) -> Optional[str]:
-        """Why ``row`` is unusable if it repeats one of :data:`ROW_FIELDS`, or an object inside one
-        of those repeats any key, else None."""
-        if not self.found or not isinstance(row, dict):
-            return None
-        used = [k for k in self.found.get(id(row), ()) if k in ROW_FIELDS]
-        if used:
-            return f"key {used[0]!r} appears more than once"
-        stack = [row[k] for k in ROW_FIELDS if k in row]
-        while stack:  # iterative: a field may nest as deep as json allows
-            value = stack.pop()
-            if id(value) in self.found:
-                return f"key {self.found[id(value)][0]!r} appears more than once"
-            stack.extend(value.values() if isinstance(value, dict) else value if isinstance(value, list) else ())
+
+def _repeated_key(row) -> Optional[str]:
+    """Why ``row`` is unusable if it repeats one of :data:`ROW_FIELDS`, or an object inside one of
+    those repeats any key, else None."""
+    if not isinstance(row, dict):
         return None
+    used = [k for k in getattr(row, "repeated", ()) if k in ROW_FIELDS]
+    if used:
+        return f"key {used[0]!r} appears more than once"
+    stack = [row[k] for k in ROW_FIELDS if k in row]
+    while stack:  # iterative: a field may nest as deep as json allows
+        value = stack.pop()
+        if isinstance(value, _KeysRepeated):
+            return f"key {value.repeated[0]!r} appears more than once"
+        stack.extend(value.values() if isinstance(value, dict) else value if isinstance(value, list) else ())
+    return None
 
 
 def read_rows(source, *, bad_lines: str = "raise") -> List[Any]:
@@ -155,10 +157,9 @@ def read_rows(source, *, bad_lines: str = "raise") -> List[Any]:
                         raw = raw[3:]
                     if not raw.strip():
                         continue
-                    repeated = _RepeatedKeys()
                     try:
-                        row = json.loads(raw.decode("utf-8"), object_pairs_hook=repeated)
-                        why = repeated.reason(row)
+                        row = json.loads(raw.decode("utf-8"), object_pairs_hook=_json_object)
+                        why = _repeated_key(row)
                         if why is None:
                             rows.append(row)
                             continue
@@ -173,10 +174,9 @@ def read_rows(source, *, bad_lines: str = "raise") -> List[Any]:
                     rows.append(UnreadableRow(f"line {n}: {why}"))
             return rows
         if path.endswith(".json"):
-            repeated = _RepeatedKeys()
             try:
                 with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not data
-                    data = json.load(f, object_pairs_hook=repeated)
+                    data = json.load(f, object_pairs_hook=_json_object)
             except UnicodeDecodeError as exc:
                 raise ValueError(f"{path}: not UTF-8 (byte {exc.start})") from None
             except (json.JSONDecodeError, RecursionError) as exc:
@@ -186,7 +186,7 @@ def read_rows(source, *, bad_lines: str = "raise") -> List[Any]:
             if not isinstance(data, list):
                 raise ValueError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
             for i, row in enumerate(data):
-                why = repeated.reason(row)
+                why = _repeated_key(row)
                 if why is not None:
                     if bad_lines == "raise":
                         raise ValueError(f"{path}: row {i}: {why}")

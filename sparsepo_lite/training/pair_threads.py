@@ -120,9 +120,8 @@ def sharded_loss(
     fewer pairs). ``context``: entered around each shard's forward in its own thread (autocast,
     ``torch.no_grad``). The online reference runs first for every shard at once, inside one switch of
     the model to its reference (the adapter switch is module state: it cannot change per thread)."""
-    ids, _, positions = check_batch(
-        batch, embedding_rows(model)
-    )  # here, so that an error names the batch's rows, not a shard's
+    # checked here, so that an error names the batch's rows, not a shard's
+    ids, _, positions = check_batch(batch, embedding_rows(model))
     per_row = positions.response.sum(dim=1)
     pairs = ids.shape[0] // 2
     ranges = pair_ranges(pairs, pool.threads)

@@ -141,6 +141,25 @@ def all_finite(tensors: List[torch.Tensor]) -> bool:
 PER_ELEMENT_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "state1", "state2")
 
 
+@contextlib.contextmanager
+def checkpoint_errors(checkpoint: str, what: str, failure: str):
+    """Raise what transformers' loading of part of a checkpoint raises (torch's or numpy's own
+    errors: a KeyError for a scheduler state that is not one, an unpickling error that suggests
+    turning safe loading off for a file holding code) as one :class:`TrainingError` naming the
+    checkpoint and ``what`` it was loading; ``failure`` says how it failed."""
+    try:
+        yield
+    except pickle.UnpicklingError as exc:
+        raise TrainingError(
+            f"resume_from_checkpoint: {checkpoint}: its {what} holds objects other than tensors and plain "
+            "values (refused without running them)"
+        ) from exc
+    except Exception as exc:
+        raise TrainingError(
+            f"resume_from_checkpoint: {checkpoint}: its {what} {failure} ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
 def moment_fits(value: torch.Tensor, param: torch.Tensor) -> bool:
     """Whether a per-element optimizer state (:data:`PER_ELEMENT_STATE`) is shaped for ``param``:
     its shape, or one leading dimension before it."""
@@ -803,7 +822,7 @@ class SparsePOTrainer(transformers.Trainer):
                     "the run in it, or --resume_from_checkpoint to continue it"
                 )
             # what a run writes, so nothing stale (an old mask net) outlives it; removed only when
-            # training begins, so a run that fails to start (a bad optimizer setting, a checkpoint or
+            # the first step begins, so a run that fails to start (a bad optimizer setting, a checkpoint or
             # device error) leaves the old run as it was
             self._old_run_files = [
                 os.path.join(out, name)
@@ -866,21 +885,9 @@ class SparsePOTrainer(transformers.Trainer):
                 )
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        # transformers' loader raises whatever torch does (a KeyError for a scheduler state that is
-        # not one, an unpickling error that suggests turning the safe loading off for a file holding code), and
         # torch's optimizers take moments of any shape, which corrupt memory at the first step
-        try:
+        with checkpoint_errors(checkpoint, "optimizer or scheduler state", "does not load into this run"):
             super()._load_optimizer_and_scheduler(checkpoint)
-        except pickle.UnpicklingError as exc:
-            raise TrainingError(
-                f"resume_from_checkpoint: {checkpoint}: its optimizer or scheduler state holds objects other "
-                "than tensors and plain values (refused without running them)"
-            ) from exc
-        except Exception as exc:
-            raise TrainingError(
-                f"resume_from_checkpoint: {checkpoint}: its optimizer or scheduler state does not load into "
-                f"this run ({type(exc).__name__}: {exc})"
-            ) from exc
         if checkpoint is not None:
             self._check_resumed_state(checkpoint)
 
@@ -917,21 +924,9 @@ class SparsePOTrainer(transformers.Trainer):
                 f"resume_from_checkpoint: {optimizer_file}: {key} of {names.get(id(p), 'a parameter')} is not finite"
             )
 
-    def _load_rng_state(self, checkpoint):
-        # transformers restores the random generators as the first step begins, and raises whatever
-        # torch or numpy does for states that are not theirs
-        try:
+    def _load_rng_state(self, checkpoint):  # transformers restores them as the first step begins
+        with checkpoint_errors(checkpoint, "random-generator state", "(rng_state*.pth) cannot be restored"):
             super()._load_rng_state(checkpoint)
-        except pickle.UnpicklingError as exc:
-            raise TrainingError(
-                f"resume_from_checkpoint: {checkpoint}: its random-generator state holds objects other than "
-                "tensors and plain values (refused without running them)"
-            ) from exc
-        except Exception as exc:
-            raise TrainingError(
-                f"resume_from_checkpoint: {checkpoint}: its random-generator state (rng_state*.pth) cannot be "
-                f"restored ({type(exc).__name__}: {exc})"
-            ) from exc
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
