@@ -49,6 +49,8 @@ SETTING_RANGES = {
     "top_k": dict(low=0, integer=True),
     "tail_samples": dict(low=0, integer=True),
     "prompt_frac": dict(low=0, high=1, high_open=True),
+    "pairs": dict(low=1, integer=True),
+    "lora_r": dict(low=1, integer=True),
 }
 
 
@@ -253,13 +255,16 @@ def plan_memory(
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     if quantization not in ("4bit", "none"):
         raise ValueError(f"quantization must be '4bit' or 'none', got {quantization!r}")
-    for name, value in (("seq_len", seq_len), ("top_k", top_k), ("tail_samples", tail_samples)):
+    for name, value in (
+        ("seq_len", seq_len),
+        ("top_k", top_k),
+        ("tail_samples", tail_samples),
+        ("pairs", pairs),
+        ("lora_r", lora_r),
+    ):
         check_setting(name, value)
     if not 0 <= prompt_len < seq_len:
         raise ValueError(f"prompt_len must be in [0, seq_len), got {prompt_len} with seq_len {seq_len}")
-    for name, value in (("pairs", pairs), ("lora_r", lora_r)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     b = DTYPE_BYTES[dtype]
     s = 2 * pairs * seq_len  # token positions in the batch (chosen + rejected rows)
     n = 2 * pairs * (seq_len - prompt_len)  # response tokens: the op's rows

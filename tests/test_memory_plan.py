@@ -184,6 +184,8 @@ def test_bad_settings_are_refused():
         (["--prompt-frac", "nan"], "--prompt-frac must be finite, got nan"),
         (["--prompt-frac", "1.5"], "--prompt-frac must be < 1, got 1.5"),
         (["--prompt-frac", "-1"], "--prompt-frac must be >= 0, got -1.0"),
+        (["--pairs", "0"], "--pairs must be >= 1, got 0"),
+        (["--lora-r", "0"], "--lora-r must be >= 1, got 0"),
         (["--gpu-mem", "abc"], "--gpu-mem: not a memory size: 'abc'"),
     ],
 )

@@ -54,7 +54,7 @@ def run(args, rest: List[str]) -> None:
     from ..memory_plan import GiB, check_setting, load_shape, max_seq_len, parse_bytes, plan_memory
 
     try:
-        for name in ("seq_len", "top_k", "tail_samples", "prompt_frac"):
+        for name in ("seq_len", "top_k", "tail_samples", "prompt_frac", "pairs", "lora_r"):
             value = getattr(args, name)
             if value is not None:  # --seq-len left out: the largest that fits
                 check_setting(name, value, label="--" + name.replace("_", "-"))
