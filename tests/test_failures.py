@@ -724,6 +724,11 @@ def test_reading_a_damaged_or_edited_run_names_the_file(cli_setup, tmp_path):
             (d / "sparsepo_config.yaml").read_text().replace("max_length: 32", "max_length: abc")
         )
     )
+    assert "sparsepo_config.yaml: unknown config key(s) ['lora_alhpa']" in broken(
+        lambda d: (d / "sparsepo_config.yaml").write_text(
+            (d / "sparsepo_config.yaml").read_text().replace("lora_alpha: 32", "lora_alhpa: 32")
+        )
+    )
     assert "lora_alpha is 4000 in its configuration but 32 in adapter_config.json" in broken(
         lambda d: (d / "sparsepo_config.yaml").write_text(
             (d / "sparsepo_config.yaml").read_text().replace("lora_alpha: 32", "lora_alpha: 4000")

@@ -24,7 +24,7 @@ def config_parser():
     fields by group (model, data, loss, masks, cache, run) before the TrainingArguments fields."""
     from transformers import HfArgumentParser
 
-    from ..training.config import GROUPS
+    from ..training.config import GROUPS, config_classes
 
     class Parser(HfArgumentParser):
         """Fields marked ``cli: False`` (ModelConfig's load-time options that the training config owns,
@@ -81,14 +81,6 @@ def config_parser():
     return parser
 
 
-def config_classes():
-    """The dataclasses a training config fills, in the order the parser returns them."""
-    from ..models import ModelConfig
-    from ..training.config import DataConfig, SparsePOConfig
-
-    return DataConfig, ModelConfig, SparsePOConfig
-
-
 def _to_argv(values: dict, parser) -> tuple:
     """(argv, nulls): the YAML values as command-line arguments, and the keys set to null.
 
@@ -126,6 +118,8 @@ def _to_argv(values: dict, parser) -> tuple:
 
 def _takes_none(name: str) -> bool:
     """Whether the config field ``name`` is declared Optional (None is a meaningful value)."""
+    from ..training.config import config_classes
+
     for dc in config_classes():
         if name in {f.name for f in dataclasses.fields(dc)}:
             hint = typing.get_type_hints(dc)[name]
@@ -141,6 +135,7 @@ def parse_train_config(config_path: str, overrides: List[str]):
     fields, every field of SparsePOConfig's own and the TrainingArguments fields the YAML or the
     command line set, all with their final values. Reading it back as a config gives the same run.
     """
+    from ..training.config import config_keys
     from ..validation import load_yaml
 
     if not os.path.isfile(config_path):
@@ -152,7 +147,7 @@ def parse_train_config(config_path: str, overrides: List[str]):
     if not isinstance(values, dict):
         raise SystemExit(f"{config_path}: expected a mapping of config keys, got {type(values).__name__}")
     parser = config_parser()
-    known = {f.name for dc in config_classes() for f in dataclasses.fields(dc) if f.metadata.get("cli", True)}
+    known = config_keys()
     unknown = sorted(str(k) for k in set(values) - known)
     if unknown:
         raise SystemExit(f"{config_path}: unknown config key(s) {unknown}; see `sparsepo-lite train --help`")

@@ -15,7 +15,7 @@ from ..masks import SparsePOMasks
 
 def run_config(run_dir: str) -> dict:
     """The run's resolved config (``sparsepo_config.yaml``) as a dict."""
-    from ..training.config import RUN_CONFIG
+    from ..training.config import RUN_CONFIG, config_keys
     from ..validation import check_number, load_yaml
 
     path = os.path.join(run_dir, RUN_CONFIG)
@@ -24,6 +24,10 @@ def run_config(run_dir: str) -> dict:
     cfg = load_yaml(path) or {}
     if not isinstance(cfg, dict) or not cfg.get("model_name_or_path"):
         raise ValueError(f"{path}: no model_name_or_path")
+    # an edited key the readers do not know would be ignored, and the run read with its default
+    unknown = sorted(str(k) for k in set(cfg) - config_keys())
+    if unknown:
+        raise ValueError(f"{path}: unknown config key(s) {unknown}; was it written by another sparsepo-lite version?")
     # what the readers of a run use beyond the model fields (checked by ModelConfig when it loads)
     try:
         for name in ("max_length", "max_prompt_length"):

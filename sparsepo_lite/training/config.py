@@ -33,6 +33,19 @@ GROUPS = {
 }
 
 
+def config_classes():
+    """The dataclasses a training config fills (DataConfig, ModelConfig, SparsePOConfig), in the order
+    ``sparsepo-lite train``'s parser returns them."""
+    from ..models import ModelConfig
+
+    return DataConfig, ModelConfig, SparsePOConfig
+
+
+def config_keys() -> set:
+    """Every key a training config (and so a run's ``sparsepo_config.yaml``) may hold."""
+    return {f.name for dc in config_classes() for f in dataclasses.fields(dc) if f.metadata.get("cli", True)}
+
+
 def _field(default=dataclasses.MISSING, *, group: str, help: str, **kw):
     return field(default=default, metadata={"group": group, "help": help}, **kw)
 
