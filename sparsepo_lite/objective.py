@@ -26,7 +26,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .data import ResponsePositions, response_positions
+from .data import IGNORE_INDEX, ResponsePositions, response_positions
 from .losses import LOSS_TYPES, pair_stats, preference_loss, token_weights_for
 from .masks import MAPO_HOOK_TYPES, SparsePOMasks, normalize_per_sequence
 from .models import backbone, embedding_rows, lm_head, unwrap
@@ -87,7 +87,8 @@ def check_batch(
 ) -> Tuple[torch.Tensor, torch.Tensor, ResponsePositions]:
     """``input_ids``, ``attention_mask`` and the response positions of a batch in the module's
     format, after checking their shapes and dtypes, the ids against ``vocab_size`` (the model's
-    embedding rows) where given, that every row has response tokens, that ``token_weights``, if any,
+    embedding rows) where given, that the labels are the ids at attended response positions (and
+    ``IGNORE_INDEX`` elsewhere), that every row has response tokens, that ``token_weights``, if any,
     are finite floats shaped like the labels, and that cached reference tensors, if any, hold as many
     tokens per row; a ``ValueError``, ``TypeError`` or ``KeyError`` names what is wrong."""
     for key in ("input_ids", "attention_mask", "labels"):
@@ -122,6 +123,17 @@ def check_batch(
             raise ValueError(f"token_weights hold a non-finite value (batch row {row})")
     if ids.shape[0] == 0 or ids.shape[0] % 2:
         raise ValueError(f"batch needs an even, non-zero number of rows (B chosen then B rejected), got {ids.shape[0]}")
+    # a response label is the token it follows (the loss scores it given the ids before it): a label
+    # that differs, or sits on padding, is a broken collator, whose loss would be plausible and wrong
+    used, target = labels[:, 1:] != IGNORE_INDEX, labels[:, 1:]
+    bad = used & ((target != ids[:, 1:]) | (att[:, 1:] == 0))
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"labels must equal input_ids at the response positions, on attended tokens, and be "
+            f"{IGNORE_INDEX} elsewhere; batch row {row}, position {col + 1}: label {int(labels[row, col + 1])}, "
+            f"input id {int(ids[row, col + 1])}, attention_mask {int(att[row, col + 1])}"
+        )
     positions = response_positions(labels)
     have = positions.response.sum(dim=1)
     empty = (have == 0).nonzero().flatten().tolist()

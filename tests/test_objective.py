@@ -313,7 +313,21 @@ def test_bad_batches_and_configs_raise_clear_errors():
         ids[3, 1] = vocab  # one id past the embedding's rows, in the last row
         return ids
 
+    def pre_shifted(b):  # a collator that shifted the labels itself: the loss would score the next token
+        labels = torch.full_like(b["labels"], -100)
+        labels[:, :-1] = b["labels"][:, 1:]
+        return labels
+
+    def on_padding(b):  # a response label where the row is padded
+        att = b["attention_mask"].clone()
+        row = int((att == 0).any(dim=1).nonzero()[0])
+        col = int((att[row] == 0).nonzero()[0])
+        b["labels"][row, col] = b["input_ids"][row, col]
+        return att
+
     bad_batches = [
+        (edited("labels", pre_shifted), ValueError, r"labels must equal input_ids .* batch row 0, position \d+"),
+        (edited("attention_mask", on_padding), ValueError, r"labels must equal input_ids .* attention_mask 0"),
         (edited("input_ids", lambda b: b["input_ids"].float()), TypeError, "input_ids must hold integer token ids"),
         (edited("labels", lambda b: b["labels"].double()), TypeError, "labels must hold integer token ids"),
         (edited("input_ids", past_vocab), ValueError, rf"input_ids must lie in \[0, {vocab}\).* first in batch row 3"),
