@@ -158,14 +158,12 @@ def _cached_reference(batch, config: LossConfig, weight, dtype):
     def get(name):
         return batch.get(keys.batch_key(name))
 
+    missing = keys.shortfall(config.loss_type, config.mapo_mapping, [k for k in keys.ALL if get(k) is not None])
+    if missing:
+        raise ValueError(missing)
     label = get(keys.LABEL_LOGP)
     fixed = None
     if config.loss_type == "mapo" and config.mapo_mapping != "uniform":
-        if get(keys.MAPO_MASK) is None:
-            raise ValueError(
-                "loss_type='mapo' with a reference cache needs its precomputed MaPO masks; "
-                "precompute the cache with loss_type: mapo in the config"
-            )
         fixed = get(keys.MAPO_MASK)
     elif config.loss_type == "mapo":
         fixed = torch.ones_like(label)
@@ -179,14 +177,7 @@ def _cached_reference(batch, config: LossConfig, weight, dtype):
                 f"are {dtype}; precompute in the training dtype"
             )
         return ExactReference(hidden, weight), fixed
-    if get(keys.TOPK_IDS) is not None:
-        return TopKReference(
-            get(keys.TOPK_IDS), get(keys.TOPK_LOGP), label, get(keys.TAIL_IDS), get(keys.TAIL_LOGP)
-        ), fixed
-    raise ValueError(
-        f"loss_type={config.loss_type!r} needs the reference distribution, but the cache holds "
-        "label log-probs only; precompute with --top-k K or --store hidden"
-    )
+    return TopKReference(get(keys.TOPK_IDS), get(keys.TOPK_LOGP), label, get(keys.TAIL_IDS), get(keys.TAIL_LOGP)), fixed
 
 
 def online_reference(model, batch: Dict[str, torch.Tensor], config: LossConfig, *, ref_model=None) -> ReferencePass:

@@ -375,13 +375,14 @@ def cache_setup(tiny_dir):
 
 
 def build_cache(cache_setup, out, splits=None, fingerprint=None, **kw):
-    """A top-8 cache of ``splits`` (default: the train examples) in shards of 8 pairs."""
+    """A cache of ``splits`` (default: the train examples) in shards of 8 pairs, top-8 unless ``kw`` says."""
     model, tok, examples = cache_setup
     splits = splits or {"train": examples}
     if fingerprint is None:
         fingerprint = run_fingerprint(model, tok, splits, model_name=None, max_length=32, max_prompt_length=16)
+    kw = {"top_k": 8, **kw}
     precompute_reference(
-        model, tok, splits, str(out), fingerprint=fingerprint, top_k=8, batch_size=8, shard_size=8, progress=False, **kw
+        model, tok, splits, str(out), fingerprint=fingerprint, batch_size=8, shard_size=8, progress=False, **kw
     )
     return out
 
@@ -403,6 +404,20 @@ def test_a_corrupt_cache_stops_training_before_step_0(tiny_dir, cache_setup, tmp
     trainer = make_trainer(tiny_dir, tmp_path / "run", ref_cache=str(cache), verify_ref_cache=False, steps=6)
     with pytest.raises(CacheError, match="train-00002.safetensors: checksum mismatch"):
         trainer.train()
+
+
+@pytest.mark.slow
+def test_a_cache_without_what_the_loss_reads_is_refused_before_anything_runs(tiny_dir, cache_setup, tmp_path):
+    """Refused when the trainer is built, not at the first batch (when an overwritten run would be
+    set aside already): a label-only cache for a KL loss, a cache without MaPO masks for MaPO."""
+    label_only = build_cache(cache_setup, tmp_path / "label", top_k=0, tail_samples=0)
+    with pytest.raises(CacheError, match="loss_type='tdpo1' needs the reference distribution, but the cache holds"):
+        make_trainer(tiny_dir, tmp_path / "run", "tdpo1", ref_cache=str(label_only))
+    make_trainer(tiny_dir, tmp_path / "run", "dpo", ref_cache=str(label_only))  # DPO reads label log-probs only
+    top_k = build_cache(cache_setup, tmp_path / "topk")
+    with pytest.raises(CacheError, match="mapo_mapping='zn_rescale' needs the cache's precomputed MaPO masks"):
+        make_trainer(tiny_dir, tmp_path / "run", "mapo", ref_cache=str(top_k), mapo_mapping="zn_rescale")
+    make_trainer(tiny_dir, tmp_path / "run", "mapo", ref_cache=str(top_k), mapo_mapping="uniform")
 
 
 def _edit_manifest(cache, edit):
@@ -664,7 +679,7 @@ def test_resuming_into_another_runs_folder_and_overwriting_a_non_run_folder_are_
     assert os.path.isfile(os.path.join(tiny_dir, "config.json"))
 
 
-def test_an_overwritten_run_survives_a_run_that_fails_before_training_begins(tiny_dir, tmp_path):
+def test_an_overwritten_run_survives_a_run_that_fails_before_or_in_its_first_step(tiny_dir, tmp_path):
     first = make_trainer(tiny_dir, tmp_path, "sparsepo", steps=1)
     first.train()
     first.save_model()
@@ -681,8 +696,22 @@ def test_an_overwritten_run_survives_a_run_that_fails_before_training_begins(tin
         failing.train()
     after = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path) if (tmp_path / n).is_file()}
     assert after == before  # nothing removed, nothing written
+
+    class FailsInStep(SparsePOTrainer):  # e.g. a position table shorter than the batch, out of memory
+        def compute_loss(self, *a, **k):
+            raise RuntimeError("the first step failed")
+
+    failing = make_trainer(tiny_dir, tmp_path, "dpo", steps=1, overwrite_output_dir=True)
+    failing.__class__ = FailsInStep
+    with pytest.raises(RuntimeError, match="the first step failed"):
+        failing.train()
+    assert sorted(os.listdir(tmp_path)) == sorted(before)  # the old run back, no hidden folder left
+    after = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
+    assert after == before
     make_trainer(tiny_dir, tmp_path, "dpo", steps=1, overwrite_output_dir=True).train()
-    assert "mask_net.safetensors" not in os.listdir(tmp_path)  # a run that starts still replaces the old one
+    names = os.listdir(tmp_path)
+    assert "mask_net.safetensors" not in names  # a run that starts still replaces the old one
+    assert not [n for n in names if n.startswith(".")]  # and deletes it once its first step ends
 
 
 @pytest.mark.parametrize(

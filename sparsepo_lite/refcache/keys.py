@@ -4,7 +4,7 @@ The collator (``collator.py``) writes a batch key for every tensor a shard holds
 ``objective.compute_loss`` reads them back; both use these names.
 """
 
-from typing import List
+from typing import List, Optional
 
 # per response token, in a shard and (with BATCH_PREFIX) in a batch
 LABEL_LOGP = "label_logp"  # [N] float32 log q(y_t)
@@ -14,6 +14,8 @@ TAIL_IDS = "tail_ids"  # [N, m] int32
 TAIL_LOGP = "tail_logp"  # [N, m] 16-bit
 HIDDEN = "hidden"  # [N, H] model dtype
 MAPO_MASK = "mapo_mask"  # [N] float32
+#: every per-token tensor, in shard order
+ALL = (LABEL_LOGP, TOPK_IDS, TOPK_LOGP, TAIL_IDS, TAIL_LOGP, HIDDEN, MAPO_MASK)
 # per example, in a shard only
 ROW_INDEX = "row_index"  # [E] int64
 TOKENS = "tokens"  # [E, 2] int64 response tokens of (chosen, rejected)
@@ -40,3 +42,19 @@ def token_tensors(contents: dict) -> List[str]:
     if contents["mapo_masks"]:
         names.append(MAPO_MASK)
     return names
+
+
+def shortfall(loss_type: str, mapo_mapping: str, names) -> Optional[str]:
+    """What a loss of ``loss_type`` (and ``mapo_mapping``) needs from a cache holding the tensors
+    ``names`` (e.g. :func:`token_tensors`) and does not find there, as a sentence; None when nothing."""
+    if loss_type == "mapo" and mapo_mapping != "uniform" and MAPO_MASK not in names:
+        return (
+            f"loss_type='mapo' with mapo_mapping={mapo_mapping!r} needs the cache's precomputed MaPO masks, "
+            "and it has none; precompute the cache with loss_type: mapo in the config"
+        )
+    if loss_type != "dpo" and HIDDEN not in names and TOPK_IDS not in names:
+        return (
+            f"loss_type={loss_type!r} needs the reference distribution, but the cache holds "
+            "label log-probs only; precompute with --top-k K or --store hidden"
+        )
+    return None

@@ -28,7 +28,7 @@ from ..errors import TrainingError
 from ..masks import MASK_CONFIG, MASK_WEIGHTS, SparsePOMasks, load_masks, save_masks
 from ..models import ModelConfig, any_dropout, check_tokenizer, dropout_sites, load_policy, load_tokenizer, unwrap
 from ..objective import compute_loss, runs_in_shards
-from ..refcache import CachedExample, CachedReferenceCollator, RefCache, run_fingerprint
+from ..refcache import CachedExample, CachedReferenceCollator, CacheError, RefCache, keys, run_fingerprint
 from ..waits import LoadGuard, cpu_load_guard
 from .config import RUN_CONFIG, SparsePOConfig
 from .distributed import all_reduce_mean_
@@ -61,6 +61,9 @@ RUN_FILES = (
     "masks.html",
     "mask_lift.json",
 )
+#: The hidden folder of output_dir that holds a run ``overwrite_output_dir`` replaces during the new
+#: run's first step (followed by the process id).
+OLD_RUN_ASIDE = ".replaced-run"
 #: A run ends with an error when more than this share of its optimizer steps was skipped.
 MAX_SKIPPED_FRACTION = 0.5
 
@@ -106,17 +109,21 @@ def mask_drift(masks: SparsePOMasks, init: List[torch.Tensor]) -> float:
 
 class _RunConfigWriter(transformers.TrainerCallback):
     """At the first step (the optimizer made and everything of a checkpoint loaded, its random
-    generators last): removes the run that ``overwrite_output_dir`` replaces and writes this run's
-    configuration, so that a run that fails to start changes nothing in its folder."""
+    generators last): sets aside the run that ``overwrite_output_dir`` replaces and writes this run's
+    configuration; once that step has ended, deletes the old run. A run that fails before (to
+    start, or in its first step) gets the old run back from ``train``: its folder is as it was."""
 
     def __init__(self, trainer: "SparsePOTrainer"):
         self.trainer = trainer
 
     def on_step_begin(self, args, state, control, **kwargs):
         if args.should_save and not self.trainer._run_config_written:
-            self.trainer.remove_old_run()
+            self.trainer.set_old_run_aside()
             self.trainer.write_run_config()
         self.trainer._run_config_written = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.drop_old_run()
 
 
 def all_finite(tensors: List[torch.Tensor]) -> bool:
@@ -321,6 +328,9 @@ class SparsePOTrainer(transformers.Trainer):
                     max_prompt_length=args.max_prompt_length,
                 )
             )
+            missing = keys.shortfall(args.loss_type, args.mapo_mapping, keys.token_tensors(self.ref_cache.contents))
+            if missing:  # now, not at the first batch (after an overwritten run is gone)
+                raise CacheError(f"{args.ref_cache}: {missing}")
             if args.verify_ref_cache:  # a corrupt shard stops the run now, not at some later step
                 self.ref_cache.verify(list(splits))
             train_dataset = [CachedExample(e, "train") for e in train_dataset] if train_dataset else train_dataset
@@ -632,7 +642,7 @@ class SparsePOTrainer(transformers.Trainer):
         ``resume_fresh_optimizer``), and writing the run's configuration. Raises
         :class:`TrainingError` when the run cannot start or did not train (see the class doc)."""
         resume = self._checkpoint_to_resume(resume_from_checkpoint)
-        self._old_run_files, self._run_config_written = [], False
+        self._old_run_files, self._old_run_aside, self._run_config_written = [], None, False
         self._on_main_then_all(lambda: self._prepare_output_dir(resume))
         self.skipped_steps, self._micro_losses, self._step_losses, self._window = 0, [], [], []
         self._mask_warned, self._diverged = set(), False
@@ -643,6 +653,9 @@ class SparsePOTrainer(transformers.Trainer):
             self._guard_cpu_load()
         try:
             out = super().train(resume_from_checkpoint=resume, **kwargs)
+        except BaseException:
+            self.restore_old_run()
+            raise
         finally:
             self._close_pair_threads()
             if self._load_guard is not None:  # here, not in on_train_end, which a raising run skips
@@ -821,14 +834,15 @@ class SparsePOTrainer(transformers.Trainer):
                     f"{', ...' if len(present) > 5 else ''}): pass --overwrite_output_dir to replace "
                     "the run in it, or --resume_from_checkpoint to continue it"
                 )
-            # what a run writes, so nothing stale (an old mask net) outlives it; removed only when
-            # the first step begins, so a run that fails to start (a bad optimizer setting, a checkpoint or
-            # device error) leaves the old run as it was
+            # what a run writes, so nothing stale (an old mask net) outlives it; set aside only when
+            # the first step begins and deleted when it ends, so a run that fails to start (a bad
+            # optimizer setting, a checkpoint or device error) or in its first step leaves the old run
             self._old_run_files = [
                 os.path.join(out, name)
                 for name in present
                 if name in RUN_FILES
                 or name.startswith("data_report_")
+                or name.startswith(OLD_RUN_ASIDE)  # left by a process killed in its first step
                 or (
                     name.startswith(transformers.trainer_utils.PREFIX_CHECKPOINT_DIR + "-")
                     and os.path.isdir(os.path.join(out, name))
@@ -836,14 +850,38 @@ class SparsePOTrainer(transformers.Trainer):
             ]
         check_writable(out)
 
-    def remove_old_run(self) -> None:
-        """Remove the files of the run that ``overwrite_output_dir`` replaces (found by ``train``)."""
+    def set_old_run_aside(self) -> None:
+        """Move the files of the run that ``overwrite_output_dir`` replaces (found by ``train``) into a
+        hidden folder of output_dir (a rename: same file system, no copy)."""
+        if not self._old_run_files:
+            return
+        aside = os.path.join(self.args.output_dir, f"{OLD_RUN_ASIDE}-{os.getpid()}")
+        os.mkdir(aside)
+        self._old_run_aside = aside
         for path in self._old_run_files:
+            os.replace(path, os.path.join(aside, os.path.basename(path)))
+        self._old_run_files = []
+
+    def drop_old_run(self) -> None:
+        """Delete the replaced run set aside at the first step (once that step has ended)."""
+        if self._old_run_aside is not None:
+            shutil.rmtree(self._old_run_aside)
+            self._old_run_aside = None
+
+    def restore_old_run(self) -> None:
+        """Put the replaced run set aside back in place of what this run wrote (a run that failed in
+        its first step)."""
+        aside, self._old_run_aside = self._old_run_aside, None
+        if aside is None:
+            return
+        for name in os.listdir(aside):
+            path = os.path.join(self.args.output_dir, name)
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path)
             elif os.path.lexists(path):
                 os.remove(path)
-        self._old_run_files = []
+            os.replace(os.path.join(aside, name), path)
+        os.rmdir(aside)
 
     def write_run_config(self) -> None:
         """Write the run's resolved configuration into output_dir (atomically). Called as the first
