@@ -80,6 +80,15 @@ def test_train_round_trip(setup):
     assert args.beta == 0.2
 
 
+def test_the_run_record_leaves_out_what_to_do_with_the_folder(setup):
+    """Training a run's recorded config again must neither delete that run nor resume its checkpoint."""
+    flags = ["--overwrite_output_dir", "--resume_from_checkpoint", "true", "--resume_fresh_optimizer", "--beta", "0.3"]
+    _, _, args, resolved = parse_train_config(str(setup / "cfg.yaml"), flags)
+    assert args.overwrite_output_dir and args.resume_from_checkpoint == "true" and args.resume_fresh_optimizer
+    assert resolved["beta"] == 0.3
+    assert not {"overwrite_output_dir", "resume_from_checkpoint", "resume_fresh_optimizer"} & set(resolved)
+
+
 @pytest.mark.slow
 def test_empty_eval_file_turns_evaluation_off(setup, tmp_path):
     main(["train", str(setup / "cfg.yaml"), "--eval_file", "", "--output_dir", str(tmp_path / "out")])

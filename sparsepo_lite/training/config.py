@@ -22,6 +22,11 @@ from ..validation import check_choice, check_number
 #: The resolved configuration of a run, written into its output_dir before training starts.
 RUN_CONFIG = "sparsepo_config.yaml"
 
+#: Fields that say what to do with the run folder this once, not how the run trains: a run folder does
+#: not record them, so that training its recorded config again neither deletes the run nor resumes one
+#: of its checkpoints (a resumed run's record trains the same run from the start).
+RUN_ACTIONS = ("overwrite_output_dir", "resume_from_checkpoint", "resume_fresh_optimizer")
+
 #: Groups of ``train --help``, in order; TrainingArguments' own fields form the last one.
 GROUPS = {
     "model": "the policy: base model, quantisation, LoRA adapter",
@@ -196,9 +201,10 @@ class SparsePOConfig(transformers.TrainingArguments):
     def run_config(self, given: Iterable[str] = ()) -> dict:
         """What a run folder records of this config: every field of this class's own, plus the
         ``TrainingArguments`` fields named in ``given`` (set by the YAML or the command line), as plain
-        YAML values that ``sparsepo-lite train`` reads back to the same config."""
+        YAML values that ``sparsepo-lite train`` reads back to the same config; :data:`RUN_ACTIONS`
+        left out."""
         names = list(self.own_fields()) + [n for n in given if n not in self.own_fields()]
-        return {n: _plain(getattr(self, n)) for n in names if hasattr(self, n)}
+        return {n: _plain(getattr(self, n)) for n in names if hasattr(self, n) and n not in RUN_ACTIONS}
 
 
 def _plain(value):
