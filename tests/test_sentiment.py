@@ -37,8 +37,21 @@ def test_sampling_gives_n_continuations_per_prompt(policy):
     assert tok.padding_side == "right"  # restored
 
 
-def test_sequence_logratio_matches_full_logits(policy):
-    model, tok = policy
+@pytest.fixture
+def bos_policy(tiny_dir, request):
+    """A fresh policy whose tokenizer adds a BOS token to every text (as Llama's do) or not."""
+    transformers.set_seed(0)
+    model, tok = load_policy(ModelConfig(tiny_dir, lora_r=4, gradient_checkpointing=False))
+    tok.add_bos_token = request.param
+    assert (tok("The film")["input_ids"][0] == tok.bos_token_id) == request.param
+    return model, tok
+
+
+@pytest.mark.parametrize("bos_policy", [False, True], indirect=True, ids=["no_bos", "bos"])
+def test_sequence_logratio_matches_full_logits(bos_policy):
+    """Scored in the context the continuations were sampled in: the prompt as the tokenizer encodes
+    it, with its BOS where it adds one (sample_continuations, training)."""
+    model, tok = bos_policy
     prompts, conts = ["The film was", "A long opening line of a review"], [" great fun.", " dull"]
     assert sequence_logratio(model, tok, prompts, conts) == pytest.approx([0.0, 0.0], abs=1e-6)  # adapter = 0
     torch.manual_seed(3)
@@ -49,7 +62,7 @@ def test_sequence_logratio_matches_full_logits(policy):
     got = sequence_logratio(model, tok, prompts, conts)
     want = []
     for p, c in zip(prompts, conts):
-        p_ids = tok(p, add_special_tokens=False)["input_ids"]
+        p_ids = tok(p)["input_ids"]
         ids = torch.tensor([p_ids + tok(c, add_special_tokens=False)["input_ids"]])
         with torch.no_grad():
             lp = torch.log_softmax(model(input_ids=ids).logits.double(), -1)

@@ -124,7 +124,9 @@ class SentimentEval:
 @torch.no_grad()
 def sequence_logratio(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str]) -> List[float]:
     """sum_t [log pi(y_t) - log pi_ref(y_t)] per (prompt, continuation); the reference is the
-    adapter-off base. Uses the chunked op, so no [tokens x vocab] tensor is formed."""
+    adapter-off base. The prompt is encoded as :func:`sample_continuations` encodes it (the
+    tokenizer's own special tokens, a BOS where it adds one). Uses the chunked op, so no
+    [tokens x vocab] tensor is formed."""
     from ..data import PreferenceCollator, PreferenceExample, response_positions
     from ..models import backbone, unwrap
     from ..ops import ExactReference, chunked_token_stats
@@ -132,7 +134,7 @@ def sequence_logratio(model, tokenizer, prompts: Sequence[str], continuations: S
 
     examples = []
     for i, (p, c) in enumerate(zip(prompts, continuations)):
-        p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        p_ids = tokenizer(p)["input_ids"]  # with the BOS the samples were drawn after (and training saw)
         c_ids = tokenizer(c, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
         examples.append(PreferenceExample(i, p_ids, c_ids, c_ids))
     pad = pad_id(tokenizer)
