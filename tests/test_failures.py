@@ -656,6 +656,16 @@ def test_resuming_with_other_model_or_loss_settings_is_refused_and_the_run_confi
     )
     with pytest.raises(TrainingError, match="adapter_config.json: r is 4 there but 8 in this run"):
         other.train(resume_from_checkpoint=str(ckpt))
+    # the same model, another loss: no single run, and its record would claim the new loss for all of it
+    with pytest.raises(TrainingError, match="training_args.json: beta is 0.5 there but 0.9 in this run"):
+        make_trainer(tiny_dir, tmp_path, "sparsepo", steps=2, beta=0.9).train(resume_from_checkpoint=str(ckpt))
+    with pytest.raises(TrainingError, match="training_args.json: max_length is 32 there but 48 in this run"):
+        make_trainer(tiny_dir, tmp_path, "sparsepo", steps=2, max_length=48).train(resume_from_checkpoint=str(ckpt))
+    # a finished checkpoint: transformers would train one step past max_steps and replace the run's adapter
+    with pytest.raises(TrainingError, match="checkpoint-2 is at step 2 and this run ends at step 2"):
+        make_trainer(tiny_dir, tmp_path, "sparsepo", steps=2).train(
+            resume_from_checkpoint=str(tmp_path / "checkpoint-2")
+        )
     assert (tmp_path / "sparsepo_config.yaml").read_text() == config_before
     # "true" from a YAML or the command line means the folder's last checkpoint, not a path named "true"
     import shutil

@@ -39,6 +39,23 @@ logger = logging.getLogger(__name__)
 #: The run's resolved TrainingArguments, as JSON: the Trainer's own copy (training_args.bin) is a
 #: pickle, which a run folder must not hold (one shared or downloaded would ask to be unpickled).
 TRAINING_ARGS_FILE = "training_args.json"
+#: The settings a resumed run must share with its checkpoint: what its loss is and which examples it
+#: sees (chunk_size only changes rounding; learning rates and schedules may change, as in transformers).
+OBJECTIVE_FIELDS = (
+    "loss_type",
+    "beta",
+    "alpha",
+    "label_smoothing",
+    "mask_on_reward",
+    "mask_on_kl",
+    "l1_reward",
+    "l1_kl",
+    "mask_normalize",
+    "mapo_mapping",
+    "independent_masks",
+    "max_length",
+    "max_prompt_length",
+)
 #: Files a run writes into its output_dir (replaced together by overwrite_output_dir).
 RUN_FILES = (
     "adapter_model.safetensors",
@@ -745,6 +762,14 @@ class SparsePOTrainer(transformers.Trainer):
             bad(transformers.trainer.TRAINER_STATE_NAME, f"unreadable ({exc})")
         if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
             bad(transformers.trainer.TRAINER_STATE_NAME, "not a trainer state (no integer global_step)")
+        # transformers would run one more step from a checkpoint at max_steps (it checks after a step)
+        total = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
+        if total is not None and state["global_step"] >= total:
+            raise TrainingError(
+                f"resume_from_checkpoint: {folder} is at step {state['global_step']} and this run ends at step "
+                f"{total} (max_steps, or num_train_epochs over this data): nothing is left to train; raise "
+                "max_steps or num_train_epochs to train on"
+            )
         # torch files are zip archives with a CRC per member: testzip reads them all, so a truncated or
         # bit-flipped optimizer, scheduler or RNG state is found here, not as garbage moments later
         torch_files = [
@@ -808,6 +833,27 @@ class SparsePOTrainer(transformers.Trainer):
             mine = {k: tuple(v.shape) for k, v in self.masks.state_dict().items()}
             if {k: tuple(v.shape) for k, v in saved_masks.state_dict().items()} != mine:
                 bad(MASK_WEIGHTS, "mask nets of another shape (independent_masks or the model differ)")
+        self._check_same_objective(folder)
+
+    def _check_same_objective(self, folder: str) -> None:
+        """The checkpoint's recorded arguments (``training_args.json``, where present) must give the
+        same loss and data as this run: a run resumed under another loss_type or beta would be no
+        single run, and its record would claim the new values for all of it."""
+        path = os.path.join(folder, TRAINING_ARGS_FILE)
+        if not os.path.isfile(path):
+            return
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise TrainingError(f"resume_from_checkpoint: {path}: unreadable ({exc})") from None
+        mine = json.loads(self.args.to_json_string())
+        for name in OBJECTIVE_FIELDS:
+            if name in saved and name in mine and saved[name] != mine[name]:
+                raise TrainingError(
+                    f"resume_from_checkpoint: {path}: {name} is {saved[name]!r} there but {mine[name]!r} in "
+                    "this run; resume with the checkpoint's settings, or start a new run"
+                )
 
     def _prepare_output_dir(self, resume: Optional[str]) -> None:
         out = self.args.output_dir
