@@ -748,6 +748,10 @@ def test_reading_a_damaged_or_edited_run_names_the_file(cli_setup, tmp_path):
     assert run_cli("train", cli_setup / "cfg.yaml", "--output_dir", run).returncode == 0
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in review_rows(3)))
+    empty_prompt = tmp_path / "empty.jsonl"
+    empty_prompt.write_text(
+        "".join(json.dumps(r) + "\n" for r in [review_rows(1)[0], {**review_rows(1)[0], "prompt": " "}])
+    )
 
     def broken(edit):
         copy = tmp_path / f"copy{len(os.listdir(tmp_path))}"
@@ -793,6 +797,7 @@ def test_reading_a_damaged_or_edited_run_names_the_file(cli_setup, tmp_path):
         (["inspect-masks", run, "--data", pairs, "--pairs", "-3"], "pairs must be >= 1"),
         (["eval-sentiment", run, "--data", pairs, "--prompts", "-1"], "prompts must be >= 1"),
         (["eval-sentiment", run, "--data", pairs, "--samples", "0"], "samples must be >= 1"),
+        (["eval-sentiment", run, "--data", empty_prompt, "--prompts", "2"], "empty.jsonl: row 1: the prompt is empty"),
     ):
         assert message in cli_error(*args), args
 

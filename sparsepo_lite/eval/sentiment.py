@@ -282,7 +282,14 @@ def evaluate_run(
         check_number(name, value, low=1, integer=True)
     model, tok, _, cfg = load_run(run_dir)
     rows = read_rows(data)
-    texts = [r["prompt"] for r in rows if isinstance(r, dict) and isinstance(r.get("prompt"), str)][:prompts]
+    texts = []
+    for i, r in enumerate(rows):
+        if len(texts) == prompts:
+            break
+        if isinstance(r, dict) and isinstance(r.get("prompt"), str):
+            if not r["prompt"].strip():  # sampling would continue padding alone; training refuses it too
+                raise ValueError(f"{data}: row {i}: the prompt is empty")
+            texts.append(r["prompt"])
     if not texts:
         raise ValueError(f"{data}: no rows with a string 'prompt'")
     ev = evaluate_sentiment(
