@@ -797,6 +797,7 @@ def test_reading_a_damaged_or_edited_run_names_the_file(cli_setup, tmp_path):
         (["inspect-masks", run, "--data", pairs, "--pairs", "-3"], "pairs must be >= 1"),
         (["eval-sentiment", run, "--data", pairs, "--prompts", "-1"], "prompts must be >= 1"),
         (["eval-sentiment", run, "--data", pairs, "--samples", "0"], "samples must be >= 1"),
+        (["eval-sentiment", run, "--data", pairs, "--seed", "99999999999999999"], "seed must be <= 4294967295"),
         (["eval-sentiment", run, "--data", empty_prompt, "--prompts", "2"], "empty.jsonl: row 1: the prompt is empty"),
     ):
         assert message in cli_error(*args), args

@@ -468,9 +468,22 @@ def test_verify_ref_against_live_reports_the_cache_error(tiny_dir, tmp_path):
         ({"against_live": 0, "max_kl_error": 0.1}, "needs --against-live"),
         ({"against_live": 2, "max_kl_error": -0.1}, "fraction >= 0"),
         ({"against_live": 2, "max_kl_error": float("nan")}, "fraction >= 0"),
+        ({"against_live": -1}, "--against-live must be >= 0, got -1"),
+        ({"against_live": 2, "batch_size": 0}, "--batch-size must be >= 1, got 0"),
+        ({"against_live": 2, "batch_size": -3}, "--batch-size must be >= 1, got -3"),
     ):
         with pytest.raises(ValueError, match=message):
             verify_ref(ref, policy=run, **kwargs)
+    # a run trained from the Python API on rows in memory records no train_file to read the examples from
+    import shutil
+
+    api_run = tmp_path / "api_run"
+    shutil.copytree(run, api_run)
+    config = yaml.safe_load((api_run / "sparsepo_config.yaml").read_text())
+    del config["train_file"]
+    (api_run / "sparsepo_config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="api_run: its configuration names no train_file"):
+        verify_ref(ref, 2, str(api_run))
     with pytest.raises(CacheError, match="--max-kl-error 0.00%"):
         verify_ref(ref, 2, run, max_kl_error=0.0)
 

@@ -23,7 +23,10 @@ def verify_ref(
     from ..refcache import RefCache, verify_cache
     from ..refcache.format import CacheError
     from ..refcache.reader import storage_per_token
+    from ..validation import check_number
 
+    check_number("--against-live", against_live, low=0, integer=True)
+    check_number("--batch-size", batch_size, low=1, integer=True)
     if max_kl_error is not None:
         if not against_live:
             raise ValueError("--max-kl-error needs --against-live N: the error is measured on N batches")
@@ -49,6 +52,11 @@ def verify_ref(
     from ..refcache.accuracy import cache_accuracy, format_accuracy
 
     model, tok, _, cfg = load_run(policy)
+    if not cfg.get("train_file"):
+        raise ValueError(
+            f"--policy {policy}: its configuration names no train_file (a run trained from the Python API with "
+            "rows in memory), so the examples the cache was made from cannot be read back"
+        )
     examples, _ = tokenize_dataset(
         cfg["train_file"],
         tok,

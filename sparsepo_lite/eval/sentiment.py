@@ -280,6 +280,7 @@ def evaluate_run(
 
     for name, value in (("prompts", prompts), ("samples", samples), ("max_new_tokens", max_new_tokens)):
         check_number(name, value, low=1, integer=True)
+    check_number("seed", seed, low=0, high=2**32 - 1, integer=True)  # the range of numpy's and the trainer's seeds
     model, tok, _, cfg = load_run(run_dir)
     rows = read_rows(data)
     texts = []
