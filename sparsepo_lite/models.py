@@ -410,6 +410,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     return get() if callable(get) else model
 
 
+def context_length(config) -> Optional[int]:
+    """The longest sequence a transformers ``config``'s model is made for (its position table), or
+    None where the config does not say."""
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def check_config(config, name: str) -> None:
     """Raise ``ValueError`` naming the model (``name``) unless a transformers ``config`` describes a
     decoder-only causal LM that does not transform its logits (which the op's head could not

@@ -724,6 +724,16 @@ def test_an_overwritten_run_survives_a_run_that_fails_before_or_in_its_first_ste
     assert not [n for n in names if n.startswith(".")]  # and deletes it once its first step ends
 
 
+def test_rows_longer_than_the_models_context_are_refused_before_training(tiny_dir, tmp_path):
+    model, tok = load_policy(ModelConfig(tiny_dir, lora_r=4, gradient_checkpointing=False))
+    model.config.max_position_embeddings = 6  # as a learned position table of 6 rows would be
+    args = SparsePOConfig(output_dir=str(tmp_path), loss_type="dpo", max_length=32, max_prompt_length=16, use_cpu=True)
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM: row 0 has \d+ tokens but the model's context is 6"):
+        SparsePOTrainer(model=model, args=args, train_dataset=review_rows(4), processing_class=tok)
+    model.config.max_position_embeddings = 32
+    SparsePOTrainer(model=model, args=args, train_dataset=review_rows(4), processing_class=tok)
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [

@@ -26,7 +26,16 @@ import transformers
 from ..data import BadRow, PreferenceCollator, PreferenceExample, pad_id, tokenize_dataset
 from ..errors import TrainingError
 from ..masks import MASK_CONFIG, MASK_WEIGHTS, SparsePOMasks, load_masks, save_masks
-from ..models import ModelConfig, any_dropout, check_tokenizer, dropout_sites, load_policy, load_tokenizer, unwrap
+from ..models import (
+    ModelConfig,
+    any_dropout,
+    check_tokenizer,
+    context_length,
+    dropout_sites,
+    load_policy,
+    load_tokenizer,
+    unwrap,
+)
 from ..objective import compute_loss, runs_in_shards
 from ..refcache import CachedExample, CachedReferenceCollator, CacheError, RefCache, keys, run_fingerprint
 from ..waits import LoadGuard, cpu_load_guard
@@ -122,6 +131,20 @@ def mask_drift(masks: SparsePOMasks, init: List[torch.Tensor]) -> float:
     now = torch.cat([p.detach().float().flatten().cpu() for p in masks.parameters()])
     start = torch.cat([p.float().flatten().cpu() for p in init])
     return float((now - start).norm() / start.norm().clamp_min(1e-12))
+
+
+def check_lengths(config, examples: List[PreferenceExample], name: str) -> None:
+    """Raise ``ValueError`` naming the first row whose longer sequence (prompt and response) exceeds
+    the model's context (a learned position table fails mid-step with an index error; a rotary one
+    runs past what the model was trained on)."""
+    limit = context_length(config)
+    for e in examples if limit is not None else ():
+        n = len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids))
+        if n > limit:
+            raise ValueError(
+                f"{name}: row {e.index} has {n} tokens but the model's context is {limit} "
+                f"(max_position_embeddings); lower max_length to {limit} or less"
+            )
 
 
 class _RunConfigWriter(transformers.TrainerCallback):
@@ -315,9 +338,9 @@ class SparsePOTrainer(transformers.Trainer):
                 )
         if load:  # after the data: a bad file is found in seconds, not after loading a 16 GB model
             model = load_model(model_config, args)
-        check_tokenizer(
-            model, processing_class, model_config.model_name_or_path if load else type(unwrap(model)).__name__
-        )
+        name = model_config.model_name_or_path if load else type(unwrap(model)).__name__
+        check_tokenizer(model, processing_class, name)
+        check_lengths(unwrap(model).config, [e for split in (train_dataset, eval_dataset) for e in split or []], name)
         if args.loss_type == "sparsepo" and masks is None:
             transformers.set_seed(args.seed)  # the mask init is part of the run: same seed, same run
             masks = SparsePOMasks.for_model(
