@@ -724,6 +724,23 @@ def test_an_overwritten_run_survives_a_run_that_fails_before_or_in_its_first_ste
     assert not [n for n in names if n.startswith(".")]  # and deletes it once its first step ends
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--top-k", "-1"], "--top-k must be >= 0, got -1"),
+        (["--tail-samples", "-2"], "--tail-samples must be >= 0, got -2"),
+        (["--tail-seed", "-5"], "--tail-seed must be >= 0, got -5"),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--shard-size", "0"], "--shard-size must be >= 1, got 0"),
+    ],
+)
+def test_precompute_flags_are_named_before_the_config_is_read(tmp_path, flags, message):
+    # the config does not exist: a flag error must come first, not after the data and the model load
+    error = cli_error("precompute-ref", tmp_path / "missing.yaml", "--out", tmp_path / "cache", *flags)
+    assert error == f"sparsepo-lite precompute-ref: {message}"
+    assert not (tmp_path / "cache").exists()
+
+
 def test_rows_longer_than_the_models_context_are_refused_before_training(tiny_dir, tmp_path):
     model, tok = load_policy(ModelConfig(tiny_dir, lora_r=4, gradient_checkpointing=False))
     model.config.max_position_embeddings = 6  # as a learned position table of 6 rows would be
