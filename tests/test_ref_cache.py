@@ -84,8 +84,11 @@ def test_fingerprint_mismatch_names_the_field(setup, tmp_path):
         cache.check_run(other)
     with pytest.raises(CacheError, match="no 'data_sha256/eval'"):
         cache.check_run({**fp, "data_sha256/eval": "x"})
-    with pytest.raises(CacheError, match="model is 'tiny' in the cache but 'other' now"):
-        cache.check_run({**fp, "model": "other"})
+    # the same weights spelled another way (./model, its absolute path) are the same model; other
+    # weights under the same name are not
+    cache.check_run({**fp, "model": "/elsewhere/tiny"})
+    with pytest.raises(CacheError, match="weights_sha256 is '[0-9a-f]+' in the cache but '0' now"):
+        cache.check_run({**fp, "weights_sha256": "0"})
     # precompute refuses to mix runs in one directory, too
     with pytest.raises(CacheError, match="tokenizer_sha256"):
         build(setup, tmp_path, fingerprint={**fp, "tokenizer_sha256": "0"})

@@ -110,9 +110,18 @@ def run_fingerprint(
     return fp
 
 
+#: Fingerprint fields recorded for people, not compared: the model is identified by its config and
+#: weights checksums, and the name is only how a run spelled it (``./model``, an absolute path, a
+#: hub name of the same weights).
+RECORDED_ONLY = ("model",)
+
+
 def compare_fingerprints(cached: Dict[str, object], run: Dict[str, object], where: str) -> None:
-    """Raise naming the first field that differs. Splits the run does not use are not compared."""
+    """Raise naming the first field that differs. Splits the run does not use are not compared, nor
+    the fields in :data:`RECORDED_ONLY`."""
     for key, value in run.items():
+        if key in RECORDED_ONLY:
+            continue
         if key not in cached:
             raise CacheError(
                 f"{where}: the cache has no {key!r} (it was made without that split or by "
