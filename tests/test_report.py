@@ -108,6 +108,21 @@ def test_inspect_masks_page_renders(run_dir):
     assert "rendered 4 pairs" in dom and "reward mask" in dom
 
 
+def test_mask_pages_in_one_folder_keep_their_own_lift_and_never_overwrite_the_data(run_dir, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in review_rows(5)))
+    run = str(run_dir / "run")
+    for name, n in (("a.html", "4"), ("b.html", "2")):
+        main(["inspect-masks", run, "--data", str(pairs), "--pairs", n, "--out", str(tmp_path / name)])
+    assert {p.name for p in tmp_path.iterdir()} >= {"a.html", "a_lift.json", "b.html", "b_lift.json"}
+    lifts = [json.loads((tmp_path / f"{k}_lift.json").read_text()) for k in "ab"]
+    assert lifts[0]["sentiment_tokens"] > lifts[1]["sentiment_tokens"]  # 4 pairs against 2: not one file
+    before = pairs.read_bytes()
+    with pytest.raises(SystemExit, match=r"--out .*pairs.jsonl: must name an .html file"):
+        main(["inspect-masks", run, "--data", str(pairs), "--out", str(pairs)])
+    assert pairs.read_bytes() == before
+
+
 def test_sentiment_report_renders(run_dir):
     (run_dir / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in review_rows(3, offset=40)))
     main(

@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--out",
         default=None,
-        help="the page (default: RUN_DIR/masks.html); with VADER installed, mask_lift.json is written beside it",
+        help="the page, an .html file (default: RUN_DIR/masks.html); with VADER installed, its lift is written "
+        "beside it (RUN_DIR/mask_lift.json for the default page, PAGE_lift.json for another)",
     )
 
 

@@ -303,10 +303,22 @@ def mask_lift(pairs: Sequence[Dict[str, object]], *, resamples: int = 2000, seed
     }
 
 
+def lift_path(page: str) -> str:
+    """Where :func:`write_mask_viewer` writes the lift of the page ``page``: ``mask_lift.json`` beside
+    a run's own ``masks.html``, ``PAGE_lift.json`` beside any other page (so that pages sharing a
+    folder keep their own)."""
+    import os
+
+    if os.path.basename(page) == "masks.html":
+        return os.path.join(os.path.dirname(page), "mask_lift.json")
+    return os.path.splitext(page)[0] + "_lift.json"
+
+
 def write_mask_viewer(run_dir: str, data: str, *, pairs: int = 20, out: Optional[str] = None) -> Tuple[str, dict, int]:
     """Write the mask viewer of a SparsePO run over the first ``pairs`` rows of ``data`` (default file:
-    ``RUN/masks.html``) and, when VADER is installed, ``mask_lift.json`` beside it: the reward mask on
-    sentiment words against other tokens (:func:`mask_lift`). Returns (page path, lift or {}, pairs shown).
+    ``RUN/masks.html``; ``out`` must name an .html file) and, when VADER is installed, the lift beside it
+    (:func:`lift_path`): the reward mask on sentiment words against other tokens (:func:`mask_lift`).
+    Returns (page path, lift or {}, pairs shown).
     """
     import json
     import os
@@ -317,6 +329,9 @@ def write_mask_viewer(run_dir: str, data: str, *, pairs: int = 20, out: Optional
     from .sentiment import Sentiment
 
     check_number("pairs", pairs, low=1, integer=True)
+    if out is not None and os.path.splitext(out)[1].lower() not in (".html", ".htm"):
+        # it is overwritten: a typo must not turn the data file, or any other, into a page
+        raise ValueError(f"--out {out}: must name an .html file (the page is written over it)")
     model, tok, masks, cfg = load_run(run_dir)
     if masks is None:
         raise ValueError(f"{run_dir}: no mask network (mask_net.safetensors); inspect-masks needs a SparsePO run")
@@ -350,6 +365,6 @@ def write_mask_viewer(run_dir: str, data: str, *, pairs: int = 20, out: Optional
     with open(out, "w") as f:
         f.write(mask_viewer_html(items, meta))
     if lift:
-        with open(os.path.join(os.path.dirname(os.path.abspath(out)), "mask_lift.json"), "w") as f:
+        with open(lift_path(out), "w") as f:
             json.dump(lift, f, indent=1)
     return out, lift, len(items)
