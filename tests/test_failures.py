@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import subprocess
@@ -739,6 +740,19 @@ def test_precompute_flags_are_named_before_the_config_is_read(tmp_path, flags, m
     error = cli_error("precompute-ref", tmp_path / "missing.yaml", "--out", tmp_path / "cache", *flags)
     assert error == f"sparsepo-lite precompute-ref: {message}"
     assert not (tmp_path / "cache").exists()
+
+
+def test_loss_settings_the_loss_does_not_read_are_named(tmp_path, caplog):
+    with pytest.raises(ValueError, match="mask_on_reward and mask_on_kl both false is TDPO1"):
+        SparsePOConfig(output_dir=str(tmp_path), loss_type="sparsepo", mask_on_reward=False, mask_on_kl=False)
+    with caplog.at_level(logging.WARNING, logger="sparsepo_lite.training.config"):
+        SparsePOConfig(output_dir=str(tmp_path), loss_type="dpo", l1_reward=0.1, independent_masks=True, alpha=0.3)
+    assert "loss_type dpo does not read independent_masks, l1_reward, alpha: ignored" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sparsepo_lite.training.config"):
+        SparsePOConfig(output_dir=str(tmp_path), loss_type="sparsepo", l1_reward=0.1, mask_on_kl=False)
+        SparsePOConfig(output_dir=str(tmp_path), loss_type="tdpo2", alpha=0.3)
+    assert "does not read" not in caplog.text
 
 
 def test_rows_longer_than_the_models_context_are_refused_before_training(tiny_dir, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional
 
@@ -18,6 +19,8 @@ from ..losses import LOSS_TYPES
 from ..masks import MASK_INITS, SparsePOMasks
 from ..objective import MAPO_MAPPINGS, LossConfig, check_loss_settings
 from ..validation import check_choice, check_number
+
+logger = logging.getLogger(__name__)
 
 #: The resolved configuration of a run, written into its output_dir before training starts.
 RUN_CONFIG = "sparsepo_config.yaml"
@@ -184,7 +187,24 @@ class SparsePOConfig(transformers.TrainingArguments):
             check_number(name, getattr(self, name), low=1, integer=True)
         if self.max_steps != -1:  # -1: run num_train_epochs
             check_number("max_steps", self.max_steps, low=1, integer=True)
+        if self.loss_type == "sparsepo" and not (self.mask_on_reward or self.mask_on_kl):
+            raise ValueError(
+                "loss_type sparsepo with mask_on_reward and mask_on_kl both false is TDPO1 with a mask net that "
+                "trains for nothing; use loss_type tdpo1, or turn a mask on"
+            )
+        unused = [
+            name for name in self.unread_settings() if getattr(self, name) != self.__dataclass_fields__[name].default
+        ]
+        if unused:
+            logger.warning("loss_type %s does not read %s: ignored", self.loss_type, ", ".join(unused))
         super().__post_init__()
+
+    def unread_settings(self) -> List[str]:
+        """The loss settings this config's loss_type does not read: the mask fields but for sparsepo,
+        alpha but for tdpo2, mapo_mapping but for mapo."""
+        readers = {f.name: ("sparsepo",) for f in dataclasses.fields(self) if f.metadata.get("group") == "masks"}
+        readers.update(alpha=("tdpo2",), mapo_mapping=("mapo",))
+        return [name for name, losses in readers.items() if self.loss_type not in losses]
 
     def loss_config(self, masks: Optional[SparsePOMasks] = None, ref_model=None) -> LossConfig:
         """The :class:`LossConfig` of this run: every ``LossConfig`` field this config has, plus the
