@@ -87,8 +87,8 @@ def check_batch(
 ) -> Tuple[torch.Tensor, torch.Tensor, ResponsePositions]:
     """``input_ids``, ``attention_mask`` and the response positions of a batch in the module's
     format, after checking their shapes and dtypes, the ids against ``vocab_size`` (the model's
-    embedding rows) where given, that the labels are the ids at attended response positions (and
-    ``IGNORE_INDEX`` elsewhere), that every row has response tokens, that ``token_weights``, if any,
+    embedding rows) where given, that each label is ``IGNORE_INDEX`` or the id at its position on an
+    attended token, that every row has response tokens, that ``token_weights``, if any,
     are finite floats shaped like the labels, and that cached reference tensors, if any, hold as many
     tokens per row; a ``ValueError``, ``TypeError`` or ``KeyError`` names what is wrong."""
     for key in ("input_ids", "attention_mask", "labels"):
@@ -130,8 +130,8 @@ def check_batch(
     if bool(bad.any()):
         row, col = (int(i) for i in bad.nonzero()[0])
         raise ValueError(
-            f"labels must equal input_ids at the response positions, on attended tokens, and be "
-            f"{IGNORE_INDEX} elsewhere; batch row {row}, position {col + 1}: label {int(labels[row, col + 1])}, "
+            f"each label must be {IGNORE_INDEX} or the input id at its position, on an attended token; "
+            f"batch row {row}, position {col + 1}: label {int(labels[row, col + 1])}, "
             f"input id {int(ids[row, col + 1])}, attention_mask {int(att[row, col + 1])}"
         )
     positions = response_positions(labels)

@@ -36,6 +36,10 @@ def check_number(
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
 
 
+#: The largest seed: numpy's generators (which transformers.set_seed seeds) take 32 bits.
+MAX_SEED = 2**32 - 1
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

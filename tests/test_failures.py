@@ -376,15 +376,13 @@ def cache_setup(tiny_dir):
 
 
 def build_cache(cache_setup, out, splits=None, fingerprint=None, **kw):
-    """A cache of ``splits`` (default: the train examples) in shards of 8 pairs, top-8 unless ``kw`` says."""
+    """A cache of ``splits`` (default: the train examples): top-8, in shards of 8 pairs, unless ``kw`` says."""
     model, tok, examples = cache_setup
     splits = splits or {"train": examples}
     if fingerprint is None:
         fingerprint = run_fingerprint(model, tok, splits, model_name=None, max_length=32, max_prompt_length=16)
-    kw = {"top_k": 8, **kw}
-    precompute_reference(
-        model, tok, splits, str(out), fingerprint=fingerprint, batch_size=8, shard_size=8, progress=False, **kw
-    )
+    kw = {"top_k": 8, "batch_size": 8, "shard_size": 8, **kw}
+    precompute_reference(model, tok, splits, str(out), fingerprint=fingerprint, progress=False, **kw)
     return out
 
 
@@ -673,6 +671,8 @@ def test_resuming_with_other_model_or_loss_settings_is_refused_and_the_run_confi
 
     shutil.rmtree(tmp_path / "checkpoint-2")  # so the last checkpoint is checkpoint-1
     assert make_trainer(tiny_dir, tmp_path, "sparsepo", steps=2).train(resume_from_checkpoint="true").global_step == 2
+    # a setting this loss does not read (alpha is TDPO2's) may differ
+    assert make_trainer(tiny_dir, tmp_path, "sparsepo", steps=2, alpha=0.9).train(resume_from_checkpoint=str(ckpt))
 
 
 @pytest.mark.slow
@@ -723,6 +723,14 @@ def test_an_overwritten_run_survives_a_run_that_fails_before_or_in_its_first_ste
     names = os.listdir(tmp_path)
     assert "mask_net.safetensors" not in names  # a run that starts still replaces the old one
     assert not [n for n in names if n.startswith(".")]  # and deletes it once its first step ends
+    # a process killed in its first step leaves the set-aside run, its only copy: it is named, not deleted
+    (tmp_path / ".replaced-run-1").mkdir()
+    (tmp_path / ".replaced-run-1" / "adapter_model.safetensors").write_bytes(before["adapter_model.safetensors"])
+    with pytest.raises(TrainingError, match=r"holds \.replaced-run-1, a run set aside .* killed in its first step"):
+        make_trainer(tiny_dir, tmp_path, "dpo", steps=1, overwrite_output_dir=True).train()
+    assert (tmp_path / ".replaced-run-1" / "adapter_model.safetensors").read_bytes() == before[
+        "adapter_model.safetensors"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -742,6 +750,17 @@ def test_precompute_flags_are_named_before_the_config_is_read(tmp_path, flags, m
     assert not (tmp_path / "cache").exists()
 
 
+def test_precompute_settings_are_checked_by_name_from_python_too(cache_setup, tmp_path):
+    for kw, message in (
+        ({"tail_seed": -1}, "tail_seed must be >= 0, got -1"),
+        ({"top_k": -2}, "top_k must be >= 0, got -2"),
+        ({"shard_size": 0}, "shard_size must be >= 1, got 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            build_cache(cache_setup, tmp_path / "cache", **kw)
+        assert not (tmp_path / "cache" / "manifest.json").exists()
+
+
 def test_loss_settings_the_loss_does_not_read_are_named(tmp_path, caplog):
     with pytest.raises(ValueError, match="mask_on_reward and mask_on_kl both false is TDPO1"):
         SparsePOConfig(output_dir=str(tmp_path), loss_type="sparsepo", mask_on_reward=False, mask_on_kl=False)
@@ -755,14 +774,27 @@ def test_loss_settings_the_loss_does_not_read_are_named(tmp_path, caplog):
     assert "does not read" not in caplog.text
 
 
-def test_rows_longer_than_the_models_context_are_refused_before_training(tiny_dir, tmp_path):
+def test_rows_longer_than_the_models_context_are_refused_or_named(tiny_dir, tmp_path, caplog):
+    from sparsepo_lite.data import tokenize_dataset
+    from sparsepo_lite.training.trainer import check_lengths
+
+    tok = load_tokenizer(tiny_dir)
+    examples, _ = tokenize_dataset(review_rows(4), tok, max_length=32, max_prompt_length=16)
+    longest = max(len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in examples)
+    learned = transformers.GPT2Config(n_positions=longest - 1)  # a learned table: index error mid-step
+    with pytest.raises(
+        ValueError, match=rf"gpt2: eval row \d+ has {longest} tokens but the model's context is {longest - 1}"
+    ):
+        check_lengths(learned, {"train": examples[:0], "eval": examples}, "gpt2")
+    check_lengths(learned, {"train": None, "eval": None}, "gpt2")  # a split left out
+    check_lengths(transformers.GPT2Config(n_positions=longest), {"train": examples}, "gpt2")
+    # rotary positions run on (rope scaling may stretch them): named in a warning, through the trainer
     model, tok = load_policy(ModelConfig(tiny_dir, lora_r=4, gradient_checkpointing=False))
-    model.config.max_position_embeddings = 6  # as a learned position table of 6 rows would be
+    model.config.max_position_embeddings = longest - 1
     args = SparsePOConfig(output_dir=str(tmp_path), loss_type="dpo", max_length=32, max_prompt_length=16, use_cpu=True)
-    with pytest.raises(ValueError, match=r"LlamaForCausalLM: row 0 has \d+ tokens but the model's context is 6"):
+    with caplog.at_level(logging.WARNING, logger="sparsepo_lite.training.trainer"):
         SparsePOTrainer(model=model, args=args, train_dataset=review_rows(4), processing_class=tok)
-    model.config.max_position_embeddings = 32
-    SparsePOTrainer(model=model, args=args, train_dataset=review_rows(4), processing_class=tok)
+    assert "LlamaForCausalLM: train row" in caplog.text and f"context is {longest - 1}" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -782,7 +814,7 @@ def test_optimizer_and_loader_settings_are_checked_by_name_before_anything_loads
 
 
 @pytest.mark.slow
-def test_reading_a_damaged_or_edited_run_names_the_file(cli_setup, tmp_path):
+def test_reading_a_damaged_or_edited_run_names_the_file(cli_setup, tmp_path, caplog):
     import shutil
 
     run = tmp_path / "run"
@@ -808,7 +840,15 @@ def test_reading_a_damaged_or_edited_run_names_the_file(cli_setup, tmp_path):
             (d / "sparsepo_config.yaml").read_text().replace("max_length: 32", "max_length: abc")
         )
     )
-    assert "sparsepo_config.yaml: unknown config key(s) ['lora_alhpa']" in broken(
+    from sparsepo_lite.eval.runs import run_config
+
+    future = tmp_path / "future"  # a field of another version, which no reader uses: read, with a warning
+    shutil.copytree(run, future)
+    (future / "sparsepo_config.yaml").write_text((run / "sparsepo_config.yaml").read_text() + "zz_new_field: 1\n")
+    with caplog.at_level(logging.WARNING, logger="sparsepo_lite.eval.runs"):
+        assert run_config(str(future))["zz_new_field"] == 1
+    assert "unknown config key 'zz_new_field' ignored" in caplog.text
+    assert "sparsepo_config.yaml: unknown config key 'lora_alhpa' (did you mean 'lora_alpha'?)" in broken(
         lambda d: (d / "sparsepo_config.yaml").write_text(
             (d / "sparsepo_config.yaml").read_text().replace("lora_alpha: 32", "lora_alhpa: 32")
         )

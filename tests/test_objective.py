@@ -326,8 +326,16 @@ def test_bad_batches_and_configs_raise_clear_errors():
         return att
 
     bad_batches = [
-        (edited("labels", pre_shifted), ValueError, r"labels must equal input_ids .* batch row 0, position \d+"),
-        (edited("attention_mask", on_padding), ValueError, r"labels must equal input_ids .* attention_mask 0"),
+        (
+            edited("labels", pre_shifted),
+            ValueError,
+            r"each label must be -100 or the input id .* batch row 0, position \d+",
+        ),
+        (
+            edited("attention_mask", on_padding),
+            ValueError,
+            r"each label must be -100 or the input id .* attention_mask 0",
+        ),
         (edited("input_ids", lambda b: b["input_ids"].float()), TypeError, "input_ids must hold integer token ids"),
         (edited("labels", lambda b: b["labels"].double()), TypeError, "labels must hold integer token ids"),
         (edited("input_ids", past_vocab), ValueError, rf"input_ids must lie in \[0, {vocab}\).* first in batch row 3"),

@@ -27,20 +27,15 @@ def precompute_ref(
 
     from ..models import check_tokenizer, load_tokenizer
     from ..refcache import run_fingerprint
-    from ..refcache.writer import check_out_dir, precompute_reference
+    from ..refcache.writer import check_out_dir, check_settings, precompute_reference
     from ..training.trainer import check_lengths, load_model, read_splits
-    from ..validation import check_number
     from .train import parse_train_config
 
     # the flags first: seconds, not after the data and the model load
-    for flag, value, low in (
-        ("--top-k", top_k, 0),
-        ("--tail-samples", tail_samples, 0),
-        ("--tail-seed", tail_seed, 0),
-        ("--batch-size", batch_size, 1),
-        ("--shard-size", shard_size, 1),
-    ):
-        check_number(flag, value, low=low, high=2**63 - 1, integer=True, optional=flag == "--tail-samples")
+    check_settings(
+        dict(top_k=top_k, tail_samples=tail_samples, tail_seed=tail_seed, batch_size=batch_size, shard_size=shard_size),
+        label=lambda name: "--" + name.replace("_", "-"),
+    )
     data_args, model_args, args, _ = parse_train_config(config_path, overrides)
     check_out_dir(out)  # a folder that is not ours fails now, not after the data and the model load
     tok = load_tokenizer(model_args.model_name_or_path)
@@ -50,7 +45,7 @@ def precompute_ref(
         print(f"{split} data: {report.summary()}", flush=True)
     model = load_model(model_args, args)
     check_tokenizer(model, tok, model_args.model_name_or_path)
-    check_lengths(model.config, [e for examples in splits.values() for e in examples], model_args.model_name_or_path)
+    check_lengths(model.config, splits, model_args.model_name_or_path)
     fp = run_fingerprint(
         model,
         tok,

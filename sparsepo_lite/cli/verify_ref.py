@@ -47,16 +47,16 @@ def verify_ref(
             "reference itself every KL is 0)"
         )
     from ..data import tokenize_dataset
-    from ..eval.runs import load_run
+    from ..eval.runs import load_run, run_config
     from ..refcache import run_fingerprint
     from ..refcache.accuracy import cache_accuracy, format_accuracy
 
-    model, tok, _, cfg = load_run(policy)
-    if not cfg.get("train_file"):
+    if not run_config(policy).get("train_file"):  # before the model loads
         raise ValueError(
             f"--policy {policy}: its configuration names no train_file (a run trained from the Python API with "
             "rows in memory), so the examples the cache was made from cannot be read back"
         )
+    model, tok, _, cfg = load_run(policy)
     examples, _ = tokenize_dataset(
         cfg["train_file"],
         tok,

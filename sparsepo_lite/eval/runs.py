@@ -7,10 +7,14 @@ config) and ``metrics.json``.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 from typing import Optional, Tuple
 
 from ..masks import SparsePOMasks
+
+logger = logging.getLogger(__name__)
 
 
 def run_config(run_dir: str) -> dict:
@@ -24,10 +28,13 @@ def run_config(run_dir: str) -> dict:
     cfg = load_yaml(path) or {}
     if not isinstance(cfg, dict) or not cfg.get("model_name_or_path"):
         raise ValueError(f"{path}: no model_name_or_path")
-    # an edited key the readers do not know would be ignored, and the run read with its default
-    unknown = sorted(str(k) for k in set(cfg) - config_keys())
-    if unknown:
-        raise ValueError(f"{path}: unknown config key(s) {unknown}; was it written by another sparsepo-lite version?")
+    known = config_keys()
+    for key in sorted(str(k) for k in set(cfg) - known):
+        near = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+        if near:  # a misspelt field: the run would be read with that field's default
+            raise ValueError(f"{path}: unknown config key {key!r} (did you mean {near[0]!r}?)")
+        # a field of another version (of this package or of transformers) that no reader uses
+        logger.warning("%s: unknown config key %r ignored", path, key)
     # what the readers of a run use beyond the model fields (checked by ModelConfig when it loads)
     try:
         for name in ("max_length", "max_prompt_length"):

@@ -274,13 +274,13 @@ def evaluate_run(
     import os
 
     from ..data import read_rows
-    from ..validation import check_number
+    from ..validation import MAX_SEED, check_number
     from .runs import load_run
     from .views import sentiment_report_html
 
     for name, value in (("prompts", prompts), ("samples", samples), ("max_new_tokens", max_new_tokens)):
         check_number(name, value, low=1, integer=True)
-    check_number("seed", seed, low=0, high=2**32 - 1, integer=True)  # the range of numpy's and the trainer's seeds
+    check_number("seed", seed, low=0, high=MAX_SEED, integer=True)
     model, tok, _, cfg = load_run(run_dir)
     rows = read_rows(data)
     texts = []

@@ -32,16 +32,16 @@ def batch_key(name: str) -> str:
 
 def token_tensors(contents: dict) -> List[str]:
     """The per-token tensors a cache with these manifest ``contents`` holds, in shard order."""
-    names = [LABEL_LOGP]
-    if contents["top_k"]:
-        names += [TOPK_IDS, TOPK_LOGP]
-    if contents["tail_samples"]:
-        names += [TAIL_IDS, TAIL_LOGP]
-    if contents["store_hidden"]:
-        names.append(HIDDEN)
-    if contents["mapo_masks"]:
-        names.append(MAPO_MASK)
-    return names
+    held = {
+        LABEL_LOGP: True,
+        TOPK_IDS: contents["top_k"],
+        TOPK_LOGP: contents["top_k"],
+        TAIL_IDS: contents["tail_samples"],
+        TAIL_LOGP: contents["tail_samples"],
+        HIDDEN: contents["store_hidden"],
+        MAPO_MASK: contents["mapo_masks"],
+    }
+    return [name for name in ALL if held[name]]
 
 
 def shortfall(loss_type: str, mapo_mapping: str, names) -> Optional[str]:

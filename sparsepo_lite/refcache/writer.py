@@ -22,6 +22,7 @@ from ..data import PreferenceCollator, PreferenceExample, pad_id, response_posit
 from ..masks import MAPO_HOOK_TYPES
 from ..models import unwrap
 from ..reference import reference_pass
+from ..validation import check_number
 from . import keys
 from .fingerprint import compare_fingerprints
 from .format import (
@@ -213,6 +214,17 @@ def check_out_dir(out_dir: str) -> None:
         )
 
 
+#: The least value of each of :func:`precompute_reference`'s counts (all integers, at most 2^63 - 1).
+SETTING_LOWS = {"top_k": 0, "tail_samples": 0, "tail_seed": 0, "batch_size": 1, "shard_size": 1}
+
+
+def check_settings(values: Dict[str, object], label: Callable[[str], str] = str) -> None:
+    """Raise ``ValueError`` naming ``label(name)`` for the first of ``values`` (names of
+    :data:`SETTING_LOWS`; None: the default) out of its range."""
+    for name, value in values.items():
+        check_number(label(name), value, low=SETTING_LOWS[name], high=2**63 - 1, integer=True, optional=True)
+
+
 def precompute_reference(
     model,
     tokenizer,
@@ -254,11 +266,9 @@ def precompute_reference(
     vocab, hsize = head.shape
     if tail_samples is None:  # the default has tail draws whenever there is a tail to draw from
         tail_samples = DEFAULT_TAIL_SAMPLES if 0 < top_k < vocab else 0
-    if top_k < 0 or tail_samples < 0 or batch_size < 1 or shard_size < 1:
-        raise ValueError(
-            f"need top_k >= 0, tail_samples >= 0, batch_size >= 1, shard_size >= 1 (got {top_k}, "
-            f"{tail_samples}, {batch_size}, {shard_size})"
-        )
+    check_settings(
+        dict(top_k=top_k, tail_samples=tail_samples, tail_seed=tail_seed, batch_size=batch_size, shard_size=shard_size)
+    )
     if tail_samples and not top_k:
         raise ValueError("tail_samples need a top-k (the tail is what lies outside it): set top_k > 0")
     if dtype_name(topk_dtype) not in ("float16", "bfloat16", "float32"):

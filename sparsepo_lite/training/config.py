@@ -18,7 +18,7 @@ import transformers
 from ..losses import LOSS_TYPES
 from ..masks import MASK_INITS, SparsePOMasks
 from ..objective import MAPO_MAPPINGS, LossConfig, check_loss_settings
-from ..validation import check_choice, check_number
+from ..validation import MAX_SEED, check_choice, check_number
 
 logger = logging.getLogger(__name__)
 
@@ -177,8 +177,8 @@ class SparsePOConfig(transformers.TrainingArguments):
         check_number("adam_beta1", self.adam_beta1, low=0, high=1, high_open=True)
         check_number("adam_beta2", self.adam_beta2, low=0, high=1, high_open=True)
         check_number("adam_epsilon", self.adam_epsilon, low=0)
-        check_number("seed", self.seed, low=0, high=2**32 - 1, integer=True)
-        check_number("data_seed", self.data_seed, low=0, high=2**32 - 1, integer=True, optional=True)
+        check_number("seed", self.seed, low=0, high=MAX_SEED, integer=True)
+        check_number("data_seed", self.data_seed, low=0, high=MAX_SEED, integer=True, optional=True)
         check_number("dataloader_num_workers", self.dataloader_num_workers, low=0, integer=True)
         check_number("max_grad_norm", self.max_grad_norm, low=0, optional=True)
         check_number("num_train_epochs", self.num_train_epochs, low=0, low_open=True)
@@ -198,6 +198,14 @@ class SparsePOConfig(transformers.TrainingArguments):
         if unused:
             logger.warning("loss_type %s does not read %s: ignored", self.loss_type, ", ".join(unused))
         super().__post_init__()
+
+    def objective_fields(self) -> List[str]:
+        """The settings that say what a run optimises: its loss settings (``LossConfig``'s fields that
+        this config has, ``chunk_size`` aside, which changes rounding only), the mask nets' layout and
+        the truncation that makes its examples. A resumed run must share them with its checkpoint."""
+        loss = {f.name for f in dataclasses.fields(LossConfig)} - {"chunk_size"}
+        own = [f.name for f in dataclasses.fields(self) if f.name in loss]
+        return own + ["independent_masks", "max_length", "max_prompt_length"]
 
     def unread_settings(self) -> List[str]:
         """The loss settings this config's loss_type does not read: the mask fields but for sparsepo,

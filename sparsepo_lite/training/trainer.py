@@ -48,23 +48,6 @@ logger = logging.getLogger(__name__)
 #: The run's resolved TrainingArguments, as JSON: the Trainer's own copy (training_args.bin) is a
 #: pickle, which a run folder must not hold (one shared or downloaded would ask to be unpickled).
 TRAINING_ARGS_FILE = "training_args.json"
-#: The settings a resumed run must share with its checkpoint: what its loss is and which examples it
-#: sees (chunk_size only changes rounding; learning rates and schedules may change, as in transformers).
-OBJECTIVE_FIELDS = (
-    "loss_type",
-    "beta",
-    "alpha",
-    "label_smoothing",
-    "mask_on_reward",
-    "mask_on_kl",
-    "l1_reward",
-    "l1_kl",
-    "mask_normalize",
-    "mapo_mapping",
-    "independent_masks",
-    "max_length",
-    "max_prompt_length",
-)
 #: Files a run writes into its output_dir (replaced together by overwrite_output_dir).
 RUN_FILES = (
     "adapter_model.safetensors",
@@ -87,8 +70,9 @@ RUN_FILES = (
     "masks.html",
     "mask_lift.json",
 )
-#: The hidden folder of output_dir that holds a run ``overwrite_output_dir`` replaces during the new
-#: run's first step (followed by the process id).
+#: The start of the name of the hidden folder of output_dir that holds the run ``overwrite_output_dir``
+#: replaces during the new run's first step. One left behind (the process was killed in that step)
+#: holds the only copy of that run: training into the folder is then refused, naming it.
 OLD_RUN_ASIDE = ".replaced-run"
 #: A run ends with an error when more than this share of its optimizer steps was skipped.
 MAX_SKIPPED_FRACTION = 0.5
@@ -133,18 +117,27 @@ def mask_drift(masks: SparsePOMasks, init: List[torch.Tensor]) -> float:
     return float((now - start).norm() / start.norm().clamp_min(1e-12))
 
 
-def check_lengths(config, examples: List[PreferenceExample], name: str) -> None:
-    """Raise ``ValueError`` naming the first row whose longer sequence (prompt and response) exceeds
-    the model's context (a learned position table fails mid-step with an index error; a rotary one
-    runs past what the model was trained on)."""
+def check_lengths(config, splits: Dict[str, Optional[List[PreferenceExample]]], name: str) -> None:
+    """Find the first row of ``splits`` (split name: examples) whose longer sequence (prompt and
+    response) exceeds the model's context. With a learned position table, which fails mid-step with an
+    index error, raise ``ValueError`` naming the split and row; with rotary positions, which run on
+    (and rope scaling may stretch), log a warning."""
     limit = context_length(config)
-    for e in examples if limit is not None else ():
-        n = len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids))
-        if n > limit:
-            raise ValueError(
-                f"{name}: row {e.index} has {n} tokens but the model's context is {limit} "
-                f"(max_position_embeddings); lower max_length to {limit} or less"
+    if limit is None:
+        return
+    rotary = any(getattr(config, a, None) is not None for a in ("rope_parameters", "rope_scaling", "rope_theta"))
+    for split, examples in splits.items():
+        for e in examples or ():
+            n = len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids))
+            if n <= limit:
+                continue
+            where = f"{name}: {split} row {e.index} has {n} tokens but the model's context is {limit} (max_position_embeddings)"
+            if not rotary:
+                raise ValueError(f"{where}; lower max_length to {limit} or less")
+            logger.warning(
+                "%s: its rotary positions run past what it was trained on unless its rope scaling covers them", where
             )
+            return
 
 
 class _RunConfigWriter(transformers.TrainerCallback):
@@ -340,7 +333,7 @@ class SparsePOTrainer(transformers.Trainer):
             model = load_model(model_config, args)
         name = model_config.model_name_or_path if load else type(unwrap(model)).__name__
         check_tokenizer(model, processing_class, name)
-        check_lengths(unwrap(model).config, [e for split in (train_dataset, eval_dataset) for e in split or []], name)
+        check_lengths(unwrap(model).config, {"train": train_dataset, "eval": eval_dataset}, name)
         if args.loss_type == "sparsepo" and masks is None:
             transformers.set_seed(args.seed)  # the mask init is part of the run: same seed, same run
             masks = SparsePOMasks.for_model(
@@ -785,7 +778,8 @@ class SparsePOTrainer(transformers.Trainer):
             bad(transformers.trainer.TRAINER_STATE_NAME, f"unreadable ({exc})")
         if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
             bad(transformers.trainer.TRAINER_STATE_NAME, "not a trainer state (no integer global_step)")
-        # transformers would run one more step from a checkpoint at max_steps (it checks after a step)
+        # from a checkpoint at max_steps transformers would run one more step (it checks after a step);
+        # at the end of its epochs it would run none and rewrite the run's files
         total = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
         if total is not None and state["global_step"] >= total:
             raise TrainingError(
@@ -871,8 +865,9 @@ class SparsePOTrainer(transformers.Trainer):
         except (OSError, ValueError) as exc:
             raise TrainingError(f"resume_from_checkpoint: {path}: unreadable ({exc})") from None
         mine = json.loads(self.args.to_json_string())
-        for name in OBJECTIVE_FIELDS:
-            if name in saved and name in mine and saved[name] != mine[name]:
+        unread = set(self.args.unread_settings())
+        for name in self.args.objective_fields():
+            if name not in unread and name in saved and name in mine and saved[name] != mine[name]:
                 raise TrainingError(
                     f"resume_from_checkpoint: {path}: {name} is {saved[name]!r} there but {mine[name]!r} in "
                     "this run; resume with the checkpoint's settings, or start a new run"
@@ -881,6 +876,13 @@ class SparsePOTrainer(transformers.Trainer):
     def _prepare_output_dir(self, resume: Optional[str]) -> None:
         out = self.args.output_dir
         present = sorted(os.listdir(out)) if os.path.isdir(out) else []
+        stale = [name for name in present if name.startswith(OLD_RUN_ASIDE)]
+        if stale:  # the only copy of a run: neither overwritten nor resumed over
+            raise TrainingError(
+                f"output_dir {out} holds {stale[0]}, a run set aside by --overwrite_output_dir whose replacement "
+                f"was killed in its first step: move the files in {os.path.join(out, stale[0])} back into {out} "
+                "(replacing what is there), or delete the folder, then run again"
+            )
         model_dir = getattr(unwrap(self.model).config, "name_or_path", None)
         if model_dir and os.path.isdir(model_dir) and os.path.realpath(model_dir) == os.path.realpath(out):
             raise TrainingError(f"output_dir {out} is the model's own folder; write the run elsewhere")
@@ -911,7 +913,6 @@ class SparsePOTrainer(transformers.Trainer):
                 for name in present
                 if name in RUN_FILES
                 or name.startswith("data_report_")
-                or name.startswith(OLD_RUN_ASIDE)  # left by a process killed in its first step
                 or (
                     name.startswith(transformers.trainer_utils.PREFIX_CHECKPOINT_DIR + "-")
                     and os.path.isdir(os.path.join(out, name))
@@ -921,21 +922,25 @@ class SparsePOTrainer(transformers.Trainer):
 
     def set_old_run_aside(self) -> None:
         """Move the files of the run that ``overwrite_output_dir`` replaces (found by ``train``) into a
-        hidden folder of output_dir (a rename: same file system, no copy)."""
+        new hidden folder of output_dir (renames: the same file system, no copy)."""
         if not self._old_run_files:
             return
-        aside = os.path.join(self.args.output_dir, f"{OLD_RUN_ASIDE}-{os.getpid()}")
-        os.mkdir(aside)
-        self._old_run_aside = aside
+        self._old_run_aside = tempfile.mkdtemp(prefix=OLD_RUN_ASIDE + "-", dir=self.args.output_dir)
         for path in self._old_run_files:
-            os.replace(path, os.path.join(aside, os.path.basename(path)))
+            try:
+                os.replace(path, os.path.join(self._old_run_aside, os.path.basename(path)))
+            except FileNotFoundError:  # another node's main process (save_on_each_node, shared disk) was first
+                pass
         self._old_run_files = []
 
     def drop_old_run(self) -> None:
-        """Delete the replaced run set aside at the first step (once that step has ended)."""
-        if self._old_run_aside is not None:
-            shutil.rmtree(self._old_run_aside)
-            self._old_run_aside = None
+        """Delete the replaced run set aside at the first step (once that step has ended). A folder
+        that will not go (a file held open on NFS) is left with a warning: the new run goes on."""
+        aside, self._old_run_aside = self._old_run_aside, None
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+            if os.path.lexists(aside):
+                logger.warning("could not delete %s (the replaced run); delete it by hand", aside)
 
     def restore_old_run(self) -> None:
         """Put the replaced run set aside back in place of what this run wrote (a run that failed in
