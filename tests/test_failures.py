@@ -797,6 +797,18 @@ def test_rows_longer_than_the_models_context_are_refused_or_named(tiny_dir, tmp_
     assert "LlamaForCausalLM: train row" in caplog.text and f"context is {longest - 1}" in caplog.text
 
 
+def test_overwrite_never_deletes_what_the_run_reads(tiny_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    make_trainer(tiny_dir, run, "dpo", steps=1).train()
+    kept = run / "checkpoint-100"  # say, an SFT checkpoint kept in the old run's folder
+    shutil.copytree(tiny_dir, kept)
+    with pytest.raises(TrainingError, match=r"would delete .*checkpoint-100, which holds the model this run reads"):
+        make_trainer(str(kept), run, "dpo", steps=1, overwrite_output_dir=True).train()
+    assert (kept / "config.json").is_file() and (run / "sparsepo_config.yaml").is_file()
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [

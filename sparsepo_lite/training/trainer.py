@@ -318,6 +318,12 @@ class SparsePOTrainer(transformers.Trainer):
             processing_class = processing_class or load_tokenizer(model_config.model_name_or_path)
         if processing_class is None:
             raise ValueError("SparsePOTrainer needs the tokenizer as processing_class")
+        # what the run reads from disk: overwrite_output_dir may not delete any of it
+        self._inputs = {
+            f"{split} data": os.fspath(rows)
+            for split, rows in (("train", train_dataset), ("eval", eval_dataset))
+            if isinstance(rows, (str, os.PathLike))
+        }
         data, self.data_reports = read_splits(processing_class, args, {"train": train_dataset, "eval": eval_dataset})
         train_dataset, eval_dataset = data["train"], data["eval"]
         if args.loss_type == "tdpo2":  # found now, not at the first step after the model has loaded
@@ -918,7 +924,29 @@ class SparsePOTrainer(transformers.Trainer):
                     and os.path.isdir(os.path.join(out, name))
                 )
             ]
+            self._check_inputs_survive(self._old_run_files)
         check_writable(out)
+
+    def _check_inputs_survive(self, replaced: List[str]) -> None:
+        """Raise :class:`TrainingError` when something this run reads (the model, the tokenizer, the
+        reference cache, a data file) lies in one of the ``replaced`` paths: a base model kept in the
+        old run's ``checkpoint-*`` folder would be deleted after the first step."""
+        inputs = {
+            "the model": getattr(unwrap(self.model).config, "name_or_path", None),
+            "the tokenizer": getattr(self.processing_class, "name_or_path", None),
+            "the reference cache": self.args.ref_cache,
+            **self._inputs,
+        }
+        for what, path in inputs.items():
+            if not path or not os.path.exists(path):
+                continue  # a hub name, or nothing on disk
+            real = os.path.realpath(path)
+            for old in replaced:
+                if os.path.commonpath([real, os.path.realpath(old)]) == os.path.realpath(old):
+                    raise TrainingError(
+                        f"--overwrite_output_dir would delete {old}, which holds {what} this run reads ({path}); "
+                        "move it out of the output_dir first"
+                    )
 
     def set_old_run_aside(self) -> None:
         """Move the files of the run that ``overwrite_output_dir`` replaces (found by ``train``) into a
