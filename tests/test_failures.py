@@ -884,6 +884,17 @@ def test_reading_a_damaged_or_edited_run_names_the_file(cli_setup, tmp_path, cap
     assert "lora_A.weight holds a non-finite value (NaN or inf)" in broken(
         lambda d: edit_safetensors(d / "adapter_model.safetensors", lambda t: t.fill_(math.nan))
     )
+
+    def drop_first_tensor(path):  # as an adapter from a run with fewer target modules lacks layers
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(path)
+        del tensors[next(iter(tensors))]
+        save_file(tensors, path, metadata={"format": "pt"})
+
+    assert "adapter_model.safetensors: no weights for 1 LoRA tensors of this run's layers" in broken(
+        lambda d: drop_first_tensor(d / "adapter_model.safetensors")
+    )
     message = broken(lambda d: edit_safetensors(d / "adapter_model.safetensors", lambda t: t[:1].clone()))
     assert "adapter_model.safetensors: weights that do not fit this model (size mismatch for" in message
     for args, message in (

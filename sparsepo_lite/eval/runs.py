@@ -77,6 +77,13 @@ def load_run(run_dir: str) -> Tuple[object, object, Optional[SparsePOMasks], dic
         raise ValueError(f"{adapter}: weights that do not fit this model ({lines[-1] if lines else exc})") from None
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"{adapter}: weights that do not fit this model: {result.unexpected_keys[:5]}")
+    # layers the run's configuration adapts but the file has nothing for would stay at their untrained start
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing:
+        raise ValueError(
+            f"{adapter}: no weights for {len(missing)} LoRA tensors of this run's layers (first {missing[0]}); "
+            "the adapter is from a run with other lora_target_modules"
+        )
     model.eval()
     masks = None
     if os.path.isfile(os.path.join(run_dir, MASK_WEIGHTS)):
