@@ -123,6 +123,31 @@ def test_mask_pages_in_one_folder_keep_their_own_lift_and_never_overwrite_the_da
     assert pairs.read_bytes() == before
 
 
+def test_a_mask_the_run_turned_off_is_drawn_as_the_loss_used_it(run_dir, tmp_path):
+    """A run with mask_on_reward false trained its reward net for nothing: the page shows the reward
+    mask the loss used (1 everywhere), and there is no lift to report."""
+    import shutil
+
+    import yaml
+
+    from sparsepo_lite.eval.views import write_mask_viewer
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir / "run", run)
+    config = yaml.safe_load((run / "sparsepo_config.yaml").read_text())
+    (run / "sparsepo_config.yaml").write_text(yaml.safe_dump({**config, "mask_on_reward": False}))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in review_rows(3)))
+    _, lift, shown = write_mask_viewer(str(run), str(pairs), pairs=3)
+    assert shown == 3 and lift == {} and not (run / "mask_lift.json").exists()
+    model, tok, masks, _ = load_run(str(run))
+    examples, _ = tokenize_dataset(review_rows(3), tok, max_length=32, max_prompt_length=16)
+    items = mask_pairs(model, tok, masks, examples, mask_on_reward=False)
+    tokens = [t for p in items for side in ("chosen", "rejected") for t in p[side]]
+    assert {t["reward_mask"] for t in tokens} == {1.0}
+    assert len({t["kl_mask"] for t in tokens}) > 1  # the KL mask, which the loss used, is still drawn
+
+
 def test_sentiment_report_renders(run_dir):
     (run_dir / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in review_rows(3, offset=40)))
     main(

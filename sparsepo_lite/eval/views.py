@@ -205,20 +205,30 @@ def mask_pairs(
     *,
     beta: float = 0.1,
     mask_normalize: bool = False,
+    mask_on_reward: bool = True,
+    mask_on_kl: bool = True,
     sentiment=None,
     batch_pairs: int = 4,
 ) -> List[dict]:
     """Per-token reward/KL masks and KL of each example, from the online reference (as the paper).
 
-    ``masks``: the run's mask nets (``mask_normalize`` as the run trained them); ``sentiment``: an
-    optional :class:`~sparsepo_lite.sentiment.Sentiment` to flag sentiment words.
+    ``masks``: the run's mask nets (``mask_normalize``, ``mask_on_reward`` and ``mask_on_kl`` as the
+    run trained them: a mask the loss did not use is 1 on every token, as in the loss); ``sentiment``:
+    an optional :class:`~sparsepo_lite.sentiment.Sentiment` to flag sentiment words.
     """
     from ..data import PreferenceCollator, pad_id
     from ..objective import LossConfig, compute_loss
 
     pad = pad_id(tokenizer)
     collate = PreferenceCollator(pad)
-    config = LossConfig(loss_type="sparsepo", beta=beta, masks=masks, mask_normalize=mask_normalize)
+    config = LossConfig(
+        loss_type="sparsepo",
+        beta=beta,
+        masks=masks,
+        mask_normalize=mask_normalize,
+        mask_on_reward=mask_on_reward,
+        mask_on_kl=mask_on_kl,
+    )
     out = []
     for a in range(0, len(examples), batch_pairs):
         part = examples[a : a + batch_pairs]
@@ -349,9 +359,12 @@ def write_mask_viewer(run_dir: str, data: str, *, pairs: int = 20, out: Optional
         examples[:pairs],
         beta=float(cfg.get("beta", 0.1)),
         mask_normalize=bool(cfg.get("mask_normalize", False)),
+        mask_on_reward=bool(cfg.get("mask_on_reward", True)),
+        mask_on_kl=bool(cfg.get("mask_on_kl", True)),
         sentiment=sentiment,
     )
-    lift = mask_lift(items) if sentiment else {}
+    # without a reward mask (the run turned it off) there is nothing to lift: it is 1 everywhere
+    lift = mask_lift(items) if sentiment and cfg.get("mask_on_reward", True) else {}
     meta = {"run": run_dir, "data": data, "pairs": len(items)}
     if lift:
         meta.update(
