@@ -42,9 +42,16 @@ def test_standard_and_conversational_formats(tok):
     )
 
 
-def test_implicit_standard_prompt_is_the_shared_prefix():
+def test_implicit_standard_prompt_is_the_shared_prefix_up_to_the_differing_word():
     p, c, r, conv = split_row({"chosen": "Q: hi? A: hello there", "rejected": "Q: hi? A: go away"})
-    assert (p, c, r, conv) == ("Q: hi? A: ", "hello there", "go away", False)
+    assert (p, c, r, conv) == ("Q: hi? A:", " hello there", " go away", False)  # as TRL splits it
+    # responses that differ inside a word start with that word, not in its middle ("was gr" + "eat.")
+    assert split_row({"chosen": "The film was great.", "rejected": "The film was grim."})[:3] == (
+        "The film was",
+        " great.",
+        " grim.",
+    )
+    assert split_row({"chosen": "电影很好", "rejected": "电影很差"})[:3] == ("电影很", "好", "差")  # no spaces
 
 
 def test_truncation_keeps_the_prompt_end_then_cuts_responses(tok):
