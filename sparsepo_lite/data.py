@@ -197,6 +197,13 @@ def read_rows(source, *, bad_lines: str = "raise") -> List[Any]:
                 import pyarrow.parquet as pq
             except ImportError:
                 raise ImportError("reading .parquet needs pyarrow: pip install pyarrow") from None
+            try:
+                names = pq.ParquetFile(path).schema_arrow.names
+            except Exception as exc:  # pyarrow's errors: not parquet, truncated
+                raise ValueError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:  # a row could not say which of the columns is the field (pyarrow lists the schema)
+                raise ValueError(f"{path}: columns {repeated} appear more than once")
             return pq.read_table(path).to_pylist()
         raise ValueError(f"{path}: unsupported file type (use .jsonl, .json or .parquet)")
     # dict() of a string or None raises with no row index, and of a list of pairs makes up a row:

@@ -183,6 +183,16 @@ def test_parquet_json_and_jsonl_files_give_the_same_rows(tmp_path):
     with pytest.raises(ValueError, match="unsupported file type"):
         (tmp_path / "d.csv").write_text("a,b\n")
         read_rows(str(tmp_path / "d.csv"))
+    # a repeated column (pyarrow's own error is a page of schema naming no file), a damaged file
+    arrays = [pa.array(["Q1"]), pa.array([" yes"]), pa.array([" no"]), pa.array([" sure"])]
+    pq.write_table(
+        pa.Table.from_arrays(arrays, names=["prompt", "chosen", "rejected", "chosen"]), tmp_path / "r.parquet"
+    )
+    with pytest.raises(ValueError, match=r"r.parquet: columns \['chosen'\] appear more than once"):
+        read_rows(str(tmp_path / "r.parquet"))
+    (tmp_path / "t.parquet").write_bytes((tmp_path / "d.parquet").read_bytes()[:40])
+    with pytest.raises(ValueError, match=r"t.parquet: not a readable parquet file \("):
+        read_rows(str(tmp_path / "t.parquet"))
 
 
 NEW_BAD_ROWS = [  # each a class of bad row that once passed validation or aborted the whole file

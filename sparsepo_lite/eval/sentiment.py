@@ -17,6 +17,7 @@ of one prompt are averaged first, since they are not independent of each other).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -24,6 +25,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..data import pad_id
+
+logger = logging.getLogger(__name__)
 
 
 class Sentiment:
@@ -283,7 +286,7 @@ def evaluate_run(
     check_number("seed", seed, low=0, high=MAX_SEED, integer=True)
     model, tok, _, cfg = load_run(run_dir)
     rows = read_rows(data)
-    texts = []
+    texts, skipped = [], []
     for i, r in enumerate(rows):
         if len(texts) == prompts:
             break
@@ -291,8 +294,16 @@ def evaluate_run(
             if not r["prompt"].strip():  # sampling would continue padding alone; training refuses it too
                 raise ValueError(f"{data}: row {i}: the prompt is empty")
             texts.append(r["prompt"])
+        else:
+            skipped.append(i)
     if not texts:
         raise ValueError(f"{data}: no rows with a string 'prompt'")
+    if skipped:  # the evaluation takes later rows in their place: say which
+        logger.warning(
+            "%s: rows %s have no string 'prompt' (an implicit or message-list prompt) and are not evaluated",
+            data,
+            skipped[:10],
+        )
     ev = evaluate_sentiment(
         model, tok, texts, samples_per_prompt=samples, max_new_tokens=max_new_tokens, seed=seed, progress=progress
     )
