@@ -278,13 +278,13 @@ def split_row(row: Dict[str, Any]) -> Tuple[Any, Any, Any, bool]:
         if conversational:
             while n > 0 and chosen[n - 1]["role"] == "assistant":  # the prompt ends before an answer
                 n -= 1
-        elif n < min(len(chosen), len(rejected)):
-            # a text prompt ends where the word the responses differ in begins ("was gr" + "eat" would
-            # train on tokens real text never has), its whitespace going with the responses, as TRL
-            # puts " great" after "was"; text without whitespace (CJK) is cut where it differs
-            start = max(chosen.rfind(c, 0, n + 1) for c in " \t\n")
-            if start > 0:
-                n = start
+        elif n < min(len(chosen), len(rejected)) and not (chosen[n].isspace() and rejected[n].isspace()):
+            # a text prompt ends before the word the responses differ in ("was gr" + "eat" would train on
+            # tokens real text never has), that word's whitespace going with the responses (TRL moves
+            # one space so, but cuts mid-word); text without whitespace (CJK) is cut where it differs
+            n = max((i for i in range(n) if chosen[i].isspace()), default=n)
+            while n > 0 and chosen[n - 1].isspace():  # the whole run of whitespace ("\r\n")
+                n -= 1
         prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
         if not prompt:
             raise BadRow("no 'prompt' field and chosen/rejected share no prompt")

@@ -44,7 +44,7 @@ def test_standard_and_conversational_formats(tok):
 
 def test_implicit_standard_prompt_is_the_shared_prefix_up_to_the_differing_word():
     p, c, r, conv = split_row({"chosen": "Q: hi? A: hello there", "rejected": "Q: hi? A: go away"})
-    assert (p, c, r, conv) == ("Q: hi? A:", " hello there", " go away", False)  # as TRL splits it
+    assert (p, c, r, conv) == ("Q: hi? A:", " hello there", " go away", False)
     # responses that differ inside a word start with that word, not in its middle ("was gr" + "eat.")
     assert split_row({"chosen": "The film was great.", "rejected": "The film was grim."})[:3] == (
         "The film was",
@@ -52,6 +52,10 @@ def test_implicit_standard_prompt_is_the_shared_prefix_up_to_the_differing_word(
         " grim.",
     )
     assert split_row({"chosen": "电影很好", "rejected": "电影很差"})[:3] == ("电影很", "好", "差")  # no spaces
+    for chosen, rejected in (("I am happy", "I amiss"), ("I amiss", "I am happy")):  # either order
+        assert split_row({"chosen": chosen, "rejected": rejected})[0] == "I"
+    assert split_row({"chosen": "Q:\r\ngreat", "rejected": "Q:\r\ngrim"})[:2] == ("Q:", "\r\ngreat")
+    assert split_row({"chosen": "It was great", "rejected": "It was\tgreat"})[:2] == ("It was", " great")
 
 
 def test_truncation_keeps_the_prompt_end_then_cuts_responses(tok):
@@ -237,9 +241,10 @@ NEW_BAD_ROWS = [  # each a class of bad row that once passed validation or abort
         "non-empty message list",
     ),
     ({"prompt": "p", "chosen": [], "rejected": []}, "empty 'chosen'"),
-    # an implicit prompt (the shared beginning) that is blank, refused like the explicit "   " above
-    ({"chosen": " good", "rejected": " bad"}, "empty 'prompt' (no 'prompt' field"),
-    ({"chosen": "\n good", "rejected": "\n bad"}, "empty 'prompt' (no 'prompt' field"),
+    # an implicit prompt (the shared beginning, up to the word the responses differ in) that is blank
+    ({"chosen": " good", "rejected": " bad"}, "no 'prompt' field and chosen/rejected share no prompt"),
+    ({"chosen": "\n good", "rejected": "\n bad"}, "no 'prompt' field and chosen/rejected share no prompt"),
+    ({"chosen": " \tgood", "rejected": " \ngood"}, "empty 'prompt' (no 'prompt' field"),
 ]
 
 

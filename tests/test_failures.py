@@ -801,12 +801,25 @@ def test_overwrite_never_deletes_what_the_run_reads(tiny_dir, tmp_path):
     import shutil
 
     run = tmp_path / "run"
-    make_trainer(tiny_dir, run, "dpo", steps=1).train()
+    first = make_trainer(tiny_dir, run, "dpo", steps=1)
+    first.train()
+    first.save_model()  # the adapter and the tokenizer files
     kept = run / "checkpoint-100"  # say, an SFT checkpoint kept in the old run's folder
     shutil.copytree(tiny_dir, kept)
     with pytest.raises(TrainingError, match=r"would delete .*checkpoint-100, which holds the model this run reads"):
         make_trainer(str(kept), run, "dpo", steps=1, overwrite_output_dir=True).train()
     assert (kept / "config.json").is_file() and (run / "sparsepo_config.yaml").is_file()
+    shutil.rmtree(kept)
+    # a tokenizer read from the run folder itself, whose tokenizer files the new run would replace
+    model, _ = load_policy(ModelConfig(tiny_dir, lora_r=4, gradient_checkpointing=False))
+    args = SparsePOConfig(
+        output_dir=str(run), overwrite_output_dir=True, max_steps=1, use_cpu=True, max_length=32, max_prompt_length=16
+    )
+    trainer = SparsePOTrainer(
+        model=model, args=args, train_dataset=review_rows(8), processing_class=load_tokenizer(str(run))
+    )
+    with pytest.raises(TrainingError, match=r"would replace the files of .*run, the tokenizer this run reads"):
+        trainer.train()
 
 
 @pytest.mark.parametrize(

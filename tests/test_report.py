@@ -134,6 +134,7 @@ def test_a_mask_the_run_turned_off_is_drawn_as_the_loss_used_it(run_dir, tmp_pat
 
     run = tmp_path / "run"
     shutil.copytree(run_dir / "run", run)
+    (run / "mask_lift.json").write_text("{}")  # an earlier page's, which must not pass for this one's
     config = yaml.safe_load((run / "sparsepo_config.yaml").read_text())
     (run / "sparsepo_config.yaml").write_text(yaml.safe_dump({**config, "mask_on_reward": False}))
     pairs = tmp_path / "pairs.jsonl"

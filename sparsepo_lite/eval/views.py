@@ -352,6 +352,7 @@ def write_mask_viewer(run_dir: str, data: str, *, pairs: int = 20, out: Optional
         sentiment = Sentiment()
     except ImportError:
         sentiment = None
+    reward_mask = bool(cfg.get("mask_on_reward", True))
     items = mask_pairs(
         model,
         tok,
@@ -359,12 +360,12 @@ def write_mask_viewer(run_dir: str, data: str, *, pairs: int = 20, out: Optional
         examples[:pairs],
         beta=float(cfg.get("beta", 0.1)),
         mask_normalize=bool(cfg.get("mask_normalize", False)),
-        mask_on_reward=bool(cfg.get("mask_on_reward", True)),
+        mask_on_reward=reward_mask,
         mask_on_kl=bool(cfg.get("mask_on_kl", True)),
         sentiment=sentiment,
     )
     # without a reward mask (the run turned it off) there is nothing to lift: it is 1 everywhere
-    lift = mask_lift(items) if sentiment and cfg.get("mask_on_reward", True) else {}
+    lift = mask_lift(items) if sentiment and reward_mask else {}
     meta = {"run": run_dir, "data": data, "pairs": len(items)}
     if lift:
         meta.update(
@@ -380,4 +381,6 @@ def write_mask_viewer(run_dir: str, data: str, *, pairs: int = 20, out: Optional
     if lift:
         with open(lift_path(out), "w") as f:
             json.dump(lift, f, indent=1)
+    elif os.path.isfile(lift_path(out)):  # an earlier page's lift must not pass for this page's
+        os.remove(lift_path(out))
     return out, lift, len(items)

@@ -941,6 +941,11 @@ class SparsePOTrainer(transformers.Trainer):
             if not path or not os.path.exists(path):
                 continue  # a hub name, or nothing on disk
             real = os.path.realpath(path)
+            if real == os.path.realpath(self.args.output_dir):  # its tokenizer files would be replaced
+                raise TrainingError(
+                    f"--overwrite_output_dir would replace the files of {path}, {what} this run reads; move it "
+                    "out of the output_dir first"
+                )
             for old in replaced:
                 if os.path.commonpath([real, os.path.realpath(old)]) == os.path.realpath(old):
                     raise TrainingError(
