@@ -123,21 +123,21 @@ def check_batch(
             raise ValueError(f"token_weights hold a non-finite value (batch row {row})")
     if ids.shape[0] == 0 or ids.shape[0] % 2:
         raise ValueError(f"batch needs an even, non-zero number of rows (B chosen then B rejected), got {ids.shape[0]}")
+    positions = response_positions(labels)
     # a response label is the token it follows (the loss scores it given the ids before it): a label
     # that differs, or sits on padding, is a broken collator, whose loss would be plausible and wrong
-    used, target = labels[:, 1:] != IGNORE_INDEX, labels[:, 1:]
-    bad = used & ((target != ids[:, 1:]) | (att[:, 1:] == 0))
-    if bool(bad.any()):
+    bad = positions.response & ((labels[:, 1:] != ids[:, 1:]) | (att[:, 1:] == 0))
+    have = positions.response.sum(dim=1)
+    broken, no_response = torch.stack([bad.any(), (have == 0).any()]).tolist()  # one host sync for both
+    if broken:
         row, col = (int(i) for i in bad.nonzero()[0])
         raise ValueError(
             f"each label must be {IGNORE_INDEX} or the input id at its position, on an attended token; "
             f"batch row {row}, position {col + 1}: label {int(labels[row, col + 1])}, "
             f"input id {int(ids[row, col + 1])}, attention_mask {int(att[row, col + 1])}"
         )
-    positions = response_positions(labels)
-    have = positions.response.sum(dim=1)
-    empty = (have == 0).nonzero().flatten().tolist()
-    if empty:
+    if no_response:
+        empty = (have == 0).nonzero().flatten().tolist()
         raise ValueError(f"batch rows {empty} have no response tokens (labels all -100 after the shift)")
     counts = batch.get(keys.TOKENS_PER_ROW)
     if counts is None and keys.batch_key(keys.LABEL_LOGP) in batch:

@@ -80,6 +80,18 @@ def load_yaml(path: str):
         raise ValueError(f"{path}: not valid YAML ({getattr(exc, 'problem', None) or exc}{where})") from None
 
 
+def load_json(path: str):
+    """The JSON document in ``path``, or ``ValueError`` naming the file when it cannot be read or
+    parsed."""
+    import json
+
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable ({exc})") from None
+
+
 def check_finite_tensors(path: str, tensors) -> None:
     """Raise ``ValueError`` naming the file ``path`` and the tensor when a floating tensor of
     ``tensors`` (name -> tensor, as read from a safetensors file) holds a NaN or an inf: weights

@@ -94,16 +94,12 @@ def load_run(run_dir: str) -> Tuple[object, object, Optional[SparsePOMasks], dic
 def _check_adapter_config(run_dir: str, model_cfg) -> None:
     """The run's configuration and the adapter peft saved beside it must agree on the LoRA shape
     (an edited configuration would load the adapter with another scale)."""
-    import json
+    from ..validation import load_json
 
     path = os.path.join(run_dir, "adapter_config.json")
     if not os.path.isfile(path):
         return
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: unreadable ({exc})") from None
+    saved = load_json(path)
     for key, field in (("r", "lora_r"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout")):
         if key in saved and saved[key] != getattr(model_cfg, field):
             raise ValueError(

@@ -378,9 +378,10 @@ def write_mask_viewer(run_dir: str, data: str, *, pairs: int = 20, out: Optional
     out = out or os.path.join(run_dir, "masks.html")
     with open(out, "w") as f:
         f.write(mask_viewer_html(items, meta))
+    lift_file = lift_path(out)
     if lift:
-        with open(lift_path(out), "w") as f:
+        with open(lift_file, "w") as f:
             json.dump(lift, f, indent=1)
-    elif os.path.isfile(lift_path(out)):  # an earlier page's lift must not pass for this page's
-        os.remove(lift_path(out))
+    elif os.path.isfile(lift_file):  # an earlier page's lift must not pass for this page's
+        os.remove(lift_file)
     return out, lift, len(items)

@@ -38,6 +38,7 @@ from ..models import (
 )
 from ..objective import compute_loss, runs_in_shards
 from ..refcache import CachedExample, CachedReferenceCollator, CacheError, RefCache, keys, run_fingerprint
+from ..validation import load_json
 from ..waits import LoadGuard, cpu_load_guard
 from .config import RUN_CONFIG, SparsePOConfig
 from .distributed import all_reduce_mean_
@@ -138,6 +139,14 @@ def check_lengths(config, splits: Dict[str, Optional[List[PreferenceExample]]], 
                 "%s: its rotary positions run past what it was trained on unless its rope scaling covers them", where
             )
             return
+
+
+def _checkpoint_json(path: str):
+    """A JSON file of a checkpoint to resume from, or :class:`TrainingError` naming it."""
+    try:
+        return load_json(path)
+    except ValueError as exc:
+        raise TrainingError(f"resume_from_checkpoint: {exc}") from None
 
 
 class _RunConfigWriter(transformers.TrainerCallback):
@@ -777,11 +786,7 @@ class SparsePOTrainer(transformers.Trainer):
         def bad(name, why):
             raise TrainingError(f"resume_from_checkpoint: {os.path.join(folder, name)}: {why}")
 
-        try:
-            with open(os.path.join(folder, transformers.trainer.TRAINER_STATE_NAME)) as f:
-                state = json.load(f)
-        except (OSError, ValueError) as exc:
-            bad(transformers.trainer.TRAINER_STATE_NAME, f"unreadable ({exc})")
+        state = _checkpoint_json(os.path.join(folder, transformers.trainer.TRAINER_STATE_NAME))
         if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
             bad(transformers.trainer.TRAINER_STATE_NAME, "not a trainer state (no integer global_step)")
         # from a checkpoint at max_steps transformers would run one more step (it checks after a step);
@@ -819,11 +824,7 @@ class SparsePOTrainer(transformers.Trainer):
         peft_config = getattr(self.model, "peft_config", {}).get("default")
         config_path = os.path.join(folder, "adapter_config.json")
         if peft_config is not None and os.path.isfile(config_path):
-            try:
-                with open(config_path) as f:
-                    saved = json.load(f)
-            except (OSError, ValueError) as exc:
-                bad("adapter_config.json", f"unreadable ({exc})")
+            saved = _checkpoint_json(config_path)
             targets = peft_config.target_modules
             live = {
                 "r": peft_config.r,
@@ -865,11 +866,7 @@ class SparsePOTrainer(transformers.Trainer):
         path = os.path.join(folder, TRAINING_ARGS_FILE)
         if not os.path.isfile(path):
             return
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise TrainingError(f"resume_from_checkpoint: {path}: unreadable ({exc})") from None
+        saved = _checkpoint_json(path)
         mine = json.loads(self.args.to_json_string())
         unread = set(self.args.unread_settings())
         for name in self.args.objective_fields():
