@@ -676,6 +676,20 @@ def test_resuming_with_other_model_or_loss_settings_is_refused_and_the_run_confi
 
 
 @pytest.mark.slow
+def test_resuming_on_a_base_model_changed_in_place_is_refused(tmp_path):
+    """The model folder re-saved with other weights under the same name and config (an SFT merged into
+    it): the checkpoint's adapter was trained on the old weights, and resuming would go on from there."""
+    base = save_tiny_llama(tmp_path / "base")
+    ckpt = _checkpointed_run(base, tmp_path / "run")
+    record = json.loads((ckpt / "base_model.json").read_text())
+    assert record["model"] == base and record["quantization"] == "4bit" and record["device"] == "cpu"
+    assert make_trainer(base, tmp_path / "run", "sparsepo", steps=3).train(resume_from_checkpoint=str(ckpt))
+    save_tiny_llama(tmp_path / "base", seed=1)
+    with pytest.raises(TrainingError, match=r"checkpoint-1/base_model.json: the base model .* has changed since "):
+        make_trainer(base, tmp_path / "run", "sparsepo", steps=3).train(resume_from_checkpoint=str(ckpt))
+
+
+@pytest.mark.slow
 def test_resuming_into_another_runs_folder_and_overwriting_a_non_run_folder_are_refused(tiny_dir, tmp_path):
     ckpt = _checkpointed_run(tiny_dir, tmp_path / "a")
     (tmp_path / "b").mkdir()

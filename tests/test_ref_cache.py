@@ -311,3 +311,24 @@ def test_the_fingerprint_is_the_same_on_any_thread_count_and_sees_weights_change
             codes.data[0] ^= 1
             lora.sub_(1.0)
     assert fingerprint(policy) == before
+
+
+def test_a_base_model_record_names_what_changed_and_allows_another_devices_4bit_codes(caplog):
+    from sparsepo_lite.refcache.fingerprint import IDENTITY_FIELDS, check_base_model
+
+    recorded = {"model": "m", **{k: k for k in IDENTITY_FIELDS}, "quantization": "4bit", "device": "cuda"}
+    live = {**recorded, "model": "elsewhere/m"}  # the name is how a run spelled it
+    check_base_model(recorded, live, "run/base_model.json")
+    for key in IDENTITY_FIELDS:
+        with pytest.raises(ValueError, match=f"run/base_model.json: the base model 'm' has changed .*{key} is"):
+            check_base_model(recorded, {**live, key: "other", "device": "cuda"}, "run/base_model.json")
+    # codes quantised by another device's kernels: logged, since the config and dtype still agree
+    with caplog.at_level("WARNING"):
+        check_base_model(recorded, {**live, "weights_sha256": "other", "device": "cpu"}, "run/base_model.json")
+    assert "quantised on cuda, not cpu" in caplog.text
+    with pytest.raises(ValueError, match="weights_sha256 is"):  # not so for a model that is not 4-bit
+        check_base_model(
+            {**recorded, "quantization": "none"}, {**live, "quantization": "none", "weights_sha256": "x"}, "f"
+        )
+    with pytest.raises(ValueError, match="f: not a base model record"):
+        check_base_model({"model": "m"}, live, "f")

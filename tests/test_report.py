@@ -82,6 +82,28 @@ def test_load_run_restores_the_trained_adapter_and_masks(run_dir):
         load_run(str(run_dir))
 
 
+def test_a_run_is_refused_on_a_base_model_changed_in_place(run_dir, tmp_path):
+    """The run records its base's checksums: a copy of the same weights elsewhere loads, the same folder
+    re-saved with other weights (same name, same config) does not, by eval-sentiment and inspect-masks
+    alike (both read the run with load_run)."""
+    from conftest import save_tiny_llama
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir / "run", run)
+    config = yaml.safe_load((run / "sparsepo_config.yaml").read_text())
+    base = save_tiny_llama(tmp_path / "base")  # the fixture's model, rebuilt from the same seed
+    (run / "sparsepo_config.yaml").write_text(yaml.safe_dump({**config, "model_name_or_path": base}))
+    assert load_run(str(run))[3]["model_name_or_path"] == base
+    save_tiny_llama(tmp_path / "base", seed=1)
+    with pytest.raises(
+        ValueError, match=r"base_model.json: the base model .* has changed since this run trained on it"
+    ):
+        load_run(str(run))
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in review_rows(2)))
+    with pytest.raises(SystemExit, match="weights_sha256 is"):
+        main(["inspect-masks", str(run), "--data", str(tmp_path / "pairs.jsonl"), "--pairs", "2"])
+
+
 def test_mask_pairs_show_the_masks_compute_loss_uses(run_dir):
     model, tok, masks, _ = load_run(str(run_dir / "run"))
     examples, _ = tokenize_dataset(review_rows(3), tok, max_length=32, max_prompt_length=16)

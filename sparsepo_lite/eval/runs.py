@@ -2,7 +2,7 @@
 
 A run directory holds ``adapter_model.safetensors`` + ``adapter_config.json`` (peft),
 ``mask_net.safetensors`` + ``mask_net.json`` (SparsePO), ``sparsepo_config.yaml`` (the resolved
-config) and ``metrics.json``.
+config), ``base_model.json`` (the checksums of the base it trained on) and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def load_run(run_dir: str) -> Tuple[object, object, Optional[SparsePOMasks], dic
 
     from ..masks import MASK_WEIGHTS, load_masks
     from ..models import ModelConfig, load_policy
-    from ..validation import check_finite_tensors
+    from ..refcache.fingerprint import BASE_MODEL_FILE, base_model_record, check_base_model
+    from ..validation import check_finite_tensors, load_json
 
     cfg = run_config(run_dir)
     adapter = os.path.join(run_dir, "adapter_model.safetensors")
@@ -65,6 +66,9 @@ def load_run(run_dir: str) -> Tuple[object, object, Optional[SparsePOMasks], dic
     model_cfg = ModelConfig.from_dict(cfg, gradient_checkpointing=False, device="cpu" if cfg.get("use_cpu") else None)
     _check_adapter_config(run_dir, model_cfg)
     model, tok = load_policy(model_cfg, cpu_load_guard=bool(cfg.get("cpu_load_guard", True)))
+    base_file = os.path.join(run_dir, BASE_MODEL_FILE)
+    if os.path.isfile(base_file):  # runs written before the record existed have none
+        check_base_model(load_json(base_file), base_model_record(model, model_cfg.model_name_or_path), base_file)
     try:
         weights = load_file(adapter)
     except Exception as exc:  # safetensors raises its own error types

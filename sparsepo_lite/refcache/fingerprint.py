@@ -1,10 +1,15 @@
 """The fingerprint of a run: everything a cache's contents depend on (model, quantisation, tokenizer,
-chat template, tokenised data, truncation, package version). Training compares it with the cache's."""
+chat template, tokenised data, truncation, package version). Training compares it with the cache's.
+
+Its model part (:func:`model_identity`) is also what a run folder and each of its checkpoints record
+of the base they trained on (:data:`BASE_MODEL_FILE`), so that a base changed in place under a run is
+found by whatever reads the run again (resume, evaluation, the mask page)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -12,6 +17,14 @@ import torch
 from ..data import PreferenceExample
 from ..models import unwrap
 from .format import CacheError, dtype_name, sha256_json
+
+logger = logging.getLogger(__name__)
+
+#: The file of a run folder (and of each checkpoint) that records the base model the adapter was
+#: trained on: :func:`model_identity` plus the device type it was computed on.
+BASE_MODEL_FILE = "base_model.json"
+#: The fields of :func:`model_identity` that identify a model (the name is how a run spelled it).
+IDENTITY_FIELDS = ("model_config_sha256", "quantization", "compute_dtype", "weights_sha256")
 
 
 def examples_sha256(examples: Sequence[PreferenceExample]) -> str:
@@ -81,6 +94,41 @@ def tokenizer_identity(tokenizer) -> Dict[str, str]:
     }
 
 
+def base_model_record(lm, name: str) -> Dict[str, str]:
+    """What :data:`BASE_MODEL_FILE` holds for the base of the peft policy ``lm``: its
+    :func:`model_identity` and the type of the device it sits on."""
+    return {**model_identity(lm, name), "device": next(unwrap(lm).parameters()).device.type}
+
+
+def check_base_model(recorded: Dict[str, object], identity: Dict[str, str], where: str) -> None:
+    """Raise ``ValueError`` when ``identity`` (the :func:`base_model_record` of the base loaded now)
+    is not the base ``recorded`` in the file ``where`` (a :data:`BASE_MODEL_FILE`).
+
+    A 4-bit base quantised on another device type may differ in its codes only (each device's
+    kernels round the scales their own way): that is logged, not raised."""
+    if not isinstance(recorded, dict) or any(key not in recorded for key in IDENTITY_FIELDS):
+        raise ValueError(f"{where}: not a base model record (it needs {', '.join(IDENTITY_FIELDS)})")
+    device = identity.get("device")
+    for key in IDENTITY_FIELDS:
+        if recorded[key] == identity[key]:
+            continue
+        if key == "weights_sha256" and identity["quantization"] == "4bit" and recorded.get("device") != device:
+            logger.warning(
+                "%s: the 4-bit codes of %s differ from those it was trained on, which were quantised on %s, "
+                "not %s; if the base itself changed, the adapter no longer fits it",
+                where,
+                recorded.get("model"),
+                recorded.get("device"),
+                device,
+            )
+            continue
+        raise ValueError(
+            f"{where}: the base model {recorded.get('model')!r} has changed since this run trained on it "
+            f"({key} is {recorded[key]!r} there but {identity[key]!r} for the model loaded now); load the base "
+            "the run was trained on (an adapter on another base is another model)"
+        )
+
+
 def run_fingerprint(
     lm,
     tokenizer,
@@ -89,17 +137,21 @@ def run_fingerprint(
     model_name: Optional[str],
     max_length: int,
     max_prompt_length: int,
+    identity: Optional[Dict[str, str]] = None,
 ) -> Dict[str, object]:
     """Everything a cache's contents depend on. Training compares it field by field.
 
     lm: the reference (or the peft policy whose base it is); model_name: how the run names it
-    (None: the model's own ``name_or_path``).
+    (None: the model's own ``name_or_path``); identity: ``lm``'s :func:`model_identity`, where the
+    caller has it already (it reads every weight).
     """
     from .. import __version__
 
     model_name = model_name or unwrap(lm).config.name_or_path
+    identity = identity or model_identity(lm, model_name)
     fp = {
-        **model_identity(lm, model_name),
+        **{key: value for key, value in identity.items() if key != "device"},
+        "model": model_name,
         **tokenizer_identity(tokenizer),
         "max_length": max_length,
         "max_prompt_length": max_prompt_length,

@@ -38,6 +38,7 @@ from ..models import (
 )
 from ..objective import compute_loss, runs_in_shards
 from ..refcache import CachedExample, CachedReferenceCollator, CacheError, RefCache, keys, run_fingerprint
+from ..refcache.fingerprint import BASE_MODEL_FILE, base_model_record, check_base_model
 from ..validation import load_json
 from ..waits import LoadGuard, cpu_load_guard
 from .config import RUN_CONFIG, SparsePOConfig
@@ -58,6 +59,7 @@ RUN_FILES = (
     RUN_CONFIG,
     "metrics.json",
     TRAINING_ARGS_FILE,
+    BASE_MODEL_FILE,
     transformers.trainer.TRAINING_ARGS_NAME,  # written by earlier versions of the package
     "README.md",
     "tokenizer.json",
@@ -359,13 +361,20 @@ class SparsePOTrainer(transformers.Trainer):
         self.masks = masks
         self.loss_config = args.loss_config(masks=masks, ref_model=ref_model)
         pad = pad_id(processing_class)
+        model_name = model_config.model_name_or_path if model_config is not None else None
+        # the base the adapter trains on, recorded in the run and its checkpoints (one pass over the
+        # weights); a model without an adapter trains its base, which then identifies nothing
+        self.base_model = (
+            base_model_record(model, model_name or unwrap(model).config.name_or_path)
+            if hasattr(model, "peft_config")
+            else None
+        )
         self.ref_cache = None
         if args.ref_cache:
             if ref_model is not None:
                 raise ValueError("pass either ref_model or args.ref_cache, not both")
             self.ref_cache = RefCache(args.ref_cache)
             splits = {name: data for name, data in (("train", train_dataset), ("eval", eval_dataset)) if data}
-            model_name = model_config.model_name_or_path if model_config is not None else None
             self.ref_cache.check_run(
                 run_fingerprint(
                     model,
@@ -374,6 +383,7 @@ class SparsePOTrainer(transformers.Trainer):
                     model_name=model_name,
                     max_length=args.max_length,
                     max_prompt_length=args.max_prompt_length,
+                    identity=self.base_model,
                 )
             )
             missing = keys.shortfall(args.loss_type, args.mapo_mapping, keys.token_tensors(self.ref_cache.contents))
@@ -858,6 +868,12 @@ class SparsePOTrainer(transformers.Trainer):
             if {k: tuple(v.shape) for k, v in saved_masks.state_dict().items()} != mine:
                 bad(MASK_WEIGHTS, "mask nets of another shape (independent_masks or the model differ)")
         self._check_same_objective(folder)
+        base_file = os.path.join(folder, BASE_MODEL_FILE)
+        if self.base_model is not None and os.path.isfile(base_file):
+            try:
+                check_base_model(_checkpoint_json(base_file), self.base_model, base_file)
+            except ValueError as exc:
+                raise TrainingError(f"resume_from_checkpoint: {exc}") from None
 
     def _check_same_objective(self, folder: str) -> None:
         """The checkpoint's recorded arguments (``training_args.json``, where present) must give the
@@ -1011,6 +1027,9 @@ class SparsePOTrainer(transformers.Trainer):
             os.remove(pickled)
         with open(os.path.join(output_dir, TRAINING_ARGS_FILE), "w") as f:
             f.write(self.args.to_json_string())
+        if self.base_model is not None:
+            with open(os.path.join(output_dir, BASE_MODEL_FILE), "w") as f:
+                json.dump(self.base_model, f, indent=1)
         if self.masks is not None:
             save_masks(self.masks, output_dir)
         for split, report in self.data_reports.items():
