@@ -171,7 +171,7 @@ def test_a_mask_the_run_turned_off_is_drawn_as_the_loss_used_it(run_dir, tmp_pat
     assert len({t["kl_mask"] for t in tokens}) > 1  # the KL mask, which the loss used, is still drawn
 
 
-def test_rows_eval_sentiment_cannot_use_are_named(run_dir, tmp_path, caplog):
+def test_eval_sentiment_reads_implicit_prompts_as_training_does_and_names_rows_it_cannot_use(run_dir, tmp_path, caplog):
     import logging
     import shutil
 
@@ -179,14 +179,24 @@ def test_rows_eval_sentiment_cannot_use_are_named(run_dir, tmp_path, caplog):
 
     run = tmp_path / "run"
     shutil.copytree(run_dir / "run", run)
-    rows = [{"chosen": "The film was great.", "rejected": "The film was bad."}, review_rows(1, offset=40)[0]]
+    messages = [{"role": "user", "content": "Review:"}]
+    rows = [
+        {
+            "prompt": messages,
+            "chosen": [{"role": "assistant", "content": "great"}],
+            "rejected": [{"role": "assistant", "content": "bad"}],
+        },
+        {"chosen": "The film was great.", "rejected": "The film was bad."},  # implicit: "The film was"
+        {"prompt": None, "chosen": "a", "rejected": "b"},  # malformed: training skips it too
+        review_rows(1, offset=40)[0],
+    ]
     data = tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with caplog.at_level(logging.WARNING, logger="sparsepo_lite.eval.sentiment"):
-        evaluate_run(str(run), str(data), prompts=1, samples=1, max_new_tokens=2)
-    assert "rows [0] have no string 'prompt'" in caplog.text
+        evaluate_run(str(run), str(data), prompts=2, samples=1, max_new_tokens=2)
+    assert "rows [0, 2] have no text prompt" in caplog.text
     saved = json.loads((run / "sentiment_eval.json").read_text())
-    assert [s["prompt"] for s in saved["samples"]] == [rows[1]["prompt"]]
+    assert [s["prompt"] for s in saved["samples"]] == ["The film was", rows[3]["prompt"]]
 
 
 def test_sentiment_report_renders(run_dir):

@@ -12,7 +12,11 @@ HELP = "VADER reward, win rate and KL of a run on held-out prompts"
 def add_parser(sub) -> None:
     p = sub.add_parser("eval-sentiment", help=HELP, description=__doc__)
     p.add_argument("run_dir", help="a training run folder")
-    p.add_argument("--data", required=True, help="rows with a 'prompt' field (e.g. the eval split)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="preference rows with text prompts, explicit or implicit (e.g. the eval split); message-list rows are skipped",
+    )
     p.add_argument("--prompts", type=int, default=64, help="held-out prompts to sample (the first N rows)")
     p.add_argument("--samples", type=int, default=2, help="continuations per prompt and model")
     p.add_argument("--max-new-tokens", type=int, default=24, help="tokens per continuation")

@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..data import pad_id
+from ..data import BadRow, pad_id, split_row
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +255,19 @@ def summarize(rows: Sequence[Dict[str, object]], samples_per_prompt: int) -> Sen
     )
 
 
+def row_prompt(row) -> Optional[str]:
+    """The text prompt of a preference row as training reads it: its ``prompt`` string, or the
+    implicit prompt its string responses share (:func:`~sparsepo_lite.data.split_row`). None for a
+    message-list prompt (the evaluation continues text) and for a row training would skip."""
+    if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+        return row["prompt"]  # an empty one is the caller's error to raise, naming the row
+    try:
+        prompt, _, _, conversational = split_row(row)
+    except BadRow:
+        return None
+    return None if conversational else prompt
+
+
 #: Files ``evaluate_run`` writes into the run folder.
 EVAL_FILE = "sentiment_eval.json"
 REPORT_FILE = "sentiment_report.html"
@@ -290,17 +303,18 @@ def evaluate_run(
     for i, r in enumerate(rows):
         if len(texts) == prompts:
             break
-        if isinstance(r, dict) and isinstance(r.get("prompt"), str):
-            if not r["prompt"].strip():  # sampling would continue padding alone; training refuses it too
-                raise ValueError(f"{data}: row {i}: the prompt is empty")
-            texts.append(r["prompt"])
-        else:
+        text = row_prompt(r)
+        if text is None:
             skipped.append(i)
+        elif not text.strip():  # sampling would continue padding alone; training refuses it too
+            raise ValueError(f"{data}: row {i}: the prompt is empty")
+        else:
+            texts.append(text)
     if not texts:
-        raise ValueError(f"{data}: no rows with a string 'prompt'")
+        raise ValueError(f"{data}: no rows with a text prompt (a string 'prompt', or string responses that share one)")
     if skipped:  # the evaluation takes later rows in their place: say which
         logger.warning(
-            "%s: rows %s have no string 'prompt' (an implicit or message-list prompt) and are not evaluated",
+            "%s: rows %s have no text prompt (a message-list prompt, or a malformed row) and are not evaluated",
             data,
             skipped[:10],
         )
