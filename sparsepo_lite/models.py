@@ -371,6 +371,7 @@ def attach_adapter(model: nn.Module, cfg: ModelConfig):
 
     device = next(model.parameters()).device
     check_supported(model, cfg.model_name_or_path)  # before peft, whose errors on such models name nothing
+    check_logits_are_the_head(model, cfg.model_name_or_path)
     use_liger = cfg.use_liger if cfg.use_liger is not None else (device.type == "cuda" and _installed("liger_kernel"))
     if use_liger:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
@@ -420,15 +421,29 @@ def context_length(config) -> Optional[int]:
     return None
 
 
+#: Config fields of transformers models whose logits are not the bare head's (a soft-cap, a scale or
+#: a divisor): the op applies the head alone. :func:`check_logits_are_the_head` finds others.
+LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",  # Gemma 2/3
+    "logits_soft_cap",  # RecurrentGemma
+    "logit_scale",  # Cohere
+    "logits_scaling",  # Granite (a divisor)
+    "lm_head_multiplier",  # Falcon-H1
+    "output_multiplier_scale",
+)
+
+
 def check_config(config, name: str) -> None:
     """Raise ``ValueError`` naming the model (``name``) unless a transformers ``config`` describes a
     decoder-only causal LM that does not transform its logits (which the op's head could not
     reproduce)."""
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(f"{name}: encoder-decoder models are not supported (need a causal LM)")
-    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
-        if getattr(config, attr, None) not in (None, 1, 1.0):
-            raise ValueError(f"{name} transforms its logits ({attr}); not supported")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for cfg in {id(c): c for c in (config, text)}.values():  # a multimodal config nests the LM's
+        for attr in LOGIT_TRANSFORMS:
+            if getattr(cfg, attr, None) not in (None, 1, 1.0):
+                raise ValueError(f"{name} transforms its logits ({attr}); not supported")
 
 
 def check_supported(lm: nn.Module, name: Optional[str] = None) -> None:
@@ -439,6 +454,40 @@ def check_supported(lm: nn.Module, name: Optional[str] = None) -> None:
     head = lm.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None:
         raise ValueError(f"{name}: need an lm_head without bias")
+
+
+def check_logits_are_the_head(lm: nn.Module, name: Optional[str] = None) -> None:
+    """Raise ``ValueError`` naming the model unless the logits of ``lm`` (a causal LM, peft-wrapped or
+    not) on a few tokens are its head applied to its backbone's last hidden state, which is what the op
+    computes. Two forwards of 8 tokens: it finds a logit transform no config field of
+    :data:`LOGIT_TRANSFORMS` names (a soft-cap shows only where logits are large, so those are named)."""
+    model = unwrap(lm)
+    name = name or type(model).__name__
+    embeddings = model.get_input_embeddings()
+    ids = torch.arange(min(8, embeddings.num_embeddings), device=embeddings.weight.device)[None]
+    training = model.training
+    # in training mode: at an eval-mode forward bitsandbytes repacks 4-bit CPU weights into another
+    # layout (and so another weights checksum); the same seed gives both passes the same dropout
+    model.train()
+    passes = []
+    try:
+        with torch.no_grad():
+            for run in (model, backbone(model)):
+                with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []):
+                    torch.manual_seed(0)
+                    passes.append(run(input_ids=ids, use_cache=False))
+            logits = passes[0].logits.float()
+            head = model.get_output_embeddings()(passes[1].last_hidden_state).float()
+    finally:
+        model.train(training)
+    scale = float(head.abs().max()) or 1.0
+    if logits.shape != head.shape or not torch.allclose(logits, head, rtol=1e-3, atol=1e-4 * scale):
+        error = float((logits - head).abs().max()) if logits.shape == head.shape else float("nan")
+        raise ValueError(
+            f"{name}: its logits are not its lm_head applied to its last hidden state (they differ by up to "
+            f"{error:.3g} on a test input; a logit scale, cap or offset in its forward), which the fused "
+            "op could not reproduce; not supported"
+        )
 
 
 def lm_head(lm: nn.Module) -> torch.Tensor:

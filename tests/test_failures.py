@@ -1056,12 +1056,55 @@ def test_unsupported_models_are_refused_by_name_before_any_adapter(tiny_dir, tmp
             ),
             r"softcap transforms its logits \(final_logit_softcapping\)",
         ),
+        (  # IBM ships 8-16: the op would train on logits 8-16x too sharp
+            _model_folder(
+                tmp_path / "granite",
+                transformers.GraniteConfig(vocab_size=64, logits_scaling=8.0, **small),
+                transformers.GraniteForCausalLM,
+            ),
+            r"granite transforms its logits \(logits_scaling\)",
+        ),
         (str(tmp_path / "missing"), "missing: no such folder"),
         (str(tmp_path / "notes"), "notes: no model config could be read"),
     ]
     for folder, message in cases:
         with pytest.raises(ValueError, match=message):
             load_policy(ModelConfig(folder, quantization=quantization, lora_r=4), tokenizer=False)
+
+
+def test_logit_transforms_are_refused_by_config_field_or_found_by_a_test_forward(tiny_dir, tmp_path):
+    from sparsepo_lite.models import check_config, check_logits_are_the_head
+    from sparsepo_lite.refcache.fingerprint import weights_sha256
+
+    for config, field in [
+        (transformers.RecurrentGemmaConfig(), "logits_soft_cap"),
+        (transformers.FalconH1Config(lm_head_multiplier=0.5), "lm_head_multiplier"),
+        (transformers.Gemma3nConfig(), "final_logit_softcapping"),  # in its text_config
+    ]:
+        with pytest.raises(ValueError, match=rf"m transforms its logits \({field}\)"):
+            check_config(config, "m")
+
+    class HalvedLogits(transformers.LlamaForCausalLM):
+        """A transform no config field names."""
+
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits / 2
+            return out
+
+    model, tok = load_policy(ModelConfig(tiny_dir, lora_r=4, gradient_checkpointing=False))
+    before = weights_sha256(model)
+    model.eval()
+    check_logits_are_the_head(model)  # a plain Llama, adapter and all
+    assert not model.training  # its mode is restored
+    # and its 4-bit weights are as they were (bitsandbytes repacks them at an eval-mode CPU forward)
+    assert weights_sha256(model) == before
+    odd = HalvedLogits.from_pretrained(tiny_dir)
+    with pytest.raises(ValueError, match="HalvedLogits: its logits are not its lm_head applied to its last hidden"):
+        check_logits_are_the_head(odd)
+    args = SparsePOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_length=32, max_prompt_length=16)
+    with pytest.raises(ValueError, match="HalvedLogits: its logits are not its lm_head"):  # a model passed in
+        SparsePOTrainer(model=odd, args=args, train_dataset=review_rows(4), processing_class=tok)
 
 
 def test_a_tokenizer_with_ids_past_the_embeddings_is_refused_by_name(tiny_dir, tmp_path):

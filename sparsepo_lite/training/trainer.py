@@ -29,6 +29,7 @@ from ..masks import MASK_CONFIG, MASK_WEIGHTS, SparsePOMasks, load_masks, save_m
 from ..models import (
     ModelConfig,
     any_dropout,
+    check_logits_are_the_head,
     check_tokenizer,
     context_length,
     dropout_sites,
@@ -349,6 +350,8 @@ class SparsePOTrainer(transformers.Trainer):
         if load:  # after the data: a bad file is found in seconds, not after loading a 16 GB model
             model = load_model(model_config, args)
         name = model_config.model_name_or_path if load else type(unwrap(model)).__name__
+        if not load:  # load_policy checked its own
+            check_logits_are_the_head(model, name)
         check_tokenizer(model, processing_class, name)
         check_lengths(unwrap(model).config, {"train": train_dataset, "eval": eval_dataset}, name)
         if args.loss_type == "sparsepo" and masks is None:
