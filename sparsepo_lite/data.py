@@ -307,6 +307,17 @@ def _response_text(resp, conversational: bool, field_name: str) -> str:
     return "".join(m["content"] for m in resp)
 
 
+def text_prompt_ids(tokenizer, text: str) -> List[int]:
+    """The ids of a text prompt: the tokenizer's own special tokens before it (a BOS where it adds
+    one), but not an EOS it appends after every text (Llama-2's ``add_eos_token``, a ``$A </s>``
+    post-processor): the response would follow an end of sequence."""
+    ids = tokenizer(text).input_ids
+    eos = tokenizer.eos_token_id
+    if ids and ids[-1] == eos and tokenizer(text, add_special_tokens=False).input_ids[-1:] != [eos]:
+        ids = ids[:-1]
+    return ids
+
+
 class PreferenceTokenizer:
     """Turns rows into :class:`PreferenceExample` with TRL's BOS/EOS conventions and our truncation rules (docs/training.md)."""
 
@@ -325,7 +336,7 @@ class PreferenceTokenizer:
                 raise BadRow("conversational row but the tokenizer has no chat template")
             text = self.tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
             return self.tok(text, add_special_tokens=False).input_ids
-        return self.tok(prompt).input_ids  # the tokenizer's own BOS rule
+        return text_prompt_ids(self.tok, prompt)
 
     def response_ids(self, text: str) -> List[int]:
         ids = self.tok(text, add_special_tokens=False).input_ids

@@ -37,21 +37,55 @@ def test_sampling_gives_n_continuations_per_prompt(policy):
     assert tok.padding_side == "right"  # restored
 
 
+def append_eos(tok):
+    """Make ``tok`` end every text with EOS, as Llama-2's ``add_eos_token`` does."""
+    from tokenizers.processors import TemplateProcessing
+
+    eos = (tok.eos_token, tok.eos_token_id)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"$A {eos[0]}", pair=f"$A {eos[0]} $B:1 {eos[0]}:1", special_tokens=[eos]
+    )
+    assert tok("The film")["input_ids"][-1] == tok.eos_token_id
+    return tok
+
+
+def test_a_tokenizer_that_appends_eos_samples_and_trains_after_the_prompt_itself(policy, tiny_dir):
+    from sparsepo_lite.data import tokenize_dataset
+    from sparsepo_lite.models import load_tokenizer
+
+    from conftest import review_rows
+
+    model, tok = policy
+    eos_tok = append_eos(load_tokenizer(tiny_dir))
+    examples = [tokenize_dataset(review_rows(3), t, max_length=32, max_prompt_length=16)[0] for t in (tok, eos_tok)]
+    assert examples[0] == examples[1]
+    assert all(e.prompt_ids[-1] != tok.eos_token_id and e.chosen_ids[-1] == tok.eos_token_id for e in examples[1])
+    samples = []
+    for t in (tok, eos_tok):
+        torch.manual_seed(0)
+        samples.append(sample_continuations(model, t, ["The film was", "I watched it"], max_new_tokens=4))
+    assert samples[0] == samples[1]
+
+
 @pytest.fixture
 def bos_policy(tiny_dir, request):
-    """A fresh policy whose tokenizer adds a BOS token to every text (as Llama's do) or not."""
+    """A fresh policy whose tokenizer adds a BOS token to every text (as Llama's do), or an EOS after
+    every text (as Llama-2's with ``add_eos_token``), or neither; and the prompt ids it should give."""
     transformers.set_seed(0)
     model, tok = load_policy(ModelConfig(tiny_dir, lora_r=4, gradient_checkpointing=False))
-    tok.add_bos_token = request.param
-    assert (tok("The film")["input_ids"][0] == tok.bos_token_id) == request.param
-    return model, tok
+    tok.add_bos_token = request.param == "bos"
+    if request.param == "eos":
+        append_eos(tok)
+    assert (tok("The film")["input_ids"][0] == tok.bos_token_id) == (request.param == "bos")
+    bos = [tok.bos_token_id] if request.param == "bos" else []
+    return model, tok, lambda text: bos + tok(text, add_special_tokens=False)["input_ids"]
 
 
-@pytest.mark.parametrize("bos_policy", [False, True], indirect=True, ids=["no_bos", "bos"])
+@pytest.mark.parametrize("bos_policy", ["no_bos", "bos", "eos"], indirect=True)
 def test_sequence_logratio_matches_full_logits(bos_policy):
-    """Scored in the context the continuations were sampled in: the prompt as the tokenizer encodes
-    it, with its BOS where it adds one (sample_continuations, training)."""
-    model, tok = bos_policy
+    """Scored in the context the continuations were sampled in: the prompt as training encodes it,
+    with its BOS where the tokenizer adds one, without an EOS it appends (sample_continuations)."""
+    model, tok, prompt_ids = bos_policy
     prompts, conts = ["The film was", "A long opening line of a review"], [" great fun.", " dull"]
     assert sequence_logratio(model, tok, prompts, conts) == pytest.approx([0.0, 0.0], abs=1e-6)  # adapter = 0
     torch.manual_seed(3)
@@ -62,7 +96,7 @@ def test_sequence_logratio_matches_full_logits(bos_policy):
     got = sequence_logratio(model, tok, prompts, conts)
     want = []
     for p, c in zip(prompts, conts):
-        p_ids = tok(p)["input_ids"]
+        p_ids = prompt_ids(p)
         ids = torch.tensor([p_ids + tok(c, add_special_tokens=False)["input_ids"]])
         with torch.no_grad():
             lp = torch.log_softmax(model(input_ids=ids).logits.double(), -1)

@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..data import BadRow, pad_id, split_row
+from ..data import BadRow, pad_id, split_row, text_prompt_ids
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ def sample_continuations(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right end
     try:
-        enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(model.device)
+        ids = [text_prompt_ids(tokenizer, p) for p in prompts]  # as training encodes them
+        enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True).to(model.device)
     finally:
         tokenizer.padding_side = side
     was_training = model.training
@@ -137,7 +138,7 @@ def sequence_logratio(model, tokenizer, prompts: Sequence[str], continuations: S
 
     examples = []
     for i, (p, c) in enumerate(zip(prompts, continuations)):
-        p_ids = tokenizer(p)["input_ids"]  # with the BOS the samples were drawn after (and training saw)
+        p_ids = text_prompt_ids(tokenizer, p)  # with the BOS the samples were drawn after (and training saw)
         c_ids = tokenizer(c, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
         examples.append(PreferenceExample(i, p_ids, c_ids, c_ids))
     pad = pad_id(tokenizer)
