@@ -186,30 +186,48 @@ def _first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
-@contextmanager
-def record_activation_means(model, hook_types: Sequence[str] = MAPO_HOOK_TYPES):
-    """Record, per hook point, the feature mean of the activation: {type: [tensors [R, T]]}.
-
-    For Llama-family models (Llama, Mistral, Qwen2, SmolLM2, ...): the hook points (docs/losses.md, MaPO) on
-    every decoder layer, plus the embedding and final-norm outputs (resid). ``logits`` is
-    derived afterwards from the final hidden state (see :func:`mapo_masks`), never from [T, V].
-    """
-    lm = unwrap(model)
-    backbone = getattr(lm, "model", None)
-    layers = getattr(backbone, "layers", None)
-    if (
-        layers is None
-        or not hasattr(layers[0], "mlp")
-        or not hasattr(layers[0].mlp, "down_proj")
-        or not hasattr(layers[0], "self_attn")
-    ):
-        raise ValueError(
-            f"MaPO activation masks support Llama-family models (decoder layers with self_attn "
-            f"q/k/v/o_proj and mlp.down_proj); got {type(lm).__name__}"
-        )
+def mapo_hook_points(model, hook_types: Sequence[str] = MAPO_HOOK_TYPES) -> List[Tuple[nn.Module, str, str]]:
+    """The modules MaPO's hooks attach to in ``model`` (a causal LM, peft-wrapped or not), as
+    (module, hook type, ``"in"`` or ``"out"``). Raises ``ValueError`` naming the model and the first
+    module it lacks: MaPO's hook points are those of Llama-family decoder layers (Llama, Mistral,
+    Qwen2, SmolLM2, ...), which others (Phi-3's fused ``qkv_proj``, OLMo-2's norms) do not all have."""
     unknown = set(hook_types) - set(MAPO_HOOK_TYPES)
     if unknown:
         raise ValueError(f"unknown MaPO hook types {sorted(unknown)}; choose from {MAPO_HOOK_TYPES}")
+    lm = unwrap(model)
+    backbone = getattr(lm, "model", None)
+    layers = getattr(backbone, "layers", None)
+    if not layers:
+        raise ValueError(
+            f"MaPO activation masks need Llama-family decoder layers (model.layers); {type(lm).__name__} has none"
+        )
+    wanted = [
+        (layer, path, kind, where)
+        for kind in hook_types
+        for layer in layers
+        for path, where in _LLAMA_POINTS.get(kind, [])
+    ]
+    if "resid" in hook_types:
+        wanted += [(backbone, "embed_tokens", "resid", "out"), (backbone, "norm", "resid", "out")]
+    points = []
+    for parent, path, kind, where in wanted:
+        try:
+            points.append((parent.get_submodule(path) if path else parent, kind, where))
+        except AttributeError:
+            raise ValueError(
+                f"MaPO activation masks ({kind!r} hooks) need Llama-family decoder layers: {type(lm).__name__} has no "
+                f"{path!r} in {type(parent).__name__}; use mapo_mapping uniform, or another loss_type"
+            ) from None
+    return points
+
+
+@contextmanager
+def record_activation_means(model, hook_types: Sequence[str] = MAPO_HOOK_TYPES):
+    """Record, per hook point (:func:`mapo_hook_points`), the feature mean of the activation:
+    {type: [tensors [R, T]]}: on every decoder layer, plus the embedding and final-norm outputs
+    (resid). ``logits`` is derived afterwards from the final hidden state (see :func:`mapo_masks`),
+    never from [T, V]."""
+    points = mapo_hook_points(model, hook_types)
     store: Dict[str, List[torch.Tensor]] = {t: [] for t in hook_types}
     handles = []
 
@@ -223,13 +241,8 @@ def record_activation_means(model, hook_types: Sequence[str] = MAPO_HOOK_TYPES):
             handles.append(module.register_forward_hook(lambda m, args, out: rec(out)))
 
     try:
-        for kind in hook_types:
-            for layer in layers:
-                for path, where in _LLAMA_POINTS.get(kind, []):
-                    add(layer.get_submodule(path) if path else layer, kind, where)
-        if "resid" in hook_types:
-            add(backbone.embed_tokens, "resid", "out")
-            add(backbone.norm, "resid", "out")
+        for module, kind, where in points:
+            add(module, kind, where)
         yield store
     finally:
         for h in handles:

@@ -1107,6 +1107,43 @@ def test_logit_transforms_are_refused_by_config_field_or_found_by_a_test_forward
         SparsePOTrainer(model=odd, args=args, train_dataset=review_rows(4), processing_class=tok)
 
 
+@pytest.mark.parametrize(
+    "config, missing",
+    [
+        (transformers.Phi3Config, r"'attn' hooks.*Phi3ForCausalLM has no 'self_attn.q_proj' in Phi3DecoderLayer"),
+        (transformers.Olmo2Config, r"'resid' hooks.*Olmo2ForCausalLM has no 'input_layernorm' in Olmo2DecoderLayer"),
+    ],
+)
+def test_mapo_on_a_model_without_its_hook_points_is_refused_when_the_trainer_is_built(
+    tiny_dir, tmp_path, config, missing
+):
+    """Not at the first step with a traceback from torch's get_submodule: by the module it lacks."""
+    folder = _model_folder(
+        tmp_path / "model",
+        config(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        transformers.AutoModelForCausalLM.from_config,
+        tokenizer_from=tiny_dir,
+    )
+    args = dict(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], max_length=32, max_prompt_length=16)
+    with pytest.raises(ValueError, match=missing):
+        SparsePOTrainer(
+            model_config=ModelConfig(folder, lora_r=4),
+            args=SparsePOConfig(loss_type="mapo", **args),
+            train_dataset=review_rows(4),
+        )
+    uniform = SparsePOConfig(loss_type="mapo", mapo_mapping="uniform", **args)  # needs no hooks
+    SparsePOTrainer(model_config=ModelConfig(folder, lora_r=4), args=uniform, train_dataset=review_rows(4))
+    from sparsepo_lite.data import tokenize_dataset
+
+    model, tok = load_policy(ModelConfig(folder, lora_r=4))  # and a cache of MaPO masks, before any batch
+    examples, _ = tokenize_dataset(review_rows(4), tok, max_length=32, max_prompt_length=16)
+    with pytest.raises(ValueError, match=missing):
+        precompute_reference(
+            model, tok, {"train": examples}, str(tmp_path / "cache"), fingerprint={}, mapo_mapping="zn_rescale"
+        )
+    assert not (tmp_path / "cache").exists()
+
+
 def test_a_tokenizer_with_ids_past_the_embeddings_is_refused_by_name(tiny_dir, tmp_path):
     folder = _model_folder(
         tmp_path / "small-vocab",

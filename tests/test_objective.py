@@ -510,7 +510,7 @@ def test_other_model_families(family):
     for method in ("tdpo2", "sparsepo"):
         check_against_oracle(model, batch, config_for(method, model))
     if family in ("gpt2", "gpt_neox"):
-        with pytest.raises(ValueError, match="MaPO activation masks support Llama-family"):
+        with pytest.raises(ValueError, match="MaPO activation masks need Llama-family decoder layers"):
             compute_loss(model, batch, LossConfig(loss_type="mapo"))
     else:
         check_against_oracle(model, batch, LossConfig(loss_type="mapo"))

@@ -19,7 +19,7 @@ import torch
 
 from .. import waits
 from ..data import PreferenceCollator, PreferenceExample, pad_id, response_positions
-from ..masks import MAPO_HOOK_TYPES
+from ..masks import MAPO_HOOK_TYPES, mapo_hook_points
 from ..models import unwrap
 from ..reference import reference_pass
 from ..validation import check_number
@@ -285,6 +285,8 @@ def precompute_reference(
             "not a separate ref_model"
         )
     mapo = mapo_mapping is not None and mapo_mapping != "uniform"
+    if mapo:  # now, not at the first batch
+        mapo_hook_points(ref_model if ref_model is not None else model, mapo_hooks)
     if tail_samples:
         fingerprint = {**fingerprint, "tail_seed": tail_seed}
     contents = {

@@ -25,7 +25,7 @@ import transformers
 
 from ..data import BadRow, PreferenceCollator, PreferenceExample, pad_id, tokenize_dataset
 from ..errors import TrainingError
-from ..masks import MASK_CONFIG, MASK_WEIGHTS, SparsePOMasks, load_masks, save_masks
+from ..masks import MASK_CONFIG, MASK_WEIGHTS, SparsePOMasks, load_masks, mapo_hook_points, save_masks
 from ..models import (
     ModelConfig,
     any_dropout,
@@ -363,6 +363,8 @@ class SparsePOTrainer(transformers.Trainer):
             masks.requires_grad_(False)  # frozen at their init: the control that shows what training adds
         self.masks = masks
         self.loss_config = args.loss_config(masks=masks, ref_model=ref_model)
+        if args.loss_type == "mapo" and args.mapo_mapping != "uniform" and not args.ref_cache:
+            mapo_hook_points(ref_model if ref_model is not None else model, self.loss_config.mapo_hooks)
         pad = pad_id(processing_class)
         model_name = model_config.model_name_or_path if model_config is not None else None
         # the base the adapter trains on, recorded in the run and its checkpoints (one pass over the
