@@ -121,11 +121,21 @@ class SparsePOMasks(nn.Module):
         cls, model, *, independent: bool = False, init_std: float = 0.02, init: str = "ones"
     ) -> "SparsePOMasks":
         """Masks sized for a transformers causal LM (or a peft model wrapping one)."""
-        config = unwrap(model).config
+        lm = unwrap(model)
+        config = lm.config
         layers = getattr(config, "num_hidden_layers", None)
         hidden = getattr(config, "hidden_size", None)
         if not layers or not hidden:
             raise ValueError(f"cannot read num_hidden_layers/hidden_size from {type(config).__name__}")
+        head = lm.get_output_embeddings()
+        width = getattr(head, "in_features", None)
+        if width is not None and width != hidden:
+            # the nets weigh every layer's state with one [L, hidden] table: the last must be as wide
+            raise ValueError(
+                f"{type(lm).__name__}: SparsePO's mask nets read every layer's hidden state, but this model "
+                f"projects its last one from {hidden} to {width} features (OPT's "
+                "word_embed_proj_dim); not supported for loss_type sparsepo"
+            )
         return cls(layers, hidden, independent=independent, eps=_layer_norm_eps(config), init_std=init_std, init=init)
 
     def forward(self, layer_states: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -80,3 +80,18 @@ def test_mapo_masks_average_within_then_across_types(seed):
     assert torch.equal(mapo_masks({}, r, mapping="uniform"), r.float())
     with pytest.raises(ValueError, match="unknown MaPO mapping"):
         mapo_masks({}, r, mapping="layernorm")
+
+
+def test_masks_refuse_a_model_whose_last_hidden_state_is_narrower_than_its_layers():
+    """OPT-350m projects its last state from 1024 to 512 features: one [L, hidden] layer table cannot
+    weigh it (it used to fail at the first step inside torch's layer norm)."""
+    import transformers
+
+    small = dict(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2)
+    projected = transformers.OPTForCausalLM(transformers.OPTConfig(word_embed_proj_dim=16, **small))
+    with pytest.raises(ValueError, match="OPTForCausalLM: .* projects its last one from 32 to 16 features"):
+        SparsePOMasks.for_model(projected)
+    masks = SparsePOMasks.for_model(
+        transformers.OPTForCausalLM(transformers.OPTConfig(word_embed_proj_dim=32, **small))
+    )
+    assert masks.common_net.layer_weight.shape == (2, 32)
