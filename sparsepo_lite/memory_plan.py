@@ -60,6 +60,11 @@ def check_setting(name: str, value, label: Optional[str] = None) -> None:
     check_number(label or name, value, **SETTING_RANGES[name])
 
 
+#: Config fields that give the experts per layer of a mixture-of-experts model (Mixtral, Qwen-MoE,
+#: DeepSeek, DBRX).
+MOE_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """The numbers of a decoder-only transformer that set its training memory."""
@@ -86,6 +91,12 @@ class ModelShape:
         ]
         if missing:
             raise ValueError(f"{name or 'model config'}: not a Llama-like decoder config, missing {missing}")
+        for key in MOE_FIELDS:  # a dense plan of its shared shapes would leave out nearly all its weights
+            if isinstance(d.get(key), int) and not isinstance(d[key], bool) and d[key] > 1:
+                raise ValueError(
+                    f"{name or 'model config'}: a mixture-of-experts model ({key} = {d[key]}); the plan models "
+                    "dense decoders only"
+                )
         heads = d["num_attention_heads"]
         return cls(
             name=name or d.get("_name_or_path") or d.get("model_type", "model"),

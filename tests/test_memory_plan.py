@@ -174,6 +174,22 @@ def test_bad_settings_are_refused():
         max_seq_len(shape, 24 * GiB, prompt_frac=float("nan"))
 
 
+def test_a_mixture_of_experts_config_is_refused_not_planned_as_a_dense_model(tmp_path):
+    """Mixtral-8x7B (46.7B parameters) shares Mistral-7B's dense shapes: planned as one, its 4-bit
+    weights came to 3.35 GiB where its experts alone need about 21."""
+    for config, field in (
+        (transformers.MixtralConfig(), "num_local_experts = 8"),
+        (transformers.Qwen2MoeConfig(), "num_experts = 60"),
+    ):
+        with pytest.raises(ValueError, match=f"moe: a mixture-of-experts model \\({field}\\)"):
+            ModelShape.from_config(config, name="moe")
+    transformers.MixtralConfig().save_pretrained(tmp_path / "mixtral")
+    with pytest.raises(SystemExit, match="mixtral: a mixture-of-experts model"):
+        cli_main(["plan", "--model", str(tmp_path / "mixtral")])
+    dense = transformers.Qwen2Config().to_dict()
+    assert ModelShape.from_config({**dense, "num_experts": 1}).layers == dense["num_hidden_layers"]  # one is dense
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
