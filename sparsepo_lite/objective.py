@@ -32,7 +32,7 @@ from .masks import MAPO_HOOK_TYPES, SparsePOMasks, normalize_per_sequence
 from .models import backbone, embedding_rows, lm_head, unwrap
 from .ops import ExactReference, LabelReference, TopKReference
 from .refcache import keys
-from .reference import ReferencePass, reference_pass
+from .reference import ReferencePass, position_kwargs, reference_pass
 from .validation import check_choice, check_number
 
 
@@ -84,9 +84,10 @@ def check_loss_settings(c) -> None:
 
 def check_batch(
     batch: Dict[str, torch.Tensor], vocab_size: Optional[int] = None
-) -> Tuple[torch.Tensor, torch.Tensor, ResponsePositions]:
-    """``input_ids``, ``attention_mask`` and the response positions of a batch in the module's
-    format, after checking their shapes and dtypes, the ids against ``vocab_size`` (the model's
+) -> Tuple[torch.Tensor, torch.Tensor, ResponsePositions, Optional[torch.Tensor]]:
+    """``input_ids``, ``attention_mask``, the response positions and the position ids of a batch in
+    the module's format (the position ids are None for a right-padded batch, whose default positions
+    are right; [2B, T] counted over the attended tokens for a left-padded one), after checking their shapes and dtypes, the ids against ``vocab_size`` (the model's
     embedding rows) where given, that each label is ``IGNORE_INDEX`` or the id at its position on an
     attended token, that every row has response tokens, that ``token_weights``, if any,
     are finite floats shaped like the labels, and that cached reference tensors, if any, hold as many
@@ -128,7 +129,8 @@ def check_batch(
     # that differs, or sits on padding, is a broken collator, whose loss would be plausible and wrong
     bad = positions.response & ((labels[:, 1:] != ids[:, 1:]) | (att[:, 1:] == 0))
     have = positions.response.sum(dim=1)
-    broken, no_response = torch.stack([bad.any(), (have == 0).any()]).tolist()  # one host sync for both
+    left = att[:, 0] == 0  # a row that starts with padding (one without tokens is refused below)
+    broken, no_response, left_padded = torch.stack([bad.any(), (have == 0).any(), left.any()]).tolist()  # one sync
     if broken:
         row, col = (int(i) for i in bad.nonzero()[0])
         raise ValueError(
@@ -149,7 +151,10 @@ def check_batch(
             f"reference cache does not match the batch: rows {bad} have {have[bad].tolist()} "
             f"response tokens but the cache holds {counts[bad].tolist()}"
         )
-    return ids, att, positions
+    # a model with learned positions (GPT-2, OPT) reads the default 0..T-1 as the tokens' positions:
+    # after left padding, each row's first token must be at 0 (as generate counts them)
+    position_ids = (att.long().cumsum(dim=1) - 1).clamp_min(0) if left_padded else None
+    return ids, att, positions, position_ids
 
 
 def _cached_reference(batch, config: LossConfig, weight, dtype):
@@ -187,11 +192,14 @@ def online_reference(model, batch: Dict[str, torch.Tensor], config: LossConfig, 
     adapter disabled). Passing ``model`` itself, already inside ``reference_model(model)``, lets
     several threads run shards of one batch through one adapter switch.
     """
-    ids, att, positions = check_batch(batch, embedding_rows(model))
-    return _reference(model, ids, att, positions, config, config.ref_model if ref_model is None else ref_model)
+    ids, att, positions, position_ids = check_batch(batch, embedding_rows(model))
+    ref_model = config.ref_model if ref_model is None else ref_model
+    return _reference(model, ids, att, positions, position_ids, config, ref_model)
 
 
-def _reference(model, ids, att, positions: ResponsePositions, config: LossConfig, ref_model) -> ReferencePass:
+def _reference(
+    model, ids, att, positions: ResponsePositions, position_ids, config: LossConfig, ref_model
+) -> ReferencePass:
     response, seq_ids, pos, _ = positions
     return reference_pass(
         model,
@@ -200,6 +208,7 @@ def _reference(model, ids, att, positions: ResponsePositions, config: LossConfig
         response,
         seq_ids,
         pos,
+        position_ids=position_ids,
         ref_model=ref_model,
         need_layers=config.loss_type == "sparsepo",
         mapo_mapping=config.mapo_mapping if config.loss_type == "mapo" else None,
@@ -231,7 +240,7 @@ def compute_loss(
     ``(loss, metrics, details)`` with ``return_details`` where details holds the per-token tensors
     (``seq_ids``, ``positions``, ``reward_mask``, ``kl_mask``, ``logp``...) for inspection and tests.
     """
-    ids, att, positions = check_batch(batch, embedding_rows(model))
+    ids, att, positions, position_ids = check_batch(batch, embedding_rows(model))
     rows = ids.shape[0]
     num_pairs = rows // 2
     response, seq_ids, pos, y = positions
@@ -243,10 +252,16 @@ def compute_loss(
     ref_pass = reference
     if not cached and ref_pass is None:
         # the reference first: its activations are freed before the policy's graph grows
-        ref_pass = _reference(model, ids, att, positions, config, config.ref_model)
+        ref_pass = _reference(model, ids, att, positions, position_ids, config, config.ref_model)
     # With a cache (refcache/) there is no reference forward; the mask net then reads the
     # policy's own hidden states, detached: the reference's layers are too large to cache.
-    out = backbone(lm)(input_ids=ids, attention_mask=att, output_hidden_states=cached and need_layers, use_cache=False)
+    out = backbone(lm)(
+        input_ids=ids,
+        attention_mask=att,
+        output_hidden_states=cached and need_layers,
+        use_cache=False,
+        **position_kwargs(position_ids),
+    )
     hidden = out.last_hidden_state[seq_ids, pos]
     if cached:
         layer_states = [h[seq_ids, pos].detach() for h in out.hidden_states[1:]] if need_layers else None

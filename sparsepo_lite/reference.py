@@ -5,13 +5,19 @@ positions. The loss runs it online; ``refcache.writer`` runs it once and stores 
 from __future__ import annotations
 
 import contextlib
-from typing import List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from .masks import MAPO_HOOK_TYPES, mapo_masks, record_activation_means
 from .models import backbone, lm_head, reference_model, unwrap
+
+
+def position_kwargs(position_ids: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The backbone's ``position_ids`` argument where there are any: a model whose forward has none
+    still runs right-padded batches."""
+    return {} if position_ids is None else {"position_ids": position_ids}
 
 
 class ReferencePass(NamedTuple):
@@ -35,6 +41,7 @@ def reference_pass(
     seq_ids: torch.Tensor,
     pos: torch.Tensor,
     *,
+    position_ids: Optional[torch.Tensor] = None,
     ref_model: Optional[nn.Module] = None,
     need_layers: bool = False,
     mapo_mapping: Optional[str] = None,
@@ -43,7 +50,8 @@ def reference_pass(
     """One no-grad forward of the reference (``ref_model``, or ``model`` with its adapter disabled).
 
     ids, att [2B, T] int; response [2B, T] bool (the response tokens); seq_ids, pos [N] int: the row
-    and position of each response token. ``need_layers``: also return every layer's states (the
+    and position of each response token. ``position_ids`` [2B, T]: where the model's default
+    positions are wrong (a left-padded batch; :func:`~sparsepo_lite.objective.check_batch`). ``need_layers``: also return every layer's states (the
     SparsePO mask input). ``mapo_mapping``: also return MaPO's token weights with that mapping
     (``"uniform"`` gives ones without hooks); None: no MaPO weights.
     """
@@ -55,7 +63,11 @@ def reference_pass(
         hooks = record_activation_means(ref, mapo_hooks) if use_hooks else contextlib.nullcontext({})
         with hooks as store:
             ref_out = backbone(ref_lm)(
-                input_ids=ids, attention_mask=att, output_hidden_states=need_layers, use_cache=False
+                input_ids=ids,
+                attention_mask=att,
+                output_hidden_states=need_layers,
+                use_cache=False,
+                **position_kwargs(position_ids),
             )
         ref_last = ref_out.last_hidden_state
         layer_states = [h[seq_ids, pos] for h in ref_out.hidden_states[1:]] if need_layers else None

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import transformers
 
 from sparsepo_lite import LossConfig, SparsePOMasks, compute_loss
+from sparsepo_lite.objective import online_reference
 
 VOCAB, PAD = 61, 0
 METHODS = ["dpo", "tdpo1", "tdpo2", "sparsepo", "sparsepo_indp", "mapo"]
@@ -514,3 +515,38 @@ def test_other_model_families(family):
             compute_loss(model, batch, LossConfig(loss_type="mapo"))
     else:
         check_against_oracle(model, batch, LossConfig(loss_type="mapo"))
+
+
+def left_padded(batch):
+    """``batch`` (right-padded) with each row's padding moved to its front."""
+    out = {k: v.clone() for k, v in batch.items()}
+    for i, n in enumerate(batch["attention_mask"].sum(dim=1).tolist()):
+        for key in ("input_ids", "attention_mask", "labels"):
+            out[key][i] = batch[key][i].roll(batch[key].shape[1] - n)
+    assert (out["attention_mask"][:, 0] == 0).any()
+    return out
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("method", ["tdpo2", "sparsepo"])
+def test_left_padding_gives_the_right_padded_loss_and_gradients(family, method):
+    """GPT-2 reads its learned positions from 0..T-1 unless told otherwise: left-padded rows were
+    scored at shifted positions (a chosen log-prob of -43 instead of -33). Rotary positions (Qwen2)
+    only differ by their offset. (Not eager attention: transformers' eager Llama gives NaN logits on
+    left-padded rows.)"""
+    model = _tiny(family)
+    if family == "qwen2":
+        model.base_model.model.set_attn_implementation("sdpa")
+    batch = random_batch(b=3, seed=4)
+    cfg = config_for(method, model)
+    right, right_metrics = compute_loss(model, batch, cfg)
+    left, left_metrics = compute_loss(model, left_padded(batch), cfg)
+    torch.testing.assert_close(left, right, rtol=1e-6, atol=1e-10)
+    assert left_metrics["logps/chosen"] == pytest.approx(right_metrics["logps/chosen"], rel=1e-6)
+    params = _params(model, cfg)
+    for g, w in zip(_grads(left, params), _grads(right, params)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-8)
+    # the online reference a caller runs first takes the same positions
+    ref_left = online_reference(model, left_padded(batch), cfg)
+    ref_right = online_reference(model, batch, cfg)
+    torch.testing.assert_close(ref_left.hidden, ref_right.hidden, rtol=1e-6, atol=1e-8)

@@ -121,7 +121,7 @@ def sharded_loss(
     ``torch.no_grad``). The online reference runs first for every shard at once, inside one switch of
     the model to its reference (the adapter switch is module state: it cannot change per thread)."""
     # checked here, so that an error names the batch's rows, not a shard's
-    ids, _, positions = check_batch(batch, embedding_rows(model))
+    ids, _, positions, _ = check_batch(batch, embedding_rows(model))
     per_row = positions.response.sum(dim=1)
     pairs = ids.shape[0] // 2
     ranges = pair_ranges(pairs, pool.threads)
