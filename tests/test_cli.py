@@ -89,6 +89,19 @@ def test_the_run_record_leaves_out_what_to_do_with_the_folder(setup):
     assert not {"overwrite_output_dir", "resume_from_checkpoint", "resume_fresh_optimizer"} & set(resolved)
 
 
+def test_yaml_values_that_start_with_a_dash_stay_their_keys_values(setup, tmp_path):
+    """The YAML goes through the command-line parser: '-lr-sweep' used to read as a flag, and a list
+    item '--beta' set beta (9.0 against the file's 0.1)."""
+    cfg = yaml.safe_load((setup / "cfg.yaml").read_text())
+    path = tmp_path / "dash.yaml"
+    path.write_text(yaml.safe_dump({**cfg, "run_name": "-lr-sweep", "beta": 0.1}))
+    _, _, args, resolved = parse_train_config(str(path), [])
+    assert args.run_name == resolved["run_name"] == "-lr-sweep" and args.beta == 0.1
+    path.write_text(yaml.safe_dump({**cfg, "lora_target_modules": ["q_proj", "--beta", "9"]}))
+    with pytest.raises(SystemExit, match="config key 'lora_target_modules': the list item '--beta' starts with '-'"):
+        parse_train_config(str(path), [])
+
+
 @pytest.mark.slow
 def test_empty_eval_file_turns_evaluation_off(setup, tmp_path):
     main(["train", str(setup / "cfg.yaml"), "--eval_file", "", "--output_dir", str(tmp_path / "out")])

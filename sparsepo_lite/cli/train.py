@@ -108,12 +108,24 @@ def _to_argv(values: dict, parser) -> tuple:
             raise ValueError(f"config key {key!r}: an empty list is not a valid value")
         if isinstance(value, dict):
             value = json.dumps(value)  # TrainingArguments' dict fields take JSON text
-        argv.append(f"--{key}")
         if isinstance(value, (list, tuple)):
+            # argparse would read an item that looks like a flag as the next option, setting another field
+            flag_like = [str(v) for v in value if str(v).startswith("-") and not _is_number(str(v))]
+            if flag_like:
+                raise ValueError(f"config key {key!r}: the list item {flag_like[0]!r} starts with '-' (not supported)")
+            argv.append(f"--{key}")
             argv.extend(str(v) for v in value)
         else:
-            argv.append(str(value))
+            argv.append(f"--{key}={value}")  # one word: a value that starts with '-' stays this key's
     return argv, nulls
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _takes_none(name: str) -> bool:
