@@ -386,6 +386,28 @@ def build_cache(cache_setup, out, splits=None, fingerprint=None, **kw):
     return out
 
 
+@pytest.mark.slow
+def test_evaluate_reads_rows_as_the_constructor_does_and_with_a_cache_only_its_eval_split(
+    tiny_dir, cache_setup, tmp_path
+):
+    """trainer.evaluate(eval_dataset=rows or a path) handed the rows to the collator untokenised."""
+    from sparsepo_lite.data import tokenize_dataset
+
+    _, tok, examples = cache_setup
+    rows = review_rows(6, offset=100)
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    eval_examples, _ = tokenize_dataset(rows, tok, max_length=32, max_prompt_length=16)
+    trainer = make_trainer(tiny_dir, tmp_path / "run", "dpo")
+    losses = [trainer.evaluate(d)["eval_loss"] for d in (rows, str(tmp_path / "eval.jsonl"), eval_examples)]
+    assert losses[0] == losses[1] == losses[2]
+    assert trainer.evaluate(eval_dataset={"held": rows})["eval_held_loss"] == losses[0]
+    cache = build_cache(cache_setup, tmp_path / "cache", splits={"train": examples, "eval": eval_examples})
+    cached = make_trainer(tiny_dir, tmp_path / "run2", "dpo", ref_cache=str(cache))
+    assert cached.evaluate(rows)["eval_loss"] == pytest.approx(losses[0], rel=1e-5)
+    with pytest.raises(ValueError, match="holds the eval split it was made for, and these rows differ"):
+        cached.evaluate(review_rows(6, offset=200))
+
+
 def flip_a_byte(path) -> None:
     """Damage a file in its middle, as a bad disk or an interrupted copy would."""
     data = bytearray(path.read_bytes())

@@ -39,7 +39,7 @@ from ..models import (
 )
 from ..objective import compute_loss, runs_in_shards
 from ..refcache import CachedExample, CachedReferenceCollator, CacheError, RefCache, keys, run_fingerprint
-from ..refcache.fingerprint import BASE_MODEL_FILE, base_model_record, check_base_model
+from ..refcache.fingerprint import BASE_MODEL_FILE, base_model_record, check_base_model, examples_sha256
 from ..validation import load_json
 from ..waits import LoadGuard, cpu_load_guard
 from .config import RUN_CONFIG, SparsePOConfig
@@ -577,11 +577,35 @@ class SparsePOTrainer(transformers.Trainer):
             self._threads.close()
             self._threads = None
 
-    def evaluate(self, *args, **kwargs):
+    def evaluate(self, eval_dataset=None, *args, **kwargs):
+        """``transformers.Trainer.evaluate``; ``eval_dataset`` may also be what the constructor takes
+        (a file path, a ``datasets`` dataset or a list of dicts), tokenised as it does. With a
+        reference cache, only the eval split it was made for can be evaluated."""
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: self._eval_examples(rows) for name, rows in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = self._eval_examples(eval_dataset)
         try:
-            return super().evaluate(*args, **kwargs)
+            return super().evaluate(eval_dataset, *args, **kwargs)
         finally:  # a pool made here would otherwise idle until the process ends
             self._close_pair_threads()
+
+    def _eval_examples(self, rows):
+        """``rows`` passed to :meth:`evaluate`, as the collator takes them."""
+        if isinstance(rows, str) and isinstance(self.eval_dataset, dict) and rows in self.eval_dataset:
+            return rows  # the name of one of the constructor's eval sets
+        if isinstance(rows, list) and rows and isinstance(rows[0], CachedExample):
+            return rows
+        examples = read_splits(self.processing_class, self.args, {"eval": rows})[0]["eval"]
+        if self.ref_cache is None:
+            return examples
+        if examples_sha256(examples) != self.ref_cache.fingerprint.get("data_sha256/eval"):
+            raise ValueError(
+                f"evaluate(eval_dataset=...): the reference cache {self.ref_cache.dir} holds the eval split "
+                "it was made for, and these rows differ; evaluate them with a trainer without ref_cache, or "
+                "precompute a cache for them"
+            )
+        return [CachedExample(e, "eval") for e in examples]
 
     def predict(self, *args, **kwargs):
         try:
