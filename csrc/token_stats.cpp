@@ -70,6 +70,19 @@ void check_topk(const Tensor& ids, const Tensor& logp, const Tensor& seq_ids, in
   TORCH_CHECK_VALUE(!above.any().item<bool>(),
                     "topk log-probs must be log-probabilities (<= 0); found ",
                     logp.max().item<double>(), first_at(above, seq_ids));
+  // k probabilities of one distribution: their sum is at most 1 (up to 16-bit rounding)
+  const Tensor mass = at::logsumexp(logp.to(at::kFloat), {1}) > 1e-2;
+  TORCH_CHECK_VALUE(!mass.any().item<bool>(),
+                    "topk log-probs hold more than probability 1 for a token", first_at(mass, seq_ids));
+}
+
+// The reference's log-prob of each label: finite (the label is a token of the data, which the
+// reference gives probability > 0) and a log-probability.
+void check_label(const Tensor& label_logp, const Tensor& seq_ids) {
+  const Tensor bad = at::isfinite(label_logp).logical_not() | (label_logp > 1e-2);
+  TORCH_CHECK_VALUE(!bad.any().item<bool>(),
+                    "reference label log-probs must be finite log-probabilities (<= 0)",
+                    first_at(bad, seq_ids));
 }
 
 // Tail samples: ids in [0, V) outside their token's top-k (they are draws from the reference's
@@ -170,6 +183,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> token_stats(
   if (ref_kind == kRefLabel || topk) {
     TORCH_CHECK_VALUE(ref_label_logp && ref_label_logp->numel() == N,
                       "reference label log-probs need N = ", N, " entries");
+    if (N > 0) check_label(ref_label_logp->reshape({N}), seq_ids);
   }
 
   const auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -95,6 +95,8 @@ def check_batch(
     for key in ("input_ids", "attention_mask", "labels"):
         if key not in batch:
             raise KeyError(f"batch is missing {key!r} (needs input_ids, attention_mask, labels)")
+        if not isinstance(batch[key], torch.Tensor):
+            raise TypeError(f"batch[{key!r}] must be a torch.Tensor, got {type(batch[key]).__name__}")
     ids, att, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     if ids.dim() != 2 or ids.shape != att.shape or ids.shape != labels.shape:
         raise ValueError(
@@ -102,8 +104,8 @@ def check_batch(
             f"{list(labels.shape)} must all be [2B, T]"
         )
     for key, tensor in (("input_ids", ids), ("labels", labels)):
-        if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
-            raise TypeError(f"{key} must hold integer token ids, got {tensor.dtype}")
+        if tensor.dtype not in (torch.int64, torch.int32):  # what an embedding takes
+            raise TypeError(f"{key} must hold token ids as int64 or int32, got {tensor.dtype}")
     if vocab_size is not None and ids.numel():
         # the embedding's own error for an id past its rows names neither the tensor nor the row
         low, high = torch.stack(torch.aminmax(ids)).tolist()  # one host sync
@@ -144,6 +146,9 @@ def check_batch(
     counts = batch.get(keys.TOKENS_PER_ROW)
     if counts is None and keys.batch_key(keys.LABEL_LOGP) in batch:
         raise KeyError(f"batch has cached reference tensors but no {keys.TOKENS_PER_ROW!r}")
+    if counts is not None and (not isinstance(counts, torch.Tensor) or counts.shape != have.shape):
+        shape = list(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__
+        raise ValueError(f"{keys.TOKENS_PER_ROW!r} must hold one count per batch row, [{len(have)}]; got {shape}")
     if counts is not None and not torch.equal(counts.to(have.device), have):
         counts = counts.to(have.device)
         bad = (counts != have).nonzero().flatten().tolist()

@@ -337,8 +337,15 @@ def test_bad_batches_and_configs_raise_clear_errors():
             ValueError,
             r"each label must be -100 or the input id .* attention_mask 0",
         ),
-        (edited("input_ids", lambda b: b["input_ids"].float()), TypeError, "input_ids must hold integer token ids"),
-        (edited("labels", lambda b: b["labels"].double()), TypeError, "labels must hold integer token ids"),
+        (edited("input_ids", lambda b: b["input_ids"].float()), TypeError, "input_ids must hold token ids as int64"),
+        (edited("labels", lambda b: b["labels"].double()), TypeError, "labels must hold token ids as int64"),
+        (edited("input_ids", lambda b: b["input_ids"].short()), TypeError, "got torch.int16"),  # not the embedding's
+        (edited("labels", lambda b: b["labels"].numpy()), TypeError, r"batch\['labels'\] must be a torch.Tensor"),
+        (
+            edited("ref_tokens_per_row", lambda b: torch.tensor([3])),
+            ValueError,
+            r"'ref_tokens_per_row' must hold one count per batch row, \[4\]; got \[1\]",
+        ),
         (edited("input_ids", past_vocab), ValueError, rf"input_ids must lie in \[0, {vocab}\).* first in batch row 3"),
         (edited("token_weights", lambda b: torch.ones(4, 3)), ValueError, "token_weights \\[4, 3\\] must be shaped"),
         (

@@ -475,6 +475,10 @@ def _damage_tokens(field, value, tokens):
 
     def damage(r):
         parts = dict(ids=r.ids, logprobs=r.logprobs, tail_ids=r.tail_ids, tail_logprobs=r.tail_logprobs)
+        if field == "label_logp":
+            label = r.label_logp.clone()
+            label[tokens] = value
+            return sp.TopKReference(label_logp=label, **parts)
         parts[field] = parts[field].clone()
         for t in tokens:
             if value == "repeat":
@@ -496,6 +500,10 @@ def _damage_tokens(field, value, tokens):
         ("ids", "repeat", "topk ids must be distinct within each token"),
         ("logprobs", float("nan"), "topk log-probs contain NaN"),
         ("logprobs", 0.7, "topk log-probs must be log-probabilities (<= 0); found 0.7 "),
+        ("logprobs", 0.0, "topk log-probs hold more than probability 1 for a token"),  # 1 + the others' mass
+        ("label_logp", float("nan"), "reference label log-probs must be finite log-probabilities (<= 0)"),
+        ("label_logp", float("-inf"), "reference label log-probs must be finite log-probabilities (<= 0)"),
+        ("label_logp", 0.7, "reference label log-probs must be finite log-probabilities (<= 0)"),
         ("tail_ids", "top-k", "tail ids must lie outside the top-k ids of their token"),
         ("tail_logprobs", float("-inf"), "tail log-probs must be finite"),
         ("tail_logprobs", float("nan"), "tail log-probs must be finite"),
@@ -521,6 +529,22 @@ def test_a_bad_reference_value_names_its_token_and_sequence_in_both_implementati
         said.append(str(info.value).splitlines()[0])
     assert said[0] == said[1], said
     assert said[1].startswith(message) and said[1].endswith(where), said[1]
+
+
+def test_a_label_only_reference_checks_its_values_and_any_chunk_size_runs():
+    """A LabelReference's log-probs were taken as given (NaN, +5); a head without rows divided by
+    zero; a chunk past int64 failed in the op's schema."""
+    p = make_problem(12, 8, 20, "exact")
+    args = (p.hidden.detach(), p.weight, p.labels, p.seq_ids, p.num_seqs)
+    for bad in (float("nan"), 5.0):
+        label = torch.full((12,), -2.0)
+        label[4] = bad
+        with pytest.raises(ValueError, match=r"reference label log-probs must be finite .*first at token 4 of"):
+            sp.chunked_token_stats(*args, ref=sp.LabelReference(label))
+    with pytest.raises(ValueError, match=r"weight must have at least one row \(V >= 1\), got \[0, 8\]"):
+        sp.chunked_token_stats(p.hidden.detach(), p.weight[:0], p.labels, p.seq_ids, p.num_seqs)
+    whole = sp.chunked_token_stats(*args, chunk_size=2**63)
+    assert torch.equal(whole.logp, sp.chunked_token_stats(*args, chunk_size=12).logp)
 
 
 def test_empty_input_gives_zero_sums():

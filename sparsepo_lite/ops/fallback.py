@@ -76,6 +76,18 @@ def _check_topk(ids: torch.Tensor, logp: torch.Tensor, seq_ids: torch.Tensor, vo
         raise ValueError(
             f"topk log-probs must be log-probabilities (<= 0); found {float(logp.max()):g}" + _first_at(above, seq_ids)
         )
+    # k probabilities of one distribution: their sum is at most 1 (up to 16-bit rounding)
+    mass = torch.logsumexp(logp.float(), dim=1) > 1e-2
+    if bool(mass.any()):
+        raise ValueError("topk log-probs hold more than probability 1 for a token" + _first_at(mass, seq_ids))
+
+
+def _check_label(label_logp: torch.Tensor, seq_ids: torch.Tensor) -> None:
+    """The reference's log-prob of each label: finite (the reference gives a token of the data
+    probability > 0) and a log-probability."""
+    bad = ~torch.isfinite(label_logp) | (label_logp > 1e-2)
+    if bool(bad.any()):
+        raise ValueError("reference label log-probs must be finite log-probabilities (<= 0)" + _first_at(bad, seq_ids))
 
 
 def token_stats_torch(
@@ -124,6 +136,8 @@ def token_stats_torch(
     elif ref_kind == RefKind.NONE:
         ref_logp = hidden.new_empty(0, dtype=acc)
     else:
+        if n:
+            _check_label(ref_label_logp.reshape(n), seq_ids)
         ref_logp = ref_label_logp.to(acc, copy=True)
     kl = hidden.new_empty(n if (exact or topk) else 0, dtype=acc)
     grad_factor = hidden.new_empty((n if need_grad else 0, h))

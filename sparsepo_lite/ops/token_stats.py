@@ -195,6 +195,7 @@ def chunked_token_stats(
     _need(weight.device == device, ValueError, f"weight is on {weight.device} but hidden is on {device}")
     _check_frozen(weight, "weight")
     vocab = weight.shape[0]
+    _need(vocab >= 1, ValueError, f"weight must have at least one row (V >= 1), got {list(weight.shape)}")
     _check_1d(labels, "labels", n, _INTS, device)
     _check_1d(seq_ids, "seq_ids", n, _INTS, device)
     _need(isinstance(num_seqs, int) and num_seqs >= 0, ValueError, f"num_seqs must be an int >= 0, got {num_seqs!r}")
@@ -310,6 +311,7 @@ def chunked_token_stats(
         ValueError,
         f"chunk_size must be an int >= 1, got {chunk_size!r}",
     )
+    chunk_size = min(chunk_size, max(n, 1))  # no chunk is longer than the tokens (nor than an int64)
 
     need_grad = bool(torch.is_grad_enabled() and hidden.requires_grad)
     seq_sums, logp, ref_logp, kl, _ = token_stats_op(
