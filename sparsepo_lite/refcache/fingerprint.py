@@ -104,29 +104,35 @@ def check_base_model(recorded: Dict[str, object], identity: Dict[str, str], wher
     """Raise ``ValueError`` when ``identity`` (the :func:`base_model_record` of the base loaded now)
     is not the base ``recorded`` in the file ``where`` (a :data:`BASE_MODEL_FILE`).
 
-    A 4-bit base quantised on another device type may differ in its codes only (each device's
-    kernels round the scales their own way): that is logged, not raised."""
+    The config checksum is always compared. The weights checksum is compared where the base was
+    loaded as in training: the same quantisation and compute dtype (``dtype: auto`` gives bfloat16 on
+    a GPU and float32 on the CPU), and for a 4-bit base the same device type (each device's kernels
+    quantise). Otherwise the weights cannot be compared, which is logged."""
     if not isinstance(recorded, dict) or any(key not in recorded for key in IDENTITY_FIELDS):
         raise ValueError(f"{where}: not a base model record (it needs {', '.join(IDENTITY_FIELDS)})")
-    device = identity.get("device")
-    for key in IDENTITY_FIELDS:
-        if recorded[key] == identity[key]:
-            continue
-        if key == "weights_sha256" and identity["quantization"] == "4bit" and recorded.get("device") != device:
-            logger.warning(
-                "%s: the 4-bit codes of %s differ from those it was trained on, which were quantised on %s, "
-                "not %s; if the base itself changed, the adapter no longer fits it",
-                where,
-                recorded.get("model"),
-                recorded.get("device"),
-                device,
-            )
-            continue
-        raise ValueError(
+
+    def changed(key: str) -> ValueError:
+        return ValueError(
             f"{where}: the base model {recorded.get('model')!r} has changed since this run trained on it "
             f"({key} is {recorded[key]!r} there but {identity[key]!r} for the model loaded now); load the base "
             "the run was trained on (an adapter on another base is another model)"
         )
+
+    if recorded["model_config_sha256"] != identity["model_config_sha256"]:
+        raise changed("model_config_sha256")
+    loaded = {key: identity.get(key) for key in ("quantization", "compute_dtype", "device")}
+    if identity["quantization"] != "4bit":
+        del loaded["device"]  # unquantised weights have the same bits on every device
+    if any(recorded.get(key) != value for key, value in loaded.items()):
+        logger.warning(
+            "%s: the base is loaded as %s, not as in training (%s), so its weights cannot be compared with the "
+            "checksum the run recorded; only its config is",
+            where,
+            loaded,
+            {key: recorded.get(key) for key in loaded},
+        )
+    elif recorded["weights_sha256"] != identity["weights_sha256"]:
+        raise changed("weights_sha256")
 
 
 def run_fingerprint(
