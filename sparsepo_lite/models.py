@@ -371,6 +371,8 @@ def attach_adapter(model: nn.Module, cfg: ModelConfig):
 
     device = next(model.parameters()).device
     check_supported(model, cfg.model_name_or_path)  # before peft, whose errors on such models name nothing
+    if cfg.quantization == "4bit":
+        disable_avx512_bf16_repacking(model)
     check_logits_are_the_head(model, cfg.model_name_or_path)
     use_liger = cfg.use_liger if cfg.use_liger is not None else (device.type == "cuda" and _installed("liger_kernel"))
     if use_liger:
@@ -380,8 +382,6 @@ def attach_adapter(model: nn.Module, cfg: ModelConfig):
             model=model, rms_norm=True, rope=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
         )
     disable_dropout(model)
-    if cfg.quantization == "4bit":
-        disable_avx512_bf16_repacking(model)
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.gradient_checkpointing:
@@ -465,21 +465,23 @@ def check_logits_are_the_head(lm: nn.Module, name: Optional[str] = None) -> None
     name = name or type(model).__name__
     embeddings = model.get_input_embeddings()
     ids = torch.arange(min(8, embeddings.num_embeddings), device=embeddings.weight.device)[None]
-    training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     # in training mode: at an eval-mode forward bitsandbytes repacks 4-bit CPU weights into another
     # layout (and so another weights checksum); the same seed gives both passes the same dropout
     model.train()
+    gpus = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
     passes = []
     try:
         with torch.no_grad():
             for run in (model, backbone(model)):
-                with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []):
+                with torch.random.fork_rng(devices=gpus):
                     torch.manual_seed(0)
                     passes.append(run(input_ids=ids, use_cache=False))
             logits = passes[0].logits.float()
             head = model.get_output_embeddings()(passes[1].last_hidden_state).float()
     finally:
-        model.train(training)
+        for module, training in modes:  # each as it was: a model may hold frozen parts in eval mode
+            module.training = training
     scale = float(head.abs().max()) or 1.0
     if logits.shape != head.shape or not torch.allclose(logits, head, rtol=1e-3, atol=1e-4 * scale):
         error = float((logits - head).abs().max()) if logits.shape == head.shape else float("nan")

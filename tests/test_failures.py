@@ -1095,7 +1095,7 @@ def test_unsupported_models_are_refused_by_name_before_any_adapter(tiny_dir, tmp
 
 
 def test_logit_transforms_are_refused_by_config_field_or_found_by_a_test_forward(tiny_dir, tmp_path):
-    from sparsepo_lite.models import check_config, check_logits_are_the_head
+    from sparsepo_lite.models import check_config, check_logits_are_the_head, quantize_linears_nf4
     from sparsepo_lite.refcache.fingerprint import weights_sha256
 
     for config, field in [
@@ -1115,16 +1115,33 @@ def test_logit_transforms_are_refused_by_config_field_or_found_by_a_test_forward
             return out
 
     model, tok = load_policy(ModelConfig(tiny_dir, lora_r=4, gradient_checkpointing=False))
-    before = weights_sha256(model)
-    model.eval()
     check_logits_are_the_head(model)  # a plain Llama, adapter and all
-    assert not model.training  # its mode is restored
-    # and its 4-bit weights are as they were (bitsandbytes repacks them at an eval-mode CPU forward)
-    assert weights_sha256(model) == before
+    # a 4-bit model that bitsandbytes may still repack (at an eval-mode forward on an AVX512-BF16 CPU,
+    # into another layout and checksum), with a part in training mode: both as they were afterwards
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2
+    )
+    quantized = transformers.LlamaForCausalLM(config)
+    quantize_linears_nf4(quantized, torch.float32)
+    quantized.eval()
+    quantized.model.layers[0].mlp.train()
+    before = weights_sha256(quantized)
+    check_logits_are_the_head(quantized)
+    assert weights_sha256(quantized) == before
+    assert not quantized.training and quantized.model.layers[0].mlp.training
+    # passed to the trainer already loaded: its reference passes may not repack it either (LoRA would
+    # get no gradient), as load_policy sees to for the models it loads
+    import peft
+
+    policy = peft.get_peft_model(quantized, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    args = SparsePOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_length=32, max_prompt_length=16)
+    SparsePOTrainer(model=policy, args=args, train_dataset=review_rows(4), processing_class=tok)
+    flags = [m.support_avx512bf16_for_cpu for m in policy.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert flags and not any(flags)
     odd = HalvedLogits.from_pretrained(tiny_dir)
     with pytest.raises(ValueError, match="HalvedLogits: its logits are not its lm_head applied to its last hidden"):
         check_logits_are_the_head(odd)
-    args = SparsePOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_length=32, max_prompt_length=16)
     with pytest.raises(ValueError, match="HalvedLogits: its logits are not its lm_head"):  # a model passed in
         SparsePOTrainer(model=odd, args=args, train_dataset=review_rows(4), processing_class=tok)
 

@@ -32,6 +32,7 @@ from ..models import (
     check_logits_are_the_head,
     check_tokenizer,
     context_length,
+    disable_avx512_bf16_repacking,
     dropout_sites,
     load_policy,
     load_tokenizer,
@@ -350,7 +351,10 @@ class SparsePOTrainer(transformers.Trainer):
         if load:  # after the data: a bad file is found in seconds, not after loading a 16 GB model
             model = load_model(model_config, args)
         name = model_config.model_name_or_path if load else type(unwrap(model)).__name__
-        if not load:  # load_policy checked its own
+        if not load:  # load_policy did this to its own
+            for lm in (model, ref_model):  # the reference pass would repack 4-bit CPU weights (no LoRA gradient)
+                if lm is not None:
+                    disable_avx512_bf16_repacking(lm)
             check_logits_are_the_head(model, name)
         check_tokenizer(model, processing_class, name)
         check_lengths(unwrap(model).config, {"train": train_dataset, "eval": eval_dataset}, name)
