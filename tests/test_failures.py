@@ -406,6 +406,18 @@ def test_evaluate_reads_rows_as_the_constructor_does_and_with_a_cache_only_its_e
     assert cached.evaluate(rows)["eval_loss"] == pytest.approx(losses[0], rel=1e-5)
     with pytest.raises(ValueError, match="holds the eval split it was made for, and these rows differ"):
         cached.evaluate(review_rows(6, offset=200))
+    train_only = make_trainer(
+        tiny_dir, tmp_path / "run3", "dpo", ref_cache=str(build_cache(cache_setup, tmp_path / "c2"))
+    )
+    with pytest.raises(ValueError, match="c2 holds no eval split; evaluate them with a trainer without ref_cache"):
+        train_only.evaluate(rows)
+    # the constructor's checks, for these rows too: not at their first batch
+    weighted = [
+        {**r, "chosen_token_weights": [1.0] * len(tok(r["chosen"], add_special_tokens=False).input_ids + [0])}
+        for r in rows
+    ]
+    with pytest.raises(ValueError, match=r"eval rows \[0, 1, 2, 3, 4\] have token weights, which loss_type tdpo2"):
+        make_trainer(tiny_dir, tmp_path / "run4", "tdpo2").evaluate(weighted)
 
 
 def flip_a_byte(path) -> None:

@@ -122,6 +122,21 @@ def mask_drift(masks: SparsePOMasks, init: List[torch.Tensor]) -> float:
     return float((now - start).norm() / start.norm().clamp_min(1e-12))
 
 
+def check_token_weights(loss_type: str, splits: Dict[str, Optional[List[PreferenceExample]]]) -> None:
+    """Raise ``ValueError`` naming the first rows of ``splits`` (split name: examples) that carry
+    token weights when ``loss_type`` cannot use them (tdpo2): found before the model loads, not at the
+    first step."""
+    if loss_type != "tdpo2":
+        return
+    for split, examples in splits.items():
+        weighted = [e.index for e in examples or () if e.chosen_weights or e.rejected_weights]
+        if weighted:
+            raise ValueError(
+                f"{split} rows {weighted[:5]} have token weights, which loss_type tdpo2 does not support "
+                "(use tdpo1, dpo, sparsepo or mapo)"
+            )
+
+
 def check_lengths(config, splits: Dict[str, Optional[List[PreferenceExample]]], name: str) -> None:
     """Find the first row of ``splits`` (split name: examples) whose longer sequence (prompt and
     response) exceeds the model's context. With a learned position table, which fails mid-step with an
@@ -339,15 +354,7 @@ class SparsePOTrainer(transformers.Trainer):
         }
         data, self.data_reports = read_splits(processing_class, args, {"train": train_dataset, "eval": eval_dataset})
         train_dataset, eval_dataset = data["train"], data["eval"]
-        if args.loss_type == "tdpo2":  # found now, not at the first step after the model has loaded
-            weighted = [
-                e.index for e in (train_dataset or []) + (eval_dataset or []) if e.chosen_weights or e.rejected_weights
-            ]
-            if weighted:
-                raise ValueError(
-                    f"rows {weighted[:5]} have token weights, which loss_type tdpo2 does not support "
-                    "(use tdpo1, dpo, sparsepo or mapo)"
-                )
+        check_token_weights(args.loss_type, {"train": train_dataset, "eval": eval_dataset})  # before the model loads
         if load:  # after the data: a bad file is found in seconds, not after loading a 16 GB model
             model = load_model(model_config, args)
         name = model_config.model_name_or_path if load else type(unwrap(model)).__name__
@@ -601,13 +608,20 @@ class SparsePOTrainer(transformers.Trainer):
         if isinstance(rows, list) and rows and isinstance(rows[0], CachedExample):
             return rows
         examples = read_splits(self.processing_class, self.args, {"eval": rows})[0]["eval"]
+        check_token_weights(self.args.loss_type, {"eval": examples})
+        check_lengths(unwrap(self.model).config, {"eval": examples}, type(unwrap(self.model)).__name__)
         if self.ref_cache is None:
             return examples
-        if examples_sha256(examples) != self.ref_cache.fingerprint.get("data_sha256/eval"):
+        cached = self.ref_cache.fingerprint.get("data_sha256/eval")
+        if examples_sha256(examples) != cached:
             raise ValueError(
-                f"evaluate(eval_dataset=...): the reference cache {self.ref_cache.dir} holds the eval split "
-                "it was made for, and these rows differ; evaluate them with a trainer without ref_cache, or "
-                "precompute a cache for them"
+                f"evaluate(eval_dataset=...): the reference cache {self.ref_cache.dir} "
+                + (
+                    "holds no eval split"
+                    if cached is None
+                    else "holds the eval split it was made for, and these rows differ"
+                )
+                + "; evaluate them with a trainer without ref_cache, or precompute a cache for them"
             )
         return [CachedExample(e, "eval") for e in examples]
 
