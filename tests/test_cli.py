@@ -100,6 +100,10 @@ def test_yaml_values_that_start_with_a_dash_stay_their_keys_values(setup, tmp_pa
     path.write_text(yaml.safe_dump({**cfg, "lora_target_modules": ["q_proj", "--beta", "9"]}))
     with pytest.raises(SystemExit, match="config key 'lora_target_modules': the list item '--beta' starts with '-'"):
         parse_train_config(str(path), [])
+    for item in ("-1e-5", "-inf"):  # numbers to float(), flags to argparse
+        path.write_text(yaml.safe_dump({**cfg, "lora_target_modules": ["q_proj", item]}))
+        with pytest.raises(SystemExit, match=f"the list item '{item}' starts with '-'"):
+            parse_train_config(str(path), [])
 
 
 @pytest.mark.slow

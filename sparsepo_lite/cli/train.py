@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from typing import List
@@ -110,7 +111,7 @@ def _to_argv(values: dict, parser) -> tuple:
             value = json.dumps(value)  # TrainingArguments' dict fields take JSON text
         if isinstance(value, (list, tuple)):
             # argparse would read an item that looks like a flag as the next option, setting another field
-            flag_like = [str(v) for v in value if str(v).startswith("-") and not _is_number(str(v))]
+            flag_like = [str(v) for v in value if _reads_as_flag(str(v))]
             if flag_like:
                 raise ValueError(f"config key {key!r}: the list item {flag_like[0]!r} starts with '-' (not supported)")
             argv.append(f"--{key}")
@@ -120,12 +121,10 @@ def _to_argv(values: dict, parser) -> tuple:
     return argv, nulls
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+def _reads_as_flag(word: str) -> bool:
+    """Whether argparse takes ``word`` for an option rather than a value: it starts with '-' and is
+    neither '-' alone, a plain negative number (argparse's own pattern: no exponent), nor has a space."""
+    return word.startswith("-") and len(word) > 1 and " " not in word and not re.fullmatch(r"-\d+|-\d*\.\d+", word)
 
 
 def _takes_none(name: str) -> bool:
