@@ -18,6 +18,13 @@
 
 namespace sparsepo_lite {
 
+// How far stored reference log-probs may sit past what they must be, for 16-bit rounding: above 0
+// (each log-prob), and above log 1 for the log of a token's top-k mass (bfloat16 rounds a flat
+// top-k's equal log-probs all one way: up to 4% more mass). Mirrored in sparsepo_lite/ops/kinds.py
+// (a test compares them).
+constexpr double kLogProbSlack = 1e-2;
+constexpr double kTopKLogMassSlack = 5e-2;
+
 // Where the reference distribution comes from. Values are part of the op's
 // schema (the `ref_kind` int argument): keep them in sync with
 // RefKind in sparsepo_lite/ops/kinds.py (a test compares them).

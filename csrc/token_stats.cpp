@@ -66,12 +66,12 @@ void check_topk(const Tensor& ids, const Tensor& logp, const Tensor& seq_ids, in
   TORCH_CHECK_VALUE(!nan.any().item<bool>(), "topk log-probs contain NaN", first_at(nan, seq_ids));
   // 16-bit storage rounds log-probs near 0 but never above it by much. One mask decides and
   // locates: a separate double comparison could fail where the mask, in logp's dtype, is empty.
-  const Tensor above = (logp > 1e-2).any(1);
+  const Tensor above = (logp > kLogProbSlack).any(1);
   TORCH_CHECK_VALUE(!above.any().item<bool>(),
                     "topk log-probs must be log-probabilities (<= 0); found ",
                     logp.max().item<double>(), first_at(above, seq_ids));
   // k probabilities of one distribution: their sum is at most 1 (up to 16-bit rounding)
-  const Tensor mass = at::logsumexp(logp.to(at::kFloat), {1}) > 1e-2;
+  const Tensor mass = at::logsumexp(logp.to(at::kFloat), {1}) > kTopKLogMassSlack;
   TORCH_CHECK_VALUE(!mass.any().item<bool>(),
                     "topk log-probs hold more than probability 1 for a token", first_at(mass, seq_ids));
 }
@@ -79,7 +79,7 @@ void check_topk(const Tensor& ids, const Tensor& logp, const Tensor& seq_ids, in
 // The reference's log-prob of each label: finite (the label is a token of the data, which the
 // reference gives probability > 0) and a log-probability.
 void check_label(const Tensor& label_logp, const Tensor& seq_ids) {
-  const Tensor bad = at::isfinite(label_logp).logical_not() | (label_logp > 1e-2);
+  const Tensor bad = at::isfinite(label_logp).logical_not() | (label_logp > kLogProbSlack);
   TORCH_CHECK_VALUE(!bad.any().item<bool>(),
                     "reference label log-probs must be finite log-probabilities (<= 0)",
                     first_at(bad, seq_ids));
@@ -103,7 +103,7 @@ void check_tail(const Tensor& ids, const Tensor& tail_ids, const Tensor& tail_lo
   TORCH_CHECK_VALUE(!inf.any().item<bool>(),
                     "tail log-probs must be finite (a sampled token has reference probability > 0)",
                     first_at(inf, seq_ids));
-  const Tensor above = (tail_logp > 1e-2).any(1);
+  const Tensor above = (tail_logp > kLogProbSlack).any(1);
   TORCH_CHECK_VALUE(!above.any().item<bool>(),
                     "tail log-probs must be log-probabilities (<= 0); found ",
                     tail_logp.max().item<double>(), first_at(above, seq_ids));

@@ -23,6 +23,17 @@ def test_ref_kinds_match_the_enum_in_row_pass_h():
     assert in_cpp == {kind.name: kind.value for kind in RefKind}
 
 
+def test_slack_constants_match_row_pass_h():
+    from sparsepo_lite.ops.kinds import LOGP_SLACK, TOPK_LOG_MASS_SLACK
+
+    with open(os.path.join(ROOT, "csrc", "row_pass.h")) as f:
+        in_cpp = dict(re.findall(r"constexpr double (\w+) = ([\d.e+-]+);", f.read()))
+    assert {name: float(value) for name, value in in_cpp.items()} == {
+        "kLogProbSlack": LOGP_SLACK,
+        "kTopKLogMassSlack": TOPK_LOG_MASS_SLACK,
+    }
+
+
 @pytest.mark.parametrize("kind", list(OP_KINDS))
 @pytest.mark.parametrize("need_grad", [True, False])
 def test_opcheck(kind, need_grad, seed):

@@ -543,6 +543,19 @@ def test_a_label_only_reference_checks_its_values_and_any_chunk_size_runs():
             sp.chunked_token_stats(*args, ref=sp.LabelReference(label))
     with pytest.raises(ValueError, match=r"weight must have at least one row \(V >= 1\), got \[0, 8\]"):
         sp.chunked_token_stats(p.hidden.detach(), p.weight[:0], p.labels, p.seq_ids, p.num_seqs)
+    # bfloat16 rounds a flat top-k's equal log-probs all one way: 983 of 1024 at -log 983 hold 1.0157
+    ids = torch.stack([torch.randperm(1024)[:983] for _ in range(12)]).int()
+    flat = torch.full((12, 983), -math.log(983)).to(torch.bfloat16)
+    assert torch.logsumexp(flat.float(), dim=1)[0] > 1e-2
+    head = torch.randn(1024, 8)
+    sp.chunked_token_stats(
+        p.hidden.detach(),
+        head,
+        p.labels,
+        p.seq_ids,
+        p.num_seqs,
+        ref=sp.TopKReference(ids, flat, torch.full((12,), -7.0)),
+    )
     whole = sp.chunked_token_stats(*args, chunk_size=2**63)
     assert torch.equal(whole.logp, sp.chunked_token_stats(*args, chunk_size=12).logp)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .kinds import RefKind
+from .kinds import LOGP_SLACK, TOPK_LOG_MASS_SLACK, RefKind
 
 
 def _check_range(t: torch.Tensor, hi: int, name: str, bound: str) -> None:
@@ -47,7 +47,7 @@ def _check_tail(
         raise ValueError(
             "tail log-probs must be finite (a sampled token has reference probability > 0)" + _first_at(inf, seq_ids)
         )
-    above = (tail_logp > 1e-2).any(dim=1)
+    above = (tail_logp > LOGP_SLACK).any(dim=1)
     if bool(above.any()):
         raise ValueError(
             f"tail log-probs must be log-probabilities (<= 0); found {float(tail_logp.max()):g}"
@@ -71,13 +71,13 @@ def _check_topk(ids: torch.Tensor, logp: torch.Tensor, seq_ids: torch.Tensor, vo
     if bool(nan.any()):
         raise ValueError("topk log-probs contain NaN" + _first_at(nan, seq_ids))
     # one mask decides and locates, as in the compiled op
-    above = (logp > 1e-2).any(dim=1)
+    above = (logp > LOGP_SLACK).any(dim=1)
     if bool(above.any()):
         raise ValueError(
             f"topk log-probs must be log-probabilities (<= 0); found {float(logp.max()):g}" + _first_at(above, seq_ids)
         )
     # k probabilities of one distribution: their sum is at most 1 (up to 16-bit rounding)
-    mass = torch.logsumexp(logp.float(), dim=1) > 1e-2
+    mass = torch.logsumexp(logp.float(), dim=1) > TOPK_LOG_MASS_SLACK
     if bool(mass.any()):
         raise ValueError("topk log-probs hold more than probability 1 for a token" + _first_at(mass, seq_ids))
 
@@ -85,7 +85,7 @@ def _check_topk(ids: torch.Tensor, logp: torch.Tensor, seq_ids: torch.Tensor, vo
 def _check_label(label_logp: torch.Tensor, seq_ids: torch.Tensor) -> None:
     """The reference's log-prob of each label: finite (the reference gives a token of the data
     probability > 0) and a log-probability."""
-    bad = ~torch.isfinite(label_logp) | (label_logp > 1e-2)
+    bad = ~torch.isfinite(label_logp) | (label_logp > LOGP_SLACK)
     if bool(bad.any()):
         raise ValueError("reference label log-probs must be finite log-probabilities (<= 0)" + _first_at(bad, seq_ids))
 

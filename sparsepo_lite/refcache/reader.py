@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..ops.kinds import LOGP_SLACK, TOPK_LOG_MASS_SLACK
 from .fingerprint import compare_fingerprints
 from .format import DTYPES, MANIFEST, SAFETENSORS_DTYPES, CacheError, read_manifest, sha256_file, token_bytes
 from .keys import TOKENS, token_tensors
@@ -154,14 +155,14 @@ def _check_values(
         )
 
     label = handle.get_tensor("label_logp")
-    check(~torch.isfinite(label) | (label > 1e-4), "label_logp has non-finite or positive values")
+    check(~torch.isfinite(label) | (label > 1e-4), "label_logp has non-finite or positive values")  # float32: no slack
     check(label < LOGP_FLOOR, f"label_logp below {LOGP_FLOOR:g}, which no float32 log-softmax of real logits gives")
     if contents["top_k"]:
         ids, lp = handle.get_tensor("topk_ids"), handle.get_tensor("topk_logp").float()
         check(((ids < 0) | (ids >= contents["vocab_size"])).any(1), f"topk_ids outside [0, {contents['vocab_size']})")
-        check((torch.isnan(lp) | (lp > 1e-2)).any(1), "topk_logp has NaN or positive values")
+        check((torch.isnan(lp) | (lp > LOGP_SLACK)).any(1), "topk_logp has NaN or positive values")
         check((lp[:, 1:] > lp[:, :-1]).any(1), "topk_logp is not sorted (descending) per token")
-        check(torch.logsumexp(lp, dim=1) > 1e-2, "topk_logp holds more than probability 1 per token")
+        check(torch.logsumexp(lp, dim=1) > TOPK_LOG_MASS_SLACK, "topk_logp holds more than probability 1 per token")
         check((ids.sort(dim=1).values.diff(dim=1) == 0).any(1), "topk_ids repeat within a token")
         top = lp[:, 0]
         check(
@@ -185,7 +186,7 @@ def _check_values(
                 (srt.gather(1, pos) == tids).any(1),
                 "tail_ids include a token of the same row's top-k (they must be tail samples)",
             )
-            check((~torch.isfinite(tlp) | (tlp > 1e-2)).any(1), "tail_logp has non-finite or positive values")
+            check((~torch.isfinite(tlp) | (tlp > LOGP_SLACK)).any(1), "tail_logp has non-finite or positive values")
             # A draw's stored log-prob is log(q(v) / r * r_hat) <= log r_hat, r_hat the tail mass the
             # stored top-k leave (precompute.reference_token_stats); 16-bit rounding allowed for.
             r_hat = (1.0 - lp.double().exp().sum(1, keepdim=True)).clamp_min(0.0)
