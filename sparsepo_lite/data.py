@@ -313,7 +313,8 @@ def text_prompt_ids(tokenizer, text: str) -> List[int]:
     post-processor): the response would follow an end of sequence."""
     ids = tokenizer(text).input_ids
     eos = tokenizer.eos_token_id
-    if ids and ids[-1] == eos and tokenizer(text, add_special_tokens=False).input_ids[-1:] != [eos]:
+    # not a lone token: OPT's BOS is its EOS, and for a text of no tokens it is all the prompt has
+    if len(ids) > 1 and ids[-1] == eos and tokenizer(text, add_special_tokens=False).input_ids[-1:] != [eos]:
         ids = ids[:-1]
     return ids
 

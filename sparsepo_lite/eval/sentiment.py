@@ -257,9 +257,11 @@ def summarize(rows: Sequence[Dict[str, object]], samples_per_prompt: int) -> Sen
 
 
 def row_prompt(row) -> Optional[str]:
-    """The text prompt of a preference row as training reads it: its ``prompt`` string, or the
-    implicit prompt its string responses share (:func:`~sparsepo_lite.data.split_row`). None for a
-    message-list prompt (the evaluation continues text) and for a row training would skip."""
+    """The text prompt of a preference row: its ``prompt`` string, or the implicit prompt its string
+    responses share, cut as training cuts it (:func:`~sparsepo_lite.data.split_row`). None for a
+    message-list prompt (the evaluation continues text) and for a row whose fields
+    :func:`~sparsepo_lite.data.split_row` refuses (training's other checks, on the responses and
+    truncation, are not made: the evaluation samples its own responses)."""
     if isinstance(row, dict) and isinstance(row.get("prompt"), str):
         return row["prompt"]  # an empty one is the caller's error to raise, naming the row
     try:
