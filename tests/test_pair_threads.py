@@ -124,7 +124,9 @@ def cached_batch(batch, hidden_size, seed, vocab=61, k=5, m=3):
     out[keys.batch_key(keys.LABEL_LOGP)] = -torch.rand(n, generator=g, dtype=torch.float64) * 5
     out[keys.batch_key(keys.HIDDEN)] = torch.randn(n, hidden_size, generator=g, dtype=torch.float64)
     out[keys.batch_key(keys.TOPK_IDS)] = ids[:, :k].int()
-    out[keys.batch_key(keys.TOPK_LOGP)] = (-torch.rand(n, k, generator=g) * 4 - 0.1).sort(1, descending=True).values
+    # k probabilities of one distribution, with mass left over for the tail
+    spread = torch.log_softmax(torch.randn(n, k + 1, generator=g) * 2, dim=1)[:, :k]
+    out[keys.batch_key(keys.TOPK_LOGP)] = spread.sort(1, descending=True).values
     out[keys.batch_key(keys.TAIL_IDS)] = ids[:, k:].int()
     out[keys.batch_key(keys.TAIL_LOGP)] = -torch.rand(n, m, generator=g) * 3 - 6
     out[keys.batch_key(keys.MAPO_MASK)] = torch.rand(n, generator=g)
