@@ -216,6 +216,9 @@ def test_two_processes_keep_identical_weights_and_learn(tiny_dir, tmp_path):
     with open(tmp_path / "log_history.json") as f:
         log = json.load(f)
     assert log["world"] == 2
+    # each process measured its own half of the held-out rows: the logged metrics cover both halves
+    for key in ("logps/chosen", "logps/rejected", "rewards/accuracies", "kl/chosen"):
+        assert log["held_out"]["eval_" + key] == pytest.approx(log["whole"][key], rel=1e-5, abs=1e-6), key
     losses = [h["loss"] for h in log["log_history"] if "loss" in h]
     assert len(losses) >= 3 and losses[-1] < losses[0], losses
     w0, w1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))

@@ -44,7 +44,7 @@ from ..refcache.fingerprint import BASE_MODEL_FILE, base_model_record, check_bas
 from ..validation import load_json
 from ..waits import LoadGuard, cpu_load_guard
 from .config import RUN_CONFIG, SparsePOConfig
-from .distributed import all_reduce_mean_
+from .distributed import all_reduce_mean_, gather_metric_totals
 from .pair_threads import PairThreads, add_gradients, sharded_loss
 
 logger = logging.getLogger(__name__)
@@ -685,9 +685,11 @@ class SparsePOTrainer(transformers.Trainer):
     def log(self, logs, start_time=None):
         split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if split == "eval" else ""
-        for k, vals in self._stored[split].items():
-            if vals and k != "loss":
-                logs[prefix + k] = sum(vals) / len(vals)
+        totals = {k: (sum(vals), len(vals)) for k, vals in self._stored[split].items() if vals and k != "loss"}
+        if self.accelerator.num_processes > 1:  # each process holds its own shard's: average them all
+            totals = gather_metric_totals(totals)
+        for k, (total, count) in totals.items():
+            logs[prefix + k] = total / count
         self._stored[split].clear()
         # The Trainer's own loss counts a skipped step as 0: report the mean over steps that trained.
         if "loss" in logs and split == "train":
