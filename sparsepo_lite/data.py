@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -319,6 +320,16 @@ def text_prompt_ids(tokenizer, text: str) -> List[int]:
     return ids
 
 
+def special_token_pattern(tokenizer) -> Optional[re.Pattern]:
+    """A regular expression matching the text of any of ``tokenizer``'s special tokens (longest
+    first), or None when it has none."""
+    tokens = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    tokens |= {t.content for t in decoder.values() if getattr(t, "special", False)}
+    tokens = sorted((t for t in tokens if t), key=len, reverse=True)
+    return re.compile("|".join(re.escape(t) for t in tokens)) if tokens else None
+
+
 class PreferenceTokenizer:
     """Turns rows into :class:`PreferenceExample` with TRL's BOS/EOS conventions and our truncation rules (docs/training.md)."""
 
@@ -330,6 +341,23 @@ class PreferenceTokenizer:
         self.tok = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
+        self.special = special_token_pattern(tokenizer)
+
+    def check_special_text(self, field_name: str, text: str, *, final_eos: bool) -> None:
+        """Raise :class:`BadRow` when ``text`` (user text) holds a special token's text, which the
+        tokenizer reads as that token: a response would end early and train on what follows, a
+        message would spoof the chat template's turns. ``final_eos``: an EOS written at the very end
+        is the response's own end, as the package would add it."""
+        if self.special is None:
+            return
+        eos = self.tok.eos_token
+        body = text[: -len(eos)] if final_eos and eos and text.endswith(eos) else text
+        found = self.special.search(body)
+        if found:
+            raise BadRow(
+                f"{field_name} holds the special token {found.group()!r} as text (at character {found.start()}), "
+                "which the tokenizer would read as that token"
+            )
 
     def prompt_ids(self, prompt, conversational: bool) -> List[int]:
         if conversational:
@@ -352,7 +380,11 @@ class PreferenceTokenizer:
             text = _response_text(resp, conv, name)
             if not text.strip():
                 raise BadRow(f"empty {name!r} response")
+            self.check_special_text(repr(name), text, final_eos=True)
             texts[name] = text
+        if conv:  # a text prompt may hold them: data with the chat template already applied
+            for i, message in enumerate(prompt):
+                self.check_special_text(f"'prompt' message {i}", message["content"], final_eos=False)
         if texts["chosen"] == texts["rejected"]:
             raise BadRow("'chosen' and 'rejected' are identical")
         try:
@@ -364,6 +396,8 @@ class PreferenceTokenizer:
             raise BadRow(f"could not be tokenised ({type(exc).__name__}: {exc})") from None
         if not p:
             raise BadRow("the prompt has no tokens: the first response token would be predicted from nothing")
+        if c == r:  # texts that differ only in what the tokenizer drops or merges (a written-out EOS)
+            raise BadRow("'chosen' and 'rejected' have the same tokens")
         weights = {}
         for name, ids in (("chosen", c), ("rejected", r)):
             w = row.get(f"{name}_token_weights")
