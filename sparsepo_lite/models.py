@@ -421,6 +421,12 @@ def context_length(config) -> Optional[int]:
     return None
 
 
+def rotary_positions(config) -> bool:
+    """Whether a transformers ``config``'s model computes rotary positions, which run past its
+    context (rope scaling may stretch them), rather than reading a learned table, which ends there."""
+    return any(getattr(config, a, None) is not None for a in ("rope_parameters", "rope_scaling", "rope_theta"))
+
+
 #: Config fields of transformers models whose logits are not the bare head's (a soft-cap, a scale or
 #: a divisor): the op applies the head alone. :func:`check_logits_are_the_head` finds others.
 LOGIT_TRANSFORMS = (

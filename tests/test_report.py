@@ -205,6 +205,9 @@ def test_eval_sentiment_reads_implicit_prompts_as_training_does_and_names_rows_i
     assert "rows [0, 2] have no text prompt" in caplog.text
     saved = json.loads((run / "sentiment_eval.json").read_text())
     assert [s["prompt"] for s in saved["samples"]] == ["The film was", rows[3]["prompt"]]
+    # a continuation past the model's context (2048 positions) would fail midway or run on for minutes
+    with pytest.raises(ValueError, match=r"--max-new-tokens 5000 after the longest prompt \(\d+ tokens\) runs past"):
+        evaluate_run(str(run), str(data), prompts=2, samples=1, max_new_tokens=5000)
 
 
 def test_sentiment_report_renders(run_dir):

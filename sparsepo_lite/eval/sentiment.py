@@ -271,6 +271,21 @@ def row_prompt(row) -> Optional[str]:
     return None if conversational else prompt
 
 
+def check_generation_length(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> None:
+    """Raise ``ValueError`` naming ``--max-new-tokens`` when the longest prompt and the continuation
+    outrun the model's context: with a learned position table generation fails midway with an index
+    error, with rotary positions it runs on past what the model was trained for, for as long as asked."""
+    from ..models import context_length, unwrap
+
+    limit = context_length(unwrap(model).config)
+    longest = max(len(text_prompt_ids(tokenizer, p)) for p in prompts)
+    if limit is not None and longest + max_new_tokens > limit:
+        raise ValueError(
+            f"--max-new-tokens {max_new_tokens} after the longest prompt ({longest} tokens) runs past the model's "
+            f"context of {limit} tokens; lower it to {max(limit - longest, 0)} or less"
+        )
+
+
 #: Files ``evaluate_run`` writes into the run folder.
 EVAL_FILE = "sentiment_eval.json"
 REPORT_FILE = "sentiment_report.html"
@@ -315,6 +330,7 @@ def evaluate_run(
             texts.append(text)
     if not texts:
         raise ValueError(f"{data}: no rows with a text prompt (a string 'prompt', or string responses that share one)")
+    check_generation_length(model, tok, texts, max_new_tokens)
     if skipped:  # the evaluation takes later rows in their place: say which
         logger.warning(
             "%s: rows %s have no text prompt (a message-list prompt, or a malformed row) and are not evaluated",

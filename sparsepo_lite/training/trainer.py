@@ -36,6 +36,7 @@ from ..models import (
     dropout_sites,
     load_policy,
     load_tokenizer,
+    rotary_positions,
     unwrap,
 )
 from ..objective import compute_loss, runs_in_shards
@@ -145,7 +146,7 @@ def check_lengths(config, splits: Dict[str, Optional[List[PreferenceExample]]], 
     limit = context_length(config)
     if limit is None:
         return
-    rotary = any(getattr(config, a, None) is not None for a in ("rope_parameters", "rope_scaling", "rope_theta"))
+    rotary = rotary_positions(config)
     for split, examples in splits.items():
         for e in examples or ():
             n = len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids))
