@@ -666,7 +666,7 @@ def edit_safetensors(path, edit, name=None):
 
 
 @pytest.mark.slow
-def test_resuming_with_other_model_or_loss_settings_is_refused_and_the_run_config_survives(tiny_dir, tmp_path):
+def test_resuming_with_other_model_or_loss_settings_is_refused_and_the_run_config_survives(tiny_dir, tmp_path, caplog):
     ckpt = _checkpointed_run(tiny_dir, tmp_path)
     config_before = (tmp_path / "sparsepo_config.yaml").read_text()
     with pytest.raises(TrainingError, match="mask_net.safetensors: present, but this run has no SparsePO mask nets"):
@@ -700,11 +700,15 @@ def test_resuming_with_other_model_or_loss_settings_is_refused_and_the_run_confi
             resume_from_checkpoint=str(tmp_path / "checkpoint-2")
         )
     assert (tmp_path / "sparsepo_config.yaml").read_text() == config_before
-    # "true" from a YAML or the command line means the folder's last checkpoint, not a path named "true"
-    import shutil
-
-    shutil.rmtree(tmp_path / "checkpoint-2")  # so the last checkpoint is checkpoint-1
-    assert make_trainer(tiny_dir, tmp_path, "sparsepo", steps=2).train(resume_from_checkpoint="true").global_step == 2
+    # "true" from a YAML or the command line means the folder's last complete checkpoint, not a path
+    # named "true": one cut off mid-save (no trainer state, written last) is passed over, by name
+    (tmp_path / "checkpoint-2" / "trainer_state.json").unlink()
+    (tmp_path / "checkpoint-10").mkdir()
+    with caplog.at_level(logging.WARNING):
+        trained = make_trainer(tiny_dir, tmp_path, "sparsepo", steps=2).train(resume_from_checkpoint="true")
+    assert trained.global_step == 2
+    assert "checkpoint-10 has no trainer_state.json (cut off mid-save); resuming from" in caplog.text
+    assert "resuming from " + str(tmp_path / "checkpoint-1") in caplog.text
     # a setting this loss does not read (alpha is TDPO2's) may differ
     assert make_trainer(tiny_dir, tmp_path, "sparsepo", steps=2, alpha=0.9).train(resume_from_checkpoint=str(ckpt))
 

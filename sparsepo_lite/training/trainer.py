@@ -808,13 +808,7 @@ class SparsePOTrainer(transformers.Trainer):
         if isinstance(resume, str) and resume.lower() == "true" and not os.path.exists(resume):
             resume = True  # --resume_from_checkpoint true: the last checkpoint of output_dir
         if resume is True:
-            resume = (
-                transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
-                if os.path.isdir(self.args.output_dir)
-                else None
-            )
-            if resume is None:
-                raise TrainingError(f"resume_from_checkpoint: no checkpoint-* folder in {self.args.output_dir}")
+            resume = self._last_complete_checkpoint()
         if not os.path.isfile(os.path.join(resume, transformers.trainer.TRAINER_STATE_NAME)):
             raise TrainingError(
                 f"resume_from_checkpoint: {resume} is not a training checkpoint "
@@ -835,6 +829,32 @@ class SparsePOTrainer(transformers.Trainer):
             logger.warning("resuming from %s without %s: the optimizer starts afresh", resume, missing)
         self._check_checkpoint(resume, missing)
         return resume
+
+    def _last_complete_checkpoint(self) -> str:
+        """The output_dir's last ``checkpoint-N`` that holds its trainer state (written last): a later
+        one cut off mid-save (a killed process) is passed over, with a warning naming it."""
+        out = self.args.output_dir
+        prefix = transformers.trainer_utils.PREFIX_CHECKPOINT_DIR + "-"
+        steps = sorted(
+            (int(name[len(prefix) :]), os.path.join(out, name))
+            for name in (os.listdir(out) if os.path.isdir(out) else [])
+            if name.startswith(prefix) and name[len(prefix) :].isdigit() and os.path.isdir(os.path.join(out, name))
+        )
+        if not steps:
+            raise TrainingError(f"resume_from_checkpoint: no checkpoint-* folder in {out}")
+        complete = [
+            path for _, path in steps if os.path.isfile(os.path.join(path, transformers.trainer.TRAINER_STATE_NAME))
+        ]
+        if not complete:
+            return steps[-1][1]  # named as not a training checkpoint by the caller
+        if steps[-1][1] != complete[-1]:
+            logger.warning(
+                "resume_from_checkpoint true: %s has no %s (cut off mid-save); resuming from %s",
+                steps[-1][1],
+                transformers.trainer.TRAINER_STATE_NAME,
+                complete[-1],
+            )
+        return complete[-1]
 
     def _check_checkpoint(self, folder: str, missing) -> None:
         """A checkpoint must be readable and of this run: the same adapter shape and base, mask nets
