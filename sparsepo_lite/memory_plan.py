@@ -260,7 +260,8 @@ def plan_memory(
         raise ValueError(f"loss must be one of {LOSS_TYPES}, got {loss!r}")
     if reference not in REFERENCES:
         raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
-    if reference == "label" and loss != "dpo":
+    if (reference == "label" or (reference == "topk" and top_k == 0)) and loss != "dpo":
+        # a top-0 cache is a label-only one (precompute-ref writes it so, and training refuses it)
         raise ValueError(f"loss {loss!r} needs the reference distribution; a label-only cache serves DPO only")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")

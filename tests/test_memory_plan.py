@@ -156,6 +156,8 @@ def test_bad_settings_are_refused():
     shape = load_shape("mistral-7b-v0.3")
     with pytest.raises(ValueError, match="label-only cache serves DPO only"):
         plan_memory(shape, 1024, loss="sparsepo", reference="label")
+    with pytest.raises(ValueError, match="label-only cache serves DPO only"):  # top-0 is label-only
+        plan_memory(shape, 1024, loss="sparsepo", reference="topk", top_k=0)
     with pytest.raises(ValueError, match="loss must be"):
         plan_memory(shape, 1024, loss="orpo")
     with pytest.raises(ValueError, match="prompt_len"):
