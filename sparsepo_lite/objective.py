@@ -87,11 +87,11 @@ def check_batch(
 ) -> Tuple[torch.Tensor, torch.Tensor, ResponsePositions, Optional[torch.Tensor]]:
     """``input_ids``, ``attention_mask``, the response positions and the position ids of a batch in
     the module's format (the position ids are None for a right-padded batch, whose default positions
-    are right; [2B, T] counted over the attended tokens for a left-padded one), after checking their shapes and dtypes, the ids against ``vocab_size`` (the model's
-    embedding rows) where given, that each label is ``IGNORE_INDEX`` or the id at its position on an
-    attended token, that every row has response tokens, that ``token_weights``, if any,
-    are finite floats shaped like the labels, and that cached reference tensors, if any, hold as many
-    tokens per row; a ``ValueError``, ``TypeError`` or ``KeyError`` names what is wrong."""
+    are right; [2B, T] counted over the attended tokens for a left-padded one), after checking their
+    shapes and dtypes, the ids against ``vocab_size`` (the model's embedding rows) where given, that
+    each label is ``IGNORE_INDEX`` or the id at its position on an attended token, that every row has
+    response tokens, that ``token_weights``, if any, are finite floats shaped like the labels, and
+    that cached reference tensors, if any, hold as many tokens per row; a ``ValueError``, ``TypeError`` or ``KeyError`` names what is wrong."""
     for key in ("input_ids", "attention_mask", "labels"):
         if key not in batch:
             raise KeyError(f"batch is missing {key!r} (needs input_ids, attention_mask, labels)")

@@ -51,8 +51,8 @@ def reference_pass(
 
     ids, att [2B, T] int; response [2B, T] bool (the response tokens); seq_ids, pos [N] int: the row
     and position of each response token. ``position_ids`` [2B, T]: where the model's default
-    positions are wrong (a left-padded batch; :func:`~sparsepo_lite.objective.check_batch`). ``need_layers``: also return every layer's states (the
-    SparsePO mask input). ``mapo_mapping``: also return MaPO's token weights with that mapping
+    positions are wrong (a left-padded batch; :func:`~sparsepo_lite.objective.check_batch`).
+    ``need_layers``: also return every layer's states (the SparsePO mask input). ``mapo_mapping``: also return MaPO's token weights with that mapping
     (``"uniform"`` gives ones without hooks); None: no MaPO weights.
     """
     lm = unwrap(model)
